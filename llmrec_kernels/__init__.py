@@ -1,0 +1,21 @@
+"""Fused kernels for per-sample low-rank (CoRA) deltas in LLM recommenders.
+
+Importing this package never initialises CUDA and never needs the compiled extension or
+Triton: the kernels are imported on first use.
+"""
+
+from llmrec_kernels import reference
+from llmrec_kernels._cuda import cuda_available
+from llmrec_kernels.backends import BACKENDS, resolve_backend
+from llmrec_kernels.cora_linear import fused_cora_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "__version__",
+    "cuda_available",
+    "fused_cora_linear",
+    "reference",
+    "resolve_backend",
+]
