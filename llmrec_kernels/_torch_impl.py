@@ -67,5 +67,7 @@ def backward(
         da = da.to(lora_a.dtype)
     if need_db:
         dy2 = dy.reshape(-1, dy.shape[-1])
-        db = (dy2.transpose(0, 1) @ s_scaled.reshape(-1, s_scaled.shape[-1]).to(dt)).to(lora_b.dtype)
+        db = (dy2.transpose(0, 1) @ s_scaled.reshape(-1, s_scaled.shape[-1]).to(dt)).to(
+            lora_b.dtype
+        )
     return dx, da, db

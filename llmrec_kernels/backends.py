@@ -41,7 +41,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when the ``triton`` package can be imported (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None

@@ -1,0 +1,235 @@
+"""Launchers of the Triton CoRA linear kernels: the ``"triton"`` backend.
+
+``forward`` and ``backward`` have the interface every backend module shares (see
+:mod:`llmrec_kernels.cora_linear`): 3-D ``x``, no autograd, the scaled shrink ``S = s x A``
+returned in fp32 for the backward. The kernels themselves and the reasoning behind their
+structure are in :mod:`llmrec_kernels.triton.kernels`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+import triton
+
+from llmrec_kernels.backends import interpreter_enabled
+from llmrec_kernels.triton.configs import block_r, gemm_config, reduce_config, shrink_config
+from llmrec_kernels.triton.kernels import (
+    _cora_linear_bwd_dx_kernel,
+    _cora_linear_fwd_kernel,
+    _cora_shrink_kernel,
+    _rows_transpose_matmul_kernel,
+)
+
+__all__ = ["backward", "forward"]
+
+# The dx kernel recomputes dS = s dy Bm in every column tile; beyond this padded rank that
+# costs more than a separate pass over dy (R / BLOCK_N extra MMA work per tile).
+MAX_FUSED_DS_RANK_BLOCK = 32
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """IEEE fp32 dots unless PyTorch allows TF32 (the flag is ignored for 16-bit inputs)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """How many programs a row reduction should spread over to fill the device."""
+    if device.type != "cuda" or interpreter_enabled():
+        return 1
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _a_strides(lora_a: torch.Tensor) -> tuple[int, int, int]:
+    """``(stride_group, stride_k, stride_r)``; a shared 2-D A has group stride 0."""
+    if lora_a.dim() == 3:
+        return lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)
+    return 0, lora_a.stride(0), lora_a.stride(1)
+
+
+def _shrink(
+    inp: torch.Tensor,
+    mat: torch.Tensor,
+    mat_strides: tuple[int, int, int],
+    out: torch.Tensor,
+    scaling: float,
+) -> None:
+    """``out = scaling * inp @ mat[b]`` for a strided ``(B, L, K)`` ``inp``; out fp32 ``(B, L, R)``."""
+    batch, length, k = inp.shape
+    rank = out.shape[-1]
+    sb, sl, sk = inp.stride()
+    if mat_strides[0] == 0 and (batch == 1 or sb == length * sl):
+        # One matrix for all samples and mergeable rows: tile the flat rows, not per sample.
+        batch, length, sb = 1, batch * length, 0
+    cfg = shrink_config(length, inp.dtype)
+    grid = (triton.cdiv(length, cfg.BLOCK_M), batch)
+    _cora_shrink_kernel[grid](
+        inp, mat, out,
+        length, k, rank,
+        sb, sl, sk,
+        *mat_strides,
+        scaling,
+        BLOCK_M=cfg.BLOCK_M,
+        BLOCK_K=cfg.BLOCK_K,
+        BLOCK_R=block_r(rank),
+        INPUT_PRECISION=_input_precision(inp.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def _rows_transpose_matmul(
+    lhs: torch.Tensor, rhs: torch.Tensor, groups: int, rows_per_group: int
+) -> torch.Tensor:
+    """``out[g] = lhs_rows(g)^T @ rhs_rows(g)`` in fp32: ``(groups, P, R)``.
+
+    ``lhs`` is a strided ``(B, L, P)`` tensor, ``rhs`` a contiguous fp32 ``(B, L, R)``.
+    """
+    _, length, p = lhs.shape
+    rank = rhs.shape[-1]
+    cfg = reduce_config(lhs.dtype)
+    p_tiles = triton.cdiv(p, cfg.BLOCK_P)
+    max_splits = max(1, triton.cdiv(rows_per_group, cfg.BLOCK_ROWS))
+    splits = min(max_splits, max(1, triton.cdiv(_target_programs(lhs.device), p_tiles * groups)))
+    rows_per_split = (
+        triton.cdiv(triton.cdiv(rows_per_group, splits), cfg.BLOCK_ROWS) * cfg.BLOCK_ROWS
+    )
+    splits = max(1, triton.cdiv(rows_per_group, rows_per_split))
+    out = torch.empty((splits, groups, p, rank), dtype=torch.float32, device=lhs.device)
+    grid = (p_tiles, splits, groups)
+    _rows_transpose_matmul_kernel[grid](
+        lhs, rhs, out,
+        rows_per_group, p, rank, length, rows_per_split,
+        *lhs.stride(),
+        out.stride(0), out.stride(1),
+        BLOCK_P=cfg.BLOCK_P,
+        BLOCK_ROWS=cfg.BLOCK_ROWS,
+        BLOCK_R=block_r(rank),
+        INPUT_PRECISION=_input_precision(lhs.dtype),
+        SPLIT_RHS=lhs.dtype != torch.float32,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+    # Fixed-order sum of the per-chunk partials: deterministic, unlike atomics.
+    return out.sum(0) if splits > 1 else out[0]
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, S)``: y ``(B, L, d_out)`` in x's dtype, ``S = scaling * x A`` fp32 ``(B, L, r)``."""
+    batch, length, k = x.shape
+    n, rank, rows = weight.shape[0], lora_a.shape[-1], batch * length
+    y = torch.empty((batch, length, n), dtype=x.dtype, device=x.device)
+    s = torch.empty((batch, length, rank), dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return y, s
+    with _device_guard(x):
+        _shrink(x, lora_a, _a_strides(lora_a), s, scaling)
+        if n == 0:
+            return y, s
+        cfg = gemm_config(rows, x.dtype, rank)
+        grid = (triton.cdiv(rows, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
+        bias_arg = bias.contiguous() if bias is not None else y
+        _cora_linear_fwd_kernel[grid](
+            x, weight, bias_arg, s, lora_b, y,
+            rows, n, k, rank, length,
+            *x.stride(),
+            *weight.stride(),
+            *lora_b.stride(),
+            HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.BLOCK_M,
+            BLOCK_N=cfg.BLOCK_N,
+            BLOCK_K=cfg.BLOCK_K,
+            BLOCK_R=block_r(rank),
+            GROUP_M=cfg.GROUP_M,
+            INPUT_PRECISION=_input_precision(x.dtype),
+            SPLIT_LOWRANK=x.dtype != torch.float32,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )  # fmt: skip
+    return y, s
+
+
+def backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s_scaled: torch.Tensor,
+    scaling: float,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dx, dA, dB)`` of :func:`forward`; one not asked for is an empty tensor."""
+    batch, length, k = x.shape
+    n, rank, rows = weight.shape[0], lora_a.shape[-1], batch * length
+    empty = x.new_empty(0)
+    dx = da = db = empty
+    if rows == 0:
+        return (
+            torch.zeros_like(x) if need_dx else empty,
+            torch.zeros_like(lora_a) if need_da else empty,
+            torch.zeros_like(lora_b) if need_db else empty,
+        )
+    per_sample = lora_a.dim() == 3
+    fuse_ds = need_dx and block_r(rank) <= MAX_FUSED_DS_RANK_BLOCK and k > 0
+    with _device_guard(x):
+        ds = None
+        if need_dx or need_da:
+            ds = torch.empty((batch, length, rank), dtype=torch.float32, device=x.device)
+            if not fuse_ds:
+                lb = lora_b
+                _shrink(dy, lb, (0, lb.stride(0), lb.stride(1)), ds, scaling)
+        if need_dx:
+            dx = torch.empty((batch, length, k), dtype=x.dtype, device=x.device)
+            if k > 0:
+                cfg = gemm_config(rows, x.dtype, rank)
+                grid = (triton.cdiv(rows, cfg.BLOCK_M) * triton.cdiv(k, cfg.BLOCK_N),)
+                _cora_linear_bwd_dx_kernel[grid](
+                    dy, weight, lora_a, lora_b, ds, dx,
+                    rows, n, k, rank, length, length if per_sample else rows,
+                    *dy.stride(),
+                    *weight.stride(),
+                    *_a_strides(lora_a),
+                    *lora_b.stride(),
+                    scaling,
+                    COMPUTE_DS=fuse_ds,
+                    BLOCK_M=cfg.BLOCK_M,
+                    BLOCK_K=cfg.BLOCK_N,
+                    BLOCK_N=cfg.BLOCK_K,
+                    BLOCK_R=block_r(rank),
+                    GROUP_M=cfg.GROUP_M,
+                    INPUT_PRECISION=_input_precision(x.dtype),
+                    SPLIT_LOWRANK=x.dtype != torch.float32,
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                )  # fmt: skip
+        if need_da:
+            groups, rows_per_group = (batch, length) if per_sample else (1, rows)
+            da = _rows_transpose_matmul(x, ds, groups, rows_per_group)
+            da = da.reshape(lora_a.shape).to(lora_a.dtype)
+        if need_db:
+            db = _rows_transpose_matmul(dy, s_scaled.contiguous(), 1, rows)[0].to(lora_b.dtype)
+    return dx, da, db

@@ -1,0 +1,334 @@
+"""Triton kernels of the CoRA linear layer (forward and backward).
+
+Notation: ``x`` is ``(B, L, K)`` (K = d_in), ``W`` is ``(N, K)`` (N = d_out), ``A`` is
+``(B, K, R)`` per sample or ``(K, R)`` shared, ``Bm`` (the LoRA B) is ``(N, R)``, ``s`` is the
+scaling, and ``M = B * L`` rows.
+
+Forward: ``S = s * x A`` (fp32, ``(M, R)``), then ``y = x W^T + bias + S Bm^T``.
+
+Design decision: ``S`` is computed first, by :func:`_cora_shrink_kernel`, not inside the K-loop
+of the main GEMM. Reasons:
+
+* the main GEMM can then tile the flat ``M = B * L`` rows freely: an output tile may span
+  several samples (decode, ``L = 1``) because the low-rank epilogue ``S Bm^T`` involves only the
+  shared ``Bm``. Computing ``x A_b`` inside the K-loop would tie every row tile to one sample
+  and waste a whole tile per sample at decode;
+* computing ``x A_b`` inside every output tile repeats it ``N / BLOCK_N`` times (``R / BLOCK_N``
+  extra tensor-core work, and ``R / BLOCK_N`` extra loads of ``A``), whereas the separate shrink
+  reads ``x`` once more (``M * K`` elements, small beside ``W`` at decode and L2-resident at
+  prefill) and writes ``M * R`` fp32 values;
+* ``S`` is kept for the backward (``dBm = dy^T S``) and can be shared by projections reading
+  the same ``x`` and ``A`` (q, k and v in CoRA).
+
+The cost model (DESIGN.md section 4) puts the shrink at ``2 M K R`` FLOPs, 0.4% of the GEMM at
+``d = 4096, r = 16``; the extra traffic is one read of ``x``. This choice still has to be timed
+against the in-loop variant on a GPU; the benchmark suite records both paths' times.
+
+Precision: every accumulation is fp32. ``S`` stays fp32; to add ``S Bm^T`` on tensor cores in
+fp16/bf16 it is split into a high and a low half (``S ~= hi + lo``, both in the input dtype,
+about 16 mantissa bits together) and two MMAs are issued: twice a tiny product, and no
+rounding of ``S`` to 8 bits. fp32 inputs use IEEE fp32 dots unless PyTorch allows TF32.
+
+Backward (``W`` frozen):
+
+* :func:`_cora_linear_bwd_dx_kernel`: ``dx = dy W + dS A_b^T`` with ``dS = s dy Bm`` computed in
+  the same pass over ``dy`` as ``dy W`` (``COMPUTE_DS``), or loaded when precomputed for large
+  ranks where recomputing it in every column tile would cost more than a second pass;
+* :func:`_rows_transpose_matmul_kernel`: ``dA_b = x_b^T dS_b`` and ``dBm = dy^T S``, reductions over
+  rows split into fixed chunks whose fp32 partial sums are added by the launcher, so results
+  are deterministic (no atomics anywhere).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _split_hi_lo(v, DTYPE: tl.constexpr):
+    """Split fp32 ``v`` into ``hi + lo`` in ``DTYPE``; non-finite values stay in ``hi`` alone."""
+    hi = v.to(DTYPE)
+    hi32 = hi.to(tl.float32)
+    lo = tl.where(tl.abs(hi32) < float("inf"), v - hi32, tl.zeros_like(v)).to(DTYPE)
+    return hi, lo
+
+
+@triton.jit
+def _grouped_tile(
+    pid,
+    num_rows,
+    num_cols,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
+):
+    """Map a linear program id to a (row tile, column tile), GROUP_ROWS row tiles at a time.
+
+    Neighbouring programs then share column tiles of the weight in L2.
+    """
+    num_pid_m = tl.cdiv(num_rows, BLOCK_ROWS)
+    num_pid_n = tl.cdiv(num_cols, BLOCK_COLS)
+    num_pid_in_group = GROUP_ROWS * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_ROWS
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_ROWS)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _row_offsets(offs_m, L, stride_b, stride_l):
+    """Memory offsets of flat rows ``m = b * L + l`` of a strided ``(B, L, .)`` tensor."""
+    return (offs_m // L).to(tl.int64) * stride_b + (offs_m % L).to(tl.int64) * stride_l
+
+
+@triton.jit
+def _cora_shrink_kernel(
+    x_ptr, a_ptr, s_ptr,
+    L, K, R,
+    stride_xb, stride_xl, stride_xk,
+    stride_ab, stride_ak, stride_ar,
+    scaling,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``S[b, l, :] = scaling * x[b, l, :] @ A[b]`` in fp32; S is contiguous ``(B, L, R)``.
+
+    Grid: ``(cdiv(L, BLOCK_M), B)``. A shared A is passed with ``stride_ab = 0``; the same kernel
+    computes ``dS = s * dy @ Bm`` with ``Bm`` passed as a shared ``(N, R)`` "A".
+    """
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < L
+    r_mask = offs_r < R
+    x_ptrs = x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xl + offs_k[None, :] * stride_xk
+    a_ptrs = a_ptr + pid_b * stride_ab + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(xt, at.to(xt.dtype), acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    s_ptrs = s_ptr + (pid_b * L + offs_m[:, None]) * R + offs_r[None, :]
+    tl.store(s_ptrs, acc * scaling, mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _cora_linear_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, s_ptr, lb_ptr, y_ptr,
+    M, N, K, R, L,
+    stride_xb, stride_xl, stride_xk,
+    stride_wn, stride_wk,
+    stride_lbn, stride_lbr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SPLIT_LOWRANK: tl.constexpr,
+):  # fmt: skip
+    """``y = x W^T + bias + S Bm^T`` over flat rows; y is contiguous ``(M, N)``.
+
+    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``. ``S`` (fp32, contiguous ``(M, R)``) is
+    already scaled. The low-rank term joins the fp32 accumulator before the single store.
+    """
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = _row_offsets(offs_m, L, stride_xb, stride_xl)
+    x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    compute_dtype = x_ptr.dtype.element_ty
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    s = tl.load(
+        s_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :],
+        mask=m_mask[:, None] & r_mask[None, :],
+        other=0.0,
+    )
+    lb_t = tl.load(
+        lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn,
+        mask=r_mask[:, None] & n_mask[None, :],
+        other=0.0,
+    ).to(compute_dtype)
+    if SPLIT_LOWRANK:
+        s_hi, s_lo = _split_hi_lo(s, compute_dtype)
+        acc = tl.dot(s_hi, lb_t, acc)
+        acc = tl.dot(s_lo, lb_t, acc)
+    else:
+        acc = tl.dot(s, lb_t, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _cora_linear_bwd_dx_kernel(
+    dy_ptr, w_ptr, a_ptr, lb_ptr, ds_ptr, dx_ptr,
+    M, N, K, R, L, ROWS_PER_A,
+    stride_dyb, stride_dyl, stride_dyn,
+    stride_wn, stride_wk,
+    stride_ab, stride_ak, stride_ar,
+    stride_lbn, stride_lbr,
+    scaling,
+    COMPUTE_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SPLIT_LOWRANK: tl.constexpr,
+):  # fmt: skip
+    """``dx = dy W + dS A_g^T`` over flat rows, ``g = m // ROWS_PER_A``; dx contiguous ``(M, K)``.
+
+    Grid: ``(cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),)``; the reduction runs over N. With
+    ``COMPUTE_DS``, ``dS = scaling * dy Bm`` is accumulated in the same loop over ``dy`` and
+    the programs of the first column tile store it (fp32, ``(M, R)``) for the ``dA`` kernel;
+    otherwise ``dS`` is read from ``ds_ptr``. A row tile may span several A's (short
+    sequences); the epilogue adds each A's term to its own rows only.
+    """
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < M
+    k_mask = offs_k < K
+    r_mask = offs_r < R
+    dy_rows = _row_offsets(offs_m, L, stride_dyb, stride_dyl)
+    dy_ptrs = dy_ptr + dy_rows[:, None] + offs_n[None, :] * stride_dyn
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
+    lb_ptrs = lb_ptr + offs_n[:, None] * stride_lbn + offs_r[None, :] * stride_lbr
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n_mask = (n0 + offs_n) < N
+        dyt = tl.load(dy_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION)
+        if COMPUTE_DS:
+            lbt = tl.load(lb_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            ds = tl.dot(dyt, lbt.to(dyt.dtype), ds, input_precision=INPUT_PRECISION)
+            lb_ptrs += BLOCK_N * stride_lbn
+        dy_ptrs += BLOCK_N * stride_dyn
+        w_ptrs += BLOCK_N * stride_wn
+
+    ds_ptrs = ds_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
+    ds_mask = m_mask[:, None] & r_mask[None, :]
+    if COMPUTE_DS:
+        ds = ds * scaling
+        if pid_k == 0:
+            tl.store(ds_ptrs, ds, mask=ds_mask)
+    else:
+        ds = tl.load(ds_ptrs, mask=ds_mask, other=0.0)
+
+    compute_dtype = dx_ptr.dtype.element_ty
+    if SPLIT_LOWRANK:
+        ds_hi, ds_lo = _split_hi_lo(ds, compute_dtype)
+    row_group = offs_m // ROWS_PER_A
+    tile_first = pid_m * BLOCK_M
+    tile_last = min(tile_first + BLOCK_M, M) - 1
+    group_first = tile_first // ROWS_PER_A
+    a_t_ptrs = (
+        a_ptr + group_first.to(tl.int64) * stride_ab + offs_r[:, None] * stride_ar
+        + offs_k[None, :] * stride_ak
+    )  # fmt: skip
+    for g in range(group_first, tile_last // ROWS_PER_A + 1):
+        a_t = tl.load(a_t_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        a_t = a_t.to(compute_dtype)
+        a_t_ptrs += stride_ab
+        in_group = (row_group == g)[:, None]
+        if SPLIT_LOWRANK:
+            acc = tl.dot(tl.where(in_group, ds_hi, tl.zeros_like(ds_hi)), a_t, acc)
+            acc = tl.dot(tl.where(in_group, ds_lo, tl.zeros_like(ds_lo)), a_t, acc)
+        else:
+            acc = tl.dot(
+                tl.where(in_group, ds, tl.zeros_like(ds)), a_t, acc,
+                input_precision=INPUT_PRECISION,
+            )  # fmt: skip
+    dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
+    tl.store(dx_ptrs, acc.to(compute_dtype), mask=m_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def _rows_transpose_matmul_kernel(
+    lhs_ptr, rhs_ptr, out_ptr,
+    ROWS_PER_GROUP, P, R, L, ROWS_PER_SPLIT,
+    stride_lb, stride_ll, stride_lp,
+    stride_os, stride_og,
+    BLOCK_P: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SPLIT_RHS: tl.constexpr,
+):  # fmt: skip
+    """``out[split, g] = lhs[rows]^T @ rhs[rows]`` over one chunk of one group's rows.
+
+    ``lhs`` is a strided ``(B, L, P)`` tensor read as flat rows ``m = b * L + l``; ``rhs`` is
+    fp32 contiguous ``(M, R)``; group ``g`` owns rows ``[g * ROWS_PER_GROUP, (g + 1) *
+    ROWS_PER_GROUP)``, split into chunks of ``ROWS_PER_SPLIT``. ``out`` is fp32
+    ``(SPLITS, G, P, R)``, summed over splits by the launcher (deterministic).
+    Grid: ``(cdiv(P, BLOCK_P), SPLITS, G)``.
+    """
+    pid_p = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = tl.arange(0, BLOCK_R)
+    p_mask = offs_p < P
+    r_mask = offs_r < R
+    row_start = pid_s * ROWS_PER_SPLIT
+    row_end = min(row_start + ROWS_PER_SPLIT, ROWS_PER_GROUP)
+    acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    for i0 in range(row_start, row_end, BLOCK_ROWS):
+        offs_i = i0 + tl.arange(0, BLOCK_ROWS)
+        i_mask = offs_i < row_end
+        rows = g * ROWS_PER_GROUP + offs_i
+        lhs_rows = _row_offsets(rows, L, stride_lb, stride_ll)
+        lhs_t = tl.load(
+            lhs_ptr + lhs_rows[None, :] + offs_p[:, None] * stride_lp,
+            mask=p_mask[:, None] & i_mask[None, :],
+            other=0.0,
+        )
+        rhs = tl.load(
+            rhs_ptr + rows[:, None].to(tl.int64) * R + offs_r[None, :],
+            mask=i_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        if SPLIT_RHS:
+            rhs_hi, rhs_lo = _split_hi_lo(rhs, lhs_t.dtype)
+            acc = tl.dot(lhs_t, rhs_hi, acc)
+            acc = tl.dot(lhs_t, rhs_lo, acc)
+        else:
+            acc = tl.dot(lhs_t, rhs, acc, input_precision=INPUT_PRECISION)
+    out_ptrs = (
+        out_ptr + pid_s.to(tl.int64) * stride_os + g.to(tl.int64) * stride_og
+        + offs_p[:, None] * R + offs_r[None, :]
+    )  # fmt: skip
+    tl.store(out_ptrs, acc, mask=p_mask[:, None] & r_mask[None, :])
