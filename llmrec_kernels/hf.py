@@ -1,0 +1,559 @@
+"""Drop-in CoRA patching of Hugging Face decoder attention (LLaMA, Mistral, Qwen2, ...).
+
+Three calls::
+
+    apply_cora_to_llama(model, rank=16, alpha=32)   # in place; freezes the model
+    with cora_weights(model, lora_a):               # lora_a: (B, hidden_size, rank)
+        out = model(input_ids, attention_mask=mask)
+    remove_cora(model)                              # the original modules come back
+
+Every target projection ``P`` (by default ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` of every
+decoder layer) is replaced by a :class:`CoRALinear` that keeps the original ``P.weight`` and
+``P.bias`` parameters (same objects, same state-dict keys) and adds one trainable factor,
+``P.lora_B.weight`` of shape ``(out_features, rank)``, zero-initialised. Inside
+:func:`cora_weights` every patched projection computes::
+
+    y_b = x_b W^T + bias + (alpha / rank) (x_b A_b) B^T        (b = index in the batch dim)
+
+through :func:`llmrec_kernels.fused_cora_linear`, never forming ``W + s B A_b^T``. Outside it,
+a patched projection runs ``F.linear(x, W, bias)``, exactly what ``nn.Linear`` runs, so the
+model gives bit-identical results to the unpatched one (the frozen backbone).
+
+With ``fuse_qkv=True`` the q, k and v weights of an attention block are moved into one
+contiguous ``(d_q + d_k + d_v, d_in)`` buffer and the original parameters become views into it
+(no second copy); one ``fused_cora_linear`` call computes q, k and v with a single shared
+``x A_b`` and the result is split. The attention code is not modified: whichever of q/k/v is
+called first computes all three, and the other two return the pending slices when they are
+called with the same input tensor.
+
+Gradient checkpointing: :func:`cora_weights` wraps the ``_gradient_checkpointing_func`` of the
+model's checkpointed layers for the duration of the block so that ``lora_a`` is passed to every
+checkpointed call as an extra tensor *argument*. The recomputation in the backward pass then
+uses the A of the forward it replays, even if ``backward()`` runs after the ``with`` block has
+been left or inside a later block with another A (both reentrant and non-reentrant
+checkpointing). ``transformers`` is never imported by this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmrec_kernels.cora_linear import fused_cora_linear
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "CoRALinear",
+    "apply_cora_to_llama",
+    "cora_modules",
+    "cora_weights",
+    "is_cora_patched",
+    "lora_b_parameters",
+    "parameter_bytes",
+    "remove_cora",
+]
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+_QKV_NAMES = ("q_proj", "k_proj", "v_proj")
+_STATE_ATTR = "_cora_state"
+_WRAPPER_FLAG = "_cora_checkpoint_inner"
+
+
+@dataclass(eq=False)
+class _CoRAState:
+    """Shared by every patched projection of one model: the current A and the settings."""
+
+    hidden_size: int
+    rank: int
+    alpha: float
+    backend: str
+    lora_a: Optional[torch.Tensor] = None
+    # (parent module, child name, CoRALinear) for every patched projection, in model order.
+    patched: list = field(default_factory=list)
+    # (parameter, requires_grad before patching) for every parameter of the model.
+    requires_grad: list = field(default_factory=list)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # A model split over devices (device_map="auto") gets A on each layer's device.
+    return t if t.device == device else t.to(device)
+
+
+def _version_of(t: torch.Tensor) -> Optional[int]:
+    # Inference tensors (torch.inference_mode) have no version counter.
+    return None if t.is_inference() else t._version
+
+
+class _FusedQKV:
+    """One fused ``fused_cora_linear`` call for the q/k/v projections of one attention block.
+
+    Holds no tensor between forwards except the pending outputs of the current call; the fused
+    weight is a view rebuilt from the members' storage at every call, so ``model.to(...)`` and
+    ``load_state_dict`` stay safe (after a ``.to`` that gives the members separate storage, the
+    next call re-fuses them).
+    """
+
+    def __init__(self, members: Sequence[CoRALinear]):
+        self.members = list(members)
+        self.sizes = [m.out_features for m in self.members]
+        for i, m in enumerate(self.members):
+            m._group = self
+            m._group_index = i
+        self._clear()
+        self.refuse()
+
+    def _clear(self) -> None:
+        self._x: Optional[torch.Tensor] = None
+        self._a: Optional[torch.Tensor] = None
+        self._version: Optional[int] = None
+        self._pending: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def refuse(self) -> None:
+        """Move the members' weights into one contiguous buffer; each becomes a view into it."""
+        fused = torch.cat([m.weight.detach() for m in self.members], dim=0)
+        offset = 0
+        for m, n in zip(self.members, self.sizes):
+            m.weight.data = fused[offset : offset + n]
+            offset += n
+
+    def _fused_view(self) -> Optional[torch.Tensor]:
+        """The ``(sum(sizes), d_in)`` fused weight as a view, or None if the members drifted apart."""
+        first = self.members[0].weight
+        d_in = first.shape[1]
+        storage_ptr = first.untyped_storage().data_ptr()
+        offset = first.storage_offset()
+        for m, n in zip(self.members, self.sizes):
+            w = m.weight
+            if (
+                w.dtype != first.dtype
+                or w.device != first.device
+                or w.shape != (n, d_in)
+                or w.stride() != (d_in, 1)
+                or w.untyped_storage().data_ptr() != storage_ptr
+                or w.storage_offset() != offset
+            ):
+                return None
+            offset += n * d_in
+        return first.detach().as_strided((sum(self.sizes), d_in), (d_in, 1), first.storage_offset())
+
+    def fused_weight(self) -> torch.Tensor:
+        if any(m.weight.requires_grad for m in self.members):
+            # Someone unfroze a base weight: keep its gradient correct (at the cost of a copy).
+            return torch.cat([m.weight for m in self.members], dim=0)
+        w = self._fused_view()
+        if w is None:
+            self.refuse()
+            w = self._fused_view()
+            assert w is not None
+        return w
+
+    def fused_bias(self) -> Optional[torch.Tensor]:
+        biases = [m.bias for m in self.members]
+        if all(b is None for b in biases):
+            return None
+        ref = next(b for b in biases if b is not None)
+        return torch.cat(
+            [b if b is not None else ref.new_zeros(n) for b, n in zip(biases, self.sizes)]
+        )
+
+    def output(self, member: CoRALinear, x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+        idx = member._group_index
+        if (
+            self._x is x
+            and self._a is lora_a
+            and idx in self._pending
+            and self._version == _version_of(x)
+        ):
+            y = self._pending.pop(idx)
+            if not self._pending:
+                self._clear()
+            return y
+        state = member._state
+        lora_b = torch.cat([m.lora_B.weight for m in self.members], dim=0)
+        y = fused_cora_linear(
+            x,
+            self.fused_weight(),
+            _on_device(lora_a, x.device),
+            lora_b,
+            self.fused_bias(),
+            scaling=state.scaling,
+            backend=state.backend,
+        )
+        outs = y.split(self.sizes, dim=-1)
+        self._clear()
+        pending = {j: o for j, o in enumerate(outs) if j != idx}
+        if pending:
+            self._x, self._a, self._version, self._pending = x, lora_a, _version_of(x), pending
+        return outs[idx]
+
+
+class CoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a per-sample low-rank delta ``s (x A_b) B^T``.
+
+    Attributes:
+        weight: the original ``(out_features, in_features)`` parameter (the same object; with
+            q/k/v fusion a view into the fused buffer), frozen.
+        bias: the original ``(out_features,)`` parameter or ``None``, frozen.
+        lora_B: ``nn.Linear(rank, out_features, bias=False)``; ``lora_B.weight`` is
+            ``(out_features, rank)``, zero-initialised, trainable.
+
+    ``forward(x)``: ``x`` is ``(B, L, in_features)`` or ``(B, in_features)`` in the dtype of
+    ``weight``. Inside :func:`cora_weights` the result is ``x W^T + bias + s (x A_b) B^T``
+    with ``A_b = lora_a[b]``; outside, ``F.linear(x, weight, bias)`` exactly.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        state: _CoRAState,
+        path: str,
+        lora_dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        if lora_dtype is None:
+            w_dtype = base.weight.dtype
+            lora_dtype = w_dtype if w_dtype in (torch.float32, torch.float64) else torch.float32
+        self.lora_B = nn.Linear(
+            state.rank, base.out_features, bias=False, device=base.weight.device, dtype=lora_dtype
+        )
+        nn.init.zeros_(self.lora_B.weight)
+        # Plain attributes (not submodules): no duplicate parameters or state-dict keys.
+        self.__dict__["_base"] = base
+        self.__dict__["_state"] = state
+        self.__dict__["_group"] = None
+        self.__dict__["_group_index"] = 0
+        self.path = path
+
+    @property
+    def rank(self) -> int:
+        return self._state.rank
+
+    @property
+    def scaling(self) -> float:
+        return self._state.scaling
+
+    def extra_repr(self) -> str:
+        fused = ", fused_qkv" if self._group is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, rank={self.rank}, scaling={self.scaling:g}{fused}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora_a = self._state.lora_a
+        if lora_a is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.dim() not in (2, 3):
+            raise ValueError(
+                f"{self.path}: inside cora_weights a patched projection takes x of shape "
+                f"(B, L, {self.in_features}) or (B, {self.in_features}), got {tuple(x.shape)}"
+            )
+        if lora_a.dim() == 3 and lora_a.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"{self.path}: cora_weights was given lora_a for {lora_a.shape[0]} samples but the "
+                f"module received a batch of {x.shape[0]}; lora_a[b] is the A of sample b of the "
+                "batch (with generate(num_beams=n) or num_return_sequences=n pass "
+                "lora_a.repeat_interleave(n, dim=0))"
+            )
+        if self._group is not None:
+            return self._group.output(self, x, lora_a)
+        return fused_cora_linear(
+            x,
+            self.weight,
+            _on_device(lora_a, x.device),
+            self.lora_B.weight,
+            self.bias,
+            scaling=self._state.scaling,
+            backend=self._state.backend,
+        )
+
+
+def _get_state(model: nn.Module) -> Optional[_CoRAState]:
+    state = getattr(model, _STATE_ATTR, None)
+    if isinstance(state, _CoRAState):
+        return state
+    for m in model.modules():
+        if isinstance(m, CoRALinear):
+            return m._state
+    return None
+
+
+def is_cora_patched(model: nn.Module) -> bool:
+    """True when ``model`` (or a module inside it) was patched by :func:`apply_cora_to_llama`."""
+    return _get_state(model) is not None
+
+
+def cora_modules(model: nn.Module) -> dict[str, CoRALinear]:
+    """``{path: CoRALinear}`` for every patched projection inside ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, CoRALinear)}
+
+
+def lora_b_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{"<path>.lora_B.weight": parameter}`` for every patched projection (the trainables)."""
+    return {f"{name}.lora_B.weight": m.lora_B.weight for name, m in cora_modules(model).items()}
+
+
+def _hidden_size(model: nn.Module, candidates: list) -> int:
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) if config is not None else None
+    if isinstance(hidden, int):
+        return hidden
+    sizes = {m.in_features for _, _, m in candidates}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"cannot infer the hidden size: the target modules have in_features {sorted(sizes)} "
+            "and the model has no config.hidden_size"
+        )
+    return sizes.pop()
+
+
+def apply_cora_to_llama(
+    model: nn.Module,
+    rank: int = 16,
+    alpha: float = 32,
+    target_modules: Union[str, Sequence[str]] = DEFAULT_TARGET_MODULES,
+    fuse_qkv: bool = True,
+    backend: str = "auto",
+    lora_dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """Patch the attention projections of a decoder model with CoRA, in place.
+
+    Args:
+        model: a transformers ``LlamaForCausalLM`` / ``LlamaModel`` or any decoder whose target
+            projections are ``nn.Linear`` modules named by ``target_modules`` (Mistral, Qwen2,
+            ...; GQA is fine). Every target must read the hidden state: ``in_features ==
+            config.hidden_size`` (one ``A_b`` of shape ``(hidden_size, rank)`` per sample is
+            shared by all of them, as in CoRA).
+        rank: ``r >= 1``, the width of ``A_b`` and ``B``.
+        alpha: LoRA alpha; the delta is scaled by ``alpha / rank``.
+        target_modules: last path components to patch (``"q_proj"``, ...). A single string is
+            one name.
+        fuse_qkv: compute the patched q/k/v projections of each attention block with one
+            fused call over ``[W_q; W_k; W_v]`` and one shared ``x A_b`` (the original weights
+            become views into the concatenated buffer: no extra memory).
+        backend: passed to :func:`fused_cora_linear` (``"auto"``, ``"triton"``, ``"cuda"``,
+            ``"torch"``).
+        lora_dtype: dtype of the ``lora_B`` factors; default: the weights' dtype for fp32/fp64
+            models, fp32 for fp16/bf16 models.
+
+    Returns:
+        ``model`` itself, with every parameter frozen (``requires_grad=False``) except the new
+        ``<path>.lora_B.weight`` (``(out_features, rank)``, zeros, trainable). The outputs are
+        unchanged until :func:`cora_weights` supplies per-sample A.
+
+    Raises:
+        ValueError: rank < 1, an already patched model, no module matching ``target_modules``,
+            or a target whose ``in_features`` is not the hidden size.
+        TypeError: a ``model`` that is not an ``nn.Module`` or malformed ``target_modules``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+    if isinstance(target_modules, str):
+        target_modules = (target_modules,)
+    target_modules = tuple(target_modules)
+    if not target_modules or not all(isinstance(t, str) for t in target_modules):
+        raise TypeError(
+            f"target_modules must be a non-empty sequence of str, got {target_modules!r}"
+        )
+    if is_cora_patched(model):
+        raise ValueError("model is already patched with CoRA; call remove_cora(model) first")
+
+    candidates = []  # (parent, child name, nn.Linear, path)
+    linear_names = set()
+    for path, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                linear_names.add(child_name)
+                if child_name in target_modules:
+                    full = f"{path}.{child_name}" if path else child_name
+                    candidates.append((module, child_name, child, full))
+    if not candidates:
+        raise ValueError(
+            f"no nn.Linear module of the model is named one of {list(target_modules)}; "
+            f"its linear modules are named {sorted(linear_names) or 'nothing'}"
+        )
+    hidden = _hidden_size(model, [(p, n, c) for p, n, c, _ in candidates])
+    for _, _, child, full in candidates:
+        if child.in_features != hidden:
+            raise ValueError(
+                f"{full} has in_features={child.in_features} but CoRA shares one A_b of shape "
+                f"(hidden_size={hidden}, rank) across the targets; leave it out of target_modules"
+            )
+
+    state = _CoRAState(hidden_size=hidden, rank=rank, alpha=float(alpha), backend=backend)
+    state.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    by_parent: dict[int, list[CoRALinear]] = {}
+    for parent, child_name, child, full in candidates:
+        patched = CoRALinear(child, state, full, lora_dtype=lora_dtype)
+        setattr(parent, child_name, patched)
+        state.patched.append((parent, child_name, patched))
+        if child_name in _QKV_NAMES:
+            by_parent.setdefault(id(parent), []).append(patched)
+
+    if fuse_qkv:
+        for members in by_parent.values():
+            if len(members) < 2:
+                continue
+            members.sort(key=lambda m: _QKV_NAMES.index(m.path.rsplit(".", 1)[-1]))
+            w = members[0].weight
+            if all(m.weight.dtype == w.dtype and m.weight.device == w.device for m in members):
+                _FusedQKV(members)
+
+    model.__dict__[_STATE_ATTR] = state
+    return model
+
+
+def remove_cora(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_cora_to_llama`: put the original ``nn.Linear`` modules back.
+
+    The original module objects return with the current weight and bias parameters (after
+    q/k/v fusion the weights stay views into the shared buffer: same values, no extra memory),
+    the ``lora_B`` factors are dropped and every parameter gets back the ``requires_grad`` it
+    had before patching. Returns ``model``; raises ``ValueError`` if it is not patched.
+    """
+    state = getattr(model, _STATE_ATTR, None)
+    if not isinstance(state, _CoRAState):
+        if is_cora_patched(model):
+            raise ValueError(
+                "remove_cora must be given the model that apply_cora_to_llama was applied to"
+            )
+        raise ValueError("model is not patched with CoRA (apply_cora_to_llama was not applied)")
+    for parent, child_name, patched in state.patched:
+        base: nn.Linear = patched._base
+        base.weight = patched.weight
+        base.bias = patched.bias
+        setattr(parent, child_name, base)
+        if patched._group is not None:
+            patched._group._clear()
+    for p, flag in state.requires_grad:
+        p.requires_grad_(flag)
+    state.patched.clear()
+    state.requires_grad.clear()
+    state.lora_a = None
+    del model.__dict__[_STATE_ATTR]
+    return model
+
+
+def _make_checkpoint_wrapper(inner: Callable, state: _CoRAState) -> Callable:
+    """Wrap a checkpoint function so the current A becomes a tensor input of the checkpoint."""
+
+    def checkpoint_with_cora(function: Callable, *args: Any, **kwargs: Any) -> Any:
+        lora_a = state.lora_a
+        if lora_a is None:
+            return inner(function, *args, **kwargs)
+
+        def run(*inputs: Any) -> Any:
+            *fn_args, a = inputs
+            previous = state.lora_a
+            state.lora_a = a
+            try:
+                return function(*fn_args)
+            finally:
+                state.lora_a = previous
+
+        return inner(run, *args, lora_a, **kwargs)
+
+    setattr(checkpoint_with_cora, _WRAPPER_FLAG, inner)
+    return checkpoint_with_cora
+
+
+def _check_lora_a(state: _CoRAState, lora_a: Optional[torch.Tensor]) -> None:
+    if lora_a is None:
+        return
+    if not isinstance(lora_a, torch.Tensor):
+        raise TypeError(f"lora_a must be a torch.Tensor or None, got {type(lora_a).__name__}")
+    if not lora_a.is_floating_point():
+        raise TypeError(f"lora_a must be a floating-point tensor, got {lora_a.dtype}")
+    d, r = state.hidden_size, state.rank
+    ok = (lora_a.dim() == 3 and tuple(lora_a.shape[1:]) == (d, r)) or (
+        lora_a.dim() == 2 and tuple(lora_a.shape) == (d, r)
+    )
+    if not ok:
+        raise ValueError(
+            f"lora_a must be (B, hidden_size, rank) = (B, {d}, {r}), one A per sample, or "
+            f"({d}, {r}) shared by all samples; got {tuple(lora_a.shape)}"
+        )
+
+
+@contextlib.contextmanager
+def cora_weights(model: nn.Module, lora_a: Optional[torch.Tensor]) -> Iterator[nn.Module]:
+    """Run the patched projections of ``model`` with per-sample ``A`` inside the block.
+
+    Args:
+        model: a model patched by :func:`apply_cora_to_llama` (or a module inside it, e.g. the
+            decoder body ``model.model`` of a ``LlamaForCausalLM``).
+        lora_a: ``(B, hidden_size, rank)``, ``A_b = lora_a[b]`` for sample ``b`` of every batch
+            run inside the block (left padding is fine: samples are rows of the batch dim); or
+            ``(hidden_size, rank)`` shared by every sample; or ``None`` for the frozen backbone
+            (no per-sample term). Any floating dtype (computed in the activations' dtype);
+            best on the model's device (each layer moves it to its input's device otherwise).
+            Gradients flow back to it (e.g. into a generator).
+
+    Works with ``generate()`` and its KV cache (A stays fixed per sample across decode steps),
+    and with gradient checkpointing: the backward pass may run inside or after the block.
+    Blocks nest; leaving a block restores the previous A.
+
+    Raises:
+        ValueError: the model is not patched, or ``lora_a`` has the wrong shape.
+            A batch-size mismatch is reported by the first patched module that sees the batch.
+    """
+    state = _get_state(model)
+    if state is None:
+        raise ValueError("model is not patched with CoRA; call apply_cora_to_llama(model) first")
+    _check_lora_a(state, lora_a)
+
+    wrapped = []
+    for m in model.modules():
+        inner = m.__dict__.get("_gradient_checkpointing_func")
+        if callable(inner) and not hasattr(inner, _WRAPPER_FLAG):
+            m.__dict__["_gradient_checkpointing_func"] = _make_checkpoint_wrapper(inner, state)
+            wrapped.append((m, inner))
+    previous = state.lora_a
+    state.lora_a = lora_a
+    try:
+        yield model
+    finally:
+        state.lora_a = previous
+        for m, inner in wrapped:
+            if (
+                getattr(m.__dict__.get("_gradient_checkpointing_func"), _WRAPPER_FLAG, None)
+                is inner
+            ):
+                m.__dict__["_gradient_checkpointing_func"] = inner
+
+
+def parameter_bytes(module: nn.Module, trainable_only: bool = False) -> int:
+    """Bytes held by the parameters of ``module``, counting each shared storage once.
+
+    Parameters that are views into one buffer (fused q/k/v) count the buffer once; this is
+    the real memory, unlike ``sum(p.numel() * p.element_size())``.
+    """
+    seen: dict[tuple, int] = {}
+    for p in module.parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        storage = p.untyped_storage()
+        key = (p.device.type, p.device.index, storage.data_ptr())
+        seen[key] = max(seen.get(key, 0), storage.nbytes())
+    return sum(seen.values())
