@@ -15,7 +15,6 @@ An explicit ``backend=`` argument always wins over the environment variable.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -41,10 +40,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+# Looked up once, without importing triton (importing llmrec_kernels must stay cheap).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when the ``triton`` package can be imported (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the ``triton`` package is installed (checked without importing it)."""
+    return _TRITON_INSTALLED
 
 
 def _requested() -> str:

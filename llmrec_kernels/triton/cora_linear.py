@@ -29,6 +29,8 @@ __all__ = ["backward", "forward"]
 # The dx kernel recomputes dS = s dy Bm in every column tile; beyond this padded rank that
 # costs more than a separate pass over dy (R / BLOCK_N extra MMA work per tile).
 MAX_FUSED_DS_RANK_BLOCK = 32
+# Ranks per step of the dx epilogue when dS is read from memory.
+R_CHUNK = 32
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -220,6 +222,7 @@ def backward(
                     BLOCK_K=cfg.BLOCK_N,
                     BLOCK_N=cfg.BLOCK_K,
                     BLOCK_R=block_r(rank),
+                    R_CHUNK=min(block_r(rank), R_CHUNK),
                     GROUP_M=cfg.GROUP_M,
                     INPUT_PRECISION=_input_precision(x.dtype),
                     SPLIT_LOWRANK=x.dtype != torch.float32,

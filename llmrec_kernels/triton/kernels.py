@@ -201,6 +201,7 @@ def _cora_linear_bwd_dx_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    R_CHUNK: tl.constexpr,
     GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SPLIT_LOWRANK: tl.constexpr,
@@ -210,7 +211,7 @@ def _cora_linear_bwd_dx_kernel(
     Grid: ``(cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),)``; the reduction runs over N. With
     ``COMPUTE_DS``, ``dS = scaling * dy Bm`` is accumulated in the same loop over ``dy`` and
     the programs of the first column tile store it (fp32, ``(M, R)``) for the ``dA`` kernel;
-    otherwise ``dS`` is read from ``ds_ptr``. A row tile may span several A's (short
+    otherwise ``dS`` is read from ``ds_ptr``, ``R_CHUNK`` ranks at a time. A row tile may span several A's (short
     sequences); the epilogue adds each A's term to its own rows only.
     """
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
@@ -239,39 +240,62 @@ def _cora_linear_bwd_dx_kernel(
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
 
-    ds_ptrs = ds_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
-    ds_mask = m_mask[:, None] & r_mask[None, :]
-    if COMPUTE_DS:
-        ds = ds * scaling
-        if pid_k == 0:
-            tl.store(ds_ptrs, ds, mask=ds_mask)
-    else:
-        ds = tl.load(ds_ptrs, mask=ds_mask, other=0.0)
-
     compute_dtype = dx_ptr.dtype.element_ty
-    if SPLIT_LOWRANK:
-        ds_hi, ds_lo = _split_hi_lo(ds, compute_dtype)
     row_group = offs_m // ROWS_PER_A
     tile_first = pid_m * BLOCK_M
     tile_last = min(tile_first + BLOCK_M, M) - 1
     group_first = tile_first // ROWS_PER_A
+    group_last = tile_last // ROWS_PER_A
+    ds_ptrs = ds_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
     a_t_ptrs = (
         a_ptr + group_first.to(tl.int64) * stride_ab + offs_r[:, None] * stride_ar
         + offs_k[None, :] * stride_ak
     )  # fmt: skip
-    for g in range(group_first, tile_last // ROWS_PER_A + 1):
-        a_t = tl.load(a_t_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        a_t = a_t.to(compute_dtype)
-        a_t_ptrs += stride_ab
-        in_group = (row_group == g)[:, None]
+    if COMPUTE_DS:
+        ds = ds * scaling
+        if pid_k == 0:
+            tl.store(ds_ptrs, ds, mask=m_mask[:, None] & r_mask[None, :])
         if SPLIT_LOWRANK:
-            acc = tl.dot(tl.where(in_group, ds_hi, tl.zeros_like(ds_hi)), a_t, acc)
-            acc = tl.dot(tl.where(in_group, ds_lo, tl.zeros_like(ds_lo)), a_t, acc)
-        else:
-            acc = tl.dot(
-                tl.where(in_group, ds, tl.zeros_like(ds)), a_t, acc,
-                input_precision=INPUT_PRECISION,
-            )  # fmt: skip
+            ds_hi, ds_lo = _split_hi_lo(ds, compute_dtype)
+        for _g in range(group_first, group_last + 1):
+            a_t = tl.load(a_t_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            a_t = a_t.to(compute_dtype)
+            in_group = (row_group == _g)[:, None]
+            if SPLIT_LOWRANK:
+                acc = tl.dot(tl.where(in_group, ds_hi, tl.zeros_like(ds_hi)), a_t, acc)
+                acc = tl.dot(tl.where(in_group, ds_lo, tl.zeros_like(ds_lo)), a_t, acc)
+            else:
+                acc = tl.dot(
+                    tl.where(in_group, ds, tl.zeros_like(ds)), a_t, acc,
+                    input_precision=INPUT_PRECISION,
+                )  # fmt: skip
+            a_t_ptrs += stride_ab
+    else:
+        # dS precomputed in memory: walk the rank in chunks to bound register use at large r.
+        offs_c = tl.arange(0, R_CHUNK)
+        a_g_ptrs = (
+            a_ptr + group_first.to(tl.int64) * stride_ab + offs_c[:, None] * stride_ar
+            + offs_k[None, :] * stride_ak
+        )  # fmt: skip
+        for _g in range(group_first, group_last + 1):
+            row_mask = m_mask & (row_group == _g)
+            for r0 in range(0, R, R_CHUNK):
+                c_mask = (r0 + offs_c) < R
+                ds_c = tl.load(
+                    ds_ptr + offs_m[:, None].to(tl.int64) * R + (r0 + offs_c)[None, :],
+                    mask=row_mask[:, None] & c_mask[None, :],
+                    other=0.0,
+                )
+                a_t = tl.load(
+                    a_g_ptrs + r0 * stride_ar, mask=c_mask[:, None] & k_mask[None, :], other=0.0
+                ).to(compute_dtype)
+                if SPLIT_LOWRANK:
+                    ds_hi, ds_lo = _split_hi_lo(ds_c, compute_dtype)
+                    acc = tl.dot(ds_hi, a_t, acc)
+                    acc = tl.dot(ds_lo, a_t, acc)
+                else:
+                    acc = tl.dot(ds_c, a_t, acc, input_precision=INPUT_PRECISION)
+            a_g_ptrs += stride_ab
     dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
     tl.store(dx_ptrs, acc.to(compute_dtype), mask=m_mask[:, None] & k_mask[None, :])
 
