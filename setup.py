@@ -51,13 +51,21 @@ def cuda_extension_kwargs() -> dict:
         return _skip(f"torch {torch.__version__} is not a CUDA build")
     if CUDA_HOME is None:
         return _skip("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    # sm_80 and sm_90 by default (the kernels use mma.sync/cp.async/ldmatrix: sm_80+);
+    # TORCH_CUDA_ARCH_LIST overrides, e.g. "9.0" for a faster single-arch build.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++20 for
+    # torch 2.14, C++17 for older releases); the kernels compile as either.
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    depends = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cuh")) + sorted(
+        str(p.relative_to(ROOT)) for p in CSRC.glob("*.h")
+    )
     ext = CUDAExtension(
         name=EXTENSION_NAME,
         sources=sources,
+        depends=depends,
         include_dirs=[str(CSRC)],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return {
         "ext_modules": [ext],
