@@ -33,6 +33,7 @@ __all__ = [
     "cuda_available",
     "load_extension",
     "ops",
+    "ready_without_build",
     "unavailable_reason",
 ]
 
@@ -106,9 +107,12 @@ def _jit_build() -> tuple[Optional[ModuleType], Optional[str]]:
     return module, None
 
 
+_prebuilt = functools.cache(_import_prebuilt)
+
+
 @functools.cache
 def _load() -> tuple[Optional[ModuleType], Optional[str]]:
-    module, prebuilt_reason = _import_prebuilt()
+    module, prebuilt_reason = _prebuilt()
     if module is not None:
         return module, None
     module, jit_reason = _jit_build()
@@ -131,8 +135,20 @@ def unavailable_reason() -> Optional[str]:
 
 
 def cuda_available() -> bool:
-    """True when the hand-written CUDA kernels (``backend="cuda"``) can be used."""
+    """True when the hand-written CUDA kernels (``backend="cuda"``) can be used.
+
+    May JIT-build the extension (minutes, once) when the prebuilt one is missing.
+    """
     return unavailable_reason() is None
+
+
+def ready_without_build() -> bool:
+    """True when the extension is usable without compiling anything now: the prebuilt
+    ``_C`` imports, or an earlier call in this process already loaded it. Meant for an
+    automatic backend policy, which must never block a forward call on a JIT build."""
+    if _prebuilt()[0] is not None:
+        return True
+    return _load.cache_info().currsize > 0 and _load()[0] is not None
 
 
 def ops():

@@ -154,9 +154,11 @@ EXPECTED_SCHEMAS = {
 
 
 def test_loader_never_raises():
+    ready = _cuda.ready_without_build()
     reason = _cuda.unavailable_reason()
     assert reason is None or (isinstance(reason, str) and reason)
     assert _cuda.cuda_available() == (reason is None)
+    assert not ready or reason is None
 
 
 @pytest.fixture(scope="module")
