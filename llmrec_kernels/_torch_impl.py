@@ -13,6 +13,11 @@ import torch
 import torch.nn.functional as F
 
 
+def s_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the saved shrink ``S``: fp32, or fp64 for fp64 inputs (so no precision is lost)."""
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
 def _shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     """``x A`` for x ``(B, L, K)`` and A ``(B, K, R)`` or ``(K, R)``; result in x's dtype."""
     a = lora_a.to(x.dtype)
@@ -27,9 +32,9 @@ def forward(
     bias: Optional[torch.Tensor],
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(y, s)``: y ``(B, L, d_out)`` in x's dtype and ``s = scaling * x A`` in fp32."""
+    """Return ``(y, s)``: y ``(B, L, d_out)`` in x's dtype, ``s = scaling * x A`` (see s_dtype)."""
     dt = x.dtype
-    shrunk = _shrink(x, lora_a).float() * scaling
+    shrunk = _shrink(x, lora_a).to(s_dtype(dt)) * scaling
     y = F.linear(x, weight, None if bias is None else bias.to(dt))
     y = y + torch.matmul(shrunk.to(dt), lora_b.to(dt).transpose(0, 1))
     return y, shrunk

@@ -46,7 +46,10 @@ def _cora_linear_forward(
     scaling: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x ``(B, L, d_in)`` -> ``(y (B, L, d_out) in x.dtype, s = scaling * x A (B, L, r) fp32)``."""
+    """x ``(B, L, d_in)`` -> ``(y (B, L, d_out) in x.dtype, s = scaling * x A (B, L, r))``.
+
+    ``s`` is fp32 (fp64 for fp64 inputs) and is kept for the backward.
+    """
     return _impl(backend).forward(x, weight, lora_a, lora_b, bias, scaling)
 
 
@@ -54,7 +57,7 @@ def _cora_linear_forward(
 def _(x, weight, lora_a, lora_b, bias, scaling, backend):
     batch, length, _ = x.shape
     y = x.new_empty((batch, length, weight.shape[0]))
-    s = x.new_empty((batch, length, lora_a.shape[-1]), dtype=torch.float32)
+    s = x.new_empty((batch, length, lora_a.shape[-1]), dtype=_torch_impl.s_dtype(x.dtype))
     return y, s
 
 
@@ -111,7 +114,8 @@ def _backward(ctx, dy, _ds_unused):
         # The frozen-weight gradient is rare (full fine-tuning); plain PyTorch is enough.
         dw = dy.reshape(-1, dy.shape[-1]).transpose(0, 1) @ x.reshape(-1, x.shape[-1])
     if need_dbias:
-        dbias = dy.sum(dim=(0, 1), dtype=torch.float32).to(ctx.bias_dtype)
+        acc_dtype = torch.promote_types(dy.dtype, torch.float32)
+        dbias = dy.sum(dim=(0, 1), dtype=acc_dtype).to(ctx.bias_dtype)
     return dx, dw, da, db, dbias, None, None
 
 

@@ -73,7 +73,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     scale = expected.abs().max().clamp_min(1.0).item()
     err = (actual.double() - expected).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"{what}: max abs error {err:.3e} > {TOL[dtype]:.1e} * {scale:.3g}"
+    assert err <= TOL[dtype] * scale, (
+        f"{what}: max abs error {err:.3e} > {TOL[dtype]:.1e} * {scale:.3g}"
+    )
 
 
 def run_op(x, weight, lora_a, lora_b, bias, scaling, grad_out, backend, weight_grad=False):
@@ -98,7 +100,7 @@ def run_op(x, weight, lora_a, lora_b, bias, scaling, grad_out, backend, weight_g
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_triton_forward_and_gradients_match_fp64(shape, dtype, shared, bias, device):
     inputs = make_inputs(*shape, dtype, shared=shared, bias=bias, device=device)
-    x, weight, lora_a, lora_b, bias_t, grad_out = inputs
+    grad_out = inputs[5]
     y, grads = run_op(*inputs[:5], 2.0, grad_out, backend="triton")
     y_ref, grads_ref = oracle(*inputs[:5], 2.0, grad_out)
     assert y.dtype == dtype
@@ -191,7 +193,7 @@ def test_row_reductions_split_over_programs(monkeypatch, device):
     from llmrec_kernels.triton import cora_linear as triton_impl
 
     inputs = make_inputs(2, 70, 16, 24, 4, torch.float32, device=device)
-    y_ref, grads_ref = oracle(*inputs[:5], 2.0, inputs[5])
+    _, grads_ref = oracle(*inputs[:5], 2.0, inputs[5])
     monkeypatch.setattr(triton_impl, "_target_programs", lambda device: 64)
     _, grads = run_op(*inputs[:5], 2.0, inputs[5], backend="triton")
     assert_close(grads[1], grads_ref[1], torch.float32, "dA")
@@ -422,3 +424,13 @@ def test_self_check_main_job_runs():
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "naive (dense per sample)" in out.stdout and out.stdout.strip().endswith("OK")
+
+
+def test_float64_torch_backend_is_exact_to_fp64():
+    """fp64 inputs keep the shrink in fp64 (no fp32 rounding of x A)."""
+    inputs = make_inputs(2, 3, 16, 12, 4, torch.float64)
+    y, grads = run_op(*inputs[:5], 2.0, inputs[5], backend="torch")
+    y_ref, grads_ref = oracle(*inputs[:5], 2.0, inputs[5])
+    assert_close(y, y_ref, torch.float64, "y")
+    for name, g, g_ref in zip(("dx", "dA", "dB", "dbias"), grads, grads_ref):
+        assert_close(g, g_ref, torch.float64, name)

@@ -39,6 +39,7 @@ _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32
 class CompileReport:
     kernel: str
     dtype: str
+    precision: str
     block_r: int
     config: str
     arch: int
@@ -95,9 +96,10 @@ def _signature(fn, dtype: torch.dtype, pointers: dict[str, str], constexprs: dic
     return sig
 
 
-def _kernel_spec(kind: str, dtype: torch.dtype, block_r: int, cfg) -> tuple:
+def _kernel_spec(kind: str, dtype: torch.dtype, precision: str, block_r: int, cfg) -> tuple:
     """``(jit fn, pointer dtypes, constexprs, num_warps, num_stages)`` as the launchers pass them."""
-    precision = "ieee" if dtype == torch.float32 else "tf32"
+    from llmrec_kernels.triton.cora_linear import MAX_FUSED_DS_RANK_BLOCK, R_CHUNK
+
     split = dtype != torch.float32
     if kind == "fwd":
         assert isinstance(cfg, GemmConfig)
@@ -106,14 +108,12 @@ def _kernel_spec(kind: str, dtype: torch.dtype, block_r: int, cfg) -> tuple:
             {"x_ptr": None, "w_ptr": None, "bias_ptr": None, "s_ptr": "fp32", "lb_ptr": None,
              "y_ptr": None},
             dict(HAS_BIAS=True, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-                 BLOCK_R=block_r, GROUP_M=cfg.GROUP_M, INPUT_PRECISION=precision,
+                 R_CHUNK=min(block_r, R_CHUNK), GROUP_M=cfg.GROUP_M, INPUT_PRECISION=precision,
                  SPLIT_LOWRANK=split),
             cfg.num_warps, cfg.num_stages,
         )  # fmt: skip
     if kind == "bwd_dx":
         assert isinstance(cfg, GemmConfig)
-        from llmrec_kernels.triton.cora_linear import MAX_FUSED_DS_RANK_BLOCK, R_CHUNK
-
         return (
             kernels._cora_linear_bwd_dx_kernel,
             {"dy_ptr": None, "w_ptr": None, "a_ptr": None, "lb_ptr": None, "ds_ptr": "fp32",
@@ -149,11 +149,15 @@ _PTXAS_LINE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS_LINE = re.compile(r"Used (\d+) registers")
 
 
-def compile_config(kind: str, dtype: torch.dtype, block_r: int, cfg, arch: int) -> CompileReport:
+def compile_config(
+    kind: str, dtype: torch.dtype, precision: str, block_r: int, cfg, arch: int
+) -> CompileReport:
     """Compile one kernel configuration for ``sm_{arch}`` and read ``ptxas -v``'s report."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
-    fn, pointers, constexprs, num_warps, num_stages = _kernel_spec(kind, dtype, block_r, cfg)
+    fn, pointers, constexprs, num_warps, num_stages = _kernel_spec(
+        kind, dtype, precision, block_r, cfg
+    )
     constexprs = {**constexprs, **dict.fromkeys(_UNIT_STRIDES[kind], 1)}
     signature = _signature(fn, dtype, pointers, constexprs)
     aligned = list(pointers) + list(_ALIGNED_INTS[kind])
@@ -182,6 +186,7 @@ def compile_config(kind: str, dtype: torch.dtype, block_r: int, cfg, arch: int) 
     return CompileReport(
         kernel=kind,
         dtype=_TL_DTYPE[dtype],
+        precision=precision,
         block_r=block_r,
         config=str(cfg),
         arch=arch,
@@ -193,9 +198,13 @@ def compile_config(kind: str, dtype: torch.dtype, block_r: int, cfg, arch: int) 
     )
 
 
+def needs_tensor_cores(record: dict) -> bool:
+    """IEEE fp32 dots run on FMA units by design; every other dot must use tensor cores."""
+    return not (record["dtype"] == "fp32" and record["precision"] == "ieee")
+
+
 def _compile_job(job: tuple) -> dict:
-    kind, dtype, block_r, cfg, arch = job
-    rep = compile_config(kind, dtype, block_r, cfg, arch)
+    rep = compile_config(*job)
     record = dataclasses.asdict(rep)
     del record["ptx"]
     return record
@@ -220,19 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     records = compile_all(tuple(args.arch or (80, 90)), args.jobs)
     failures = 0
-    print(f"{'kernel':8} {'dtype':5} {'R':>4} arch regs spill tc  config")
+    print(f"{'kernel':8} {'dtype':5} {'prec':4} {'R':>4} arch regs spill tc  config")
     for rec in records:
-        bad = rec["spill_stores"] > 0 or not rec["uses_tensor_cores"]
+        bad = rec["spill_stores"] > 0 or (needs_tensor_cores(rec) and not rec["uses_tensor_cores"])
         failures += bad
         print(
-            f"{rec['kernel']:8} {rec['dtype']:5} {rec['block_r']:4d} {rec['arch']:4d} "
+            f"{rec['kernel']:8} {rec['dtype']:5} {rec['precision']:4} {rec['block_r']:4d} {rec['arch']:4d} "
             f"{rec['registers']:4d} {rec['spill_stores']:5d} "
             f"{'y' if rec['uses_tensor_cores'] else 'n':3} {rec['config']}"
             + ("  <-- FAIL" if bad else "")
         )
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))
-    print(f"{len(records)} compiles, {failures} with spills or without tensor cores")
+    print(f"{len(records)} compiles, {failures} with spills or missing tensor cores")
     return 1 if failures else 0
 
 

@@ -30,6 +30,12 @@ __all__ = [
 ]
 
 _RANK_BLOCKS = (16, 32, 64, 128)
+DTYPE_PRECISIONS = (
+    (torch.float16, "tf32"),
+    (torch.bfloat16, "tf32"),
+    (torch.float32, "ieee"),
+    (torch.float32, "tf32"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,38 +80,50 @@ _INTERPRETER_SHRINK = ShrinkConfig(16, 32, 4, 1)
 _INTERPRETER_REDUCE = ReduceConfig(32, 32, 4, 1)
 
 
-def _gemm_table(dtype: torch.dtype, block_rank: int) -> tuple[tuple[int, GemmConfig], ...]:
-    """``(max rows, config)`` pairs, smallest first; the last entry has no row limit."""
-    wide = dtype == torch.float32
-    big_k = 32 if wide else 64
-    stages = 3 if not wide else 2
-    big = GemmConfig(128, 128, big_k, 8, 8, stages)
-    if block_rank >= 128:
-        # A 128-wide rank tile next to a 128 x 128 accumulator exceeds the register budget.
-        big = GemmConfig(128, 64, big_k, 8, 8, stages)
+def _gemm_table(
+    kernel: str, dtype: torch.dtype, block_rank: int
+) -> tuple[tuple[int, GemmConfig], ...]:
+    """``(max rows, config)`` pairs for ``kernel`` ("fwd" or "bwd_dx"), smallest first.
+
+    fp32 dots without TF32 run on FMA units, whose operands live in registers: fp32 gets
+    smaller tiles and more warps per tile (the sizes are the largest that ptxas assembles
+    without spills for sm_80 and sm_90 at every rank). The dx kernel carries ``dS`` and per-sample ``A`` tiles beside its
+    accumulator, so at ranks of 64 and more its widest tile is halved.
+    """
+    if dtype == torch.float32:
+        small = (16, GemmConfig(16, 64, 32, 1, 4, 2))
+        mid = GemmConfig(32, 64, 32, 1, 8, 2)
+        if kernel == "bwd_dx":
+            return ((1 << 62, small[1]),)
+        return (small, (32, mid), (1 << 62, GemmConfig(64, 64, 32, 4, 8, 2)))
+    big = GemmConfig(128, 128, 64, 8, 8, 3)
+    if kernel == "bwd_dx" and block_rank >= 64:
+        big = GemmConfig(128, 64, 64, 8, 8, 3)
     return (
-        (16, GemmConfig(16, 64, 64 if wide else 128, 1, 4, 3)),
-        (32, GemmConfig(32, 64, 64 if wide else 128, 1, 4, 3)),
-        (64, GemmConfig(64, 64, big_k, 4, 4, 3)),
+        (16, GemmConfig(16, 64, 128, 1, 4, 3)),
+        (32, GemmConfig(32, 64, 128, 1, 4, 3)),
+        (64, GemmConfig(64, 64, 64, 4, 4, 3)),
         (1 << 62, big),
     )
 
 
-def gemm_config(rows: int, dtype: torch.dtype, rank: int) -> GemmConfig:
-    """Tile config for a GEMM over ``rows`` flat rows (``M = B * L``)."""
+def gemm_config(kernel: str, rows: int, dtype: torch.dtype, rank: int) -> GemmConfig:
+    """Tile config of ``kernel`` ("fwd" or "bwd_dx") over ``rows`` flat rows (``M = B * L``)."""
     if interpreter_enabled():
         return _INTERPRETER_GEMM
-    return next(cfg for max_rows, cfg in _gemm_table(dtype, block_r(rank)) if rows <= max_rows)
+    table = _gemm_table(kernel, dtype, block_r(rank))
+    return next(cfg for max_rows, cfg in table if rows <= max_rows)
 
 
 def _shrink_table(dtype: torch.dtype) -> tuple[tuple[int, ShrinkConfig], ...]:
     """``(max rows per sample, config)`` pairs, smallest first."""
-    block_k = 64 if dtype == torch.float32 else 128
+    block_k = 32 if dtype == torch.float32 else 128
     return ((16, ShrinkConfig(16, block_k, 4, 3)), (1 << 62, ShrinkConfig(64, block_k // 2, 4, 3)))
 
 
-def _reduce_gpu_config(dtype: torch.dtype) -> ReduceConfig:
-    return ReduceConfig(64, 32 if dtype == torch.float32 else 64, 4, 3)
+def _reduce_gpu_config(dtype: torch.dtype, block_rank: int) -> ReduceConfig:
+    block_p = 64 if block_rank <= 64 else 32
+    return ReduceConfig(block_p, 32 if dtype == torch.float32 else 64, 4, 3)
 
 
 def shrink_config(rows_per_sample: int, dtype: torch.dtype) -> ShrinkConfig:
@@ -115,20 +133,23 @@ def shrink_config(rows_per_sample: int, dtype: torch.dtype) -> ShrinkConfig:
     return next(cfg for max_rows, cfg in _shrink_table(dtype) if rows_per_sample <= max_rows)
 
 
-def reduce_config(dtype: torch.dtype) -> ReduceConfig:
+def reduce_config(dtype: torch.dtype, rank: int) -> ReduceConfig:
     """Tile config of the row reductions ``x^T dS`` and ``dy^T S``."""
     if interpreter_enabled():
         return _INTERPRETER_REDUCE
-    return _reduce_gpu_config(dtype)
+    return _reduce_gpu_config(dtype, block_r(rank))
 
 
-def all_configs() -> Iterator[tuple[str, torch.dtype, int, object]]:
-    """Every ``(kernel, dtype, BLOCK_R, config)`` the dispatcher can choose on a GPU."""
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+def all_configs() -> Iterator[tuple[str, torch.dtype, str, int, object]]:
+    """Every ``(kernel, dtype, input precision, BLOCK_R, config)`` the dispatcher can choose.
+
+    fp32 appears twice: IEEE dots (PyTorch's default) and TF32 (``allow_tf32``).
+    """
+    for dtype, precision in DTYPE_PRECISIONS:
         for rank_block in _RANK_BLOCKS:
-            for _, cfg in _gemm_table(dtype, rank_block):
-                yield "fwd", dtype, rank_block, cfg
-                yield "bwd_dx", dtype, rank_block, cfg
+            for kernel in ("fwd", "bwd_dx"):
+                for _, cfg in _gemm_table(kernel, dtype, rank_block):
+                    yield kernel, dtype, precision, rank_block, cfg
             for _, cfg in _shrink_table(dtype):
-                yield "shrink", dtype, rank_block, cfg
-            yield "reduce", dtype, rank_block, _reduce_gpu_config(dtype)
+                yield "shrink", dtype, precision, rank_block, cfg
+            yield "reduce", dtype, precision, rank_block, _reduce_gpu_config(dtype, rank_block)

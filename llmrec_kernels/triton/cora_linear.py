@@ -29,7 +29,7 @@ __all__ = ["backward", "forward"]
 # The dx kernel recomputes dS = s dy Bm in every column tile; beyond this padded rank that
 # costs more than a separate pass over dy (R / BLOCK_N extra MMA work per tile).
 MAX_FUSED_DS_RANK_BLOCK = 32
-# Ranks per step of the dx epilogue when dS is read from memory.
+# Ranks per step of the low-rank epilogues that read S or dS from memory.
 R_CHUNK = 32
 
 
@@ -103,7 +103,7 @@ def _rows_transpose_matmul(
     """
     _, length, p = lhs.shape
     rank = rhs.shape[-1]
-    cfg = reduce_config(lhs.dtype)
+    cfg = reduce_config(lhs.dtype, rank)
     p_tiles = triton.cdiv(p, cfg.BLOCK_P)
     max_splits = max(1, triton.cdiv(rows_per_group, cfg.BLOCK_ROWS))
     splits = min(max_splits, max(1, triton.cdiv(_target_programs(lhs.device), p_tiles * groups)))
@@ -149,7 +149,7 @@ def forward(
         _shrink(x, lora_a, _a_strides(lora_a), s, scaling)
         if n == 0:
             return y, s
-        cfg = gemm_config(rows, x.dtype, rank)
+        cfg = gemm_config("fwd", rows, x.dtype, rank)
         grid = (triton.cdiv(rows, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
         bias_arg = bias.contiguous() if bias is not None else y
         _cora_linear_fwd_kernel[grid](
@@ -162,7 +162,7 @@ def forward(
             BLOCK_M=cfg.BLOCK_M,
             BLOCK_N=cfg.BLOCK_N,
             BLOCK_K=cfg.BLOCK_K,
-            BLOCK_R=block_r(rank),
+            R_CHUNK=min(block_r(rank), R_CHUNK),
             GROUP_M=cfg.GROUP_M,
             INPUT_PRECISION=_input_precision(x.dtype),
             SPLIT_LOWRANK=x.dtype != torch.float32,
@@ -207,7 +207,7 @@ def backward(
         if need_dx:
             dx = torch.empty((batch, length, k), dtype=x.dtype, device=x.device)
             if k > 0:
-                cfg = gemm_config(rows, x.dtype, rank)
+                cfg = gemm_config("bwd_dx", rows, x.dtype, rank)
                 grid = (triton.cdiv(rows, cfg.BLOCK_M) * triton.cdiv(k, cfg.BLOCK_N),)
                 _cora_linear_bwd_dx_kernel[grid](
                     dy, weight, lora_a, lora_b, ds, dx,

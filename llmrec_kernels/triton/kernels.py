@@ -133,7 +133,7 @@ def _cora_linear_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    R_CHUNK: tl.constexpr,
     GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SPLIT_LOWRANK: tl.constexpr,
@@ -161,25 +161,24 @@ def _cora_linear_fwd_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
+    # Low-rank epilogue, R_CHUNK ranks at a time to bound registers at large r.
     compute_dtype = x_ptr.dtype.element_ty
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
-    s = tl.load(
-        s_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :],
-        mask=m_mask[:, None] & r_mask[None, :],
-        other=0.0,
-    )
-    lb_t = tl.load(
-        lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn,
-        mask=r_mask[:, None] & n_mask[None, :],
-        other=0.0,
-    ).to(compute_dtype)
-    if SPLIT_LOWRANK:
-        s_hi, s_lo = _split_hi_lo(s, compute_dtype)
-        acc = tl.dot(s_hi, lb_t, acc)
-        acc = tl.dot(s_lo, lb_t, acc)
-    else:
-        acc = tl.dot(s, lb_t, acc, input_precision=INPUT_PRECISION)
+    offs_c = tl.arange(0, R_CHUNK)
+    s_ptrs = s_ptr + offs_m[:, None].to(tl.int64) * R + offs_c[None, :]
+    lb_t_ptrs = lb_ptr + offs_c[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
+    for r0 in range(0, R, R_CHUNK):
+        c_mask = (r0 + offs_c) < R
+        s = tl.load(s_ptrs, mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+        lb_t = tl.load(lb_t_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+        lb_t = lb_t.to(compute_dtype)
+        if SPLIT_LOWRANK:
+            s_hi, s_lo = _split_hi_lo(s, compute_dtype)
+            acc = tl.dot(s_hi, lb_t, acc)
+            acc = tl.dot(s_lo, lb_t, acc)
+        else:
+            acc = tl.dot(s, lb_t, acc, input_precision=INPUT_PRECISION)
+        s_ptrs += R_CHUNK
+        lb_t_ptrs += R_CHUNK * stride_lbr
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc += bias[None, :]
