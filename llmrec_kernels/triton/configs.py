@@ -94,7 +94,7 @@ def _gemm_table(
         small = (16, GemmConfig(16, 64, 32, 1, 4, 2))
         mid = GemmConfig(32, 64, 32, 1, 8, 2)
         if kernel == "bwd_dx":
-            return ((1 << 62, small[1]),)
+            return ((1 << 62, GemmConfig(32, 64, 32, 1, 4, 1)),)
         return (small, (32, mid), (1 << 62, GemmConfig(64, 64, 32, 4, 8, 2)))
     big = GemmConfig(128, 128, 64, 8, 8, 3)
     if kernel == "bwd_dx" and block_rank >= 64:
