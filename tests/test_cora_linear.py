@@ -434,3 +434,38 @@ def test_float64_torch_backend_is_exact_to_fp64():
     assert_close(y, y_ref, torch.float64, "y")
     for name, g, g_ref in zip(("dx", "dA", "dB", "dbias"), grads, grads_ref):
         assert_close(g, g_ref, torch.float64, name)
+
+
+def _random_strided(gen, shape, device, scale=1.0):
+    """A tensor of ``shape`` laid out through a random permutation and random step slicing."""
+    ndim = len(shape)
+    perm = torch.randperm(ndim, generator=gen).tolist()
+    steps = [int(torch.randint(1, 3, (1,), generator=gen)) for _ in range(ndim)]
+    storage_shape = [shape[p] * steps[i] for i, p in enumerate(perm)]
+    base = torch.randn(storage_shape, generator=gen) * scale
+    view = base[tuple(slice(None, None, st) for st in steps)]
+    inverse = [perm.index(d) for d in range(ndim)]
+    return view.permute(inverse).to(device)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_random_shapes_and_strides_match_fp64(seed, backend, device):
+    gen = torch.Generator().manual_seed(1000 + seed)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    b, seq, d_in, d_out, rank = draw(1, 4), draw(1, 40), draw(1, 70), draw(1, 70), draw(1, 40)
+    shared = bool(draw(0, 1))
+    x = _random_strided(gen, (b, seq, d_in), device)
+    weight = _random_strided(gen, (d_out, d_in), device, scale=d_in**-0.5)
+    lora_a = _random_strided(gen, (d_in, rank) if shared else (b, d_in, rank), device)
+    lora_b = _random_strided(gen, (d_out, rank), device)
+    bias = _random_strided(gen, (d_out,), device) if draw(0, 1) else None
+    grad_out = _random_strided(gen, (b, seq, d_out), device)
+    y, grads = run_op(x, weight, lora_a, lora_b, bias, 0.75, grad_out, backend=backend)
+    y_ref, grads_ref = oracle(x, weight, lora_a, lora_b, bias, 0.75, grad_out)
+    assert_close(y, y_ref, torch.float32, "y")
+    for name, g, g_ref in zip(("dx", "dA", "dB", "dbias"), grads, grads_ref):
+        assert_close(g, g_ref, torch.float32, name)
