@@ -1,0 +1,167 @@
+"""Load a CoLLM-schema dataset directory (parquet or CSV per split) with validation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Union
+
+import numpy as np
+import pandas as pd
+
+from llmrec.data.schema import DataValidationError, validate_split
+
+__all__ = ["SPLITS", "RecData", "find_split_file", "load_data", "read_split"]
+
+SPLITS = ("train", "valid", "valid_small", "test")
+REQUIRED_SPLITS = ("train", "valid", "test")
+META_FILE = "meta.json"
+
+
+@dataclass
+class RecData:
+    """A validated dataset: one frame per split plus the id ranges.
+
+    Ids run from 1 to ``n_users`` / ``n_items`` (0 is padding), so embedding tables have
+    ``n_users + 1`` / ``n_items + 1`` rows.
+    """
+
+    splits: Dict[str, pd.DataFrame]
+    n_users: int
+    n_items: int
+    source: str = "synthetic"
+    files: Dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, split: str) -> pd.DataFrame:
+        if split not in self.splits:
+            raise KeyError(f"split {split!r} not in {self.source} (has {sorted(self.splits)})")
+        return self.splits[split]
+
+    def __contains__(self, split: str) -> bool:
+        return split in self.splits
+
+    def item_titles(self) -> Dict[int, str]:
+        """``iid -> title`` over every split (targets and histories)."""
+        titles: Dict[int, str] = {}
+        for df in self.splits.values():
+            titles.update(zip(df["iid"].tolist(), df["title"].tolist()))
+        return titles
+
+    def validation_split(self) -> str:
+        """``valid_small`` when present (what CoLLM/CoRA validate on), else ``valid``."""
+        return "valid_small" if "valid_small" in self.splits else "valid"
+
+    def summary(self) -> dict:
+        return {
+            "source": self.source,
+            "n_users": self.n_users,
+            "n_items": self.n_items,
+            "rows": {k: len(v) for k, v in self.splits.items()},
+        }
+
+
+def find_split_file(directory: Path, split: str) -> Optional[Path]:
+    for ext in (".parquet", ".csv"):
+        p = directory / f"{split}{ext}"
+        if p.exists():
+            return p
+    return None
+
+
+def read_split(
+    path: Union[str, Path], *, max_user: Optional[int] = None, max_item: Optional[int] = None
+) -> pd.DataFrame:
+    """Read and validate one split file (``.parquet`` or ``.csv``)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif path.suffix == ".csv":
+            df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+            # a title may legitimately look like a number or be empty in histories only
+            if "title" in df.columns:
+                df["title"] = df["title"].astype(object)
+        else:
+            raise DataValidationError(f"{path}: unsupported file type (use .parquet or .csv)")
+    except DataValidationError:
+        raise
+    except Exception as exc:  # pyarrow / pandas parse errors
+        raise DataValidationError(f"{path}: cannot be read: {exc}") from exc
+    return validate_split(df, path, max_user=max_user, max_item=max_item)
+
+
+def _max_ids(df: pd.DataFrame) -> tuple[int, int]:
+    his_max = max((max(h) for h in df["his"] if h), default=0)
+    return int(df["uid"].max()), int(max(df["iid"].max(), his_max))
+
+
+def load_data(
+    path: Union[str, Path],
+    *,
+    splits: Iterable[str] = SPLITS,
+    n_users: Optional[int] = None,
+    n_items: Optional[int] = None,
+) -> RecData:
+    """Load the splits of a dataset directory, validating every file.
+
+    ``train``, ``valid`` and ``test`` are required (when asked for); ``valid_small`` is
+    optional. The id ranges come from ``n_users`` / ``n_items`` when given, else from a
+    ``meta.json`` (``{"n_users": .., "n_items": ..}``) in the directory, else from the
+    largest ids in the data. Ids beyond a declared range are errors.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise DataValidationError(f"{directory}: not a directory (expected one file per split)")
+    meta_path = directory / META_FILE
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataValidationError(f"{meta_path}: not valid JSON: {exc}") from exc
+        n_users = n_users if n_users is not None else meta.get("n_users")
+        n_items = n_items if n_items is not None else meta.get("n_items")
+    frames: Dict[str, pd.DataFrame] = {}
+    files: Dict[str, str] = {}
+    for split in splits:
+        file = find_split_file(directory, split)
+        if file is None:
+            if split in REQUIRED_SPLITS:
+                raise DataValidationError(
+                    f"{directory}: no {split}.parquet or {split}.csv (required split)"
+                )
+            continue
+        frames[split] = read_split(file, max_user=n_users, max_item=n_items)
+        files[split] = str(file)
+    if not frames:
+        raise DataValidationError(f"{directory}: none of the splits {list(splits)} found")
+    maxes = np.array([_max_ids(df) for df in frames.values()])
+    return RecData(
+        splits=frames,
+        n_users=int(n_users if n_users is not None else maxes[:, 0].max()),
+        n_items=int(n_items if n_items is not None else maxes[:, 1].max()),
+        source=str(directory),
+        files=files,
+    )
+
+
+def write_data(data: RecData, path: Union[str, Path], fmt: str = "parquet") -> Path:
+    """Write every split as ``<split>.<fmt>`` (parquet or csv) plus ``meta.json``."""
+    if fmt not in ("parquet", "csv"):
+        raise ValueError(f"fmt must be 'parquet' or 'csv', got {fmt!r}")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, df in data.splits.items():
+        out = df.copy()
+        if fmt == "csv":
+            out["his"] = [json.dumps([int(v) for v in h]) for h in out["his"]]
+            out["his_title"] = [json.dumps(list(t)) for t in out["his_title"]]
+            out.to_csv(directory / f"{split}.csv", index=False)
+        else:
+            out["his"] = [np.asarray(h, dtype=np.int64) for h in out["his"]]
+            out["his_title"] = [np.asarray(t, dtype=object) for t in out["his_title"]]
+            out.to_parquet(directory / f"{split}.parquet", index=False)
+    (directory / META_FILE).write_text(
+        json.dumps({"n_users": data.n_users, "n_items": data.n_items}, indent=2) + "\n"
+    )
+    return directory

@@ -1,0 +1,91 @@
+"""AUC and UAUC, on all / warm / cold rows.
+
+* AUC: :func:`sklearn.metrics.roc_auc_score` over every row (ties count one half).
+* UAUC: the unweighted mean of per-user AUC over the users that have both a positive and a
+  negative row (CoLLM's definition); users with one class are skipped.
+* warm / cold: rows with ``not_cold == 1`` / ``0``.
+
+An undefined value (one class only, or no user with both classes) is ``nan`` in Python and
+``null`` in the JSON files.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+__all__ = ["auc", "evaluate_predictions", "json_safe", "uauc"]
+
+
+def _arrays(*xs):
+    out = [np.asarray(x).reshape(-1) for x in xs]
+    n = len(out[0])
+    if any(len(x) != n for x in out):
+        raise ValueError(f"length mismatch: {[len(x) for x in out]}")
+    return out
+
+
+def auc(labels, scores) -> float:
+    """ROC AUC of ``scores`` against binary ``labels``; ``nan`` when only one class occurs."""
+    labels, scores = _arrays(labels, scores)
+    if len(labels) == 0 or np.unique(labels).size < 2:
+        return float("nan")
+    return float(roc_auc_score(labels.astype(np.int64), scores.astype(np.float64)))
+
+
+def uauc(users, labels, scores, return_count: bool = False):
+    """Mean per-user AUC over users with both classes (``nan`` when there are none)."""
+    users, labels, scores = _arrays(users, labels, scores)
+    order = np.argsort(users, kind="stable")
+    users, labels, scores = users[order], labels[order], scores[order]
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    values = []
+    for lab, sc in zip(np.split(labels, bounds), np.split(scores, bounds)):
+        if lab.size and 0 < lab.sum() < lab.size:
+            values.append(roc_auc_score(lab.astype(np.int64), sc.astype(np.float64)))
+    value = float(np.mean(values)) if values else float("nan")
+    return (value, len(values)) if return_count else value
+
+
+def _block(users, labels, scores) -> dict:
+    value, n_users = uauc(users, labels, scores, return_count=True)
+    return {
+        "auc": auc(labels, scores),
+        "uauc": value,
+        "rows": len(labels),
+        "uauc_users": n_users,
+        "positive_rate": float(np.mean(labels)) if len(labels) else float("nan"),
+    }
+
+
+def evaluate_predictions(users, labels, scores, not_cold: Optional[np.ndarray] = None) -> dict:
+    """``{"auc", "uauc", "rows", "uauc_users", "positive_rate", "warm": {...}, "cold": {...}}``.
+
+    ``warm`` / ``cold`` are present when ``not_cold`` is given.
+    """
+    users, labels, scores = _arrays(users, labels, scores)
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contain NaN or inf")
+    out = _block(users, labels, scores)
+    if not_cold is not None:
+        (not_cold,) = _arrays(not_cold)
+        for name, mask in (("warm", not_cold == 1), ("cold", not_cold == 0)):
+            out[name] = _block(users[mask], labels[mask], scores[mask])
+    return out
+
+
+def json_safe(obj):
+    """Replace NaN / inf floats (recursively) by ``None`` so ``json.dump`` writes ``null``."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
