@@ -1,0 +1,196 @@
+"""``llmrec train-cf`` / ``llmrec evaluate`` for CF runs: train, export, score, write files.
+
+A CF run directory holds ``run.json`` (``"kind": "cf"`` and the config), ``model.safetensors``
+(the full CF model), ``embeddings.safetensors`` (the user/item tables for the LLM methods),
+``metrics.json`` and, when asked, a predictions CSV (``uid, iid, label, score``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmrec.cf.models import build_cf_model
+from llmrec.cf.train import CFConfig, predict_cf, save_cf_embeddings, train_cf
+from llmrec.metrics import evaluate_predictions, json_safe
+
+__all__ = ["CFRunConfig", "evaluate_cf_run", "train_cf_run"]
+
+
+@dataclass
+class CFRunConfig:
+    model: str = "mf"
+    data: Optional[str] = None  # None: the embedded synthetic dataset
+    out: str = "runs/cf"
+    dim: int = 64
+    layers: int = 2  # LightGCN propagation layers / SASRec blocks
+    heads: int = 1  # SASRec
+    his_len: int = 50  # SASRec
+    dropout: float = 0.2  # SASRec
+    init_std: float = 0.1
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 1024
+    epochs: int = 200
+    patience: int = 10
+    seed: int = 0
+    valid_split: str = "valid"
+    device: str = "cpu"
+    predictions: Optional[str] = None
+    progress: bool = True
+
+
+def _model_kwargs(cfg: CFRunConfig) -> dict:
+    kw = {"dim": cfg.dim, "init_std": cfg.init_std}
+    if cfg.model in ("lightgcn", "sasrec"):
+        kw["n_layers"] = cfg.layers
+    if cfg.model == "sasrec":
+        kw.update(n_heads=cfg.heads, max_len=cfg.his_len, dropout=cfg.dropout)
+    return kw
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(json_safe(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_predictions(path: Path, df: pd.DataFrame, scores: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = pd.DataFrame(
+        {"uid": df["uid"].to_numpy(), "iid": df["iid"].to_numpy(), "label": df["label"].to_numpy()}
+    )
+    out["score"] = scores
+    out.to_csv(path, index=False)
+
+
+def _metrics(df: pd.DataFrame, scores: np.ndarray) -> dict:
+    return evaluate_predictions(
+        df["uid"].to_numpy(), df["label"].to_numpy(), scores, df["not_cold"].to_numpy()
+    )
+
+
+def train_cf_run(
+    cfg: CFRunConfig, *, data=None, log: Optional[Callable[[str], None]] = None
+) -> dict:
+    """Train ``cfg.model``, export embeddings, evaluate valid/test; return the metrics."""
+    from llmrec.train import load_run_data
+
+    start = time.perf_counter()
+    data = data if data is not None else load_run_data(cfg.data)
+    if cfg.valid_split not in data:
+        raise ValueError(f"{data.source}: no {cfg.valid_split!r} split")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = build_cf_model(cfg.model, data.n_users, data.n_items, **_model_kwargs(cfg))
+    tcfg = CFConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        patience=cfg.patience,
+        seed=cfg.seed,
+        valid_split=cfg.valid_split,
+        his_len=cfg.his_len,
+    )
+    res = train_cf(model, data, tcfg, device=cfg.device, progress=cfg.progress, log=log)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    user, item = model.export(data)
+    save_cf_embeddings(
+        out / "embeddings.safetensors", user, item, cfg.model, best_valid_auc=res.best_valid_auc
+    )
+    test_df = data["test"]
+    test_scores = predict_cf(model, test_df, his_len=cfg.his_len)
+    valid_df = data[cfg.valid_split]
+    metrics = {
+        "model": cfg.model,
+        "test": _metrics(test_df, test_scores),
+        "valid": {"split": cfg.valid_split, **_metrics(valid_df, predict_cf(model, valid_df))},
+        "train": {
+            "best_epoch": res.best_epoch,
+            "epochs_run": res.epochs_run,
+            "best_valid_auc": res.best_valid_auc,
+            "train_time_s": res.wall_time_s,
+            "history": res.history,
+        },
+        "config": dataclasses.asdict(cfg),
+        "data": data.summary(),
+        "wall_time_s": time.perf_counter() - start,
+    }
+    _write_json(
+        out / "run.json",
+        {
+            "kind": "cf",
+            "model": cfg.model,
+            "config": dataclasses.asdict(cfg),
+            "data": data.summary(),
+            "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        },
+    )
+    _write_json(out / "metrics.json", metrics)
+    if cfg.predictions:
+        _write_predictions(Path(cfg.predictions), test_df, test_scores)
+    return metrics
+
+
+def evaluate_cf_run(
+    run_dir,
+    info: dict,
+    *,
+    data_path: Optional[str] = None,
+    split: str = "test",
+    predictions: Optional[str] = None,
+    metrics_path: Optional[str] = None,
+    device: str = "cpu",
+) -> dict:
+    from llmrec.cf.train import CFEmbeddingError
+    from llmrec.train import load_run_data
+
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    cfg = CFRunConfig(
+        **{k: v for k, v in info["config"].items() if k in CFRunConfig.__annotations__}
+    )
+    data = load_run_data(data_path if data_path is not None else cfg.data)
+    model = build_cf_model(cfg.model, data.n_users, data.n_items, **_model_kwargs(cfg))
+    state = load_file(str(run_dir / "model.safetensors"))
+    own = model.state_dict()
+    bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise CFEmbeddingError(
+            f"{run_dir / 'model.safetensors'}: CF model does not match the data "
+            f"({', '.join(f'{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in bad)})"
+        )
+    model.load_state_dict(state, strict=False)
+    if cfg.model == "lightgcn":
+        model.set_graph(data["train"])
+    dev = "cpu" if device == "auto" else device
+    model.to(dev)
+    df = data[split]
+    scores = predict_cf(model, df, his_len=cfg.his_len)
+    metrics = {
+        "model": cfg.model,
+        "run": str(run_dir),
+        split: _metrics(df, scores),
+        "config": dataclasses.asdict(cfg),
+        "data": data.summary(),
+        "wall_time_s": time.perf_counter() - start,
+    }
+    target = Path(metrics_path) if metrics_path else run_dir / f"eval_{split}.json"
+    _write_json(target, metrics)
+    if predictions:
+        _write_predictions(Path(predictions), df, scores)
+    return metrics

@@ -1,0 +1,253 @@
+"""Train CF models with BCE and early stopping on validation AUC; export/load embeddings.
+
+Embedding files (``embeddings.safetensors``) hold ``user_emb`` ``(n_users + 1, d)`` and
+``item_emb`` ``(n_items + 1, d)`` float32 tensors (row 0 = padding) and metadata
+``{"format": "llmrec-cf-v1", "model", "dim", "n_users", "n_items"}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llmrec.cf.models import bce, pad_histories
+from llmrec.metrics import auc
+
+__all__ = [
+    "EMBEDDINGS_FILE",
+    "CFConfig",
+    "CFEmbeddingError",
+    "CFEmbeddings",
+    "load_cf_embeddings",
+    "predict_cf",
+    "save_cf_embeddings",
+    "train_cf",
+]
+
+EMBEDDINGS_FILE = "embeddings.safetensors"
+FORMAT = "llmrec-cf-v1"
+
+
+class CFEmbeddingError(ValueError):
+    """A CF embedding file is missing, malformed or does not match the data."""
+
+
+@dataclass
+class CFConfig:
+    epochs: int = 200
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 10
+    seed: int = 0
+    valid_split: str = "valid"
+    his_len: int = 50
+
+
+@dataclass
+class CFResult:
+    best_epoch: int
+    best_valid_auc: float
+    epochs_run: int
+    history: List[dict] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+
+def _tensors(df: pd.DataFrame, needs_his: bool, his_len: int) -> Dict[str, torch.Tensor]:
+    out = {
+        "uid": torch.as_tensor(df["uid"].to_numpy(np.int64, copy=True)),
+        "iid": torch.as_tensor(df["iid"].to_numpy(np.int64, copy=True)),
+        "labels": torch.as_tensor(df["label"].to_numpy(np.float32, copy=True)),
+    }
+    if needs_his:
+        out["his"] = pad_histories(df["his"].tolist(), his_len)
+    return out
+
+
+def _needs_his(model) -> bool:
+    return getattr(model, "kind", "") == "sasrec"
+
+
+@torch.no_grad()
+def predict_cf(model, df: pd.DataFrame, batch_size: int = 4096, his_len: int = 50) -> np.ndarray:
+    """Logits of ``model`` for every row of ``df``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    t = _tensors(df, _needs_his(model), his_len)
+    outs = []
+    for start in range(0, len(df), batch_size):
+        batch = {k: v[start : start + batch_size].to(device) for k, v in t.items()}
+        outs.append(model(batch).float().cpu())
+    model.train(was_training)
+    return torch.cat(outs).numpy()
+
+
+def train_cf(
+    model,
+    data,
+    cfg: CFConfig,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = True,
+    log: Optional[Callable[[str], None]] = None,
+) -> CFResult:
+    """BCE training with Adam (L2 ``weight_decay``); keeps the weights of the best valid AUC."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.to(device)
+    if getattr(model, "kind", "") == "lightgcn":
+        model.set_graph(data["train"])
+    needs_his = _needs_his(model)
+    train = _tensors(data["train"], needs_his, cfg.his_len)
+    valid_df = data[cfg.valid_split]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(data["train"])
+    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
+    history: List[dict] = []
+    bad = 0
+    start_time = time.perf_counter()
+    bar = tqdm(range(1, cfg.epochs + 1), desc=f"train-cf {model.kind}", disable=not progress)
+    epoch = 0
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            batch = {k: v[idx].to(device) for k, v in train.items()}
+            loss = bce(model(batch), batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        valid_auc = auc(valid_df["label"], predict_cf(model, valid_df, his_len=cfg.his_len))
+        history.append({"epoch": epoch, "train_loss": total / n, "valid_auc": valid_auc})
+        bar.set_postfix(loss=f"{total / n:.4f}", valid_auc=f"{valid_auc:.4f}")
+        if log is not None:
+            log(f"epoch {epoch}: train_loss {total / n:.4f} valid_auc {valid_auc:.4f}")
+        if valid_auc > best[0]:
+            best = (valid_auc, epoch, copy.deepcopy(model.state_dict()))
+            bad = 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    model.load_state_dict(best[2])
+    return CFResult(
+        best_epoch=best[1],
+        best_valid_auc=best[0],
+        epochs_run=epoch,
+        history=history,
+        wall_time_s=time.perf_counter() - start_time,
+    )
+
+
+@dataclass
+class CFEmbeddings:
+    user: torch.Tensor
+    item: torch.Tensor
+    meta: Dict[str, str]
+    path: str = ""
+
+    @property
+    def dim(self) -> int:
+        return int(self.user.shape[1])
+
+    def check_matches(self, n_users: int, n_items: int, data_source: str = "the data") -> None:
+        """Raise :class:`CFEmbeddingError` unless the tables have ``n + 1`` rows each."""
+        problems = []
+        if self.user.shape[0] != n_users + 1:
+            problems.append(
+                f"user_emb has {self.user.shape[0]} rows but {data_source} has {n_users} users "
+                f"(needs {n_users + 1} rows: ids 1..{n_users} plus padding row 0)"
+            )
+        if self.item.shape[0] != n_items + 1:
+            problems.append(
+                f"item_emb has {self.item.shape[0]} rows but {data_source} has {n_items} items "
+                f"(needs {n_items + 1} rows: ids 1..{n_items} plus padding row 0)"
+            )
+        if problems:
+            raise CFEmbeddingError(
+                f"{self.path}: CF embeddings do not match the data: "
+                + "; ".join(problems)
+                + ". Were they trained on another dataset? Re-run `llmrec train-cf` on this data."
+            )
+
+
+def save_cf_embeddings(
+    path: Union[str, Path], user: torch.Tensor, item: torch.Tensor, model: str, **meta
+) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": FORMAT,
+        "model": model,
+        "dim": str(user.shape[1]),
+        "n_users": str(user.shape[0] - 1),
+        "n_items": str(item.shape[0] - 1),
+        **{k: str(v) for k, v in meta.items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(
+        {
+            "user_emb": user.detach().float().cpu().contiguous(),
+            "item_emb": item.detach().float().cpu().contiguous(),
+        },
+        str(tmp),
+        metadata=metadata,
+    )
+    os.replace(tmp, path)
+    return path
+
+
+def load_cf_embeddings(
+    path: Union[str, Path], n_users: Optional[int] = None, n_items: Optional[int] = None
+) -> CFEmbeddings:
+    """Load ``embeddings.safetensors`` (``path`` may be the file or its directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / EMBEDDINGS_FILE
+    if not path.exists():
+        raise CFEmbeddingError(
+            f"{path}: no CF embedding file (train one with `llmrec train-cf --out DIR`)"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            missing = {"user_emb", "item_emb"} - keys
+            if missing:
+                raise CFEmbeddingError(
+                    f"{path}: missing tensor(s) {sorted(missing)} (has {sorted(keys)})"
+                )
+            user, item = f.get_tensor("user_emb"), f.get_tensor("item_emb")
+            meta = dict(f.metadata() or {})
+    except CFEmbeddingError:
+        raise
+    except Exception as exc:
+        raise CFEmbeddingError(f"{path}: not a readable safetensors file: {exc}") from exc
+    if user.ndim != 2 or item.ndim != 2 or user.shape[1] != item.shape[1]:
+        raise CFEmbeddingError(
+            f"{path}: user_emb {tuple(user.shape)} and item_emb {tuple(item.shape)} must be "
+            "2-D with the same width"
+        )
+    emb = CFEmbeddings(user=user.float(), item=item.float(), meta=meta, path=str(path))
+    if n_users is not None and n_items is not None:
+        emb.check_matches(n_users, n_items)
+    return emb
+
+
+def config_dict(cfg: CFConfig) -> dict:
+    return asdict(cfg)
