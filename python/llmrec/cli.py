@@ -1,0 +1,382 @@
+"""The ``llmrec`` command line: ``train-cf``, ``train``, ``evaluate``, ``make-data``.
+
+Every subcommand writes a JSON metrics file (``test.auc``, ``test.uauc``, warm/cold blocks,
+the run's config and its wall time) and, with ``--predictions PATH``, a CSV with one row
+per test row (``uid, iid, label, score``). Without ``--data`` the embedded synthetic
+dataset is used. Input errors (bad data, CF embeddings that do not match the data, an LLM
+directory without a tokenizer, a checkpoint of another shape) are reported before any
+training and exit with status 2. ``llmrec train`` runs under ``torchrun`` as well (DDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+__all__ = ["build_parser", "main"]
+
+
+def _log(msg: str) -> None:
+    print(f"[llmrec] {msg}", file=sys.stderr, flush=True)
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"num_layers\": 2}'")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset directory (train/valid/valid_small/test as .parquet or .csv, CoLLM "
+        "schema); default: the embedded synthetic dataset",
+    )
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--predictions",
+        default=None,
+        metavar="PATH",
+        help="also write test predictions (uid, iid, label, score) to this CSV",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llmrec.train import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="llmrec",
+        description="Train and evaluate CF models and LLM recommenders (CoRA) on CoLLM-schema data.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # -- train-cf ------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "train-cf",
+        help="train a CF model (MF, LightGCN, SASRec) and export its embeddings",
+        description="Train a CF model with BCE and early stopping on validation AUC; write "
+        "OUT/embeddings.safetensors (user_emb, item_emb) for `llmrec train --cf OUT`, "
+        "OUT/model.safetensors, OUT/run.json and OUT/metrics.json.",
+    )
+    p.add_argument("--model", choices=["mf", "lightgcn", "sasrec"], default="mf")
+    _add_common(p)
+    p.add_argument("--dim", type=_positive_int, default=64, help="embedding size d_cf (64)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (3e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay (1e-4)")
+    p.add_argument("--batch-size", type=_positive_int, default=1024)
+    p.add_argument("--epochs", type=_positive_int, default=200, help="max epochs (200)")
+    p.add_argument("--patience", type=_positive_int, default=10, help="early-stopping patience")
+    p.add_argument(
+        "--layers", type=_positive_int, default=2, help="LightGCN layers / SASRec blocks"
+    )
+    p.add_argument("--heads", type=_positive_int, default=1, help="SASRec attention heads")
+    p.add_argument("--his-len", type=_positive_int, default=50, help="SASRec history length")
+    p.add_argument("--dropout", type=float, default=0.2, help="SASRec dropout")
+    p.add_argument("--valid-split", default="valid", help="split for early stopping (valid)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
+
+    # -- train ---------------------------------------------------------------------------------
+    methods = "; ".join(f"{k}: {v.description}" for k, v in sorted(METHODS.items()))
+    p = sub.add_parser(
+        "train",
+        help="train an LLM method (CoRA) on top of a frozen LLM and CF embeddings",
+        description="Train an LLM recommender: AdamW with warm-up and cosine decay, early "
+        "stopping on validation AUC, atomic safetensors checkpoints (--resume), bf16/fp16 "
+        "autocast on GPU, DDP under torchrun. Methods: " + methods + ".",
+    )
+    p.add_argument("--method", choices=sorted(METHODS), default="cora")
+    _add_common(p)
+    p.add_argument(
+        "--cf",
+        default=None,
+        help="CF embeddings (a `train-cf` run directory or its embeddings.safetensors); "
+        "default: train an MF first into OUT/cf",
+    )
+    p.add_argument(
+        "--llm",
+        default="tiny",
+        help="local Hugging Face model directory (Vicuna, LLaMA, Qwen2) with its tokenizer, "
+        "or `tiny`: a small random LLaMA with a tokenizer trained on the data (default)",
+    )
+    g = p.add_argument_group("CoRA")
+    g.add_argument("--rank", type=_positive_int, default=16, help="CoRA rank r (16)")
+    g.add_argument("--alpha", type=float, default=32.0, help="CoRA alpha; scale alpha/r (32)")
+    g.add_argument("--generator", choices=["qformer", "mlp"], default="qformer")
+    g.add_argument(
+        "--generator-kwargs",
+        type=_json_dict,
+        default={},
+        metavar="JSON",
+        help='extra generator arguments, e.g. \'{"num_layers": 2, "num_heads": 4}\'',
+    )
+    g.add_argument(
+        "--target-modules",
+        default="q_proj,k_proj,v_proj,o_proj",
+        help="comma-separated projections to patch (q_proj,k_proj,v_proj,o_proj)",
+    )
+    g.add_argument("--no-fuse-qkv", action="store_true", help="do not fuse q/k/v projections")
+    g.add_argument(
+        "--backend",
+        choices=["auto", "torch", "triton", "cuda"],
+        default="auto",
+        help="kernel backend of the patched projections (auto: Triton on GPU, PyTorch on CPU)",
+    )
+    g = p.add_argument_group("prompts")
+    g.add_argument("--max-his", type=int, default=10, help="history titles in a prompt (10)")
+    g.add_argument("--max-length", type=_positive_int, default=512, help="max prompt tokens")
+    g = p.add_argument_group("tiny LLM (--llm tiny)")
+    g.add_argument("--tiny-hidden", type=_positive_int, default=64, help="hidden size (64)")
+    g.add_argument("--tiny-layers", type=_positive_int, default=2, help="decoder layers (2)")
+    g.add_argument("--tiny-heads", type=_positive_int, default=4, help="attention heads (4)")
+    g.add_argument("--tiny-kv-heads", type=_positive_int, default=2, help="KV heads (2)")
+    g.add_argument("--tiny-vocab", type=_positive_int, default=2048, help="BPE vocab size (2048)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=3, help="max epochs (3)")
+    g.add_argument("--batch-size", type=_positive_int, default=8, help="per-process batch (8)")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=32)
+    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (1e-4)")
+    g.add_argument("--weight-decay", type=float, default=1e-3)
+    g.add_argument("--warmup-ratio", type=float, default=0.05, help="warm-up share of steps")
+    g.add_argument("--warmup-steps", type=int, default=None, help="warm-up steps (overrides ratio)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
+    g.add_argument("--patience", type=_positive_int, default=2, help="evaluations without gain")
+    g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
+    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="autocast on GPU (auto: bf16 where supported); the CPU runs fp32",
+    )
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--llm-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    g = p.add_argument_group("budget (subsampling, for small machines)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    g.add_argument("--max-train-rows", type=int, default=None, help="random subsample of train")
+    g.add_argument("--max-valid-rows", type=int, default=None, help="random subsample of valid")
+    g.add_argument("--max-test-rows", type=int, default=None, help="random subsample of test")
+    g.add_argument("--valid-split", default=None, help="validation split (valid_small if present)")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
+    g.add_argument("--init-from", default=None, help="start from this trainable safetensors file")
+    g.add_argument(
+        "--save-rank-state",
+        action="store_true",
+        help="write each rank's final trainable state to OUT/rank-<r>.safetensors (DDP check)",
+    )
+
+    # -- evaluate --------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "evaluate",
+        help="score a split with a finished run (CF or LLM) and write its metrics",
+        description="Rebuild a run from RUN/run.json, load its best state and score a split; "
+        "writes RUN/eval_<split>.json (or --metrics).",
+    )
+    p.add_argument("--run", required=True, help="run directory written by train or train-cf")
+    p.add_argument("--data", default=None, help="dataset directory (default: the run's data)")
+    p.add_argument("--split", default="test", help="split to score (test)")
+    p.add_argument("--metrics", default=None, help="metrics JSON path (RUN/eval_<split>.json)")
+    p.add_argument("--predictions", default=None, metavar="PATH", help="predictions CSV")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="eval batch size")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+    # -- make-data -------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "make-data",
+        help="write the synthetic dataset (CoLLM schema) to a directory",
+        description="Write a synthetic dataset whose labels depend on latent CF factors only.",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    p.add_argument("--users", type=_positive_int, default=200)
+    p.add_argument("--items", type=_positive_int, default=100)
+    p.add_argument("--per-user", type=_positive_int, default=40)
+    p.add_argument("--dim", type=_positive_int, default=4, help="latent factor size")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _summary(metrics: dict, split: str = "test") -> str:
+    m = metrics.get(split, {})
+
+    def f(x):
+        return "n/a" if x is None or x != x else f"{x:.4f}"
+
+    parts = [f"{split} AUC {f(m.get('auc'))} UAUC {f(m.get('uauc'))}"]
+    for k in ("warm", "cold"):
+        if k in m:
+            parts.append(f"{k} AUC {f(m[k].get('auc'))} UAUC {f(m[k].get('uauc'))}")
+    return " | ".join(parts)
+
+
+def _cmd_train_cf(args) -> int:
+    from llmrec.cf.run import CFRunConfig, train_cf_run
+
+    cfg = CFRunConfig(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        dim=args.dim,
+        layers=args.layers,
+        heads=args.heads,
+        his_len=args.his_len,
+        dropout=args.dropout,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        patience=args.patience,
+        seed=args.seed,
+        valid_split=args.valid_split,
+        device=args.device,
+        predictions=args.predictions,
+        progress=not args.no_progress,
+    )
+    metrics = train_cf_run(cfg)
+    _log(_summary(metrics) + f" | {metrics['wall_time_s']:.1f}s -> {args.out}/metrics.json")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from llmrec.train import RunConfig, TrainConfig, init_distributed, run_training
+
+    env = init_distributed(args.device)
+    try:
+        tcfg = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            eval_batch_size=args.eval_batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            warmup_ratio=args.warmup_ratio,
+            warmup_steps=args.warmup_steps,
+            max_steps=args.max_steps,
+            patience=args.patience,
+            grad_clip=args.grad_clip,
+            eval_every=args.eval_every,
+            save_every=args.save_every,
+            precision=args.precision,
+            seed=args.seed,
+            progress=not args.no_progress,
+            save_rank_state=args.save_rank_state,
+        )
+        cfg = RunConfig(
+            method=args.method,
+            data=args.data,
+            cf=args.cf,
+            llm=args.llm,
+            out=args.out,
+            max_his=args.max_his,
+            max_length=args.max_length,
+            rank=args.rank,
+            alpha=args.alpha,
+            generator=args.generator,
+            generator_kwargs=args.generator_kwargs,
+            target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
+            fuse_qkv=not args.no_fuse_qkv,
+            backend=args.backend,
+            tiny={
+                "hidden_size": args.tiny_hidden,
+                "intermediate_size": max(8, (args.tiny_hidden * 8 // 3 + 7) // 8 * 8),
+                "num_hidden_layers": args.tiny_layers,
+                "num_attention_heads": args.tiny_heads,
+                "num_key_value_heads": args.tiny_kv_heads,
+                "vocab_size": args.tiny_vocab,
+            },
+            tiny_seed=args.seed,
+            max_train_rows=args.max_train_rows,
+            max_valid_rows=args.max_valid_rows,
+            max_test_rows=args.max_test_rows,
+            valid_split=args.valid_split,
+            train=tcfg,
+            device=args.device,
+            llm_dtype=args.llm_dtype,
+            resume=args.resume,
+            init_from=args.init_from,
+            predictions=args.predictions,
+        )
+        log = _log if env.is_main else (lambda m: None)
+        metrics = run_training(cfg, env=env, log=log)
+        if env.is_main:
+            _log(_summary(metrics) + f" | {metrics['wall_time_s']:.1f}s -> {args.out}/metrics.json")
+    finally:
+        if env.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from llmrec.train import run_evaluation
+
+    metrics = run_evaluation(
+        args.run,
+        data_path=args.data,
+        split=args.split,
+        predictions=args.predictions,
+        metrics_path=args.metrics,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    _log(_summary(metrics, args.split) + f" | {metrics['wall_time_s']:.1f}s")
+    return 0
+
+
+def _cmd_make_data(args) -> int:
+    from llmrec.data import make_synthetic, write_data
+
+    data = make_synthetic(
+        n_users=args.users, n_items=args.items, per_user=args.per_user, dim=args.dim, seed=args.seed
+    )
+    write_data(data, args.out, fmt=args.format)
+    _log(f"wrote {data.summary()['rows']} to {args.out}")
+    return 0
+
+
+def _user_errors() -> tuple:
+    from llmrec.cf.train import CFEmbeddingError
+    from llmrec.data.schema import DataValidationError
+    from llmrec.tiny_llm import LLMLoadError
+    from llmrec.train import CheckpointError, RunConfigError
+
+    return (DataValidationError, CFEmbeddingError, LLMLoadError, CheckpointError, RunConfigError)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {
+        "train-cf": _cmd_train_cf,
+        "train": _cmd_train,
+        "evaluate": _cmd_evaluate,
+        "make-data": _cmd_make_data,
+    }
+    try:
+        return handlers[args.command](args)
+    except _user_errors() as exc:
+        print(f"llmrec {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The ``llmrec`` CLI: --help, make-data, train-cf, train, evaluate, files, input errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from llmrec.cf import save_cf_embeddings
+from llmrec.cli import main
+
+TINY_ARGS = [
+    "--rank", "4",
+    "--alpha", "8",
+    "--generator", "mlp",
+    "--max-his", "3",
+    "--tiny-hidden", "32",
+    "--tiny-layers", "1",
+    "--tiny-heads", "2",
+    "--tiny-kv-heads", "1",
+    "--tiny-vocab", "512",
+    "--backend", "torch",
+    "--batch-size", "16",
+    "--eval-batch-size", "128",
+    "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cf_run(tmp_path_factory):
+    """make-data (CSV) then train-cf MF on it, with a predictions file."""
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data"
+    assert main(["make-data", "--out", str(data), "--format", "csv", "--users", "80",
+                 "--items", "60", "--per-user", "25"]) == 0  # fmt: skip
+    out = root / "mf"
+    rc = main(["train-cf", "--model", "mf", "--data", str(data), "--out", str(out), "--dim", "16",
+               "--lr", "1e-2", "--epochs", "30", "--predictions", str(out / "pred.csv"),
+               "--no-progress"])  # fmt: skip
+    assert rc == 0
+    return root, data, out
+
+
+@pytest.mark.parametrize("command", [None, "train-cf", "train", "evaluate", "make-data"])
+def test_help(command, capsys):
+    argv = ([command] if command else []) + ["--help"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: llmrec" in text
+    expected = {
+        None: ["train-cf", "train", "evaluate"],
+        "train-cf": ["--model", "--data", "--out", "--predictions"],
+        "train": ["--method", "--cf", "--llm", "--resume", "--max-steps", "--max-train-rows"],
+        "evaluate": ["--run", "--split"],
+        "make-data": ["--format"],
+    }[command]
+    for word in expected:
+        assert word in text
+
+
+def test_console_script_entry_point():
+    exe = os.path.join(os.path.dirname(sys.executable), "llmrec")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "llmrec.cli"]
+    proc = subprocess.run([*cmd, "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--method" in proc.stdout
+
+
+def test_train_cf_writes_metrics_predictions_embeddings(cf_run):
+    _, data, out = cf_run
+    m = json.loads((out / "metrics.json").read_text())
+    test = m["test"]
+    for key in ("auc", "uauc", "warm", "cold"):
+        assert key in test
+    assert {"auc", "uauc"} <= set(test["warm"]) and {"auc", "uauc"} <= set(test["cold"])
+    assert test["auc"] > 0.7, "MF learns the synthetic factors"
+    assert m["config"]["model"] == "mf" and m["wall_time_s"] > 0
+    pred = pd.read_csv(out / "pred.csv")
+    assert list(pred.columns) == ["uid", "iid", "label", "score"]
+    assert len(pred) == len(pd.read_csv(data / "test.csv"))
+    assert (out / "embeddings.safetensors").exists() and (out / "model.safetensors").exists()
+    # evaluate reproduces the test metrics from the run directory
+    assert main(["evaluate", "--run", str(out), "--data", str(data), "--no-progress"]) == 0
+    ev = json.loads((out / "eval_test.json").read_text())
+    assert ev["test"]["auc"] == pytest.approx(test["auc"], abs=1e-9)
+
+
+def test_train_cora_cli_then_evaluate_and_resume(cf_run, capsys):
+    root, data, cf = cf_run
+    out = root / "cora"
+    argv = ["train", "--method", "cora", "--llm", "tiny", "--data", str(data), "--cf", str(cf),
+            "--out", str(out), "--epochs", "1", "--max-steps", "6", "--max-train-rows", "400",
+            "--predictions", str(out / "pred.csv"), *TINY_ARGS]  # fmt: skip
+    assert main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["train"]["steps"] == 6
+    assert {"auc", "uauc", "warm", "cold"} <= set(m["test"])
+    assert m["config"]["method"] == "cora" and m["wall_time_s"] > 0
+    assert "test AUC" in capsys.readouterr().err
+    pred = pd.read_csv(out / "pred.csv")
+    assert list(pred.columns) == ["uid", "iid", "label", "score"]
+    assert len(pred) == len(pd.read_csv(data / "test.csv"))
+    for f in ("run.json", "best.safetensors", "llm/tokenizer.json", "checkpoints/latest"):
+        assert (out / f).exists(), f
+    # evaluate rebuilds the run (tiny LLM from OUT/llm, CF, best state) and agrees
+    assert main(["evaluate", "--run", str(out), "--no-progress"]) == 0
+    ev = json.loads((out / "eval_test.json").read_text())
+    assert ev["test"]["auc"] == pytest.approx(m["test"]["auc"], abs=1e-6)
+    # without --resume a finished run is not overwritten; with it nothing is retrained
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["train"]["steps"] == 6
+    assert again["test"]["auc"] == pytest.approx(m["test"]["auc"], abs=1e-6)
+
+
+def test_default_data_is_the_embedded_synthetic_set(tmp_path):
+    out = tmp_path / "mf"
+    assert main(["train-cf", "--out", str(out), "--epochs", "3", "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data"]["source"] == "synthetic" and m["test"]["rows"] > 0
+
+
+def test_input_errors_exit_2_before_training(cf_run, tmp_path, capsys):
+    _, data, _ = cf_run
+    # CF embeddings for another dataset
+    save_cf_embeddings(
+        tmp_path / "cf" / "embeddings.safetensors", torch.randn(5, 4), torch.randn(7, 4), "mf"
+    )
+    out = tmp_path / "run"
+    rc = main(
+        ["train", "--data", str(data), "--cf", str(tmp_path / "cf"), "--out", str(out), *TINY_ARGS]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "user_emb has 5 rows" in err
+    assert not (out / "checkpoints").exists()
+    # an LLM directory without a tokenizer
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm" / "config.json").write_text("{}")
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--llm",
+            str(tmp_path / "llm"),
+            "--out",
+            str(out),
+            *TINY_ARGS,
+        ]
+    )
+    assert rc == 2 and "no tokenizer found" in capsys.readouterr().err
+    # a data file that breaks the schema names the file and the row
+    bad = pd.read_csv(data / "valid.csv")
+    bad.loc[2, "uid"] = -1
+    (tmp_path / "bad").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "bad" / f"{split}.csv").write_text((data / f"{split}.csv").read_text())
+    bad.to_csv(tmp_path / "bad" / "valid.csv", index=False)
+    rc = main(["train-cf", "--data", str(tmp_path / "bad"), "--out", str(out), "--no-progress"])
+    assert rc == 2
+    assert "valid.csv: row 2 (file line 4): uid id -1 is out of range" in capsys.readouterr().err
