@@ -1,0 +1,154 @@
+"""``python -m benchmarks``: run the benchmark report, print a table, write JSON and a plot.
+
+python -m benchmarks --quick                 # < 5 min on 2 CPU cores
+python -m benchmarks --out r.json --plot r.png
+python -m benchmarks --render r.json --markdown r.md   # re-render a saved run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="CoRA kernels against naive PyTorch, the reference CoRA code's way and "
+        "the base GEMM, with a roofline model.",
+    )
+    p.add_argument("--quick", action="store_true", help="a small subset (< 5 min on 2 CPU cores)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="toy shapes, seconds long: a smoke run of the whole pipeline",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="JSON file (default: benchmarks/results/<machine>-<date>[-quick].json)",
+    )
+    p.add_argument("--plot", type=Path, help="PNG file (default: the JSON path with .png)")
+    p.add_argument("--markdown", type=Path, help="also write the table as Markdown")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="auto: bfloat16 on a GPU, float32 on a CPU",
+    )
+    p.add_argument(
+        "--ops", default=None, help="comma-separated subset of proj,qkv,decoder_layer,scoring"
+    )
+    p.add_argument(
+        "--budget", type=float, default=None, help="CPU: seconds of timed rounds per workload"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's, one per core)",
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="CPU: before each workload wait up to S seconds for other processes to use < 25%% of the CPUs",
+    )
+    p.add_argument("--render", type=Path, help="do not run: print/plot a saved JSON file")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from rich.console import Console
+
+    from benchmarks.report import markdown_table, plot_results, print_table, write_json
+
+    console = Console(width=max(Console().width, 220))
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+        print_table(results, console)
+        if args.plot:
+            plot_results(results, args.plot)
+        if args.markdown:
+            args.markdown.write_text(markdown_table(results) + "\n")
+        return 0
+
+    from benchmarks.suite import SuiteConfig, default_workloads, machine_label, run_suite
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device", file=sys.stderr)
+        return 2
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = DTYPES[args.dtype]
+
+    meta = {"command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)}
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        msg = "TRITON_INTERPRET=1 is set: Triton kernels run in the interpreter, not a performance path"
+        console.print(f"[yellow]warning: {msg}[/yellow]")
+        meta["warning"] = msg
+
+    workloads = default_workloads(device, dtype, quick=args.quick, tiny=args.tiny)
+    if args.ops:
+        wanted = {o.strip() for o in args.ops.split(",") if o.strip()}
+        workloads = [w for w in workloads if w.op in wanted]
+    cfg = SuiteConfig(
+        device=device,
+        dtype=dtype,
+        workloads=workloads,
+        quick=args.quick,
+        preset="tiny" if args.tiny else ("quick" if args.quick else "full"),
+        progress=not args.no_progress,
+        extra_meta=meta,
+    )
+    cfg.wait_idle_s = args.wait_idle
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.budget is not None:
+        cfg.cpu_budget_s = args.budget
+    elif args.quick:
+        cfg.cpu_budget_s, cfg.cpu_min_rounds = 1.5, 5
+    if args.tiny:
+        cfg.cpu_budget_s = min(cfg.cpu_budget_s, 0.05)
+        cfg.cpu_min_rounds = 2
+        cfg.gpu_warmup_ms, cfg.gpu_rep_ms = 5.0, 10.0
+
+    started = time.perf_counter()
+    results = run_suite(cfg)
+    label = machine_label(device)
+    date = _dt.date.today().isoformat()
+    preset = "-tiny" if args.tiny else ("-quick" if args.quick else "")
+    out = args.out or RESULTS_DIR / f"{label}-{date}{preset}.json"
+    plot = args.plot or out.with_suffix(".png")
+    plot_results(results, plot)
+    results["meta"]["plot"] = plot.name
+    results["meta"]["wall_s"] = round(time.perf_counter() - started, 1)
+    write_json(results, out)
+    if args.markdown:
+        args.markdown.write_text(markdown_table(results) + "\n")
+    print_table(results, console)
+    console.print(f"wrote {out} and {plot} in {results['meta']['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

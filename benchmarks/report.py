@@ -1,0 +1,252 @@
+"""Output of a run: the rich table, the JSON file, the PNG plot, the done-when checks."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+__all__ = [
+    "REQUIRED_FIELDS",
+    "markdown_table",
+    "plot_results",
+    "print_table",
+    "target_checks",
+    "write_json",
+]
+
+REQUIRED_FIELDS = (
+    "op", "mode", "method", "B", "L", "d_in", "d_out", "r", "dtype", "device", "status",
+    "skip_reason", "median_ms", "tflops", "gbps", "roofline_pct", "peak_mem_mb", "max_abs_err",
+)  # fmt: skip
+
+# The issue's done-when targets (CPU, d 1024, r 16, fp32, projection forward).
+TARGETS = (
+    # (label, B, L, numerator method, denominator method, comparison, bound)
+    ("ours vs naive at B 32, L 1", 32, 1, "naive", "ours", ">=", 20.0),
+    ("ours vs naive at B 8, L 64", 8, 64, "naive", "ours", ">=", 2.0),
+    ("ours / base GEMM at B 8, L 64", 8, 64, "ours", "base", "<=", 1.25),
+)
+
+
+def _find(records, op, mode, b, length, r, method, d=None, dtype=None) -> Optional[dict]:
+    for rec in records:
+        if (
+            rec["op"] == op
+            and rec["mode"] == mode
+            and rec["B"] == b
+            and rec["L"] == length
+            and rec["r"] == r
+            and rec["method"] == method
+            and (d is None or rec["d_in"] == d)
+            and (dtype is None or rec["dtype"] == dtype)
+            and rec["median_ms"] is not None
+        ):
+            return rec
+    return None
+
+
+def target_checks(records: list[dict]) -> list[dict]:
+    """The done-when ratios, where the run has the workloads they need (CPU, d 1024, fp32)."""
+    checks = []
+    ours = "ours[torch]"
+    for label, b, length, num, den, cmp, bound in TARGETS:
+        get = {
+            m: _find(records, "proj", "fwd", b, length, 16, m, d=1024, dtype="float32")
+            for m in ("naive", ours, "base")
+        }
+        get["ours"] = get.pop(ours)
+        n, d = get[num], get[den]
+        if n is None or d is None or not str(n["device"]).startswith("cpu"):
+            continue
+        ratio = n["median_ms"] / d["median_ms"]
+        ok = ratio >= bound if cmp == ">=" else ratio <= bound
+        checks.append(
+            {
+                "target": label,
+                "ratio": ratio,
+                "bound": f"{cmp} {bound:g}",
+                "pass": ok,
+                "numerator_ms": n["median_ms"],
+                "denominator_ms": d["median_ms"],
+                "method": ours,
+            }
+        )
+    return checks
+
+
+def write_json(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+
+    out = {
+        **results,
+        "records": [{k: clean(v) for k, v in rec.items()} for rec in results["records"]],
+    }
+    path.write_text(json.dumps(out, indent=1) + "\n")
+
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _err(rec: dict) -> str:
+    e, g = rec.get("max_abs_err"), rec.get("max_abs_err_grad")
+    if e is None:
+        return "-"
+    return f"{e:.1e}" if g is None else f"{e:.1e}/{g:.1e}"
+
+
+def _rows(records: list[dict]):
+    for rec in records:
+        note = rec.get("skip_reason") or ""
+        if rec["status"] == "ok" and rec.get("roofline_pct") is None and rec.get("roofline_note"):
+            note = ""
+        timing = _fmt(rec["median_ms"], ".3f")
+        if rec.get("samples_per_s") is not None:
+            timing += f" ({rec['samples_per_s']:.0f}/s)"
+        yield [
+            f"{rec['op']} {rec['mode']}",
+            str(rec["r"]),
+            f"{rec['B']}x{rec['L']}",
+            rec["method"],
+            timing,
+            _fmt(rec.get("x_base"), ".2f"),
+            _fmt(rec.get("speedup_vs_naive"), ".1f"),
+            _fmt(rec["tflops"], ".3f"),
+            _fmt(rec["gbps"], ".1f"),
+            _fmt(rec["roofline_pct"], ".1f"),
+            _fmt(rec["peak_mem_mb"], ".1f"),
+            _err(rec),
+            note,
+        ]
+
+
+HEADERS = [
+    "workload", "r", "BxL", "method", "median ms", "x base", "vs naive", "TFLOP/s", "GB/s",
+    "roofline %", "peak MB", "max err (y/grad)", "skipped / note",
+]  # fmt: skip
+
+
+def print_table(results: dict, console=None) -> None:
+    """Print the records as a rich table, then the done-when checks."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console(width=220)
+    meta = results["meta"]
+    title = escape(f"CoRA benchmarks on {meta['device']} ({meta['dtype']}, {meta['machine']})")
+    table = Table(title=title, show_lines=False, header_style="bold")
+    widths = {"workload": 21, "BxL": 6, "method": 15, "median ms": 9}
+    for h in HEADERS:
+        table.add_column(
+            h, overflow="fold", no_wrap=h in widths, min_width=widths.get(h),
+            ratio=3 if h == "skipped / note" else None,
+        )  # fmt: skip
+    previous = None
+    for rec, row in zip(results["records"], _rows(results["records"])):
+        key = (rec["op"], rec["mode"], rec["r"], rec["B"], rec["L"])
+        if previous is not None and key != previous:
+            table.add_section()
+        previous = key
+        style = None
+        if rec["status"] == "skipped":
+            style = "dim"
+        elif rec["status"] == "error":
+            style = "red"
+        elif rec["method"].startswith("ours"):
+            style = "bold"
+        table.add_row(*(escape(c) for c in row), style=style)
+    console.print(table)
+    notes = {r["roofline_note"] for r in results["records"] if r.get("roofline_pct") is None}
+    notes.discard(None)
+    for n in sorted(notes):
+        console.print(f"[dim]roofline %: {escape(n)}[/dim]")
+    for c in results.get("checks", []):
+        mark = "[green]PASS[/green]" if c["pass"] else "[red]FAIL[/red]"
+        console.print(
+            f"{mark} {escape(c['target'])}: {c['ratio']:.2f} (target {c['bound']}; "
+            f"{c['numerator_ms']:.3f} ms / {c['denominator_ms']:.3f} ms, {escape(c['method'])})"
+        )
+
+
+def markdown_table(results: dict, ops: Optional[tuple[str, ...]] = None) -> str:
+    """The records as a Markdown table (for the README)."""
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
+    for rec, row in zip(results["records"], _rows(results["records"])):
+        if ops is not None and rec["op"] not in ops:
+            continue
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, path: Path) -> Optional[Path]:
+    """Median time against batch size, one line per method, one panel per workload family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in results["records"] if r["median_ms"] is not None]
+    if not records:
+        return None
+    ranks = sorted({r["r"] for r in records if r["op"] in ("proj", "qkv")})
+    rank = 16 if 16 in ranks else (ranks[0] if ranks else None)
+    panels: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        if r["op"] in ("proj", "qkv") and r["r"] != rank:
+            continue
+        phase = "L=1 (decode)" if r["L"] == 1 else ("L>1 (prefill)" if r["L"] > 1 else "")
+        panels[(r["op"], r["mode"], phase)].append(r)
+    order = {"proj": 0, "qkv": 1, "decoder_layer": 2, "scoring": 3}
+    keys = sorted(panels, key=lambda k: (order.get(k[0], 9), k[1], k[2]))
+    ncols = 2
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 3.6 * nrows), squeeze=False)
+    methods = []
+    for k in keys:
+        for r in panels[k]:
+            if r["method"] not in methods:
+                methods.append(r["method"])
+    cmap = plt.get_cmap("tab10")
+    colours = {m: cmap(i % 10) for i, m in enumerate(methods)}
+    for ax, key in zip(axes.flat, keys):
+        op, mode, phase = key
+        by_method: dict[str, list] = defaultdict(list)
+        for r in panels[key]:
+            by_method[r["method"]].append((r["B"], r["median_ms"], r["L"]))
+        for m, pts in by_method.items():
+            pts.sort()
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
+                color=colours[m], linewidth=2.2 if m.startswith("ours") else 1.2,
+                linestyle="--" if m in ("base", "naive") else "-",
+            )  # fmt: skip
+        bls = sorted({(r["B"], r["L"]) for r in panels[key]})
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks([b for b, _ in bls])
+        ax.set_xticklabels([f"{b}" if ll <= 1 else f"{b}\nL={ll}" for b, ll in bls])
+        d_in, d_out = panels[key][0]["d_in"], panels[key][0]["d_out"]
+        rtxt = f", r={rank}" if op in ("proj", "qkv") else ""
+        ax.set_title(f"{op} {mode} {phase} d={d_in}->{d_out}{rtxt}", fontsize=9)
+        ax.set_xlabel("batch B")
+        ax.set_ylabel("median ms")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    meta = results["meta"]
+    fig.suptitle(f"CoRA linear: time vs batch, {meta['device']}, {meta['dtype']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
