@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CUDA checks that need no GPU (README, "CUDA extension"):
 #   1. every csrc/*.cu compiles with nvcc for sm_80 and sm_90 (-Xptxas -v), with no warning
-#      and no register spill;
+#      and no register spill; the same sources run on the CPU under csrc/host_emu against a
+#      float64 reference;
 #   2. the full extension builds against the CUDA 13.0 build of torch 2.14.1, in a separate
 #      virtual environment (cached), imports without a GPU and registers its ops with the
 #      expected schemas.

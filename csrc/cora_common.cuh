@@ -1,52 +1,18 @@
-// Device helpers shared by the CoRA kernels: element types, tensor-core and async-copy
-// primitives (sm_80+). Free of torch headers: compiles with plain nvcc.
+// Device primitives of the CoRA kernels: tensor-core and async-copy instructions through
+// inline PTX (sm_80+), and the kernel-launch macro. Free of torch headers: compiles with plain
+// nvcc. csrc/host_emu/cora_common.cuh provides the same names with a functional CPU model of
+// each instruction, so the kernels can also be compiled and run on a machine without a GPU.
 #pragma once
 
 #include <cstdint>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "cora_types.cuh"
+
+// Kernel launch as a macro, so that the host emulation can replace it.
+#define LLMREC_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
 
 namespace llmrec {
-
-// ---------------------------------------------------------------------------------------
-// Element types: conversions and the PTX type name used by mma.sync.
-// ---------------------------------------------------------------------------------------
-template <typename T>
-struct ElemTraits;
-
-template <>
-struct ElemTraits<__half> {
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct ElemTraits<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) {
-    return __float2bfloat16_rn(v);
-  }
-};
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  return ElemTraits<T>::to_float(v);
-}
-template <>
-__device__ __forceinline__ float to_float<float>(float v) {
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  return ElemTraits<T>::from_float(v);
-}
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
 
 // ---------------------------------------------------------------------------------------
 // Async copies global -> shared (cp.async, sm_80+). A zero src_bytes fills 16 zero bytes
@@ -122,7 +88,5 @@ struct Mma<__nv_bfloat16> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
-
-__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 }  // namespace llmrec

@@ -18,6 +18,7 @@
 // element loads, decided once per launch (a_vec / b_vec).
 #pragma once
 
+#include <atomic>
 #include <type_traits>
 
 #include "cora_common.cuh"
@@ -418,13 +419,22 @@ cudaError_t launch_gemm_instance(const GemmArgs& p, cudaStream_t stream) {
   }
   auto kernel = cora_gemm_kernel<T, Cfg, A_KM, B_KN, B_F32, EXPAND, OutT>;
   if (L::BYTES > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::BYTES);
+    // Opt in to more than 48 KiB of dynamic shared memory, once per device (a driver call
+    // per launch would cost microseconds on the decode path).
+    static std::atomic<unsigned long long> configured{0};
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
+    const unsigned long long bit = device < 64 ? (1ull << device) : 0ull;
+    if (bit == 0 || (configured.load(std::memory_order_acquire) & bit) == 0) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::BYTES);
+      if (err != cudaSuccess) return err;
+      configured.fetch_or(bit, std::memory_order_acq_rel);
+    }
   }
   const dim3 grid(ceil_div(p.N, Cfg::BN), ceil_div(p.M, Cfg::BM), p.batch * p.splits);
   if (grid.y > 65535u || grid.z > 65535u) return cudaErrorInvalidConfiguration;
-  kernel<<<grid, Cfg::THREADS, L::BYTES, stream>>>(p, a_vec, b_vec);
+  LLMREC_LAUNCH(kernel, grid, Cfg::THREADS, L::BYTES, stream, p, a_vec, b_vec);
   return cudaGetLastError();
 }
 

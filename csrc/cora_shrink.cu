@@ -9,17 +9,20 @@
 
 namespace llmrec {
 
-namespace {
-
 constexpr int kShrinkThreads = 256;
 
+constexpr size_t shrink_smem_bytes(int vec) {
+  return sizeof(float) * (static_cast<size_t>(kShrinkMaxTokens) * kShrinkMaxChunk +
+                          static_cast<size_t>(kShrinkThreads) * vec);
+}
+static_assert(shrink_smem_bytes(8) <= 48 * 1024, "the GEMV shrink must fit the default 48 KiB");
+
 template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(float (&v)[VEC], const T* src) {
+__device__ __forceinline__ void shrink_load_vec(float (&v)[VEC], const T* src) {
   if constexpr (VEC == 8) {
     const uint4 q = *reinterpret_cast<const uint4*>(src);
-    const T* e = reinterpret_cast<const T*>(&q);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
+    for (int i = 0; i < 8; ++i) v[i] = element_of<T>(q, i);
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) v[i] = to_float(src[i]);
@@ -29,8 +32,11 @@ __device__ __forceinline__ void load_vec(float (&v)[VEC], const T* src) {
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kShrinkThreads) shrink_gemv_kernel(const ShrinkArgs p) {
   constexpr int LMAX = kShrinkMaxTokens;
-  __shared__ float xs[LMAX][kShrinkMaxChunk];
-  __shared__ float red[kShrinkThreads * VEC];
+  // Dynamic shared memory: x of this split as fp32 [LMAX][kShrinkMaxChunk], then the
+  // reduction buffer [kShrinkThreads * VEC].
+  extern __shared__ uint4 smem_raw[];
+  float(*xs)[kShrinkMaxChunk] = reinterpret_cast<float(*)[kShrinkMaxChunk]>(smem_raw);
+  float* red = reinterpret_cast<float*>(smem_raw) + LMAX * kShrinkMaxChunk;
 
   const int tid = threadIdx.x;
   const int b = blockIdx.y, split = blockIdx.x;
@@ -75,10 +81,10 @@ __global__ void __launch_bounds__(kShrinkThreads) shrink_gemv_kernel(const Shrin
     // Four rows in flight per thread, then the remainder.
     for (; k + 3 * rows_pp < k1; k += 4 * rows_pp) {
       float a0[VEC], a1[VEC], a2[VEC], a3[VEC];
-      load_vec<T, VEC>(a0, acol + static_cast<int64_t>(k) * p.lda);
-      load_vec<T, VEC>(a1, acol + static_cast<int64_t>(k + rows_pp) * p.lda);
-      load_vec<T, VEC>(a2, acol + static_cast<int64_t>(k + 2 * rows_pp) * p.lda);
-      load_vec<T, VEC>(a3, acol + static_cast<int64_t>(k + 3 * rows_pp) * p.lda);
+      shrink_load_vec<T, VEC>(a0, acol + static_cast<int64_t>(k) * p.lda);
+      shrink_load_vec<T, VEC>(a1, acol + static_cast<int64_t>(k + rows_pp) * p.lda);
+      shrink_load_vec<T, VEC>(a2, acol + static_cast<int64_t>(k + 2 * rows_pp) * p.lda);
+      shrink_load_vec<T, VEC>(a3, acol + static_cast<int64_t>(k + 3 * rows_pp) * p.lda);
       fma_row(a0, k);
       fma_row(a1, k + rows_pp);
       fma_row(a2, k + 2 * rows_pp);
@@ -86,7 +92,7 @@ __global__ void __launch_bounds__(kShrinkThreads) shrink_gemv_kernel(const Shrin
     }
     for (; k < k1; k += rows_pp) {
       float a0[VEC];
-      load_vec<T, VEC>(a0, acol + static_cast<int64_t>(k) * p.lda);
+      shrink_load_vec<T, VEC>(a0, acol + static_cast<int64_t>(k) * p.lda);
       fma_row(a0, k);
     }
   }
@@ -111,16 +117,16 @@ __global__ void __launch_bounds__(kShrinkThreads) shrink_gemv_kernel(const Shrin
   }
 }
 
+namespace {
+
 template <typename T>
 cudaError_t launch_shrink_typed(const ShrinkArgs& p, cudaStream_t stream) {
   const dim3 grid(p.splits, p.batch);
   const bool vec8 = p.rank % 8 == 0 && reinterpret_cast<uintptr_t>(p.a) % 16 == 0 &&
                     p.lda % 8 == 0 && p.a_batch_stride % 8 == 0;
-  if (vec8) {
-    shrink_gemv_kernel<T, 8><<<grid, kShrinkThreads, 0, stream>>>(p);
-  } else {
-    shrink_gemv_kernel<T, 1><<<grid, kShrinkThreads, 0, stream>>>(p);
-  }
+  auto kernel = vec8 ? shrink_gemv_kernel<T, 8> : shrink_gemv_kernel<T, 1>;
+  const size_t smem = shrink_smem_bytes(vec8 ? 8 : 1);
+  LLMREC_LAUNCH(kernel, grid, kShrinkThreads, smem, stream, p);
   return cudaGetLastError();
 }
 
