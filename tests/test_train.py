@@ -236,3 +236,42 @@ def test_bad_data_rejected_before_training(tmp_path, signal):
     with pytest.raises(DataValidationError, match=r"test\.parquet or test\.csv"):
         run_training(_cfg(root, out, data=str(bad)))
     assert _nothing_trained(out)
+
+
+def test_methods_plug_in_through_the_registry(signal, llm_dir, tmp_path):
+    from llmrec.train import METHODS, FrozenLLMScorer, MethodSpec, register_method
+
+    data, root = signal
+    seen = {}
+
+    def build(llm, tok, cf_dim, options):
+        seen.update(options)
+        return FrozenLLMScorer(llm, tok)
+
+    def examples(df, tokenizer, **kw):
+        from llmrec.data import make_examples
+
+        seen["examples"] = len(df)
+        return make_examples(df, tokenizer, **kw)
+
+    register_method(
+        MethodSpec("test-plugin", build, uses_cf=False, trains=False, examples=examples)
+    )
+    register_method(MethodSpec("test-runner", build, runner=lambda cfg, **kw: {"ran": cfg.method}))
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_method(MethodSpec("test-plugin", build))
+        cfg = _cfg(root, tmp_path / "p", method="test-plugin", llm=llm_dir, max_test_rows=50)
+        m = run_training(replace(cfg, method_kwargs={"alpha_beta": 3}), data=data)
+        assert seen["method_kwargs"] == {"alpha_beta": 3} and seen["examples"] == 50
+        assert m["test"]["rows"] == 50
+        assert run_training(replace(cfg, method="test-runner"), data=data) == {"ran": "test-runner"}
+        from llmrec.cli import build_parser
+
+        args = build_parser().parse_args(["train", "--method", "test-plugin", "--out", "x"])
+        assert args.method == "test-plugin"
+    finally:
+        METHODS.pop("test-plugin", None)
+        METHODS.pop("test-runner", None)
+    with pytest.raises(RunConfigError, match="unknown method"):
+        run_training(_cfg(root, tmp_path / "q", method="test-plugin"), data=data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -37,6 +38,11 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _abs(path: Optional[str]) -> Optional[str]:
+    """Absolute form of a path given on the command line (run.json stays valid elsewhere)."""
+    return None if path is None else os.path.abspath(path)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -131,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated projections to patch (q_proj,k_proj,v_proj,o_proj)",
     )
     g.add_argument("--no-fuse-qkv", action="store_true", help="do not fuse q/k/v projections")
+    g.add_argument(
+        "--method-kwargs",
+        type=_json_dict,
+        default={},
+        metavar="JSON",
+        help="method-specific options as a JSON object (read by methods other than cora)",
+    )
     g.add_argument(
         "--backend",
         choices=["auto", "torch", "triton", "cuda"],
@@ -231,8 +244,8 @@ def _cmd_train_cf(args) -> int:
 
     cfg = CFRunConfig(
         model=args.model,
-        data=args.data,
-        out=args.out,
+        data=_abs(args.data),
+        out=_abs(args.out),
         dim=args.dim,
         layers=args.layers,
         heads=args.heads,
@@ -246,7 +259,7 @@ def _cmd_train_cf(args) -> int:
         seed=args.seed,
         valid_split=args.valid_split,
         device=args.device,
-        predictions=args.predictions,
+        predictions=_abs(args.predictions),
         progress=not args.no_progress,
     )
     metrics = train_cf_run(cfg)
@@ -279,10 +292,10 @@ def _cmd_train(args) -> int:
         )
         cfg = RunConfig(
             method=args.method,
-            data=args.data,
-            cf=args.cf,
-            llm=args.llm,
-            out=args.out,
+            data=_abs(args.data),
+            cf=_abs(args.cf),
+            llm=args.llm if args.llm == "tiny" else _abs(args.llm),
+            out=_abs(args.out),
             max_his=args.max_his,
             max_length=args.max_length,
             rank=args.rank,
@@ -292,6 +305,7 @@ def _cmd_train(args) -> int:
             target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
             fuse_qkv=not args.no_fuse_qkv,
             backend=args.backend,
+            method_kwargs=args.method_kwargs,
             tiny={
                 "hidden_size": args.tiny_hidden,
                 "intermediate_size": max(8, (args.tiny_hidden * 8 // 3 + 7) // 8 * 8),
@@ -309,8 +323,8 @@ def _cmd_train(args) -> int:
             device=args.device,
             llm_dtype=args.llm_dtype,
             resume=args.resume,
-            init_from=args.init_from,
-            predictions=args.predictions,
+            init_from=_abs(args.init_from),
+            predictions=_abs(args.predictions),
         )
         log = _log if env.is_main else (lambda m: None)
         metrics = run_training(cfg, env=env, log=log)
@@ -330,7 +344,7 @@ def _cmd_evaluate(args) -> int:
 
     metrics = run_evaluation(
         args.run,
-        data_path=args.data,
+        data_path=_abs(args.data),
         split=args.split,
         predictions=args.predictions,
         metrics_path=args.metrics,
@@ -371,6 +385,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "evaluate": _cmd_evaluate,
         "make-data": _cmd_make_data,
     }
+    if getattr(args, "no_progress", False) and args.command in ("train", "evaluate"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Loading weights" bars
     try:
         return handlers[args.command](args)
     except _user_errors() as exc:

@@ -151,8 +151,12 @@ def load_llm(
     tokenizer.truncation_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), **{dtype_kw: dtype})
     except Exception as exc:
         raise LLMLoadError(f"{path}: the model cannot be loaded: {exc}") from exc
     model.to(device)

@@ -91,9 +91,15 @@ class MethodSpec:
     """How ``llmrec train --method NAME`` builds a model.
 
     ``build(llm, tokenizer, cf_dim, options)`` returns a model with the CoRA contract;
-    ``options`` is :attr:`RunConfig.method_options` (rank, alpha, generator, ...).
+    ``options`` is :meth:`RunConfig.method_options` (rank, alpha, generator, ...,
+    ``method_kwargs``: the free-form ``--method-kwargs`` JSON for method-specific options).
     ``template`` is the prompt template key (``"cora"`` or ``"collm"``); ``uses_cf`` says
     whether CF embeddings are needed; ``trains`` is False for zero-shot scorers.
+    ``runner``, when set, replaces :func:`run_training` for the method (multi-stage
+    schedules); it is called as ``runner(cfg, env=, log=, callback=, data=)`` and returns
+    the metrics dict. ``examples``, when set, replaces
+    :func:`llmrec.data.make_examples` (same signature) for training, validation, test and
+    ``llmrec evaluate``, e.g. for prompts with placeholder tokens.
     """
 
     name: str
@@ -102,6 +108,8 @@ class MethodSpec:
     uses_cf: bool = True
     trains: bool = True
     description: str = ""
+    runner: Optional[Callable[..., dict]] = None
+    examples: Optional[Callable[..., Any]] = None
 
 
 METHODS: Dict[str, MethodSpec] = {}
@@ -795,6 +803,7 @@ class RunConfig:
     )
     fuse_qkv: bool = True
     backend: str = "auto"
+    method_kwargs: Dict[str, Any] = field(default_factory=dict)  # method-specific options
     # tiny LLM
     tiny: Dict[str, Any] = field(default_factory=dict)
     tiny_seed: int = 0
@@ -821,6 +830,7 @@ class RunConfig:
             "target_modules": list(self.target_modules),
             "fuse_qkv": self.fuse_qkv,
             "backend": self.backend,
+            "method_kwargs": dict(self.method_kwargs),
         }
 
     def to_dict(self) -> dict:
@@ -846,6 +856,7 @@ RESUME_MUST_MATCH = (
     "generator",
     "generator_kwargs",
     "target_modules",
+    "method_kwargs",
     "tiny",
     "tiny_seed",
     "max_train_rows",
@@ -984,7 +995,7 @@ class PreparedRun:
 
     def collator(self, df, max_rows: Optional[int] = None, seed: int = 0) -> RecCollator:
         df = _subsample(df, max_rows, seed)
-        ex = make_examples(
+        ex = (self.spec.examples or make_examples)(
             df,
             self.tokenizer,
             template=self.spec.template,
@@ -1074,6 +1085,9 @@ def run_training(
 
     Returns the metrics dict (also written to ``<out>/metrics.json`` by rank 0).
     """
+    spec = get_method(cfg.method)
+    if spec.runner is not None:
+        return spec.runner(cfg, env=env, log=log, callback=callback, data=data)
     start = time.perf_counter()
     env = env or DistEnv()
     log = log or (lambda m: None)
@@ -1176,6 +1190,11 @@ def run_evaluation(
             device=device,
         )
     cfg = RunConfig.from_dict(info["config"])
+    cfg.out = str(run_dir)
+    if cfg.llm == "tiny":  # never build a fresh random LLM here: use the run's own
+        cfg.llm = str(run_dir / "llm")
+        if not (run_dir / "llm" / "config.json").exists():
+            raise RunConfigError(f"{run_dir}: the run's tiny LLM (llm/) is missing")
     if data_path is not None:
         cfg.data = data_path
     cfg.cf = info.get("cf_path") or cfg.cf
