@@ -10,6 +10,10 @@
 //   lowrank_linear(x, weight, bias?, s, lora_b) -> y      y = x W^T + bias + s B^T
 // The CPU registrations run the same argument checks and then refuse (the kernels need a
 // GPU); the Meta registrations give shapes for fake tensors.
+//
+// Test build: with LLMREC_HOST_EMULATION defined (tests/test_cuda_backend.py builds it with
+// the kernels compiled against csrc/host_emu), the ops take CPU tensors and run the emulated
+// kernels, under the namespace LLMREC_OPS_NAMESPACE, so this glue is exercised without a GPU.
 #include <algorithm>
 #include <cstdint>
 #include <sstream>
@@ -18,13 +22,26 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#ifdef LLMREC_HOST_EMULATION
+#include <cstdlib>
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <pybind11/pybind11.h>
-#include <torch/library.h>
+#endif
 
 #include "cora_kernels.h"
+
+#ifndef LLMREC_OPS_NAMESPACE
+#define LLMREC_OPS_NAMESPACE llmrec_kernels_cuda
+#endif
+// One more macro level so that LLMREC_OPS_NAMESPACE is expanded before TORCH_LIBRARY pastes it.
+#define LLMREC_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define LLMREC_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+#define LLMREC_STR2(x) #x
+#define LLMREC_STR(x) LLMREC_STR2(x)
 
 namespace {
 
@@ -143,6 +160,12 @@ void check_s(const char* op, const char* name, const Tensor& s, const Dims& d,
 // first. Returns the SM count. (Device attributes through the CUDA runtime: ATen's
 // CUDAContext.h would pull in cuBLAS/cuSPARSE headers that a minimal toolkit lacks.)
 int require_gpu(const char* op, const Tensor& x) {
+#ifdef LLMREC_HOST_EMULATION
+  TORCH_CHECK(x.device().is_cpu(), op, ": the host-emulation build takes CPU tensors, got ",
+              x.device());
+  const char* sms = std::getenv("LLMREC_EMU_SMS");  // drives the tile and split-K choices
+  return sms != nullptr ? std::max(1, std::atoi(sms)) : 4;
+#else
   TORCH_CHECK(x.is_cuda(), op, ": backend='cuda' needs CUDA tensors, got tensors on ",
               x.device());
   const int dev = x.get_device();
@@ -153,6 +176,27 @@ int require_gpu(const char* op, const Tensor& x) {
   TORCH_CHECK(major >= 8, op, ": backend='cuda' needs a GPU of compute capability 8.0 or "
               "newer (mma.sync bf16, cp.async), got ", major, ".", minor);
   return sms;
+#endif
+}
+
+// The device of the call: a device guard and its current stream (nothing in emulation).
+struct OnDevice {
+#ifdef LLMREC_HOST_EMULATION
+  explicit OnDevice(const Tensor& /*x*/) {}
+  cudaStream_t stream() const { return nullptr; }
+#else
+  explicit OnDevice(const Tensor& x) : guard(x.device()) {}
+  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(); }
+  c10::cuda::CUDAGuard guard;
+#endif
+};
+
+const char* error_string(cudaError_t err) {
+#ifdef LLMREC_HOST_EMULATION
+  return err == cudaSuccess ? "no error" : "emulated launch error";
+#else
+  return cudaGetErrorString(err);
+#endif
 }
 
 DType dtype_of(const Tensor& x) {
@@ -161,7 +205,7 @@ DType dtype_of(const Tensor& x) {
 
 void check_launch(cudaError_t err, const char* op, const char* what) {
   TORCH_CHECK(err == cudaSuccess, op, ": launching the ", what, " kernel failed: ",
-              cudaGetErrorString(err));
+              error_string(err));
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -319,8 +363,8 @@ Tensor shrink_op(const Tensor& x, const Tensor& lora_a, double scaling) {
               "-D tensor of shape ", shape_str(x));
   const Dims d = check_linear_args(op, x, nullptr, &lora_a, nullptr, c10::nullopt);
   const int sms = require_gpu(op, x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const OnDevice on(x);
+  const cudaStream_t stream = on.stream();
   const Tensor a = lora_a.to(x.scalar_type()).contiguous();
   return shrink_rows(op, as_rows(x), d, a, scaling, dtype_of(x), stream, sms);
 }
@@ -335,8 +379,8 @@ Tensor lowrank_linear_op(const Tensor& x, const Tensor& weight, const c10::optio
   const Dims d = check_linear_args(op, x, &weight, nullptr, &lora_b, bias, 0, s.size(2));
   check_s(op, "s", s, d, x);
   const int sms = require_gpu(op, x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const OnDevice on(x);
+  const cudaStream_t stream = on.stream();
   const auto dt = x.scalar_type();
   const Tensor bm = lora_b.to(dt).contiguous();
   const Tensor bs = bias.has_value() ? bias->to(dt).contiguous() : Tensor();
@@ -352,8 +396,8 @@ std::tuple<Tensor, Tensor> cora_forward(const Tensor& x, const Tensor& weight,
   const char* op = "llmrec_kernels_cuda::cora_forward";
   const Dims d = check_linear_args(op, x, &weight, &lora_a, &lora_b, bias);
   const int sms = require_gpu(op, x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const OnDevice on(x);
+  const cudaStream_t stream = on.stream();
   const auto dt = x.scalar_type();
   const DType kdt = dtype_of(x);
   const Rows xr = as_rows(x);
@@ -383,8 +427,8 @@ std::tuple<Tensor, Tensor, Tensor> cora_backward(const Tensor& dy, const Tensor&
               x.device(), " but dy is on ", dy.device());
   check_s(op, "s_scaled", s_scaled, d, x);
   const int sms = require_gpu(op, x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const OnDevice on(x);
+  const cudaStream_t stream = on.stream();
   const auto dt = x.scalar_type();
   const DType kdt = dtype_of(x);
   const auto fopts = x.options().dtype(at::kFloat);
@@ -499,7 +543,7 @@ Tensor lowrank_linear_meta(const Tensor& x, const Tensor& weight,
 
 }  // namespace
 
-TORCH_LIBRARY(llmrec_kernels_cuda, m) {
+LLMREC_LIBRARY(LLMREC_OPS_NAMESPACE, m) {
   m.def(
       "cora_forward(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor? bias, "
       "float scaling) -> (Tensor, Tensor)");
@@ -511,22 +555,26 @@ TORCH_LIBRARY(llmrec_kernels_cuda, m) {
   m.def("lowrank_linear(Tensor x, Tensor weight, Tensor? bias, Tensor s, Tensor lora_b) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llmrec_kernels_cuda, CUDA, m) {
+#ifndef LLMREC_HOST_EMULATION
+LLMREC_LIBRARY_IMPL(LLMREC_OPS_NAMESPACE, CUDA, m) {
   m.impl("cora_forward", &cora_forward);
   m.impl("cora_backward", &cora_backward);
   m.impl("shrink", &shrink_op);
   m.impl("lowrank_linear", &lowrank_linear_op);
 }
 
-// CPU tensors: the same argument checks, then a clear refusal (no CPU kernels here).
-TORCH_LIBRARY_IMPL(llmrec_kernels_cuda, CPU, m) {
+#endif
+
+// CPU tensors: the same argument checks, then a clear refusal (no CPU kernels here); in the
+// host-emulation build, the emulated kernels.
+LLMREC_LIBRARY_IMPL(LLMREC_OPS_NAMESPACE, CPU, m) {
   m.impl("cora_forward", &cora_forward);
   m.impl("cora_backward", &cora_backward);
   m.impl("shrink", &shrink_op);
   m.impl("lowrank_linear", &lowrank_linear_op);
 }
 
-TORCH_LIBRARY_IMPL(llmrec_kernels_cuda, Meta, m) {
+LLMREC_LIBRARY_IMPL(LLMREC_OPS_NAMESPACE, Meta, m) {
   m.impl("cora_forward", &cora_forward_meta);
   m.impl("cora_backward", &cora_backward_meta);
   m.impl("shrink", &shrink_meta);
@@ -549,7 +597,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         info["cuda_runtime_version"] = CUDART_VERSION;
         info["max_rank"] = llmrec::kMaxRank;
         info["gemv_shrink_max_tokens"] = llmrec::kShrinkMaxTokens;
-        info["namespace"] = "llmrec_kernels_cuda";
+        info["namespace"] = LLMREC_STR(LLMREC_OPS_NAMESPACE);
+#ifdef LLMREC_HOST_EMULATION
+        info["host_emulation"] = true;
+#endif
         return info;
       },
       "Facts fixed at build time: compiled SM architectures, CUDA runtime version, limits.");

@@ -62,6 +62,12 @@ def _find_nvcc() -> str | None:
 NVCC = _find_nvcc()
 
 
+def _skip_if_opted_out() -> None:
+    # .ci/cuda_checks.sh runs these checks; a later plain pytest run may skip them.
+    if os.environ.get("LLMREC_SKIP_CUDA_CHECKS", "0") == "1":
+        pytest.skip("LLMREC_SKIP_CUDA_CHECKS=1 (these run in .ci/cuda_checks.sh)")
+
+
 def _require_or_skip(env: str, reason: str) -> None:
     if os.environ.get(env, "0") == "1":
         pytest.fail(f"{reason} (and {env}=1 requires it)")
@@ -111,6 +117,7 @@ def test_csrc_has_kernel_sources():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("src", CU_FILES, ids=lambda p: p.name)
 def test_nvcc_compiles_without_warnings_or_spills(src, arch, tmp_path):
+    _skip_if_opted_out()
     if NVCC is None:
         _require_or_skip("LLMREC_REQUIRE_NVCC", "nvcc not found (set CUDA_HOME)")
     log = nvcc_check(src, arch, tmp_path)
@@ -121,6 +128,7 @@ def test_nvcc_compiles_without_warnings_or_spills(src, arch, tmp_path):
 
 
 def test_gemm_kernels_use_tensor_cores(tmp_path):
+    _skip_if_opted_out()
     """The GEMM instantiations must reach mma.sync in the PTX (not a scalar fallback)."""
     if NVCC is None:
         _require_or_skip("LLMREC_REQUIRE_NVCC", "nvcc not found (set CUDA_HOME)")
@@ -151,6 +159,7 @@ def test_kernels_run_under_host_emulation(tmp_path):
     GEMV shrink through their launchers, odd/aligned/misaligned shapes, split-K, per-sample
     low-rank segments, against a float64 reference. PTX instructions are replaced by a model
     of their documented semantics, so this checks the index math, not the PTX or timing."""
+    _skip_if_opted_out()
     cxx = shutil.which("g++")
     include = _cuda_include_dir()
     if cxx is None or include is None:
@@ -309,24 +318,88 @@ def test_backend_cuda_refuses_cpu_tensors():
 
 
 # ----------------------------------------------------------------------------------------
-# 3. GPU comparisons against a float64 reference
+# 3. the ops against a float64 reference: on a GPU, and on the CPU through the
+#    host-emulation build (csrc/bindings.cpp + csrc/*.cu over csrc/host_emu)
 # ----------------------------------------------------------------------------------------
 
 # Tolerance per output element: |out - ref| <= TOL * (|ref| + 0.05 * max|ref|). One rounding
 # of the output costs at most 2^-9 (bf16) / 2^-11 (fp16) relative; the rest is fp32
 # accumulation and the hi/lo split of fp32 operands, both far smaller.
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
 DTYPES = [torch.float16, torch.bfloat16]
+EMU_NAMESPACE = "llmrec_kernels_cuda_emu"
 
 
-@pytest.fixture
-def cuda_ext():
+@pytest.fixture(scope="module")
+def emu_ops():
+    """``torch.ops.llmrec_kernels_cuda_emu``: the real glue and kernels, built for the CPU.
+
+    Built once per torch version under ``LLMREC_EMU_BUILD_DIR`` (default
+    ``~/.cache/llmrec-kernels-emu``), incrementally (about 20 s the first time)."""
+    _skip_if_opted_out()
+    from torch.utils import cpp_extension
+
+    include = _cuda_include_dir()
+    if shutil.which("c++") is None or include is None or not cpp_extension.is_ninja_available():
+        _require_or_skip("LLMREC_REQUIRE_NVCC", "a C++ compiler, ninja or the CUDA headers missing")
+    if hasattr(torch.ops, EMU_NAMESPACE) and hasattr(
+        getattr(torch.ops, EMU_NAMESPACE), "cora_forward"
+    ):
+        return getattr(torch.ops, EMU_NAMESPACE)
+    root = Path(os.environ.get("LLMREC_EMU_BUILD_DIR", Path.home() / ".cache/llmrec-kernels-emu"))
+    work = root / f"torch-{torch.__version__}"
+    work.mkdir(parents=True, exist_ok=True)
+
+    def put(name: str, text: str) -> str:  # rewrite only on change: ninja stays incremental
+        path = work / name
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+        return str(path)
+
+    for path in [*CSRC.glob("*.cuh"), *CSRC.glob("*.h")]:
+        put(path.name, path.read_text())
+    put("cora_common.cuh", (CSRC / "host_emu" / "cora_common.cuh").read_text())
+    sources = [
+        put(f"{p.stem}_emu.cpp", '#include "emu_runtime.h"\n' + p.read_text()) for p in CU_FILES
+    ]
+    sources.append(put("bindings.cpp", (CSRC / "bindings.cpp").read_text()))
+    sources.append(str(CSRC / "host_emu" / "emu_runtime.cpp"))
+    cpp_extension.load(
+        name="llmrec_kernels_emu",
+        sources=sources,
+        extra_include_paths=[str(work), str(CSRC / "host_emu"), str(include)],
+        extra_cflags=[
+            "-O2",
+            "-Wno-unknown-pragmas",
+            "-DLLMREC_HOST_EMULATION",
+            f"-DLLMREC_OPS_NAMESPACE={EMU_NAMESPACE}",
+        ],
+        build_directory=str(work),
+        is_python_module=True,
+    )
+    return getattr(torch.ops, EMU_NAMESPACE)
+
+
+def _gpu_ops():
     reason = _cuda.unavailable_reason()
     if reason is not None:
         _require_or_skip("LLMREC_REQUIRE_CUDA_EXT", f"CUDA extension unavailable: {reason}")
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the CUDA kernels need compute capability 8.0 or newer")
     return _cuda.ops()
+
+
+@pytest.fixture
+def cuda_ext():
+    return _gpu_ops()
+
+
+@pytest.fixture(params=["emulated", pytest.param("gpu", marks=pytest.mark.gpu)])
+def target(request):
+    """``(ops namespace, device)``: the emulated ops on the CPU, or the real ones on a GPU."""
+    if request.param == "gpu":
+        return _gpu_ops(), "cuda"
+    return request.getfixturevalue("emu_ops"), "cpu"
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
@@ -336,7 +409,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     scale = ref64.abs().max().clamp_min(1e-12)
     err = (out64 - ref64).abs()
     bound = TOL[dtype] * (ref64.abs() + 0.05 * scale)
-    worst = (err / bound).max().item()
+    worst = (err / bound).max().item() if err.numel() else 0.0
     assert worst <= 1.0, (
         f"{what}: max |err| {err.max().item():.3e} (max |ref| {scale.item():.3e}), "
         f"{worst:.2f}x the tolerance"
@@ -344,14 +417,13 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
 
 
 def make_inputs(B, L, d_in, d_out, r, dtype, *, per_sample=True, bias=True, lora_dtype=None,
-                seed=0):  # fmt: skip
+                seed=0, device="cuda"):  # fmt: skip
     """Inputs in ``dtype`` (A, B in ``lora_dtype``, default the same), scaled so y ~ N(0, 1)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(seed)
     lora_dtype = lora_dtype or dtype
 
     def randn(*shape, std=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=g, device=dev) * std).to(dt)
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dt)
 
     x = randn(B, L, d_in)
     w = randn(d_out, d_in, std=d_in**-0.5)
@@ -370,6 +442,137 @@ def reference(x, w, a, b, bias, scaling, dtype):
 
     return cora_linear_factored(up(x), up(w), up(a), up(b), up(bias), scaling)
 
+
+def relayout(x: torch.Tensor, w: torch.Tensor, layout: str):
+    """The same values as x, w in another memory layout."""
+    if layout == "contiguous":
+        return x, w
+    if layout == "row-slice":  # rows with a stride larger than d_in: used in place
+        x_big = torch.zeros(*x.shape[:-1], x.shape[-1] + 24, dtype=x.dtype, device=x.device)
+        x_big[..., : x.shape[-1]] = x
+        w_big = torch.zeros(w.shape[0], w.shape[1] + 8, dtype=w.dtype, device=w.device)
+        w_big[:, : w.shape[1]] = w
+        return x_big[..., : x.shape[-1]], w_big[:, : w.shape[1]]
+    if layout == "transposed":  # last dim not contiguous: copied
+        return x.transpose(1, 2).contiguous().transpose(1, 2), w.t().contiguous().t()
+    if layout == "misaligned":  # a 2-byte offset: no 16-byte vector loads
+        buf = torch.zeros(x.numel() + 1, dtype=x.dtype, device=x.device)
+        buf[1:] = x.reshape(-1)
+        return buf[1:].view(x.shape), w
+    raise ValueError(layout)
+
+
+def check_ops(ops, device, dtype, B, L, d_in, d_out, r, per_sample=True, bias=True, *,
+              scaling=2.0, layout="contiguous", lora_dtype=None):  # fmt: skip
+    """cora_forward and cora_backward of ``ops`` against the float64 autograd reference."""
+    x, w, a, b, bb = make_inputs(B, L, d_in, d_out, r, dtype, per_sample=per_sample, bias=bias,
+                                 lora_dtype=lora_dtype, device=device)  # fmt: skip
+    x_in, w_in = relayout(x, w, layout)
+    y, s = ops.cora_forward(x_in, w_in, a, b, bb, scaling)
+    assert y.dtype == dtype and s.dtype == torch.float32
+    y2, s2 = ops.cora_forward(x_in, w_in, a, b, bb, scaling)
+    assert torch.equal(y, y2) and torch.equal(s, s2), "the forward is not deterministic"
+
+    leaves = [t.to(dtype).double().requires_grad_() for t in (x, a, b)]
+    y_ref = cora_linear_factored(
+        leaves[0], w.double(), leaves[1], leaves[2], None if bb is None else bb.double(), scaling
+    )
+    assert_close(y, y_ref, dtype, f"y ({layout})")
+    a64 = a.to(dtype).double()
+    s_ref = scaling * (torch.bmm(x.double(), a64) if per_sample else x.double() @ a64)
+    assert_close(s, s_ref, torch.float32, "s")
+
+    dy = make_inputs(B, L, d_out, 1, 1, dtype, seed=1, device=device)[0]
+    y_ref.backward(dy.double())
+    dx, da, db = ops.cora_backward(dy, x_in, w_in, a, b, s, scaling, True, True, True)
+    assert dx.dtype == dtype and da.dtype == a.dtype and db.dtype == b.dtype
+    assert_close(dx, leaves[0].grad, dtype, f"dx ({layout})")
+    assert_close(da, leaves[1].grad, dtype, "dA")
+    assert_close(db, leaves[2].grad, dtype, "dB")
+
+    dx2, da2, db2 = ops.cora_backward(dy, x_in, w_in, a, b, s, scaling, False, True, False)
+    assert dx2.numel() == 0 and db2.numel() == 0
+    assert torch.equal(da2, da), "the backward is not deterministic"
+
+
+# (B, L, d_in, d_out, r, per-sample A, bias): small enough for the emulation, covering the
+# decode GEMV shrink (with and without K splits, vector and scalar paths), few tokens, the
+# per-sample and shared tensor-core shrink, both tile configurations (LLMREC_EMU_SMS = 4
+# emulated SMs), odd sizes and ranks 1 to 128.
+OP_SHAPES = [
+    pytest.param(1, 1, 64, 96, 16, True, True, id="decode-B1"),
+    pytest.param(5, 1, 256, 80, 16, True, False, id="decode-K-splits"),
+    pytest.param(3, 1, 64, 40, 100, True, True, id="decode-r100"),
+    pytest.param(3, 1, 100, 61, 3, True, True, id="decode-odd"),
+    pytest.param(3, 2, 64, 72, 16, True, True, id="L2"),
+    pytest.param(2, 4, 48, 40, 7, True, False, id="L4-r7"),
+    pytest.param(2, 67, 72, 80, 16, True, True, id="prefill-odd-L"),
+    pytest.param(2, 33, 64, 48, 128, True, True, id="prefill-r128"),
+    pytest.param(3, 17, 64, 40, 32, False, True, id="shared-A"),
+    pytest.param(4, 1, 64, 40, 16, False, False, id="shared-A-decode"),
+    pytest.param(2, 19, 100, 60, 5, True, True, id="odd-K"),
+    pytest.param(2, 9, 64, 64, 1, True, False, id="r1"),
+    pytest.param(1, 5, 7, 9, 2, True, True, id="tiny"),
+    pytest.param(2, 128, 64, 256, 16, True, True, id="large-tiles-fwd"),
+    pytest.param(2, 128, 256, 64, 16, True, False, id="large-tiles-dx"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("B", "L", "d_in", "d_out", "r", "per_sample", "bias"), OP_SHAPES)
+def test_ops_match_reference(target, dtype, B, L, d_in, d_out, r, per_sample, bias):
+    ops, device = target
+    check_ops(ops, device, dtype, B, L, d_in, d_out, r, per_sample, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["row-slice", "transposed", "misaligned"])
+def test_ops_strided_and_misaligned_inputs(target, dtype, layout):
+    ops, device = target
+    check_ops(ops, device, dtype, 3, 21, 64, 80, 8, layout=layout)
+    check_ops(ops, device, dtype, 5, 1, 64, 80, 8, layout=layout)  # decode
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ops_mixed_precision_lora_params(target, dtype):
+    """fp32 lora_a / lora_b / bias with fp16/bf16 activations (the usual training set-up)."""
+    ops, device = target
+    check_ops(ops, device, dtype, 4, 24, 128, 96, 16, lora_dtype=torch.float32)
+    check_ops(ops, device, dtype, 4, 1, 128, 96, 16, per_sample=False, lora_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shrink_and_lowrank_linear_ops(target, dtype):
+    ops, device = target
+    x, w, a, b, bb = make_inputs(2, 50, 96, 112, 24, dtype, device=device)
+    s = ops.shrink(x, a, 2.0)
+    y = ops.lowrank_linear(x, w, bb, s, b)
+    assert_close(y, reference(x, w, a, b, bb, 2.0, dtype), dtype, "lowrank_linear")
+    xd = x[:, :1]  # the decode path of the shrink (batched GEMV)
+    s1 = ops.shrink(xd, a, 2.0)
+    assert_close(s1, 2.0 * torch.bmm(xd.double(), a.double()), torch.float32, "shrink (decode)")
+
+
+def test_ops_empty_batch_and_opcheck(target):
+    ops, device = target
+    x, w, a, b, bb = make_inputs(2, 9, 64, 48, 8, torch.bfloat16, device=device)
+    y0, s0 = ops.cora_forward(x[:, :0], w, a, b, bb, 2.0)
+    assert y0.shape == (2, 0, 48) and s0.shape == (2, 0, 8)
+    dx0, da0, db0 = ops.cora_backward(y0, x[:, :0], w, a, b, s0, 2.0, True, True, True)
+    assert dx0.shape == (2, 0, 64) and not da0.any() and not db0.any()
+    y, s = ops.cora_forward(x, w, a, b, bb, 2.0)
+    dy = torch.randn_like(y)
+    cases = [
+        (ops.cora_forward.default, (x, w, a, b, bb, 2.0)),
+        (ops.cora_backward.default, (dy, x, w, a, b, s, 2.0, True, True, True)),
+        (ops.shrink.default, (x, a, 2.0)),
+        (ops.lowrank_linear.default, (x, w, bb, s, b)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+# ---- the public op on a GPU: fused_cora_linear(backend="cuda") with autograd ----------------
 
 # (B, L, d_in, d_out, r, per_sample A, bias): decode, few tokens, prefill, odd sizes.
 SHAPES = [
@@ -398,8 +601,7 @@ SHAPES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("B", "L", "d_in", "d_out", "r", "per_sample", "bias"), SHAPES)
-def test_forward_backward_match_reference(cuda_ext, dtype, B, L, d_in, d_out, r, per_sample,
-                                          bias):  # fmt: skip
+def test_fused_cora_linear_cuda_backend(cuda_ext, dtype, B, L, d_in, d_out, r, per_sample, bias):
     scaling = 2.0
     x, w, a, b, bb = make_inputs(B, L, d_in, d_out, r, dtype, per_sample=per_sample, bias=bias)
     leaves = [t.detach().requires_grad_() for t in (x, a, b)]
@@ -430,122 +632,13 @@ def test_forward_backward_match_reference(cuda_ext, dtype, B, L, d_in, d_out, r,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_returns_fp32_shrink(cuda_ext, dtype):
-    x, w, a, b, bb = make_inputs(3, 40, 96, 64, 16, dtype)
-    _, s = cuda_ext.cora_forward(x, w, a, b, bb, 0.5)
-    s_ref = 0.5 * torch.bmm(x.double(), a.double())
-    assert s.dtype == torch.float32
-    assert torch.allclose(s.double(), s_ref, rtol=1e-4, atol=1e-4 * s_ref.abs().max().item())
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_mixed_precision_lora_params(cuda_ext, dtype):
-    """fp32 lora_a/lora_b/bias with fp16/bf16 activations (the usual training set-up)."""
-    x, w, a, b, bb = make_inputs(4, 24, 128, 96, 16, dtype, lora_dtype=torch.float32)
-    bb = bb.float()
-    a.requires_grad_()
-    b.requires_grad_()
-    y = fused_cora_linear(x, w, a, b, bb, scaling=2.0, backend="cuda")
-    assert_close(y, reference(x, w, a, b, bb, 2.0, dtype), dtype, "y")
-    y.float().sum().backward()
-    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
-    a64 = a.detach().to(dtype).double().requires_grad_()
-    b64 = b.detach().to(dtype).double().requires_grad_()
-    cora_linear_factored(
-        x.double(), w.double(), a64, b64, bb.to(dtype).double(), 2.0
-    ).sum().backward()
-    assert_close(a.grad, a64.grad, dtype, "dA")
-    assert_close(b.grad, b64.grad, dtype, "dB")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", ["row-slice", "transposed", "misaligned"])
-def test_strided_and_misaligned_inputs(cuda_ext, dtype, layout):
-    B, L, d_in, d_out, r = 3, 21, 64, 80, 8
-    x, w, a, b, bb = make_inputs(B, L, d_in, d_out, r, dtype)
-    if layout == "row-slice":  # rows with a stride larger than d_in: used in place
-        big = torch.zeros(B, L, d_in + 24, dtype=dtype, device="cuda")
-        big[..., :d_in] = x
-        x_in = big[..., :d_in]
-        w_big = torch.zeros(d_out, d_in + 8, dtype=dtype, device="cuda")
-        w_big[:, :d_in] = w
-        w_in = w_big[:, :d_in]
-    elif layout == "transposed":  # last dim not contiguous: copied
-        x_in = x.transpose(1, 2).contiguous().transpose(1, 2)
-        w_in = w.t().contiguous().t()
-    else:  # 2-byte offset: no 16-byte vector loads
-        buf = torch.zeros(x.numel() + 1, dtype=dtype, device="cuda")
-        buf[1:] = x.reshape(-1)
-        x_in = buf[1:].view(B, L, d_in)
-        w_in = w
-    y = fused_cora_linear(x_in, w_in, a, b, bb, scaling=1.5, backend="cuda")
-    assert_close(y, reference(x, w, a, b, bb, 1.5, dtype), dtype, f"y ({layout})")
-    xg = x_in.detach().requires_grad_()  # detach keeps the strides and the offset
-    fused_cora_linear(xg, w_in, a, b, bb, scaling=1.5, backend="cuda").float().sum().backward()
-    x64 = x.double().requires_grad_()
-    cora_linear_factored(x64, w.double(), a.double(), b.double(), bb.double(), 1.5).sum().backward()
-    assert_close(xg.grad, x64.grad, dtype, f"dx ({layout})")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_shrink_and_lowrank_linear_ops(cuda_ext, dtype):
-    from llmrec_kernels import _cuda_impl
-
-    x, w, a, b, bb = make_inputs(2, 50, 96, 112, 24, dtype)
-    s = _cuda_impl.shrink(x, a, 2.0)
-    y = _cuda_impl.lowrank_linear(x, w, bb, s, b)
-    assert_close(y, reference(x, w, a, b, bb, 2.0, dtype), dtype, "lowrank_linear")
-    xd = x[:, :1].contiguous()  # decode path of the shrink (batched GEMV)
-    s1 = _cuda_impl.shrink(xd, a, 2.0)
-    s1_ref = 2.0 * torch.bmm(xd.double(), a.double())
-    assert torch.allclose(s1.double(), s1_ref, rtol=1e-4, atol=1e-4 * s1_ref.abs().max().item())
-
-
-@pytest.mark.gpu
-def test_deterministic(cuda_ext):
-    x, w, a, b, bb = make_inputs(2, 300, 1024, 256, 16, torch.bfloat16)
-    ys = [cuda_ext.cora_forward(x, w, a, b, bb, 2.0)[0] for _ in range(2)]
-    assert torch.equal(ys[0], ys[1])
-    dy = torch.randn_like(ys[0])
-    s = cuda_ext.cora_forward(x, w, a, b, bb, 2.0)[1]
-    g1 = cuda_ext.cora_backward(dy, x, w, a, b, s, 2.0, True, True, True)
-    g2 = cuda_ext.cora_backward(dy, x, w, a, b, s, 2.0, True, True, True)
-    assert all(torch.equal(p, q) for p, q in zip(g1, g2))
-
-
-@pytest.mark.gpu
-def test_weight_gradient_and_empty_batch(cuda_ext):
+def test_fused_cora_linear_weight_gradient_and_fp32_refusal(cuda_ext):
     x, w, a, b, bb = make_inputs(2, 7, 64, 48, 8, torch.float16)
     w = w.detach().requires_grad_()
     fused_cora_linear(x, w, a, b, bb, backend="cuda").float().sum().backward()
     w64 = w.detach().double().requires_grad_()
     cora_linear_factored(x.double(), w64, a.double(), b.double(), bb.double()).sum().backward()
     assert_close(w.grad, w64.grad, torch.float16, "dW")
-    y = fused_cora_linear(x[:, :0], w, a, b, bb, backend="cuda")
-    assert y.shape == (2, 0, 48)
-
-
-@pytest.mark.gpu
-def test_cuda_backend_rejects_fp32(cuda_ext):
-    x, w, a, b, _ = make_inputs(2, 3, 32, 32, 4, torch.float32)
+    x32, w32, a32, b32, _ = make_inputs(2, 3, 32, 32, 4, torch.float32)
     with pytest.raises((TypeError, RuntimeError), match="float16 and bfloat16"):
-        fused_cora_linear(x, w, a, b, backend="cuda")
-
-
-@pytest.mark.gpu
-def test_opcheck(cuda_ext):
-    x, w, a, b, bb = make_inputs(2, 9, 64, 48, 8, torch.bfloat16)
-    y, s = cuda_ext.cora_forward(x, w, a, b, bb, 2.0)
-    dy = torch.randn_like(y)
-    cases = [
-        (cuda_ext.cora_forward.default, (x, w, a, b, bb, 2.0)),
-        (cuda_ext.cora_backward.default, (dy, x, w, a, b, s, 2.0, True, True, True)),
-        (cuda_ext.shrink.default, (x, a, 2.0)),
-        (cuda_ext.lowrank_linear.default, (x, w, bb, s, b)),
-    ]
-    for op, args in cases:
-        torch.library.opcheck(op, args)
+        fused_cora_linear(x32, w32, a32, b32, backend="cuda")

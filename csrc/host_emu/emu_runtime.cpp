@@ -185,22 +185,21 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void
 
 }  // namespace emu
 
-// The CUDA runtime calls made by the launchers.
-extern "C" {
-cudaError_t cudaGetLastError(void) { return cudaSuccess; }
-cudaError_t cudaPeekAtLastError(void) { return cudaSuccess; }
-cudaError_t cudaGetDevice(int* device) {
+namespace emu {
+
+cudaError_t get_last_error() { return cudaSuccess; }
+
+cudaError_t get_device(int* device) {
   *device = 0;
   return cudaSuccess;
 }
-cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute attr, int value) {
-  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize &&
-      static_cast<size_t>(value) > emu::kSmemCapacity) {
+
+cudaError_t func_set_max_smem(int attr, int value) {
+  if (attr == static_cast<int>(cudaFuncAttributeMaxDynamicSharedMemorySize) &&
+      static_cast<size_t>(value) > kSmemCapacity) {
     return cudaErrorInvalidValue;
   }
   return cudaSuccess;
 }
-const char* cudaGetErrorString(cudaError_t error) {
-  return error == cudaSuccess ? "no error" : "emulated CUDA error";
-}
-}
+
+}  // namespace emu

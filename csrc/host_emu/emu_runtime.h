@@ -6,7 +6,7 @@
 // checks the kernels' index math, tiling, masking and reductions without a GPU. It does not
 // check the PTX itself, timing, or memory-ordering races (copies complete immediately).
 //
-// Force-included (g++ -include emu_runtime.h) before any kernel source.
+// Included before any kernel source (g++ -include emu_runtime.h, or prepended to a copy).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -67,11 +67,20 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
 
 }  // namespace emu
 
-// nvcc's cuda_runtime.h offers this overload for kernel pointers; host compilers lack it.
-template <typename T>
-inline cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attr, int value) {
-  return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(entry), attr, value);
+// The CUDA runtime calls of the launchers, renamed so that no CUDA runtime symbol is defined
+// or needed (the emulation may live in a process that also loads libcudart).
+namespace emu {
+cudaError_t get_last_error();
+cudaError_t get_device(int* device);
+cudaError_t func_set_max_smem(int attr, int value);
+template <typename F>
+cudaError_t func_set_attribute(F* /*kernel*/, cudaFuncAttribute attr, int value) {
+  return func_set_max_smem(static_cast<int>(attr), value);
 }
+}  // namespace emu
+#define cudaGetLastError ::emu::get_last_error
+#define cudaGetDevice ::emu::get_device
+#define cudaFuncSetAttribute ::emu::func_set_attribute
 
 namespace llmrec {
 extern uint4 smem_raw[];
