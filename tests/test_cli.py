@@ -117,6 +117,13 @@ def test_train_cora_cli_then_evaluate_and_resume(cf_run, capsys):
     again = json.loads((out / "metrics.json").read_text())
     assert again["train"]["steps"] == 6
     assert again["test"]["auc"] == pytest.approx(m["test"]["auc"], abs=1e-6)
+    # a larger budget continues the run from its last checkpoint
+    more = [*argv, "--resume", "--max-steps", "9"]
+    assert main(more) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 9
+    # options that change the data order cannot change on resume
+    assert main([*more, "--batch-size", "8"]) == 2
+    assert "train.batch_size: 16 -> 8" in capsys.readouterr().err
 
 
 def test_default_data_is_the_embedded_synthetic_set(tmp_path):

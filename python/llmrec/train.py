@@ -708,6 +708,9 @@ class Trainer:
                 torch.manual_seed(self.cfg.seed)
             else:
                 self.load_checkpoint(ckpt)
+                # a run that stopped on its budget continues when --epochs/--max-steps grew
+                if self.state.done and not self.state.stopped_early:
+                    self.state.done = False
         else:
             torch.manual_seed(self.cfg.seed)
         _broadcast(self.params, self.env)
@@ -862,6 +865,8 @@ RESUME_MUST_MATCH = (
     "max_train_rows",
     "max_valid_rows",
     "valid_split",
+    "train.batch_size",  # the position inside an epoch is counted in batches
+    "train.seed",  # the data order
 )
 
 
@@ -955,6 +960,9 @@ def _ensure_cf(cfg: RunConfig, data, env: DistEnv, log) -> str:
     return str(cf_dir)
 
 
+_MISSING = object()
+
+
 def _check_resume_config(cfg: RunConfig, out: Path) -> None:
     run_file = out / RUN_FILE
     has_ckpt = (out / "checkpoints" / LATEST).exists()
@@ -969,10 +977,18 @@ def _check_resume_config(cfg: RunConfig, out: Path) -> None:
         return
     old = json.loads(run_file.read_text()).get("config", {})
     new = cfg.to_dict()
+
+    def get(d, key):
+        for part in key.split("."):
+            if not isinstance(d, dict) or part not in d:
+                return _MISSING
+            d = d[part]
+        return d
+
     diffs = [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        f"{k}: {get(old, k)!r} -> {get(new, k)!r}"
         for k in RESUME_MUST_MATCH
-        if k in old and json.dumps(old.get(k)) != json.dumps(new.get(k))
+        if get(old, k) is not _MISSING and json.dumps(get(old, k)) != json.dumps(get(new, k))
     ]
     if diffs:
         raise RunConfigError(
