@@ -189,7 +189,7 @@ def test_run_allmrec_end_to_end(tmp_path, world):
     from llmrec.allmrec import build_allmrec, run_allmrec
 
     if "allmrec" not in T.METHODS:
-        T.register_method(T.MethodSpec("allmrec", build_allmrec, template="cora"))
+        T.register_method(T.MethodSpec("allmrec", build_allmrec, runner=run_allmrec))
     data = world[0]
     kw = {"text_encoder": "random", "stage1_epochs": 2, "candidates": 5, "train_candidates": 4,
           "episodes": 10, "valid_episodes": 8, "max_new_tokens": 6, "latent_dim": 8,
@@ -201,14 +201,10 @@ def test_run_allmrec_end_to_end(tmp_path, world):
         max_train_rows=60,
         max_valid_rows=30,
         max_test_rows=30,
+        method_kwargs=kw,
         train=T.TrainConfig(epochs=1, batch_size=16, eval_batch_size=32, lr=1e-3, progress=False),
     )
-    if hasattr(cfg, "method_kwargs"):
-        cfg.method_kwargs = kw
-    else:
-        orig = cfg.method_options
-        cfg.method_options = lambda: {**orig(), "method_kwargs": kw}
-    metrics = run_allmrec(cfg, data=data)
+    metrics = T.run_training(cfg, data=data)  # dispatches to run_allmrec
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     test = on_disk["test"]
     for key in ("auc", "uauc", "hit@1", "ndcg@5", "hit@1_generated", "warm", "cold"):

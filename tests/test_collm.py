@@ -319,7 +319,12 @@ def test_run_collm_end_to_end_on_synthetic_data(tmp_path, tuning):
     if "collm" not in T.METHODS:  # registered by llmrec.train once the CLI knows CoLLM
         from llmrec.collm import build_collm
 
-        T.register_method(T.MethodSpec("collm", build_collm, template="collm"))
+        T.register_method(
+            T.MethodSpec(
+                "collm", build_collm, template="collm", runner=run_collm,
+                examples=make_collm_examples,
+            )
+        )  # fmt: skip
     data = make_synthetic(n_users=40, n_items=30, per_user=10, seed=0)
     cfg = T.RunConfig(
         method="collm",
@@ -329,11 +334,10 @@ def test_run_collm_end_to_end_on_synthetic_data(tmp_path, tuning):
         max_valid_rows=24,
         max_test_rows=24,
         backend="torch",
+        method_kwargs={"tuning": tuning},
         train=T.TrainConfig(epochs=1, batch_size=16, eval_batch_size=32, progress=False),
     )
-    orig = cfg.method_options
-    cfg.method_options = lambda: {**orig(), "method_kwargs": {"tuning": tuning}}
-    metrics = run_collm(cfg, data=data)
+    metrics = T.run_training(cfg, data=data)  # dispatches to run_collm
     run = tmp_path / "run"
     on_disk = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= on_disk["test"]["auc"] <= 1.0 and "uauc" in on_disk["test"]

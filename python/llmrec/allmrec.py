@@ -72,6 +72,8 @@ __all__ = [
 
 SBERT_DIM = 384
 IGNORE = -100
+#: weights of the stage-1 losses (A-LLMRec: matching + 0.5 reconstruction + 0.2 recommendation)
+DEFAULT_STAGE1_WEIGHTS = {"match": 1.0, "recon_item": 0.5, "recon_text": 0.5, "rec": 0.2}
 
 
 def _mlp(
@@ -110,7 +112,7 @@ class Aligner(nn.Module):
         weights: Optional[Mapping[str, float]] = None,
     ) -> Dict[str, torch.Tensor]:
         """``{"match", "recon_item", "recon_text", "rec", "total"}`` for a batch of rows."""
-        w = {"match": 1.0, "recon_item": 0.5, "recon_text": 0.5, "rec": 1.0, **(weights or {})}
+        w = {**DEFAULT_STAGE1_WEIGHTS, **(weights or {})}
         z_item, z_text = self.item_enc(item_emb), self.text_enc(text_emb)
         item_hat = self.item_dec(z_item)
         out = {
@@ -723,6 +725,7 @@ def allmrec_options(options: Mapping[str, Any]) -> Dict[str, Any]:
         "stage1_epochs": int(kw.get("stage1_epochs", 10)),
         "stage1_lr": float(kw.get("stage1_lr", 1e-3)),
         "stage1_batch_size": int(kw.get("stage1_batch_size", 512)),
+        "stage1_weights": dict(kw.get("stage1_weights") or {}),
         "train_candidates": int(kw.get("train_candidates", 10)),
         "candidates": int(kw.get("candidates", 20)),
         "episodes": int(kw.get("episodes", 200)),
@@ -833,7 +836,7 @@ def run_allmrec(
     hist1 = train_stage1(
         model.aligner, prep.user_table, prep.item_table, text, stage1_rows,
         epochs=o["stage1_epochs"], batch_size=o["stage1_batch_size"], lr=o["stage1_lr"],
-        seed=tcfg.seed, device=device, log=log,
+        weights=o["stage1_weights"], seed=tcfg.seed, device=device, log=log,
     )  # fmt: skip
     model.aligner.requires_grad_(False)
     stage1_time = time.perf_counter() - t1

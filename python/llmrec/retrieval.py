@@ -384,16 +384,10 @@ class PairScorer:
 
 
 def _examples_for(spec, cfg) -> Callable:
-    hook = getattr(spec, "examples", None)
-    if hook is not None:
-        return lambda df, tok, **kw: hook(df, tok, template=spec.template, **kw)
     from llmrec.data.batching import make_examples
 
-    if spec.template == "collm":
-        from llmrec.collm import make_collm_examples
-
-        return lambda df, tok, **kw: make_collm_examples(df, tok, template="collm", **kw)
-    return lambda df, tok, **kw: make_examples(df, tok, template=spec.template, **kw)
+    hook = getattr(spec, "examples", None) or make_examples
+    return lambda df, tok, **kw: hook(df, tok, template=spec.template, **kw)
 
 
 def load_pair_scorer(
@@ -425,6 +419,11 @@ def load_pair_scorer(
         )
         return scorer, data
     cfg = T.RunConfig.from_dict(info["config"])
+    cfg.out = str(run_dir)
+    if cfg.llm == "tiny":  # the run's own tiny LLM, never a freshly built one
+        cfg.llm = str(run_dir / "llm")
+        if not (run_dir / "llm" / "config.json").exists():
+            raise T.RunConfigError(f"{run_dir}: the run's tiny LLM (llm/) is missing")
     if data_path is not None:
         cfg.data = data_path
     cfg.cf = info.get("cf_path") or cfg.cf
@@ -434,6 +433,11 @@ def load_pair_scorer(
     if not prep.spec.uses_cf:
         raise T.RunConfigError(
             f"{run_dir}: method {cfg.method!r} has no CF embeddings to retrieve with"
+        )
+    if not callable(getattr(prep.model, "score", None)):
+        raise T.RunConfigError(
+            f"{run_dir}: method {cfg.method!r} has no pointwise score(batch); retrieve-then-score "
+            "works with the scoring methods (collm, cora, ...) and CF runs"
         )
     if prep.spec.trains:
         best = run_dir / T.BEST
