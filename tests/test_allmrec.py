@@ -212,3 +212,28 @@ def test_run_allmrec_end_to_end(tmp_path, world):
     assert test["rows"] == 30 and test["episodes"] <= 10
     assert [s["stage"] for s in metrics["train"]["stages"]] == ["align", "prompt"]
     assert (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_cli_train_and_evaluate_allmrec(tmp_path):
+    import json
+
+    from llmrec.cli import main
+    from llmrec.data import make_synthetic, write_data
+
+    data = write_data(make_synthetic(n_users=30, n_items=25, per_user=10, seed=1), tmp_path / "d")
+    out = tmp_path / "allm"
+    kw = {"text_encoder": "random", "stage1_epochs": 1, "candidates": 4, "train_candidates": 3,
+          "episodes": 6, "valid_episodes": 4, "max_new_tokens": 4, "latent_dim": 8,
+          "ae_hidden": 8, "proj_hidden": 8}  # fmt: skip
+    rc = main(["train", "--method", "allmrec", "--data", str(data), "--out", str(out),
+               "--epochs", "1", "--batch-size", "8", "--max-train-rows", "24", "--max-valid-rows",
+               "12", "--max-test-rows", "12", "--tiny-hidden", "32", "--tiny-layers", "1",
+               "--tiny-heads", "2", "--tiny-kv-heads", "1", "--tiny-vocab", "400",
+               "--method-kwargs", json.dumps(kw), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "allmrec" and "hit@1" in metrics["test"]
+    assert main(["evaluate", "--run", str(out), "--no-progress"]) == 0
+    again = json.loads((out / "eval_test.json").read_text())
+    assert again["test"]["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)
+    assert again["test"]["hit@1"] == pytest.approx(metrics["test"]["hit@1"], abs=1e-6)

@@ -975,9 +975,10 @@ def run_allmrec(
 
 
 def evaluate_allmrec(
-    run_dir, cfg, *, split: str = "test", metrics_path=None, data=None, log=None
+    run_dir, cfg, *, split: str = "test", metrics_path=None, predictions=None, data=None, log=None
 ) -> dict:
-    """Score ``split`` with a finished A-LLMRec run (``llmrec evaluate``)."""
+    """Score ``split`` with a finished A-LLMRec run (``llmrec evaluate``); ``cfg`` is the run's
+    :class:`~llmrec.train.RunConfig` pointing at the run's own LLM."""
     from llmrec import train as T
     from llmrec.metrics import json_safe
     from llmrec.retrieval import seen_items, title_map
@@ -1000,7 +1001,7 @@ def evaluate_allmrec(
     )
     df = T._subsample(prep.data[split], cfg.max_test_rows, cfg.train.seed + 2)
     seen = seen_items(prep.data, ("train", "valid", "valid_small", "test"))
-    block, _ = _test_metrics(
+    block, scores = _test_metrics(
         model, coll, prep.data, df, o, cfg, prep.device, catalogue, seen, cfg.train.progress, log
     )
     metrics = {
@@ -1011,6 +1012,8 @@ def evaluate_allmrec(
         Path(metrics_path) if metrics_path else Path(run_dir) / f"eval_{split}.json",
         json_safe(metrics),
     )
+    if predictions:
+        T._write_predictions(Path(predictions), df, scores)
     return metrics
 
 

@@ -1,4 +1,5 @@
-"""The ``llmrec`` command line: ``train-cf``, ``train``, ``evaluate``, ``make-data``.
+"""The ``llmrec`` command line: ``train-cf``, ``train``, ``evaluate``, ``make-data``,
+``recommend`` (retrieve-then-score, :mod:`llmrec.retrieval`), ``compare`` (:mod:`llmrec.compare`).
 
 Every subcommand writes a JSON metrics file (``test.auc``, ``test.uauc``, warm/cold blocks,
 the run's config and its wall time) and, with ``--predictions PATH``, a CSV with one row
@@ -210,6 +211,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
 
+    # -- recommend / compare ---------------------------------------------------------------------
+    p = sub.add_parser(
+        "recommend",
+        help="retrieve top-K items per user (Faiss over CF item embeddings), score only those",
+        description="Retrieval-first recommendation with a finished run: a Faiss index over the "
+        "run's CF item embeddings gives K candidates per user, the run's model (CoLLM, CoRA, ...) "
+        "scores only those K. Writes RUN/recommend_k<K>_<index>.json: retrieval recall@K against "
+        "the full catalogue, HR/NDCG/recall@N of the re-ranked list, seconds per user for K "
+        "candidates against scoring every item.",
+    )
+    p.add_argument("--run", required=True, help="run directory written by train or train-cf")
+    p.add_argument("--retrieve", type=_positive_int, required=True, metavar="K", help="candidates")
+    p.add_argument("--index", choices=["exact", "ivf", "hnsw"], default="exact", help="(exact)")
+    p.add_argument("--users", type=_positive_int, default=None, help="random sample of users")
+    p.add_argument("--top-n", type=_positive_int, default=10, help="list length scored (10)")
+    p.add_argument(
+        "--full-users", type=int, default=2, help="users also scored on every item, for timing (2)"
+    )
+    p.add_argument("--data", default=None, help="dataset directory (default: the run's data)")
+    p.add_argument("--out", default=None, help="metrics JSON (RUN/recommend_k<K>_<index>.json)")
+    p.add_argument("--lists", default=None, metavar="PATH", help="top-N lists CSV")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="LLM batch size (64)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    from llmrec.compare import add_compare_parser
+
+    add_compare_parser(sub)
+
     # -- make-data -------------------------------------------------------------------------------
     p = sub.add_parser(
         "make-data",
@@ -356,6 +386,41 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from llmrec.compare import cmd_compare
+
+    return cmd_compare(args)
+
+
+def _cmd_recommend(args) -> int:
+    from llmrec.retrieval import run_recommend
+
+    res = run_recommend(
+        args.run,
+        args.retrieve,
+        index_kind=args.index,
+        users=args.users,
+        top_n=args.top_n,
+        full_users=args.full_users,
+        data_path=_abs(args.data),
+        device=args.device,
+        batch_size=args.batch_size,
+        out=args.out,
+        lists_path=args.lists,
+        progress=not args.no_progress,
+        seed=args.seed,
+    )
+    r, k, n = res["recommend"], args.retrieve, args.top_n
+    full = r.get("full_catalogue", {})
+    _log(
+        f"{r['users']} users: retrieval recall@{k} {r['retrieval'][f'recall@{k}']:.4f} | "
+        f"NDCG@{n} retrieval {r['retrieval'][f'ndcg@{n}']:.4f} -> LLM {r['llm_rerank'][f'ndcg@{n}']:.4f}"
+        f" | {r['time_per_user_s']['total']:.3f}s/user"
+        + (f" vs {full['time_per_user_s']:.3f}s/user for all items" if full else "")
+    )
+    return 0
+
+
 def _cmd_make_data(args) -> int:
     from llmrec.data import make_synthetic, write_data
 
@@ -384,8 +449,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "train": _cmd_train,
         "evaluate": _cmd_evaluate,
         "make-data": _cmd_make_data,
+        "recommend": _cmd_recommend,
+        "compare": _cmd_compare,
     }
-    if getattr(args, "no_progress", False) and args.command in ("train", "evaluate"):
+    if getattr(args, "no_progress", False) and args.command in ("train", "evaluate", "recommend"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bars

@@ -272,14 +272,18 @@ def add_compare_parser(sub) -> None:
 def cmd_compare(args) -> int:
     import sys
 
-    _, text = compare_runs(
-        args.runs,
-        split=args.split,
-        plot=None if args.no_plot else args.plot,
-        json_out=args.json,
-        markdown=args.markdown,
-        sort=args.sort,
-    )
+    try:
+        _, text = compare_runs(
+            args.runs,
+            split=args.split,
+            plot=None if args.no_plot else args.plot,
+            json_out=args.json,
+            markdown=args.markdown,
+            sort=args.sort,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"llmrec compare: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     print(text)
     if not args.no_plot:
         print(f"[llmrec] plot -> {args.plot}", file=sys.stderr)

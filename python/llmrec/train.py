@@ -99,7 +99,9 @@ class MethodSpec:
     schedules); it is called as ``runner(cfg, env=, log=, callback=, data=)`` and returns
     the metrics dict. ``examples``, when set, replaces
     :func:`llmrec.data.make_examples` (same signature) for training, validation, test and
-    ``llmrec evaluate``, e.g. for prompts with placeholder tokens.
+    ``llmrec evaluate``, e.g. for prompts with placeholder tokens. ``evaluator``, when set,
+    replaces the scoring in :func:`run_evaluation`: ``evaluator(run_dir, cfg, split=,
+    metrics_path=, predictions=)`` with ``cfg`` the run's config (its own LLM).
     """
 
     name: str
@@ -110,6 +112,7 @@ class MethodSpec:
     description: str = ""
     runner: Optional[Callable[..., dict]] = None
     examples: Optional[Callable[..., Any]] = None
+    evaluator: Optional[Callable[..., dict]] = None
 
 
 METHODS: Dict[str, MethodSpec] = {}
@@ -205,6 +208,41 @@ register_method(
         uses_cf=False,
         trains=False,
         description="zero-shot frozen LLM (Yes logit), no CF and no training: a baseline",
+    )
+)
+
+
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """``llmrec.<module>.<name>``, imported at the first call (no import cycle)."""
+
+    def call(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(f"llmrec.{module}"), name)(*args, **kwargs)
+
+    return call
+
+
+register_method(
+    MethodSpec(
+        "collm",
+        _lazy("collm", "build_collm"),
+        template="collm",
+        runner=_lazy("collm", "run_collm"),
+        examples=_lazy("collm", "make_collm_examples"),
+        description="CoLLM: CF embeddings mapped into <UserID>/<TargetItemID> slots + LoRA "
+        "q/v; two-step (default) or one-step tuning, see --method-kwargs",
+    )
+)
+register_method(
+    MethodSpec(
+        "allmrec",
+        _lazy("allmrec", "build_allmrec"),
+        template="cora",
+        runner=_lazy("allmrec", "run_allmrec"),
+        evaluator=_lazy("allmrec", "evaluate_allmrec"),
+        description="A-LLMRec: CF/SBERT-aligned item and user soft prompts, frozen LLM "
+        "generates the next title (Hit@1; scored Hit@K/NDCG@K and AUC)",
     )
 )
 
@@ -1220,6 +1258,11 @@ def run_evaluation(
     cfg.train.progress = progress
     if batch_size:
         cfg.train.eval_batch_size = batch_size
+    evaluator = get_method(cfg.method).evaluator
+    if evaluator is not None:
+        return evaluator(
+            run_dir, cfg, split=split, metrics_path=metrics_path, predictions=predictions
+        )
     prep = prepare_run(cfg, env)
     best = run_dir / BEST
     if prep.spec.trains:
