@@ -34,9 +34,13 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(y, s)``: y ``(B, L, d_out)`` in x's dtype, ``s = scaling * x A`` (see s_dtype)."""
     dt = x.dtype
-    shrunk = _shrink(x, lora_a).to(s_dtype(dt)) * scaling
-    y = F.linear(x, weight, None if bias is None else bias.to(dt))
-    y = y + torch.matmul(shrunk.to(dt), lora_b.to(dt).transpose(0, 1))
+    # In place: .to() may return the freshly made product itself, never an input.
+    shrunk = _shrink(x, lora_a).to(s_dtype(dt)).mul_(scaling)
+    y = F.linear(x, weight, None if bias is None else bias.to(dt)).contiguous()
+    # Expand into y's own storage: no second (M, d_out) temporary.
+    y.view(-1, y.shape[-1]).addmm_(
+        shrunk.view(-1, shrunk.shape[-1]).to(dt), lora_b.to(dt).transpose(0, 1)
+    )
     return y, shrunk
 
 
