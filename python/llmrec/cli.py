@@ -298,6 +298,7 @@ def _cmd_train_cf(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from llmrec.tiny_llm import tiny_intermediate_size
     from llmrec.train import RunConfig, TrainConfig, init_distributed, run_training
 
     env = init_distributed(args.device)
@@ -338,7 +339,7 @@ def _cmd_train(args) -> int:
             method_kwargs=args.method_kwargs,
             tiny={
                 "hidden_size": args.tiny_hidden,
-                "intermediate_size": max(8, (args.tiny_hidden * 8 // 3 + 7) // 8 * 8),
+                "intermediate_size": tiny_intermediate_size(args.tiny_hidden),
                 "num_hidden_layers": args.tiny_layers,
                 "num_attention_heads": args.tiny_heads,
                 "num_key_value_heads": args.tiny_kv_heads,

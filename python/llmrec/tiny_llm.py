@@ -40,13 +40,18 @@ class LLMLoadError(ValueError):
     """The LLM or its tokenizer cannot be loaded from the given path."""
 
 
+def tiny_intermediate_size(hidden_size: int) -> int:
+    """LLaMA's FFN width rule (8/3 of the hidden size, rounded up to a multiple of 8)."""
+    return max(8, (hidden_size * 8 // 3 + 7) // 8 * 8)
+
+
 class TinyLLMConfig(dict):
     """Defaults of the tiny model; any key of :class:`transformers.LlamaConfig` may be added."""
 
     DEFAULTS: ClassVar[dict] = {
         "vocab_size": 2048,
         "hidden_size": 64,
-        "intermediate_size": 172,
+        "intermediate_size": tiny_intermediate_size(64),
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
