@@ -13,6 +13,7 @@ __all__ = [
     "markdown_table",
     "plot_results",
     "print_table",
+    "summary_markdown",
     "target_checks",
     "write_json",
 ]
@@ -63,17 +64,19 @@ def target_checks(records: list[dict]) -> list[dict]:
             continue
         ratio = n["median_ms"] / d["median_ms"]
         ok = ratio >= bound if cmp == ">=" else ratio <= bound
-        checks.append(
-            {
-                "target": label,
-                "ratio": ratio,
-                "bound": f"{cmp} {bound:g}",
-                "pass": ok,
-                "numerator_ms": n["median_ms"],
-                "denominator_ms": d["median_ms"],
-                "method": ours,
-            }
-        )
+        check = {
+            "target": label,
+            "ratio": ratio,
+            "bound": f"{cmp} {bound:g}",
+            "pass": ok,
+            "numerator_ms": n["median_ms"],
+            "denominator_ms": d["median_ms"],
+            "method": ours,
+        }
+        if num == "naive" and get["base"] is not None:
+            # the most any implementation no faster than the base GEMM could reach
+            check["naive_over_base"] = n["median_ms"] / get["base"]["median_ms"]
+        checks.append(check)
     return checks
 
 
@@ -171,9 +174,12 @@ def print_table(results: dict, console=None) -> None:
         console.print(f"[dim]roofline %: {escape(n)}[/dim]")
     for c in results.get("checks", []):
         mark = "[green]PASS[/green]" if c["pass"] else "[red]FAIL[/red]"
+        ceiling = c.get("naive_over_base")
+        extra = f"; naive / base = {ceiling:.2f}" if ceiling is not None else ""
         console.print(
             f"{mark} {escape(c['target'])}: {c['ratio']:.2f} (target {c['bound']}; "
-            f"{c['numerator_ms']:.3f} ms / {c['denominator_ms']:.3f} ms, {escape(c['method'])})"
+            f"{c['numerator_ms']:.3f} ms / {c['denominator_ms']:.3f} ms, "
+            f"{escape(c['method'])}{extra})"
         )
 
 
@@ -184,6 +190,62 @@ def markdown_table(results: dict, ops: Optional[tuple[str, ...]] = None) -> str:
         if ops is not None and rec["op"] not in ops:
             continue
         lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    return "\n".join(lines)
+
+
+def summary_markdown(results: dict, rank: int = 16) -> str:
+    """A compact Markdown pivot: one row per workload (rank ``rank``), median ms per method.
+
+    Columns: every method present, then ``ours / base`` and ``naive / ours`` (``ours`` being
+    the backend ``auto`` resolves to on the device: ``triton`` on a GPU, ``torch`` on a CPU;
+    ``ours[fused_qkv]`` for the model workloads). Skipped methods show "skip".
+    """
+    meta = results["meta"]
+    ours = "ours[triton]" if meta.get("device_type") == "cuda" else "ours[torch]"
+    rows: dict[tuple, dict[str, dict]] = {}
+    for rec in results["records"]:
+        if rec["op"] in ("proj", "qkv") and rec["r"] != rank:
+            continue
+        rows.setdefault(
+            (rec["op"], rec["mode"], rec["B"], rec["L"], rec["d_in"], rec["d_out"]), {}
+        )[rec["method"]] = rec
+    methods: list[str] = []
+    for recs in rows.values():
+        for m, rec in recs.items():
+            if m != "*" and m not in methods and rec["status"] != "skipped":
+                methods.append(m)
+    head = ["workload", "B x L", *methods, "ours / base", "naive / ours"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    order = {"proj": 0, "qkv": 1, "decoder_layer": 2, "scoring": 3}
+    keys = sorted(rows, key=lambda k: (order.get(k[0], 9), k[1], k[3] > 1, k[2], k[3]))
+    for key in keys:
+        (op, mode, b, length, d_in, d_out), recs = key, rows[key]
+        cells = [f"{op} {mode} {d_in}->{d_out}", f"{b} x {length}"]
+        for m in methods:
+            rec = recs.get(m)
+            if rec is None or rec["median_ms"] is None:
+                cells.append("skip" if rec is not None or "*" in recs else "")
+            else:
+                cells.append(f"{rec['median_ms']:.3f}")
+        o = recs.get(ours) or recs.get("ours[fused_qkv]")
+        base, naive = recs.get("base"), recs.get("naive")
+        ok = o is not None and o["median_ms"] is not None
+        cells.append(
+            f"{o['median_ms'] / base['median_ms']:.2f}" if ok and base and base["median_ms"] else ""
+        )
+        cells.append(
+            f"{naive['median_ms'] / o['median_ms']:.1f}"
+            if ok and naive and naive["median_ms"]
+            else ""
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    skipped: dict[str, set] = {}
+    for recs in rows.values():
+        for m, rec in recs.items():
+            if m not in methods and m != "*" and rec.get("skip_reason"):
+                skipped.setdefault(m, set()).add(rec["skip_reason"])
+    for m, reasons in skipped.items():
+        lines.append(f"\n`{m}`: skipped everywhere ({'; '.join(sorted(reasons))}).")
     return "\n".join(lines)
 
 
@@ -244,8 +306,10 @@ def plot_results(results: dict, path: Path) -> Optional[Path]:
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     meta = results["meta"]
-    fig.suptitle(f"CoRA linear: time vs batch, {meta['device']}, {meta['dtype']}", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(
+        f"CoRA benchmarks: median time vs batch, {meta['device']}, {meta['dtype']}", fontsize=10
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -159,6 +159,19 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+def _git_dirty() -> Optional[bool]:
+    """True when the kernel package has uncommitted changes (the run measured those)."""
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        res = subprocess.run(
+            ["git", "status", "--porcelain", "--", "llmrec_kernels", "python", "csrc"],
+            cwd=root, capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+        return bool(res.stdout.strip()) if res.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _loadavg() -> Optional[list[float]]:
     """1/5/15-minute load averages (other processes competing for the CPU), if known."""
     try:
@@ -382,6 +395,7 @@ def run_suite(cfg: SuiteConfig, on_record: Optional[Callable[[dict], None]] = No
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "duration_s": round(time.perf_counter() - started, 1),
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "versions": _versions(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),

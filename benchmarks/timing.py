@@ -139,6 +139,9 @@ def time_gpu(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 10
 
 
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    # Kineto logs two lines per profiler session at its default level; 6 silences them
+    # (read when a session starts, so setting it here is early enough).
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         out = fn()

@@ -7,9 +7,14 @@ records well-formed, methods that cannot run here skipped with a reason (never s
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# benchmarks/ is a top-level folder of the repository, not an installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.__main__ import main
 from benchmarks.report import REQUIRED_FIELDS
