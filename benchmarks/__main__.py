@@ -92,8 +92,6 @@ def _markdown(results: dict, summary, full) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from rich.console import Console
-
     from benchmarks.report import (
         markdown_table,
         plot_results,
@@ -103,7 +101,13 @@ def main(argv=None) -> int:
         write_json,
     )
 
-    console = Console(width=max(Console().width, 220))
+    try:
+        from rich.console import Console
+
+        console = Console(width=max(Console().width, 220))
+        say = console.print
+    except ImportError:  # the bench extra is not installed: plain text
+        console, say = None, print
     if args.render is not None:
         results = json.loads(args.render.read_text())
         results["checks"] = target_checks(results["records"])  # derived from the records
@@ -131,7 +135,7 @@ def main(argv=None) -> int:
     meta = {"command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)}
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         msg = "TRITON_INTERPRET=1 is set: Triton kernels run in the interpreter, not a performance path"
-        console.print(f"[yellow]warning: {msg}[/yellow]")
+        say(f"warning: {msg}")
         meta["warning"] = msg
 
     workloads = default_workloads(device, dtype, quick=args.quick, tiny=args.tiny)
@@ -167,14 +171,15 @@ def main(argv=None) -> int:
     preset = "-tiny" if args.tiny else ("-quick" if args.quick else "")
     out = args.out or RESULTS_DIR / f"{label}-{date}{preset}.json"
     plot = args.plot or out.with_suffix(".png")
-    plot_results(results, plot)
-    results["meta"]["plot"] = plot.name
+    written = plot_results(results, plot)
+    results["meta"]["plot"] = None if written is None else plot.name
     results["meta"]["wall_s"] = round(time.perf_counter() - started, 1)
     write_json(results, out)
     if args.markdown:
         args.markdown.write_text(_markdown(results, summary_markdown, markdown_table))
     print_table(results, console)
-    console.print(f"wrote {out} and {plot} in {results['meta']['wall_s']:.0f} s")
+    what = f"{out} and {plot}" if written is not None else f"{out} (no plot: matplotlib missing)"
+    say(f"wrote {what} in {results['meta']['wall_s']:.0f} s")
     return 0
 
 

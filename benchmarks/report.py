@@ -138,10 +138,18 @@ HEADERS = [
 
 
 def print_table(results: dict, console=None) -> None:
-    """Print the records as a rich table, then the done-when checks."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+    """Print the records as a rich table (plain Markdown without rich), then the checks."""
+    try:
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+    except ImportError:
+        print(markdown_table(results))
+        for c in results.get("checks", []):
+            print(
+                f"{'PASS' if c['pass'] else 'FAIL'} {c['target']}: {c['ratio']:.2f} ({c['bound']})"
+            )
+        return
 
     console = console or Console(width=220)
     meta = results["meta"]
@@ -250,8 +258,14 @@ def summary_markdown(results: dict, rank: int = 16) -> str:
 
 
 def plot_results(results: dict, path: Path) -> Optional[Path]:
-    """Median time against batch size, one line per method, one panel per workload family."""
-    import matplotlib
+    """Median time against batch size, one line per method, one panel per workload family.
+
+    Returns the path written, or ``None`` (no timed record, or matplotlib not installed).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

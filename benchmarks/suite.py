@@ -343,10 +343,15 @@ def run_suite(cfg: SuiteConfig, on_record: Optional[Callable[[dict], None]] = No
     iterator = cfg.workloads
     bar = None
     if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(cfg.workloads, desc="workloads", unit="wl", file=sys.stderr, dynamic_ncols=True)
-        iterator = bar
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # the bench extra is not installed: no progress bar
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(
+                cfg.workloads, desc="workloads", unit="wl", file=sys.stderr, dynamic_ncols=True
+            )
+            iterator = bar
     for wl in iterator:
         if bar is not None:
             bar.set_postfix_str(wl.label, refresh=True)
