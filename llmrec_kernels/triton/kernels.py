@@ -55,6 +55,21 @@ def _split_hi_lo(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _dot_fp32_lhs(lhs, rhs, acc, SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc + lhs @ rhs`` for an fp32 ``lhs`` and a ``rhs`` in the compute dtype.
+
+    With ``SPLIT`` (16-bit compute), ``lhs`` enters the tensor cores as ``hi + lo`` halves.
+    """
+    if SPLIT:
+        lhs_hi, lhs_lo = _split_hi_lo(lhs, rhs.dtype)
+        acc = tl.dot(lhs_hi, rhs, acc)
+        acc = tl.dot(lhs_lo, rhs, acc)
+    else:
+        acc = tl.dot(lhs, rhs, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _grouped_tile(
     pid,
     num_rows,
@@ -170,13 +185,7 @@ def _cora_linear_fwd_kernel(
         c_mask = (r0 + offs_c) < R
         s = tl.load(s_ptrs, mask=m_mask[:, None] & c_mask[None, :], other=0.0)
         lb_t = tl.load(lb_t_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-        lb_t = lb_t.to(compute_dtype)
-        if SPLIT_LOWRANK:
-            s_hi, s_lo = _split_hi_lo(s, compute_dtype)
-            acc = tl.dot(s_hi, lb_t, acc)
-            acc = tl.dot(s_lo, lb_t, acc)
-        else:
-            acc = tl.dot(s, lb_t, acc, input_precision=INPUT_PRECISION)
+        acc = _dot_fp32_lhs(s, lb_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION)
         s_ptrs += R_CHUNK
         lb_t_ptrs += R_CHUNK * stride_lbr
     if HAS_BIAS:
@@ -210,8 +219,8 @@ def _cora_linear_bwd_dx_kernel(
     Grid: ``(cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),)``; the reduction runs over N. With
     ``COMPUTE_DS``, ``dS = scaling * dy Bm`` is accumulated in the same loop over ``dy`` and
     the programs of the first column tile store it (fp32, ``(M, R)``) for the ``dA`` kernel;
-    otherwise ``dS`` is read from ``ds_ptr``, ``R_CHUNK`` ranks at a time. A row tile may span several A's (short
-    sequences); the epilogue adds each A's term to its own rows only.
+    otherwise ``dS`` is read from ``ds_ptr``, ``R_CHUNK`` ranks at a time. A row tile may
+    span several A's (short sequences); the epilogue adds each A's term to its own rows only.
     """
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -245,29 +254,22 @@ def _cora_linear_bwd_dx_kernel(
     tile_last = min(tile_first + BLOCK_M, M) - 1
     group_first = tile_first // ROWS_PER_A
     group_last = tile_last // ROWS_PER_A
-    ds_ptrs = ds_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
-    a_t_ptrs = (
-        a_ptr + group_first.to(tl.int64) * stride_ab + offs_r[:, None] * stride_ar
-        + offs_k[None, :] * stride_ak
-    )  # fmt: skip
     if COMPUTE_DS:
         ds = ds * scaling
         if pid_k == 0:
-            tl.store(ds_ptrs, ds, mask=m_mask[:, None] & r_mask[None, :])
-        if SPLIT_LOWRANK:
-            ds_hi, ds_lo = _split_hi_lo(ds, compute_dtype)
+            tl.store(
+                ds_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :],
+                ds,
+                mask=m_mask[:, None] & r_mask[None, :],
+            )
+        a_t_ptrs = (
+            a_ptr + group_first.to(tl.int64) * stride_ab + offs_r[:, None] * stride_ar
+            + offs_k[None, :] * stride_ak
+        )  # fmt: skip
         for _g in range(group_first, group_last + 1):
             a_t = tl.load(a_t_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            a_t = a_t.to(compute_dtype)
-            in_group = (row_group == _g)[:, None]
-            if SPLIT_LOWRANK:
-                acc = tl.dot(tl.where(in_group, ds_hi, tl.zeros_like(ds_hi)), a_t, acc)
-                acc = tl.dot(tl.where(in_group, ds_lo, tl.zeros_like(ds_lo)), a_t, acc)
-            else:
-                acc = tl.dot(
-                    tl.where(in_group, ds, tl.zeros_like(ds)), a_t, acc,
-                    input_precision=INPUT_PRECISION,
-                )  # fmt: skip
+            ds_g = tl.where((row_group == _g)[:, None], ds, tl.zeros_like(ds))
+            acc = _dot_fp32_lhs(ds_g, a_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION)
             a_t_ptrs += stride_ab
     else:
         # dS precomputed in memory: walk the rank in chunks to bound register use at large r.
@@ -287,13 +289,10 @@ def _cora_linear_bwd_dx_kernel(
                 )
                 a_t = tl.load(
                     a_g_ptrs + r0 * stride_ar, mask=c_mask[:, None] & k_mask[None, :], other=0.0
-                ).to(compute_dtype)
-                if SPLIT_LOWRANK:
-                    ds_hi, ds_lo = _split_hi_lo(ds_c, compute_dtype)
-                    acc = tl.dot(ds_hi, a_t, acc)
-                    acc = tl.dot(ds_lo, a_t, acc)
-                else:
-                    acc = tl.dot(ds_c, a_t, acc, input_precision=INPUT_PRECISION)
+                )
+                acc = _dot_fp32_lhs(
+                    ds_c, a_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION
+                )
             a_g_ptrs += stride_ab
     dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
     tl.store(dx_ptrs, acc.to(compute_dtype), mask=m_mask[:, None] & k_mask[None, :])
