@@ -37,9 +37,10 @@ def forward(
     # In place: .to() may return the freshly made product itself, never an input.
     shrunk = _shrink(x, lora_a).to(s_dtype(dt)).mul_(scaling)
     y = F.linear(x, weight, None if bias is None else bias.to(dt)).contiguous()
+    rows = x.shape[0] * x.shape[1]  # explicit: view(-1, 0) is ambiguous when d_out is 0
     # Expand into y's own storage: no second (M, d_out) temporary.
-    y.view(-1, y.shape[-1]).addmm_(
-        shrunk.view(-1, shrunk.shape[-1]).to(dt), lora_b.to(dt).transpose(0, 1)
+    y.view(rows, y.shape[-1]).addmm_(
+        shrunk.view(rows, shrunk.shape[-1]).to(dt), lora_b.to(dt).transpose(0, 1)
     )
     return y, shrunk
 
@@ -58,6 +59,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dA, dB)``; an unneeded one is an empty tensor."""
     dt = x.dtype
+    rows = x.shape[0] * x.shape[1]  # explicit: reshape(-1, 0) is ambiguous when d_out is 0
     empty = x.new_empty(0)
     dx = da = db = empty
     ds = None
@@ -72,11 +74,11 @@ def backward(
         if lora_a.dim() == 3:
             da = torch.bmm(x.transpose(1, 2), ds)
         else:
-            da = x.reshape(-1, x.shape[-1]).transpose(0, 1) @ ds.reshape(-1, ds.shape[-1])
+            da = x.reshape(rows, x.shape[-1]).transpose(0, 1) @ ds.reshape(rows, ds.shape[-1])
         da = da.to(lora_a.dtype)
     if need_db:
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        db = (dy2.transpose(0, 1) @ s_scaled.reshape(-1, s_scaled.shape[-1]).to(dt)).to(
+        dy2 = dy.reshape(rows, dy.shape[-1])
+        db = (dy2.transpose(0, 1) @ s_scaled.reshape(rows, s_scaled.shape[-1]).to(dt)).to(
             lora_b.dtype
         )
     return dx, da, db

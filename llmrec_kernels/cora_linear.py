@@ -76,8 +76,15 @@ def _cora_linear_backward(
     need_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dA, dB)`` of the forward; a gradient not asked for is an empty tensor."""
-    return _impl(backend).backward(
+    dx, da, db = _impl(backend).backward(
         dy, x, weight, lora_a, lora_b, s_scaled, scaling, need_dx, need_da, need_db
+    )
+    # The outputs of a custom op may not alias each other: a backend may hand back one shared
+    # empty tensor for every gradient not asked for, so each gets its own here.
+    return (
+        dx if need_dx else x.new_empty(0),
+        da if need_da else x.new_empty(0),
+        db if need_db else x.new_empty(0),
     )
 
 
