@@ -4,10 +4,21 @@
 here, at collection time. ``torch.cuda.is_available()`` does not initialise CUDA.
 """
 
+import getpass
 import os
+import tempfile
 
 import pytest
 import torch
+
+# Inductor's on-disk cache does not key its compiled C++ kernels on ATEN_CPU_CAPABILITY: a
+# kernel built for AVX-512 is reloaded under ATEN_CPU_CAPABILITY=avx2 and fails ("tuple args
+# required"). One cache directory per capability keeps the suite runnable under both.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(),
+        f"torchinductor-{getpass.getuser()}-{os.environ['ATEN_CPU_CAPABILITY'].lower()}",
+    )
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -7,19 +7,18 @@ Triton's interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from tolerance import assert_close_to_oracle
 
 from llmrec_kernels import fused_cora_linear
 from llmrec_kernels.backends import resolve_backend
 from llmrec_kernels.reference import cora_linear_factored, cora_linear_naive
-
-# Relative to the oracle's largest magnitude: the output is rounded to the dtype once.
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
 
 # (B, L, d_in, d_out, r): odd sizes, tiles spanning several samples (L < tile), samples
 # spanning several tiles (L > tile), decode, a rank that takes the precomputed-dS path (64)
@@ -58,24 +57,42 @@ def make_inputs(b, seq, d_in, d_out, rank, dtype, *, shared=False, bias=True, de
     return x, weight, lora_a, lora_b, bias_t, grad_out
 
 
-def oracle(x, weight, lora_a, lora_b, bias, scaling, grad_out, want_weight_grad=False):
-    """fp64 output and gradients (x, lora_a, lora_b, bias[, weight]) by autograd."""
-    leaves = [t.detach().double().requires_grad_() if t is not None else None
+def _factored_autograd(x, weight, lora_a, lora_b, bias, scaling, grad_out, want_weight_grad, cast):
+    leaves = [cast(t).detach().requires_grad_() if t is not None else None
               for t in (x, weight, lora_a, lora_b, bias)]  # fmt: skip
     y = cora_linear_factored(*leaves, scaling=scaling)
     wrt = [leaves[0], leaves[2], leaves[3]] + ([leaves[4]] if bias is not None else [])
     wrt += [leaves[1]] if want_weight_grad else []
-    grads = torch.autograd.grad(y, wrt, grad_out.double())
+    grads = torch.autograd.grad(y, wrt, cast(grad_out).to(y.dtype))
     return y.detach(), grads
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str):
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    scale = expected.abs().max().clamp_min(1.0).item()
-    err = (actual.double() - expected).abs().max().item()
-    assert err <= TOL[dtype] * scale, (
-        f"{what}: max abs error {err:.3e} > {TOL[dtype]:.1e} * {scale:.3g}"
-    )
+def oracle(x, weight, lora_a, lora_b, bias, scaling, grad_out, want_weight_grad=False):
+    """fp64 output and gradients (x, lora_a, lora_b, bias[, weight]) by autograd."""
+    return _factored_autograd(x, weight, lora_a, lora_b, bias, scaling, grad_out,
+                              want_weight_grad, lambda t: t.double())  # fmt: skip
+
+
+def reference(x, weight, lora_a, lora_b, bias, scaling, grad_out, want_weight_grad=False):
+    """The same as :func:`oracle` in the inputs' own dtypes: plain PyTorch, same precision."""
+    return _factored_autograd(x, weight, lora_a, lora_b, bias, scaling, grad_out,
+                              want_weight_grad, lambda t: t)  # fmt: skip
+
+
+def reference_and_oracle(*args, **kwargs):
+    """``(reference(...), oracle(...))``: what :func:`check_all` compares a result with."""
+    return reference(*args, **kwargs), oracle(*args, **kwargs)
+
+
+GRAD_NAMES = ("dx", "dA", "dB", "dbias", "dW")
+
+
+def check_all(y, grads, ref, orc, dtype=None):
+    """Output and gradients of the op against the same-precision reference and fp64 oracle."""
+    assert_close_to_oracle(y, ref[0], orc[0], "y", dtype)
+    assert len(grads) == len(orc[1])
+    for name, g, g_ref, g_orc in zip(GRAD_NAMES, grads, ref[1], orc[1]):
+        assert_close_to_oracle(g, g_ref, g_orc, name, dtype)
 
 
 def run_op(x, weight, lora_a, lora_b, bias, scaling, grad_out, backend, weight_grad=False):
@@ -102,11 +119,8 @@ def test_triton_forward_and_gradients_match_fp64(shape, dtype, shared, bias, dev
     inputs = make_inputs(*shape, dtype, shared=shared, bias=bias, device=device)
     grad_out = inputs[5]
     y, grads = run_op(*inputs[:5], 2.0, grad_out, backend="triton")
-    y_ref, grads_ref = oracle(*inputs[:5], 2.0, grad_out)
     assert y.dtype == dtype
-    assert_close(y, y_ref, dtype, "y")
-    for name, g, g_ref in zip(("dx", "dA", "dB", "dbias"), grads, grads_ref):
-        assert_close(g, g_ref, dtype, name)
+    check_all(y, grads, *reference_and_oracle(*inputs[:5], 2.0, grad_out))
 
 
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
@@ -115,10 +129,7 @@ def test_triton_forward_and_gradients_match_fp64(shape, dtype, shared, bias, dev
 def test_torch_backend_matches_fp64(shape, dtype, shared):
     inputs = make_inputs(*shape, dtype, shared=shared)
     y, grads = run_op(*inputs[:5], 0.5, inputs[5], backend="torch")
-    y_ref, grads_ref = oracle(*inputs[:5], 0.5, inputs[5])
-    assert_close(y, y_ref, dtype, "y")
-    for name, g, g_ref in zip(("dx", "dA", "dB", "dbias"), grads, grads_ref):
-        assert_close(g, g_ref, dtype, name)
+    check_all(y, grads, *reference_and_oracle(*inputs[:5], 0.5, inputs[5]))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -135,10 +146,7 @@ def test_non_contiguous_inputs(backend, device):
     tensors = [t.to(device) for t in (x, weight, lora_a, lora_b, bias, grad_out)]
     assert not any(t.is_contiguous() for t in tensors)
     y, grads = run_op(*tensors[:5], 1.5, tensors[5], backend=backend, weight_grad=True)
-    y_ref, grads_ref = oracle(*tensors[:5], 1.5, tensors[5], want_weight_grad=True)
-    assert_close(y, y_ref, torch.float32, "y")
-    for name, g, g_ref in zip(("dx", "dA", "dB", "dbias", "dW"), grads, grads_ref):
-        assert_close(g, g_ref, torch.float32, name)
+    check_all(y, grads, *reference_and_oracle(*tensors[:5], 1.5, tensors[5], want_weight_grad=True))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -148,9 +156,10 @@ def test_expanded_grad_output(backend, device):
     x.requires_grad_()
     lora_a.requires_grad_()
     fused_cora_linear(x, weight, lora_a, lora_b, bias, 2.0, backend=backend).sum().backward()
-    _, grads_ref = oracle(x, weight, lora_a, lora_b, bias, 2.0, torch.ones(2, 3, 24, device=device))
-    assert_close(x.grad, grads_ref[0], torch.float32, "dx")
-    assert_close(lora_a.grad, grads_ref[1], torch.float32, "dA")
+    ones = torch.ones(2, 3, 24, device=device)
+    (_, ref), (_, orc) = reference_and_oracle(x, weight, lora_a, lora_b, bias, 2.0, ones)
+    assert_close_to_oracle(x.grad, ref[0], orc[0], "dx")
+    assert_close_to_oracle(lora_a.grad, ref[1], orc[1], "dA")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -159,9 +168,10 @@ def test_one_token_per_sample_2d_input(backend, device):
     x2 = x[:, 0, :]
     y = fused_cora_linear(x2, weight, lora_a, lora_b, bias, 2.0, backend=backend)
     assert y.shape == (5, 48)
-    y_ref = cora_linear_factored(x2.double(), weight.double(), lora_a.double(), lora_b.double(),
+    y_ref = cora_linear_factored(x2, weight, lora_a, lora_b, bias, 2.0)
+    y_orc = cora_linear_factored(x2.double(), weight.double(), lora_a.double(), lora_b.double(),
                                  bias.double(), 2.0)  # fmt: skip
-    assert_close(y, y_ref, torch.float32, "y")
+    assert_close_to_oracle(y, y_ref, y_orc, "y")
 
 
 def test_naive_reference_agrees_with_factored():
@@ -169,7 +179,9 @@ def test_naive_reference_agrees_with_factored():
     for a in (inputs[2], inputs[2][0]):
         y_naive = cora_linear_naive(inputs[0], inputs[1], a, inputs[3], inputs[4], 0.7)
         y_fact = cora_linear_factored(inputs[0], inputs[1], a, inputs[3], inputs[4], 0.7)
-        torch.testing.assert_close(y_naive, y_fact, rtol=1e-12, atol=1e-12)
+        # Both in fp64: the factored form is its own reference and oracle (error 0), so the
+        # naive path must agree to the fp64 floor.
+        assert_close_to_oracle(y_naive, y_fact, y_fact, "naive vs factored (fp64)")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -182,10 +194,11 @@ def test_mixed_precision_lora_params(backend, device):
     y = fused_cora_linear(x, weight, lora_a32, lora_b32, bias, 2.0, backend=backend)
     da, db = torch.autograd.grad(y, [lora_a32, lora_b32], grad_out)
     assert y.dtype == torch.float16 and da.dtype == torch.float32 and db.dtype == torch.float32
-    y_ref, grads_ref = oracle(x, weight, lora_a, lora_b, bias, 2.0, grad_out)
-    assert_close(y, y_ref, torch.float16, "y")
-    assert_close(da, grads_ref[1], torch.float16, "dA")
-    assert_close(db, grads_ref[2], torch.float16, "dB")
+    (y_ref, ref), (y_orc, orc) = reference_and_oracle(x, weight, lora_a, lora_b, bias, 2.0,
+                                                      grad_out)  # fmt: skip
+    assert_close_to_oracle(y, y_ref, y_orc, "y")
+    assert_close_to_oracle(da, ref[1], orc[1], "dA", dtype=torch.float16)
+    assert_close_to_oracle(db, ref[2], orc[2], "dB", dtype=torch.float16)
 
 
 def test_row_reductions_split_over_programs(monkeypatch, device):
@@ -193,11 +206,11 @@ def test_row_reductions_split_over_programs(monkeypatch, device):
     from llmrec_kernels.triton import cora_linear as triton_impl
 
     inputs = make_inputs(2, 70, 16, 24, 4, torch.float32, device=device)
-    _, grads_ref = oracle(*inputs[:5], 2.0, inputs[5])
+    (_, ref), (_, orc) = reference_and_oracle(*inputs[:5], 2.0, inputs[5])
     monkeypatch.setattr(triton_impl, "_target_programs", lambda device: 64)
     _, grads = run_op(*inputs[:5], 2.0, inputs[5], backend="triton")
-    assert_close(grads[1], grads_ref[1], torch.float32, "dA")
-    assert_close(grads[2], grads_ref[2], torch.float32, "dB")
+    assert_close_to_oracle(grads[1], ref[1], orc[1], "dA")
+    assert_close_to_oracle(grads[2], ref[2], orc[2], "dB")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -218,12 +231,13 @@ def test_non_finite_values_propagate_like_reference(backend, where, value, devic
     target.view(-1)[7] = value
     y = fused_cora_linear(x, weight, lora_a, lora_b, bias, 2.0, backend=backend)
     y_ref = cora_linear_factored(x, weight, lora_a, lora_b, bias, 2.0)
+    y_orc = cora_linear_factored(*(t.double() for t in (x, weight, lora_a, lora_b, bias)), 2.0)
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
     assert torch.equal(torch.isinf(y), torch.isinf(y_ref))
     assert torch.equal(torch.sign(y[torch.isinf(y)]), torch.sign(y_ref[torch.isinf(y_ref)]))
     assert torch.isnan(y).any() or torch.isinf(y).any()
     finite = torch.isfinite(y_ref)
-    torch.testing.assert_close(y[finite], y_ref[finite], rtol=1e-4, atol=1e-4)
+    assert_close_to_oracle(y[finite], y_ref[finite], y_orc[finite], "finite entries of y")
 
 
 def test_shared_a_matches_peft_lora_linear():
@@ -257,15 +271,21 @@ def test_shared_a_matches_peft_lora_linear():
         scaling=layer.scaling["default"],
     )
     assert layer.scaling["default"] == alpha / rank
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    # peft's module in fp32 is the same-precision reference; the same module in fp64 the oracle.
+    model64 = copy.deepcopy(model).double()
+    layer64 = model64.base_model.model.proj
+    expected64 = model64(x.double())
+    assert_close_to_oracle(y, expected, expected64, "y")
     # And the gradients of the LoRA factors.
     g = torch.randn_like(y)
     a = layer.lora_A["default"].weight
     b = layer.lora_B["default"].weight
     ga_ref, gb_ref = torch.autograd.grad(expected, [a, b], g)
     ga, gb = torch.autograd.grad(y, [a, b], g)
-    torch.testing.assert_close(ga, ga_ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gb, gb_ref, rtol=1e-4, atol=1e-5)
+    ab64 = [layer64.lora_A["default"].weight, layer64.lora_B["default"].weight]
+    ga_orc, gb_orc = torch.autograd.grad(expected64, ab64, g.double())
+    assert_close_to_oracle(ga, ga_ref, ga_orc, "dA")
+    assert_close_to_oracle(gb, gb_ref, gb_orc, "dB")
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -354,7 +374,8 @@ def test_env_variable_selects_backend(monkeypatch):
         monkeypatch.setenv("LLMREC_KERNELS_BACKEND", "triton")
         y_triton = fused_cora_linear(*args, scaling=2.0)
         assert calls == [1]
-        torch.testing.assert_close(y_triton, y_torch, rtol=1e-5, atol=1e-5)
+        y_orc = cora_linear_factored(*(t.double() for t in args), scaling=2.0)
+        assert_close_to_oracle(y_triton, y_torch, y_orc, "triton vs torch backend")
 
 
 def test_import_does_not_initialise_cuda_or_import_triton():
@@ -410,9 +431,14 @@ def test_torch_compile_fullgraph(backend, device):
     leaves_ref = [t.detach().requires_grad_() for t in (x, lora_a, lora_b)]
     y_ref = layer(*leaves_ref)
     grads_ref = torch.autograd.grad(y_ref, leaves_ref, grad_out)
-    torch.testing.assert_close(y, y_ref)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref)
+    leaves_orc = [t.detach().double().requires_grad_() for t in (x, lora_a, lora_b)]
+    w64, b64 = weight.double(), bias.double()
+    y_orc = torch.relu(cora_linear_factored(leaves_orc[0], w64, *leaves_orc[1:], b64, 2.0))
+    grads_orc = torch.autograd.grad(y_orc, leaves_orc, grad_out.double())
+    # The compiled op against the eager op (the same-precision reference) and fp64.
+    assert_close_to_oracle(y, y_ref, y_orc, "y")
+    for name, g, g_ref, g_orc in zip(("dx", "dA", "dB"), grads, grads_ref, grads_orc):
+        assert_close_to_oracle(g, g_ref, g_orc, name)
 
 
 def test_self_check_main_job_runs():
@@ -430,10 +456,7 @@ def test_float64_torch_backend_is_exact_to_fp64():
     """fp64 inputs keep the shrink in fp64 (no fp32 rounding of x A)."""
     inputs = make_inputs(2, 3, 16, 12, 4, torch.float64)
     y, grads = run_op(*inputs[:5], 2.0, inputs[5], backend="torch")
-    y_ref, grads_ref = oracle(*inputs[:5], 2.0, inputs[5])
-    assert_close(y, y_ref, torch.float64, "y")
-    for name, g, g_ref in zip(("dx", "dA", "dB", "dbias"), grads, grads_ref):
-        assert_close(g, g_ref, torch.float64, name)
+    check_all(y, grads, *reference_and_oracle(*inputs[:5], 2.0, inputs[5]))
 
 
 def _random_strided(gen, shape, device, scale=1.0):
@@ -465,7 +488,55 @@ def test_random_shapes_and_strides_match_fp64(seed, backend, device):
     bias = _random_strided(gen, (d_out,), device) if draw(0, 1) else None
     grad_out = _random_strided(gen, (b, seq, d_out), device)
     y, grads = run_op(x, weight, lora_a, lora_b, bias, 0.75, grad_out, backend=backend)
-    y_ref, grads_ref = oracle(x, weight, lora_a, lora_b, bias, 0.75, grad_out)
-    assert_close(y, y_ref, torch.float32, "y")
-    for name, g, g_ref in zip(("dx", "dA", "dB", "dbias"), grads, grads_ref):
-        assert_close(g, g_ref, torch.float32, name)
+    check_all(y, grads, *reference_and_oracle(x, weight, lora_a, lora_b, bias, 0.75, grad_out))
+
+
+# ----------------------------------------------------------------------------- grad subsets
+
+_GRAD_INPUTS = ("x", "weight", "lora_a", "lora_b", "bias")
+_SUBSETS = [
+    tuple(name for bit, name in enumerate(_GRAD_INPUTS) if mask >> bit & 1)
+    for mask in range(1, 2 ** len(_GRAD_INPUTS))
+]
+
+
+@pytest.mark.parametrize("wanted", _SUBSETS, ids=lambda w: "+".join(w))
+@pytest.mark.parametrize("shared", [False, True], ids=["per_sample_a", "shared_a"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_every_subset_of_inputs_requiring_grad(wanted, shared, backend, device):
+    """Any subset of inputs may require grad (e.g. training B against a fixed A); the others
+    get none, and the ones asked for match fp64. 2-D ``x`` (one token) for the shared layout."""
+    inputs = make_inputs(3, 2, 20, 12, 5, torch.float32, shared=shared, device=device, seed=4)
+    x, weight, lora_a, lora_b, bias, grad_out = inputs
+    if shared:  # one token per sample, as a decode step calls it
+        x, grad_out = x[:, 0], grad_out[:, 0]
+    tensors = dict(zip(_GRAD_INPUTS, (x, weight, lora_a, lora_b, bias)))
+    leaves = {n: t.detach().clone().requires_grad_(n in wanted) for n, t in tensors.items()}
+    y = fused_cora_linear(*leaves.values(), scaling=1.5, backend=backend)
+    grads = torch.autograd.grad(y, [leaves[n] for n in wanted], grad_out)
+
+    def autograd_at(cast):
+        ref_leaves = {n: cast(t).detach().requires_grad_(n in wanted) for n, t in tensors.items()}
+        out = cora_linear_factored(*ref_leaves.values(), scaling=1.5)
+        return out, torch.autograd.grad(out, [ref_leaves[n] for n in wanted], cast(grad_out))
+
+    y_ref, grads_ref = autograd_at(lambda t: t)
+    y_orc, grads_orc = autograd_at(lambda t: t.double())
+    assert_close_to_oracle(y, y_ref, y_orc, "y")
+    for name, g, g_ref, g_orc in zip(wanted, grads, grads_ref, grads_orc):
+        assert g.shape == tensors[name].shape and g.dtype == tensors[name].dtype
+        assert_close_to_oracle(g, g_ref, g_orc, f"d{name}")
+    for name, leaf in leaves.items():
+        assert leaf.grad is None, f"{name}: .grad was written by torch.autograd.grad"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_zero_output_features(backend, device):
+    """``d_out = 0`` (an empty projection) gives an empty output and zero-free gradients."""
+    x, weight, lora_a, lora_b, _, _ = make_inputs(2, 3, 8, 0, 2, torch.float32, device=device)
+    x.requires_grad_()
+    lora_a.requires_grad_()
+    y = fused_cora_linear(x, weight, lora_a, lora_b, None, 2.0, backend=backend)
+    assert y.shape == (2, 3, 0)
+    dx, da = torch.autograd.grad(y, [x, lora_a], torch.empty_like(y))
+    assert torch.equal(dx, torch.zeros_like(x)) and torch.equal(da, torch.zeros_like(lora_a))

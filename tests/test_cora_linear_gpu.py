@@ -1,14 +1,15 @@
 """GPU checks of fused_cora_linear: compiled Triton kernels (bf16 included) at model-like shapes.
 
-Skipped without a CUDA device. The oracle is the fp64 factored form, as in
-``test_cora_linear.py``.
+Skipped without a CUDA device. The tolerance rule is ``tests/tolerance.py``: the fp64 factored
+form as the oracle, the same-precision factored form as the reference (``test_cora_linear.py``).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_cora_linear import assert_close, make_inputs, oracle, run_op
+from test_cora_linear import check_all, make_inputs, reference_and_oracle, run_op
+from tolerance import assert_close_to_oracle
 
 pytestmark = pytest.mark.gpu
 
@@ -30,10 +31,7 @@ SHAPES = [
 def test_gpu_matches_fp64(shape, dtype, shared, backend):
     inputs = make_inputs(*shape, dtype, shared=shared, device="cuda")
     y, grads = run_op(*inputs[:5], 2.0, inputs[5], backend=backend)
-    y_ref, grads_ref = oracle(*inputs[:5], 2.0, inputs[5])
-    assert_close(y, y_ref, dtype, "y")
-    for name, g, g_ref in zip(("dx", "dA", "dB", "dbias"), grads, grads_ref):
-        assert_close(g, g_ref, dtype, name)
+    check_all(y, grads, *reference_and_oracle(*inputs[:5], 2.0, inputs[5]))
 
 
 def test_gpu_auto_backend_is_triton_and_no_dense_memory():
@@ -58,5 +56,5 @@ def test_gpu_non_default_device_index():
         pytest.skip("needs two GPUs")
     inputs = make_inputs(2, 5, 64, 48, 8, torch.float16, device="cuda:1")
     y, _ = run_op(*inputs[:5], 2.0, inputs[5], backend="triton")
-    y_ref, _ = oracle(*inputs[:5], 2.0, inputs[5])
-    assert_close(y, y_ref, torch.float16, "y")
+    (y_ref, _), (y_orc, _) = reference_and_oracle(*inputs[:5], 2.0, inputs[5])
+    assert_close_to_oracle(y, y_ref, y_orc, "y")

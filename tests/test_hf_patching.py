@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from tolerance import assert_close_to_oracle
 from torch.func import functional_call
 
 import llmrec_kernels.hf as hf
@@ -81,6 +82,23 @@ def oracle_logits(ref, bs, a_b, input_ids, **kw):
     return functional_call(ref, params, args=(), kwargs=dict(input_ids=input_ids, **kw)).logits
 
 
+class DenseOracle:
+    """:func:`oracle_logits` in the unpatched model's own precision and in float64.
+
+    Returns ``(same_precision, fp64)`` logits: the reference and the oracle of the tolerance
+    rule (``tests/tolerance.py``).
+    """
+
+    def __init__(self, ref):
+        self.ref = ref
+        self.ref64 = copy.deepcopy(ref).double()
+
+    def __call__(self, bs, a_b, input_ids, **kw):
+        same = oracle_logits(self.ref, bs, a_b, input_ids, **kw)
+        bs64 = {k: v.double() for k, v in bs.items()}
+        return same, oracle_logits(self.ref64, bs64, a_b.double(), input_ids, **kw)
+
+
 def left_padded_batch(lengths, vocab=100, seed=3):
     g = torch.Generator().manual_seed(seed)
     t = max(lengths)
@@ -136,10 +154,11 @@ def test_patched_forward_matches_dense_oracle(arch, attn, fuse, backend):
         out = model(ids).logits
     with torch.no_grad():
         plain = ref(ids).logits
+    dense = DenseOracle(ref)
     for b in range(3):
         with torch.no_grad():
-            want = oracle_logits(ref, bs, a[b], ids[b : b + 1])
-        torch.testing.assert_close(out[b : b + 1], want, rtol=1e-4, atol=1e-4)
+            want, want64 = dense(bs, a[b], ids[b : b + 1])
+        assert_close_to_oracle(out[b : b + 1], want, want64, f"logits of sample {b}")
     # The per-sample term is not negligible: the test would notice it missing.
     assert (out - plain).abs().max() > 1e-2
 
@@ -154,16 +173,18 @@ def test_left_padding_last_position(backend):
     a = random_a(3)
     with torch.no_grad(), cora_weights(model, a):
         out = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+    dense = DenseOracle(ref)
     for b, row in enumerate(rows):
         with torch.no_grad():
-            want = oracle_logits(ref, bs, a[b], row[None])  # the sample alone, no padding
-        torch.testing.assert_close(out[b, -1], want[0, -1], rtol=1e-4, atol=1e-4)
+            want, want64 = dense(bs, a[b], row[None])  # the sample alone, no padding
+        assert_close_to_oracle(out[b, -1], want[0, -1], want64[0, -1], f"sample {b}")
 
 
 def test_fused_and_unfused_qkv_agree(monkeypatch):
     fused = make_model()
     unfused = copy.deepcopy(fused)
-    patch_random(fused, fuse_qkv=True, backend="torch")
+    dense = DenseOracle(copy.deepcopy(fused))
+    bs = patch_random(fused, fuse_qkv=True, backend="torch")
     patch_random(unfused, fuse_qkv=False, backend="torch")
     ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(7))
     a = random_a(2)
@@ -175,19 +196,28 @@ def test_fused_and_unfused_qkv_agree(monkeypatch):
     with torch.no_grad(), cora_weights(unfused, a):
         y_unfused = unfused(ids).logits
     assert counter.calls == 4 * 2
-    torch.testing.assert_close(y_fused, y_unfused, rtol=1e-5, atol=1e-5)
+    for b in range(2):
+        with torch.no_grad():
+            want, want64 = dense(bs, a[b], ids[b : b + 1])
+        assert_close_to_oracle(y_fused[b : b + 1], want, want64, f"fused, sample {b}")
+        assert_close_to_oracle(y_unfused[b : b + 1], want, want64, f"unfused, sample {b}")
 
 
 def test_shared_2d_a_equals_repeated_per_sample_a():
     model = make_model()
-    patch_random(model, backend="torch")
+    dense = DenseOracle(copy.deepcopy(model))
+    bs = patch_random(model, backend="torch")
     ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(8))
     a = random_a(1)[0]
     with torch.no_grad(), cora_weights(model, a):
         shared = model(ids).logits
     with torch.no_grad(), cora_weights(model, a.expand(2, -1, -1)):
         per_sample = model(ids).logits
-    torch.testing.assert_close(shared, per_sample, rtol=1e-5, atol=1e-5)
+    for b in range(2):
+        with torch.no_grad():
+            want, want64 = dense(bs, a, ids[b : b + 1])
+        assert_close_to_oracle(shared[b : b + 1], want, want64, f"shared A, sample {b}")
+        assert_close_to_oracle(per_sample[b : b + 1], want, want64, f"per-sample A, sample {b}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,10 +245,11 @@ def test_zero_lora_b_default_backend_fused():
     ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         want = ref(ids).logits
+        want64 = copy.deepcopy(ref).double()(ids).logits
         with cora_weights(model, random_a(2)):
             got = model(ids).logits
     # Another GEMM (fused [Wq;Wk;Wv], Triton tiles) may round differently; nothing else.
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_close_to_oracle(got, want, want64, "logits with B = 0")
 
 
 def test_outside_block_and_remove_cora_are_bit_identical():
@@ -304,8 +335,8 @@ def test_dtype_change_after_patching_refuses():
     bs = {p: b.double() for p, b in bs.items()}
     with torch.no_grad():
         want = oracle_logits(ref, bs, a[1], ids[1:2])
-    # (the op keeps x A in fp32 even for fp64 inputs, hence not 1e-12)
-    torch.testing.assert_close(out[1:2], want, rtol=1e-5, atol=1e-6)
+    # fp64 all through: the dense fp64 path is both the reference and the oracle.
+    assert_close_to_oracle(out[1:2], want, want, "fp64 logits")
     attn = model.model.layers[1].self_attn
     assert attn.q_proj.weight.untyped_storage().data_ptr() == (
         attn.v_proj.weight.untyped_storage().data_ptr()
@@ -336,18 +367,22 @@ def test_gradients_match_dense_oracle_and_skip_frozen():
         k[: -len(".lora_B.weight")]: p.detach().clone().requires_grad_(True)
         for k, p in lora.items()
     }
+    # The dense oracle's gradients in fp32 (the reference) and in fp64 (the oracle).
     a_ref = a.detach().clone().requires_grad_(True)
-    ref_loss = sum(
-        (oracle_logits(ref, bs, a_ref[b], ids[b : b + 1]) * target[b : b + 1]).sum()
-        for b in range(2)
-    )
-    ref_loss.backward()
-    torch.testing.assert_close(a.grad, a_ref.grad, rtol=1e-3, atol=1e-4)
+    a64 = a.detach().double().requires_grad_(True)
+    bs64 = {k: b.detach().double().requires_grad_(True) for k, b in bs.items()}
+    ref64 = copy.deepcopy(ref).double()
+    for model_, bs_, a_, target_ in ((ref, bs, a_ref, target), (ref64, bs64, a64, target.double())):
+        loss_ = sum(
+            (oracle_logits(model_, bs_, a_[b], ids[b : b + 1]) * target_[b : b + 1]).sum()
+            for b in range(2)
+        )
+        loss_.backward()
+    assert_close_to_oracle(a.grad, a_ref.grad, a64.grad, "dA")
     for key, p in lora.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, key
-        torch.testing.assert_close(
-            p.grad, bs[key[: -len(".lora_B.weight")]].grad, rtol=1e-3, atol=1e-4
-        )
+        path = key[: -len(".lora_B.weight")]
+        assert_close_to_oracle(p.grad, bs[path].grad, bs64[path].grad, key)
     for name, p in model.named_parameters():
         if "lora_B" not in name:
             assert not p.requires_grad and p.grad is None, name
@@ -389,14 +424,17 @@ def test_gradient_checkpointing_same_gradients(monkeypatch, reentrant, backward_
     target = torch.randn(2, 5, 100, generator=torch.Generator().manual_seed(16))
     a = random_a(2)
     a_plain, b_plain = _grads(model, a, ids, mask, target, backward_inside=True)
+    # The same patched model in fp64, without checkpointing: the oracle.
+    a_64, b_64 = _grads(copy.deepcopy(model).double(), a.double(), ids, mask, target.double(),
+                        backward_inside=True)  # fmt: skip
 
     _enable_checkpointing(model, reentrant)
     counter = CallCounter(monkeypatch)
     a_ckpt, b_ckpt = _grads(model, a, ids, mask, target, backward_inside)
     assert counter.calls == 2 * (2 * 2)  # the forward ran twice: it was recomputed
-    torch.testing.assert_close(a_ckpt, a_plain, rtol=1e-4, atol=1e-5)
+    assert_close_to_oracle(a_ckpt, a_plain, a_64, "dA")
     for k in b_plain:
-        torch.testing.assert_close(b_ckpt[k], b_plain[k], rtol=1e-4, atol=1e-5)
+        assert_close_to_oracle(b_ckpt[k], b_plain[k], b_64[k], k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,12 +460,14 @@ def test_generate_with_cache_equals_step_by_step(backend):
             output_logits=True,
             return_dict_in_generate=True,
         )
-    # Step by step: a full forward (no cache) over the growing sequence, greedy.
+    # Step by step: a full forward (no cache) over the growing sequence, greedy; in fp64 too.
+    model64 = copy.deepcopy(model).double()
     seq, m = ids, mask
-    with torch.no_grad(), cora_weights(model, a):
+    with torch.no_grad(), cora_weights(model, a), cora_weights(model64, a.double()):
         for step in range(steps):
             logits = model(seq, attention_mask=m, position_ids=positions(m)).logits[:, -1]
-            torch.testing.assert_close(out.logits[step], logits, rtol=1e-4, atol=1e-4)
+            logits64 = model64(seq, attention_mask=m, position_ids=positions(m)).logits[:, -1]
+            assert_close_to_oracle(out.logits[step], logits, logits64, f"step {step}")
             nxt = logits.argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
             m = torch.cat([m, torch.ones_like(nxt)], dim=1)
@@ -488,9 +528,11 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_patched_forward_on_gpu_matches_dense_oracle(dtype):
-    """The Triton kernels for real (tf32/bf16 tensor cores): loose tolerances."""
+    """The Triton kernels for real (bf16 tensor cores); the dense oracle in the same dtype on the
+    GPU is the reference, in fp64 on the CPU the oracle."""
     model = make_model("llama", "sdpa")
     ref = copy.deepcopy(model)
+    ref64 = copy.deepcopy(model).double()
     bs = patch_random(model)
     model, ref = model.to("cuda", dtype), ref.to("cuda", dtype)
     ids = torch.randint(0, 100, (3, 6), generator=torch.Generator().manual_seed(5)).cuda()
@@ -501,4 +543,6 @@ def test_patched_forward_on_gpu_matches_dense_oracle(dtype):
         with torch.no_grad():
             bs_b = {k: v.to("cuda", dtype) for k, v in bs.items()}
             want = oracle_logits(ref, bs_b, a[b].to(dtype), ids[b : b + 1]).float()
-        torch.testing.assert_close(out[b : b + 1], want, rtol=5e-2, atol=5e-2)
+            bs64 = {k: v.double() for k, v in bs.items()}
+            want64 = oracle_logits(ref64, bs64, a[b].double().cpu(), ids[b : b + 1].cpu())
+        assert_close_to_oracle(out[b : b + 1], want, want64.to(out.device), f"sample {b}", dtype)
