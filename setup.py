@@ -19,10 +19,28 @@ import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
 EXTENSION_NAME = "llmrec_kernels._C"
+
+
+# The kernel sources travel inside the package (llmrec_kernels/csrc/ in every wheel), so the
+# JIT fallback of llmrec_kernels._cuda can compile them wherever the package is installed.
+PACKAGED_SOURCE_PATTERNS = ("*.cu", "*.cpp", "*.cuh", "*.h")
+
+
+class BuildPyWithKernelSources(build_py):
+    """``build_py`` that also copies ``csrc/*`` into ``llmrec_kernels/csrc/`` of the build."""
+
+    def run(self) -> None:
+        super().run()
+        target = Path(self.build_lib) / "llmrec_kernels" / "csrc"
+        self.mkpath(str(target))
+        for pattern in PACKAGED_SOURCE_PATTERNS:
+            for source in sorted(CSRC.glob(pattern)):
+                self.copy_file(str(source), str(target / source.name))
 
 
 def _skip(reason: str) -> dict:
@@ -73,10 +91,12 @@ def cuda_extension_kwargs() -> dict:
     }
 
 
+extension = cuda_extension_kwargs()
 setup(
     packages=find_packages(include=["llmrec_kernels", "llmrec_kernels.*"])
     + ["llmrec"]
     + [f"llmrec.{name}" for name in find_packages(where="python/llmrec")],
     package_dir={"llmrec_kernels": "llmrec_kernels", "llmrec": "python/llmrec"},
-    **cuda_extension_kwargs(),
+    ext_modules=extension.get("ext_modules", []),
+    cmdclass={**extension.get("cmdclass", {}), "build_py": BuildPyWithKernelSources},
 )

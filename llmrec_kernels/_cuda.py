@@ -5,7 +5,9 @@ Importing this module never imports or builds anything. The first call of
 
 1. the prebuilt extension ``llmrec_kernels._C`` (``setup.py`` builds it when a CUDA build of
    torch and nvcc are present);
-2. otherwise a just-in-time build of ``csrc/`` with ``torch.utils.cpp_extension.load`` and
+2. otherwise a just-in-time build of the kernel sources (:func:`source_dir`: ``csrc/`` of a
+   source checkout, or the copy every wheel ships inside the package) with
+   ``torch.utils.cpp_extension.load`` and
    ninja, cached by torch under ``TORCH_EXTENSIONS_DIR`` (default
    ``~/.cache/torch_extensions``) so later processes reuse it. It is attempted only when torch
    is a CUDA build, the sources are present, a CUDA toolkit and ninja are found and a GPU is
@@ -29,24 +31,52 @@ from typing import Optional
 __all__ = [
     "ENV_JIT",
     "NAMESPACE",
+    "SOURCE_PATTERNS",
     "build_info",
     "cuda_available",
+    "kernel_sources",
     "load_extension",
     "ops",
     "ready_without_build",
+    "source_dir",
     "unavailable_reason",
 ]
 
 NAMESPACE = "llmrec_kernels_cuda"
 ENV_JIT = "LLMREC_CUDA_JIT"
 _JIT_NAME = "llmrec_kernels_cuda_jit"
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# Where the kernel sources live: inside the installed package (wheels and non-editable
+# installs; setup.py copies them there), else csrc/ beside the package (a source checkout or
+# an editable install).
+_PACKAGED_CSRC = Path(__file__).resolve().parent / "csrc"
+_CHECKOUT_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# The files a JIT build compiles or includes (host_emu/ is the CPU test harness: not shipped).
+SOURCE_PATTERNS = ("*.cu", "*.cpp", "*.cuh", "*.h")
 _OPS = ("cora_forward", "cora_backward", "shrink", "lowrank_linear")
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def source_dir() -> Optional[Path]:
+    """The folder holding the CUDA kernel sources, or ``None`` when this installation has none.
+
+    The copy inside the package wins, so an installed wheel never compiles a stale checkout.
+    """
+    for folder in (_PACKAGED_CSRC, _CHECKOUT_CSRC):
+        if any(folder.glob("*.cu")):
+            return folder
+    return None
+
+
+def kernel_sources() -> list[Path]:
+    """Every CUDA/C++ source and header of the extension (:data:`SOURCE_PATTERNS`), sorted."""
+    folder = source_dir()
+    if folder is None:
+        return []
+    return sorted(p for pattern in SOURCE_PATTERNS for p in folder.glob(pattern))
 
 
 def _ops_registered() -> bool:
@@ -72,13 +102,18 @@ def _jit_build() -> tuple[Optional[ModuleType], Optional[str]]:
     mode = os.environ.get(ENV_JIT, "").strip()
     if mode == "0":
         return None, f"the just-in-time build is disabled ({ENV_JIT}=0)"
+    folder = source_dir()
+    if folder is None:
+        return None, (
+            f"this installation ships no CUDA kernel sources (looked in {_PACKAGED_CSRC} and "
+            f"{_CHECKOUT_CSRC}); reinstall from a wheel or sdist of llmrec-kernels, or from a "
+            "source checkout"
+        )
+    sources = [p for p in kernel_sources() if p.suffix in (".cu", ".cpp")]
     import torch
 
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} is not a CUDA build, so nothing can be JIT-built"
-    sources = sorted(_CSRC.glob("*.cu")) + sorted(_CSRC.glob("*.cpp"))
-    if not sources:
-        return None, f"the CUDA sources are not shipped with this installation ({_CSRC} is missing)"
     if mode != "1" and not torch.cuda.is_available():
         return None, (
             f"no CUDA device is visible, so the extension is not JIT-built "
@@ -94,14 +129,14 @@ def _jit_build() -> tuple[Optional[ModuleType], Optional[str]]:
         module = cpp_extension.load(
             name=_JIT_NAME,
             sources=[str(p) for p in sources],
-            extra_include_paths=[str(_CSRC)],
+            extra_include_paths=[str(folder)],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             is_python_module=True,
             verbose=os.environ.get("LLMREC_CUDA_JIT_VERBOSE", "0") == "1",
         )
     except Exception as exc:  # compiler errors, missing headers, ...
-        return None, f"the JIT build of {_CSRC} failed ({_first_line(exc)})"
+        return None, f"the JIT build of {folder} failed ({_first_line(exc)})"
     if not _ops_registered():
         return None, "the JIT-built extension did not register its ops"
     return module, None
