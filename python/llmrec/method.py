@@ -158,6 +158,8 @@ class Method:
     trains: ClassVar[bool] = True
     #: refuse ``torchrun`` with more than one process
     single_process: ClassVar[bool] = False
+    #: ``(key, header, format)`` of test-block metrics ``llmrec compare`` shows for the method
+    report_columns: ClassVar[tuple] = ()
 
     def build(self, ctx: RunContext, opts) -> Recommender:
         raise NotImplementedError

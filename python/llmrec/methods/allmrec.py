@@ -52,6 +52,11 @@ class ALLMRecMethod(Method):
         "next title (Hit@1; scored Hit@K/NDCG@K and AUC)"
     )
     single_process = True
+    report_columns = (
+        ("hit@1", "Hit@1", ".4f"),
+        ("hit@1_generated", "Hit@1 gen", ".4f"),
+        ("ndcg@10", "NDCG@10", ".4f"),
+    )
 
     @dataclass
     class Options:
