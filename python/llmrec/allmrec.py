@@ -58,6 +58,7 @@ __all__ = [
     "ALLMRec",
     "AlignRows",
     "Aligner",
+    "AlignerObjective",
     "CandidatePairs",
     "Episode",
     "EpisodeBatches",
@@ -131,6 +132,44 @@ class Aligner(nn.Module):
         return out
 
 
+class AlignerObjective(nn.Module):
+    """An :class:`Aligner` as a trainer model: ``loss`` its weighted stage-1 losses on
+    :class:`AlignRows` batches, ``score`` the reconstructed-item CF logit."""
+
+    def __init__(self, aligner: Aligner, weights: Optional[Mapping[str, float]] = None):
+        super().__init__()
+        self.aligner, self.weights = aligner, dict(weights or {})
+
+    def losses(self, batch: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return self.aligner.losses(
+            batch["user_emb"], batch["item_emb"], batch["text_emb"], batch["labels"], self.weights
+        )
+
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.losses(batch)["total"]
+
+    def score(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        item_hat = self.aligner.item_dec(self.aligner.item_enc(batch["item_emb"]))
+        return (batch["user_emb"] * item_hat).sum(-1)
+
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        return dict(self.aligner.named_parameters())
+
+    def trainable_parameters(self):
+        return self.aligner.parameters()
+
+    def save_trainable(self, path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.trainable_state().items()},
+                  str(path))  # fmt: skip
+
+    def load_trainable(self, path) -> None:
+        from safetensors.torch import load_file
+
+        self.aligner.load_state_dict(load_file(str(path)))
+
+
 def train_stage1(
     aligner: Aligner,
     user_table: torch.Tensor,
@@ -146,56 +185,41 @@ def train_stage1(
     device="cpu",
     log: Optional[Callable[[str], None]] = None,
 ) -> List[dict]:
-    """Adam on the stage-1 losses over interaction ``rows`` (``uid``, ``iid``, ``label``).
+    """Stage 1 alone, through :class:`llmrec.trainer.Trainer` (Adam at a constant ``lr``)
+    over interaction ``rows`` (``uid``, ``iid``, ``label`` arrays).
 
-    Returns the mean of every loss per epoch (before the epoch's first step for epoch 0,
-    so the history starts at the untrained value).
+    Returns every loss over all rows per epoch, epoch 0 being the untrained aligner.
     """
+    import tempfile
+
+    from llmrec.runs import TrainConfig
+    from llmrec.trainer import Trainer
+
     device = torch.device(device)
-    aligner.to(device).train()
-    uid = torch.as_tensor(np.array(rows["uid"], np.int64))
-    iid = torch.as_tensor(np.array(rows["iid"], np.int64))
-    lab = torch.as_tensor(np.array(rows["label"], np.float32))
-    user_table, item_table, text_table = (
-        t.to(device).float() for t in (user_table, item_table, text_table)
-    )
-    opt = torch.optim.Adam(aligner.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
+    objective = AlignerObjective(aligner.to(device), weights)
+    source = AlignRows(rows, user_table, item_table, text_table)
     history: List[dict] = []
 
-    def batch_losses(idx):
-        u, i = uid[idx].to(device), iid[idx].to(device)
-        return aligner.losses(
-            user_table[u], item_table[i], text_table[i], lab[idx].to(device), weights
-        )
+    @torch.no_grad()
+    def record(event: str = "eval", state=None) -> None:
+        if event != "eval":
+            return
+        parts = [objective.losses({k: v.to(device) for k, v in
+                                   source(range(s, min(len(source), s + 4096))).items()})
+                 for s in range(0, len(source), 4096)]  # fmt: skip
+        sizes = [min(4096, len(source) - s) for s in range(0, len(source), 4096)]
+        mean = {k: float(np.average([float(p[k]) for p in parts], weights=sizes)) for k in parts[0]}
+        history.append({"epoch": len(history), **mean})
+        if log is not None and len(history) > 1:
+            log(f"stage 1 epoch {len(history) - 1}: total {mean['total']:.4f}")
 
-    with torch.no_grad():
-        init = [
-            batch_losses(torch.arange(s, min(len(uid), s + 4096))) for s in range(0, len(uid), 4096)
-        ]
-        history.append(
-            {"epoch": 0, **{k: float(np.mean([float(d[k]) for d in init])) for k in init[0]}}
-        )
-    for epoch in range(1, epochs + 1):
-        perm = torch.randperm(len(uid), generator=g)
-        sums: Dict[str, float] = {}
-        n = 0
-        for s in range(0, len(uid), batch_size):
-            idx = perm[s : s + batch_size]
-            losses = batch_losses(idx)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            opt.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
-            n += len(idx)
-        history.append({"epoch": epoch, **{k: v / n for k, v in sums.items()}})
-        if log is not None:
-            h = history[-1]
-            log(
-                f"stage 1 epoch {epoch}: total {h['total']:.4f} match {h['match']:.4f} "
-                f"recon {h['recon_item']:.4f}/{h['recon_text']:.4f} rec {h['rec']:.4f}"
-            )
+    record()
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, warmup_steps=0,
+        min_lr_ratio=1.0, grad_clip=0.0, seed=seed, progress=False,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        Trainer(objective, source, None, cfg, tmp, device=device, callback=record).fit()
     aligner.eval()
     return history
 

@@ -5,7 +5,7 @@
 tokenizer is trained on the run's data and which is kept in ``<out>/llm`` (so ``llmrec
 evaluate`` reopens the same model). :func:`decoder_body`, :func:`answer_token_ids` and
 :func:`answer_logit` are the single definitions of the decoder lookup, the answer token and
-the score every method reads (docs/design.md, section 2).
+the score every method reads (docs/design.md §2).
 """
 
 from __future__ import annotations

@@ -476,6 +476,8 @@ class Trainer:
             st.history.append(record)
             self.log(f"step {st.global_step}: train loss {record.get('train_loss', 0.0):.4f}")
             self._append_log(record)
+            if self.callback is not None:
+                self.callback("eval", st)
             return
         value = self.evaluate(self.valid_data)
         record[f"valid_{self.metric.name}"] = value
