@@ -22,9 +22,7 @@ LLM score only those K.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,8 @@ from typing import Callable, Dict, Optional, Sequence, Set, Union
 import numpy as np
 import pandas as pd
 import torch
+
+from llmrec.runs import atomic_write_json, write_csv
 
 __all__ = [
     "INDEX_KINDS",
@@ -538,19 +538,8 @@ def recommend(
             "llm_rerank_same_users": ranking_metrics(reranked_a[idx], sub_rel, top_n),
         }
     if lists_path:
-        Path(lists_path).parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(lists, columns=["uid", "rank", "iid", "score"]).to_csv(lists_path, index=False)
+        write_csv(lists_path, pd.DataFrame(lists, columns=["uid", "rank", "iid", "score"]))
     return result
-
-
-def write_json(path, obj) -> None:
-    from llmrec.metrics import json_safe
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(json_safe(obj), indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def run_recommend(
@@ -590,5 +579,5 @@ def run_recommend(
     }  # fmt: skip
     result["wall_time_s"] = time.perf_counter() - start
     target = Path(out) if out else Path(run_dir) / f"recommend_k{k}_{index_kind}.json"
-    write_json(target, result)
+    atomic_write_json(target, result)
     return result

@@ -50,7 +50,9 @@ __all__ = [
     "read_json",
     "read_run_info",
     "reopen_config",
+    "save_safetensors",
     "save_trainable_atomic",
+    "write_csv",
     "write_metrics",
     "write_predictions",
     "write_run_info",
@@ -238,19 +240,37 @@ def save_trainable_atomic(model, path: PathLike) -> None:
     os.replace(tmp, path)
 
 
+def save_safetensors(path: PathLike, tensors: Dict[str, Any], metadata=None) -> Path:
+    """A safetensors file written through a temporary file and a rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata=metadata)  # fmt: skip
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(path: PathLike, frame) -> None:
+    """A pandas frame as CSV (no index) through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
 def write_predictions(path: PathLike, df, scores: np.ndarray) -> None:
     """One CSV row per row of ``df``: ``uid, iid, label, score`` (``scores`` ``(len(df),)``)."""
     import pandas as pd
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     out = pd.DataFrame(
         {"uid": df["uid"].to_numpy(), "iid": df["iid"].to_numpy(), "label": df["label"].to_numpy()}
     )
     out["score"] = np.asarray(scores)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    out.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_csv(path, out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -607,7 +607,7 @@ class Trainer:
             self.save_checkpoint()
         bar.close()
         if self.cfg.save_rank_state:  # each rank's own final state (checks DDP sync)
-            self.model.save_trainable(str(self.out / f"rank-{self.env.rank}.safetensors"))
+            save_trainable_atomic(self.model, self.out / f"rank-{self.env.rank}.safetensors")
         self.env.barrier()
         if (self.out / BEST).exists() and st.best_step >= 0 and self.valid_data is not None:
             self.model.load_trainable(str(self.out / BEST))

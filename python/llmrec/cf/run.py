@@ -16,12 +16,12 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from llmrec.cf.models import build_cf_model
 from llmrec.cf.train import CFConfig, predict_cf, save_cf_embeddings, train_cf
 from llmrec.metrics import evaluate_predictions
-from llmrec.runs import write_metrics, write_run_info
+from llmrec.runs import save_safetensors, write_metrics, write_run_info
 
 __all__ = ["CFRunConfig", "evaluate_cf_run", "train_cf_run"]
 
@@ -89,8 +89,7 @@ def train_cf_run(
         his_len=cfg.his_len,
     )
     res = train_cf(model, data, tcfg, device=cfg.device, progress=cfg.progress, log=log)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
+    save_safetensors(out / "model.safetensors", model.state_dict())
     user, item = model.export(data)
     save_cf_embeddings(
         out / "embeddings.safetensors", user, item, cfg.model, best_valid_auc=res.best_valid_auc
