@@ -209,6 +209,15 @@ def test_run_allmrec_end_to_end(tmp_path, world):
     assert test["rows"] == 30 and test["episodes"] <= 10
     assert [s["stage"] for s in metrics["train"]["stages"]] == ["align", "prompt"]
     assert (tmp_path / "run" / "best.safetensors").exists()
+    # both stages ran through the trainer: resuming the finished run repeats no training
+    # (stage 1 is loaded from its marker, stage 2 from its last checkpoint) and reproduces
+    # the test metrics exactly
+    import dataclasses
+
+    again = T.run_training(dataclasses.replace(cfg, resume=True), data=data)
+    assert again["train"]["stages"][0] == metrics["train"]["stages"][0]
+    for key in ("auc", "uauc", "hit@1", "ndcg@5"):
+        assert again["test"][key] == test[key], key
 
 
 def test_cli_train_and_evaluate_allmrec(tmp_path):

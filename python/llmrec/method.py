@@ -258,6 +258,13 @@ def option_fields(method: Type[Method]) -> List[tuple]:
     return out
 
 
+def _strip_optional(tp) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union and len(args) == 1:
+        return args[0]
+    return tp
+
+
 def _base_type(tp) -> Any:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) is typing.Union and len(args) == 1:
@@ -282,6 +289,9 @@ def coerce_option(name: str, tp, value):
         if base in (list, tuple, dict):
             if isinstance(value, str):
                 value = json.loads(value) if value[:1] in "[{" else value.split(",")
+            args = [a for a in typing.get_args(_strip_optional(tp)) if a is not Ellipsis]
+            if base is not dict and len(args) == 1 and args[0] in (int, float, str):
+                value = [args[0](v) for v in value]
             return base(value)
     except (TypeError, ValueError, json.JSONDecodeError) as exc:
         raise RunConfigError(f"option {name}: cannot read {value!r} as {tp}") from exc
