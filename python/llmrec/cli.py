@@ -285,7 +285,7 @@ _OPT_PREFIX = "method_opt__"
 def _add_method_options(p, registry) -> None:
     """``--<method>-<option>`` for every option of every method that is not a top-level
     flag already (CoRA's ``--rank``, ...); typed by the option's annotation."""
-    from llmrec.method import option_fields
+    from llmrec.method import option_fields, option_metavar
     from llmrec.runs import RunConfig
 
     top = {f for f in RunConfig.__dataclass_fields__}
@@ -300,7 +300,7 @@ def _add_method_options(p, registry) -> None:
                 flag,
                 dest=f"{_OPT_PREFIX}{name}__{field}",
                 default=None,
-                metavar=getattr(tp, "__name__", str(tp)).upper().replace("TYPING.", ""),
+                metavar=option_metavar(tp),
                 help=f"(default {default!r})",
             )
 

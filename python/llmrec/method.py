@@ -44,6 +44,7 @@ __all__ = [
     "available_methods",
     "get_method",
     "option_fields",
+    "option_metavar",
     "parse_options",
     "register",
     "split_metrics",
@@ -270,6 +271,12 @@ def _base_type(tp) -> Any:
     if typing.get_origin(tp) is typing.Union and len(args) == 1:
         return _base_type(args[0])
     return typing.get_origin(tp) or tp
+
+
+def option_metavar(tp) -> str:
+    """A short upper-case name of an option's type for ``--help`` (``INT``, ``LIST``, ...)."""
+    base = _base_type(tp)
+    return getattr(base, "__name__", "VALUE").upper()
 
 
 def coerce_option(name: str, tp, value):
