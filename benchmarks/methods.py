@@ -6,7 +6,7 @@ Methods (in table order):
   (:func:`llmrec_kernels.reference.cora_linear_naive`): the baseline.
 * ``reference``: the reference CoRA code's way: ``F.linear(x, W, b)`` plus ``bmm`` of the
   fp32-upcast ``x`` with ``A_b`` and then ``B_m``, once per patched module, so on the fused
-  q/k/v workload ``x`` is upcast and ``x A_b`` recomputed three times (DESIGN.md §2).
+  q/k/v workload ``x`` is upcast and ``x A_b`` recomputed three times (docs/design.md §2).
   (For fp32 inputs ``x.float()`` is a no-op: the upcast costs nothing on the CPU fp32 runs.)
 * ``factored``: the unfused factored PyTorch form
   (:func:`llmrec_kernels.reference.cora_linear_factored`).

@@ -60,7 +60,7 @@ class _AHolder:
 
 
 class ReferenceCoRALinear(nn.Module):
-    """A projection patched the reference CoRA code's way (DESIGN.md §2, with its defects)."""
+    """A projection patched the reference CoRA code's way (docs/design.md §2, with its defects)."""
 
     def __init__(self, base: nn.Linear, rank: int, scaling: float, holder: _AHolder):
         super().__init__()

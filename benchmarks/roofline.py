@@ -91,7 +91,7 @@ def projection_cost(
     lowrank: bool = True,
     shared_a: bool = False,
 ) -> Cost:
-    """FLOPs and bytes of ``y = x W^T + s (x A_b) B^T`` (DESIGN.md §4), optionally + backward.
+    """FLOPs and bytes of ``y = x W^T + s (x A_b) B^T`` (docs/design.md §4), optionally + backward.
 
     Forward: ``2 M d_in d_out + 2 M r (d_in + d_out)`` FLOPs; bytes read W, x, A, B and write
     y. Backward with W frozen (gradients of x, A, B): ``dx = dy W + dS A^T``, ``dS = s dy B``,

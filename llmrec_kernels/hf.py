@@ -321,6 +321,26 @@ def _hidden_size(model: nn.Module, candidates: list) -> int:
     return sizes.pop()
 
 
+def find_linear_modules(model: nn.Module, target_modules: Sequence[str]) -> list:
+    """``[(parent, child name, nn.Linear, path)]`` of every ``nn.Linear`` whose last path
+    component is in ``target_modules``; ``ValueError`` (listing the linear names) if none."""
+    candidates = []
+    linear_names = set()
+    for path, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                linear_names.add(child_name)
+                if child_name in target_modules:
+                    full = f"{path}.{child_name}" if path else child_name
+                    candidates.append((module, child_name, child, full))
+    if not candidates:
+        raise ValueError(
+            f"no nn.Linear module of the model is named one of {list(target_modules)}; "
+            f"its linear modules are named {sorted(linear_names) or 'nothing'}"
+        )
+    return candidates
+
+
 def apply_cora_to_llama(
     model: nn.Module,
     rank: int = 16,

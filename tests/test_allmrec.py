@@ -186,10 +186,7 @@ def test_run_allmrec_end_to_end(tmp_path, world):
     import json
 
     from llmrec import train as T
-    from llmrec.allmrec import build_allmrec, run_allmrec
 
-    if "allmrec" not in T.METHODS:
-        T.register_method(T.MethodSpec("allmrec", build_allmrec, runner=run_allmrec))
     data = world[0]
     kw = {"text_encoder": "random", "stage1_epochs": 2, "candidates": 5, "train_candidates": 4,
           "episodes": 10, "valid_episodes": 8, "max_new_tokens": 6, "latent_dim": 8,
@@ -204,7 +201,7 @@ def test_run_allmrec_end_to_end(tmp_path, world):
         method_kwargs=kw,
         train=T.TrainConfig(epochs=1, batch_size=16, eval_batch_size=32, lr=1e-3, progress=False),
     )
-    metrics = T.run_training(cfg, data=data)  # dispatches to run_allmrec
+    metrics = T.run_training(cfg, data=data)
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     test = on_disk["test"]
     for key in ("auc", "uauc", "hit@1", "ndcg@5", "hit@1_generated", "warm", "cold"):
@@ -212,6 +209,15 @@ def test_run_allmrec_end_to_end(tmp_path, world):
     assert test["rows"] == 30 and test["episodes"] <= 10
     assert [s["stage"] for s in metrics["train"]["stages"]] == ["align", "prompt"]
     assert (tmp_path / "run" / "best.safetensors").exists()
+    # both stages ran through the trainer: resuming the finished run repeats no training
+    # (stage 1 is loaded from its marker, stage 2 from its last checkpoint) and reproduces
+    # the test metrics exactly
+    import dataclasses
+
+    again = T.run_training(dataclasses.replace(cfg, resume=True), data=data)
+    assert again["train"]["stages"][0] == metrics["train"]["stages"][0]
+    for key in ("auc", "uauc", "hit@1", "ndcg@5"):
+        assert again["test"][key] == test[key], key
 
 
 def test_cli_train_and_evaluate_allmrec(tmp_path):

@@ -243,16 +243,16 @@ def test_lora_training_with_dropout_matches_peft_outputs_and_gradients():
 
 
 def test_lora_eval_runs_the_fused_op(monkeypatch):
-    import llmrec.collm as collm
+    import llmrec_kernels.lora as lora
 
     calls = []
-    real = collm.fused_cora_linear
+    real = lora.fused_cora_linear
 
     def spy(x, weight, lora_a, lora_b, *a, **k):
         calls.append(lora_a.shape)
         return real(x, weight, lora_a, lora_b, *a, **k)
 
-    monkeypatch.setattr(collm, "fused_cora_linear", spy)
+    monkeypatch.setattr(lora, "fused_cora_linear", spy)
     base = make_llm()
     mods = apply_lora(base, backend="torch")
     base.eval()(torch.randint(3, 64, (2, 5)))
@@ -313,18 +313,8 @@ def test_run_collm_end_to_end_on_synthetic_data(tmp_path, tuning):
     import json
 
     from llmrec import train as T
-    from llmrec.collm import run_collm
     from llmrec.data import make_synthetic
 
-    if "collm" not in T.METHODS:  # registered by llmrec.train once the CLI knows CoLLM
-        from llmrec.collm import build_collm
-
-        T.register_method(
-            T.MethodSpec(
-                "collm", build_collm, template="collm", runner=run_collm,
-                examples=make_collm_examples,
-            )
-        )  # fmt: skip
     data = make_synthetic(n_users=40, n_items=30, per_user=10, seed=0)
     cfg = T.RunConfig(
         method="collm",
@@ -337,7 +327,7 @@ def test_run_collm_end_to_end_on_synthetic_data(tmp_path, tuning):
         method_kwargs={"tuning": tuning},
         train=T.TrainConfig(epochs=1, batch_size=16, eval_batch_size=32, progress=False),
     )
-    metrics = T.run_training(cfg, data=data)  # dispatches to run_collm
+    metrics = T.run_training(cfg, data=data)
     run = tmp_path / "run"
     on_disk = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= on_disk["test"]["auc"] <= 1.0 and "uauc" in on_disk["test"]

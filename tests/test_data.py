@@ -12,7 +12,6 @@ from llmrec.data import (
     CORA_TEMPLATE,
     DataValidationError,
     RecCollator,
-    answer_token_ids,
     build_prompt,
     encode_prompts,
     format_title_list,
@@ -23,6 +22,7 @@ from llmrec.data import (
     read_split,
     write_data,
 )
+from llmrec.llm import answer_token_ids
 
 
 @pytest.fixture(scope="module")

@@ -239,39 +239,49 @@ def test_bad_data_rejected_before_training(tmp_path, signal):
 
 
 def test_methods_plug_in_through_the_registry(signal, llm_dir, tmp_path):
-    from llmrec.train import METHODS, FrozenLLMScorer, MethodSpec, register_method
+    from dataclasses import dataclass
+
+    from llmrec.method import METHODS, Method, register
+    from llmrec.methods.frozen import FrozenLLMScorer
 
     data, root = signal
     seen = {}
 
-    def build(llm, tok, cf_dim, options):
-        seen.update(options)
-        return FrozenLLMScorer(llm, tok)
+    class Plugin(Method):
+        name = "test-plugin"
+        uses_cf = False
+        trains = False
 
-    def examples(df, tokenizer, **kw):
-        from llmrec.data import make_examples
+        @dataclass
+        class Options:
+            alpha_beta: int = 1
 
-        seen["examples"] = len(df)
-        return make_examples(df, tokenizer, **kw)
+        def build(self, ctx, opts):
+            seen["opts"] = opts
+            return FrozenLLMScorer(ctx.llm, ctx.tokenizer)
 
-    register_method(
-        MethodSpec("test-plugin", build, uses_cf=False, trains=False, examples=examples)
-    )
-    register_method(MethodSpec("test-runner", build, runner=lambda cfg, **kw: {"ran": cfg.method}))
+        def source(self, ctx, df, template=None):
+            seen.setdefault("examples", []).append(len(df))
+            return super().source(ctx, df, template)
+
+    class Other(Plugin):
+        pass
+
+    register(Plugin)
     try:
         with pytest.raises(ValueError, match="already registered"):
-            register_method(MethodSpec("test-plugin", build))
+            register(Other)
         cfg = _cfg(root, tmp_path / "p", method="test-plugin", llm=llm_dir, max_test_rows=50)
-        m = run_training(replace(cfg, method_kwargs={"alpha_beta": 3}), data=data)
-        assert seen["method_kwargs"] == {"alpha_beta": 3} and seen["examples"] == 50
+        m = run_training(replace(cfg, method_kwargs={"alpha_beta": "3"}), data=data)
+        assert seen["opts"].alpha_beta == 3 and 50 in seen["examples"]
         assert m["test"]["rows"] == 50
-        assert run_training(replace(cfg, method="test-runner"), data=data) == {"ran": "test-runner"}
+        with pytest.raises(RunConfigError, match="not options of"):
+            run_training(replace(cfg, out=str(tmp_path / "k"), method_kwargs={"x": 1}), data=data)
         from llmrec.cli import build_parser
 
         args = build_parser().parse_args(["train", "--method", "test-plugin", "--out", "x"])
         assert args.method == "test-plugin"
     finally:
         METHODS.pop("test-plugin", None)
-        METHODS.pop("test-runner", None)
     with pytest.raises(RunConfigError, match="unknown method"):
         run_training(_cfg(root, tmp_path / "q", method="test-plugin"), data=data)

@@ -4,7 +4,7 @@ No ``triton.autotune``: a fixed table keeps the first call fast, makes every con
 dispatcher can pick enumerable (the ahead-of-time compile test checks each one for sm_80 and
 sm_90, spills included), and works under the interpreter, where one small configuration is used.
 
-The tables follow the shape classes of DESIGN.md section 4: decode-sized ``M`` (a few rows)
+The tables follow the shape classes of docs/design.md §4: decode-sized ``M`` (a few rows)
 must not pay for a 128-row tile, so the row tile grows with ``M``; the 128 x 128 tile uses 8
 warps because 4 warps spill there on sm_90.
 """

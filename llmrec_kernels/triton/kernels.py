@@ -20,7 +20,7 @@ of the main GEMM. Reasons:
 * ``S`` is kept for the backward (``dBm = dy^T S``) and can be shared by projections reading
   the same ``x`` and ``A`` (q, k and v in CoRA).
 
-The cost model (DESIGN.md section 4) puts the shrink at ``2 M K R`` FLOPs, 0.4% of the GEMM at
+The cost model (docs/design.md §4) puts the shrink at ``2 M K R`` FLOPs, 0.4% of the GEMM at
 ``d = 4096, r = 16``; the extra traffic is one read of ``x``. This choice still has to be timed
 against the in-loop variant on a GPU; the benchmark suite records both paths' times.
 

@@ -38,11 +38,8 @@ random items the user never rated):
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -52,21 +49,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmrec.collm import ITEM_SLOT, USER_SLOT, Slot, encode_slotted
+from llmrec.collm import ITEM_SLOT, USER_SLOT, Slot, encode_slotted, slot_marker
+from llmrec.llm import decoder_body
+from llmrec.trainer import Metric
 
 __all__ = [
+    "HIT_AT_1",
     "ALLMRec",
+    "AlignRows",
     "Aligner",
+    "AlignerObjective",
+    "CandidatePairs",
     "Episode",
+    "EpisodeBatches",
     "EpisodeCollator",
-    "allmrec_options",
     "allmrec_pieces",
-    "build_allmrec",
-    "evaluate_allmrec",
+    "generate_hits",
     "hit_ndcg",
     "make_episodes",
-    "run_allmrec",
+    "row_episodes",
     "sbert_embeddings",
+    "score_episodes",
+    "score_rows",
+    "text_table",
     "train_stage1",
 ]
 
@@ -127,6 +132,44 @@ class Aligner(nn.Module):
         return out
 
 
+class AlignerObjective(nn.Module):
+    """An :class:`Aligner` as a trainer model: ``loss`` its weighted stage-1 losses on
+    :class:`AlignRows` batches, ``score`` the reconstructed-item CF logit."""
+
+    def __init__(self, aligner: Aligner, weights: Optional[Mapping[str, float]] = None):
+        super().__init__()
+        self.aligner, self.weights = aligner, dict(weights or {})
+
+    def losses(self, batch: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return self.aligner.losses(
+            batch["user_emb"], batch["item_emb"], batch["text_emb"], batch["labels"], self.weights
+        )
+
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.losses(batch)["total"]
+
+    def score(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        item_hat = self.aligner.item_dec(self.aligner.item_enc(batch["item_emb"]))
+        return (batch["user_emb"] * item_hat).sum(-1)
+
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        return dict(self.aligner.named_parameters())
+
+    def trainable_parameters(self):
+        return self.aligner.parameters()
+
+    def save_trainable(self, path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.trainable_state().items()},
+                  str(path))  # fmt: skip
+
+    def load_trainable(self, path) -> None:
+        from safetensors.torch import load_file
+
+        self.aligner.load_state_dict(load_file(str(path)))
+
+
 def train_stage1(
     aligner: Aligner,
     user_table: torch.Tensor,
@@ -142,56 +185,41 @@ def train_stage1(
     device="cpu",
     log: Optional[Callable[[str], None]] = None,
 ) -> List[dict]:
-    """Adam on the stage-1 losses over interaction ``rows`` (``uid``, ``iid``, ``label``).
+    """Stage 1 alone, through :class:`llmrec.trainer.Trainer` (Adam at a constant ``lr``)
+    over interaction ``rows`` (``uid``, ``iid``, ``label`` arrays).
 
-    Returns the mean of every loss per epoch (before the epoch's first step for epoch 0,
-    so the history starts at the untrained value).
+    Returns every loss over all rows per epoch, epoch 0 being the untrained aligner.
     """
+    import tempfile
+
+    from llmrec.runs import TrainConfig
+    from llmrec.trainer import Trainer
+
     device = torch.device(device)
-    aligner.to(device).train()
-    uid = torch.as_tensor(np.array(rows["uid"], np.int64))
-    iid = torch.as_tensor(np.array(rows["iid"], np.int64))
-    lab = torch.as_tensor(np.array(rows["label"], np.float32))
-    user_table, item_table, text_table = (
-        t.to(device).float() for t in (user_table, item_table, text_table)
-    )
-    opt = torch.optim.Adam(aligner.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
+    objective = AlignerObjective(aligner.to(device), weights)
+    source = AlignRows(rows, user_table, item_table, text_table)
     history: List[dict] = []
 
-    def batch_losses(idx):
-        u, i = uid[idx].to(device), iid[idx].to(device)
-        return aligner.losses(
-            user_table[u], item_table[i], text_table[i], lab[idx].to(device), weights
-        )
+    @torch.no_grad()
+    def record(event: str = "eval", state=None) -> None:
+        if event != "eval":
+            return
+        parts = [objective.losses({k: v.to(device) for k, v in
+                                   source(range(s, min(len(source), s + 4096))).items()})
+                 for s in range(0, len(source), 4096)]  # fmt: skip
+        sizes = [min(4096, len(source) - s) for s in range(0, len(source), 4096)]
+        mean = {k: float(np.average([float(p[k]) for p in parts], weights=sizes)) for k in parts[0]}
+        history.append({"epoch": len(history), **mean})
+        if log is not None and len(history) > 1:
+            log(f"stage 1 epoch {len(history) - 1}: total {mean['total']:.4f}")
 
-    with torch.no_grad():
-        init = [
-            batch_losses(torch.arange(s, min(len(uid), s + 4096))) for s in range(0, len(uid), 4096)
-        ]
-        history.append(
-            {"epoch": 0, **{k: float(np.mean([float(d[k]) for d in init])) for k in init[0]}}
-        )
-    for epoch in range(1, epochs + 1):
-        perm = torch.randperm(len(uid), generator=g)
-        sums: Dict[str, float] = {}
-        n = 0
-        for s in range(0, len(uid), batch_size):
-            idx = perm[s : s + batch_size]
-            losses = batch_losses(idx)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            opt.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
-            n += len(idx)
-        history.append({"epoch": epoch, **{k: v / n for k, v in sums.items()}})
-        if log is not None:
-            h = history[-1]
-            log(
-                f"stage 1 epoch {epoch}: total {h['total']:.4f} match {h['match']:.4f} "
-                f"recon {h['recon_item']:.4f}/{h['recon_text']:.4f} rec {h['rec']:.4f}"
-            )
+    record()
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, warmup_steps=0,
+        min_lr_ratio=1.0, grad_clip=0.0, seed=seed, progress=False,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        Trainer(objective, source, None, cfg, tmp, device=device, callback=record).fit()
     aligner.eval()
     return history
 
@@ -387,13 +415,12 @@ class EpisodeCollator:
         max_his: int = 10,
         max_length: int = 1024,
     ):
-        from llmrec.collm import _marker
         from llmrec.data.batching import pad_id_of
 
         self.tok, self.titles, self.user_table = tokenizer, titles, user_table
         self.max_his, self.max_length = max_his, max_length
         self.pad = pad_id_of(tokenizer)
-        self.marker = _marker(tokenizer)
+        self.marker = slot_marker(tokenizer)
         eos = tokenizer.eos_token_id
         self.eos = [int(eos)] if eos is not None else []
         self._target_cache: Dict[int, List[int]] = {}
@@ -493,6 +520,8 @@ class ALLMRec(nn.Module):
             self.item_proj = _mlp(latent_dim, proj_hidden, hidden).to(device)
         self.cf_dim, self.text_dim, self.latent_dim = cf_dim, text_dim, latent_dim
         self.register_buffer("item_table", torch.zeros(1, cf_dim, device=device), persistent=False)
+        self.stage1_weights: Dict[str, float] = {}
+        self.set_stage("prompt")
 
     def set_tables(self, item_table: torch.Tensor) -> None:
         self.item_table = item_table.detach().float().to(self.item_table.device)
@@ -507,9 +536,25 @@ class ALLMRec(nn.Module):
             state.update({prefix + k: v for k, v in mod.named_parameters()})
         return state
 
+    def set_stage(self, stage: str, weights: Optional[Mapping[str, float]] = None) -> None:
+        """``"align"`` (stage 1: the aligner trains on interaction rows, ``weights`` of its
+        losses) or ``"prompt"`` (stage 2: the projections train on episodes)."""
+        if stage not in ("align", "prompt"):
+            raise ValueError(f"stage must be 'align' or 'prompt', got {stage!r}")
+        self.stage = stage
+        if weights is not None:
+            self.stage1_weights = dict(weights)
+        self.aligner.requires_grad_(stage == "align")
+        self.user_proj.requires_grad_(stage == "prompt")
+        self.item_proj.requires_grad_(stage == "prompt")
+
     def trainable_parameters(self):
-        yield from self.user_proj.parameters()
-        yield from self.item_proj.parameters()
+        """The parameters of the current stage."""
+        if self.stage == "align":
+            yield from self.aligner.parameters()
+        else:
+            yield from self.user_proj.parameters()
+            yield from self.item_proj.parameters()
 
     # -- forward -------------------------------------------------------------------------------
     def embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -529,11 +574,6 @@ class ALLMRec(nn.Module):
         src = torch.where((kind == USER_SLOT)[:, None], user_vec, item_vec)
         return emb.index_put((rows, cols), src.to(emb.dtype))
 
-    def _decoder(self) -> nn.Module:
-        get = getattr(self.llm, "get_decoder", None)
-        decoder = get() if callable(get) else None
-        return decoder if decoder is not None else self.llm.model
-
     def target_logprobs(
         self, batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -542,7 +582,7 @@ class ALLMRec(nn.Module):
         The lm_head runs on the target positions only.
         """
         labels = batch["labels"]
-        out = self._decoder()(
+        out = decoder_body(self.llm)(
             inputs_embeds=self.embed(batch), attention_mask=batch["attention_mask"], use_cache=False
         )
         nxt = labels[:, 1:]
@@ -555,8 +595,24 @@ class ALLMRec(nn.Module):
         return lp, rows
 
     def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Stage 1: the aligner's weighted losses on rows (``user_emb``, ``item_emb``,
+        ``text_emb``, ``labels`` (B,)); stage 2: the mean negative log-likelihood of the
+        target titles."""
+        if self.stage == "align":
+            return self.aligner.losses(
+                batch["user_emb"], batch["item_emb"], batch["text_emb"], batch["labels"],
+                self.stage1_weights,
+            )["total"]  # fmt: skip
         lp, _ = self.target_logprobs(batch)
         return -lp.mean()
+
+    def score(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``(B,)`` scores. Stage 1: ``<e_u, dec_I(enc_I(e_i))>``; stage 2: the target
+        title's log-likelihood (:meth:`sequence_logprob`)."""
+        if self.stage == "align":
+            item_hat = self.aligner.item_dec(self.aligner.item_enc(batch["item_emb"]))
+            return (batch["user_emb"] * item_hat).sum(-1)
+        return self.sequence_logprob(batch)
 
     def sequence_logprob(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``(B,)`` total log-likelihood of each row's target title (EOS included)."""
@@ -712,39 +768,89 @@ def generate_hits(
 
 
 # =============================================================================================
-# registry hooks and the runner
+# batch sources for the trainer
 
 
-def allmrec_options(options: Mapping[str, Any]) -> Dict[str, Any]:
-    kw = dict(options.get("method_kwargs") or {})
-    return {
-        "text_encoder": str(kw.get("text_encoder", "sbert")),  # sbert | random
-        "latent_dim": int(kw.get("latent_dim", 128)),
-        "ae_hidden": int(kw.get("ae_hidden", 256)),
-        "proj_hidden": int(kw.get("proj_hidden", 256)),
-        "stage1_epochs": int(kw.get("stage1_epochs", 10)),
-        "stage1_lr": float(kw.get("stage1_lr", 1e-3)),
-        "stage1_batch_size": int(kw.get("stage1_batch_size", 512)),
-        "stage1_weights": dict(kw.get("stage1_weights") or {}),
-        "train_candidates": int(kw.get("train_candidates", 10)),
-        "candidates": int(kw.get("candidates", 20)),
-        "episodes": int(kw.get("episodes", 200)),
-        "valid_episodes": int(kw.get("valid_episodes", 100)),
-        "generate": bool(kw.get("generate", True)),
-        "max_new_tokens": int(kw.get("max_new_tokens", 40)),
-        "ks": [int(k) for k in kw.get("ks", (1, 5, 10))],
-    }
+class AlignRows:
+    """Stage-1 batches: interaction rows with their CF and text embeddings.
+
+    ``rows`` holds ``uid``, ``iid``, ``label`` arrays; a batch has ``user_emb``, ``item_emb``
+    (B, d_cf), ``text_emb`` (B, d_text) float32 and ``labels`` (B,) float32.
+    """
+
+    def __init__(self, rows: Mapping[str, np.ndarray], user_table, item_table, text_table):
+        self.uid = torch.as_tensor(np.array(rows["uid"], np.int64))
+        self.iid = torch.as_tensor(np.array(rows["iid"], np.int64))
+        self.label = np.array(rows["label"], np.float32)
+        self.user_table, self.item_table = user_table.float(), item_table.float()
+        self.text_table = text_table.float()
+
+    def __len__(self) -> int:
+        return len(self.uid)
+
+    def labels(self) -> np.ndarray:
+        return self.label
+
+    def __call__(self, indices) -> Dict[str, torch.Tensor]:
+        idx = torch.as_tensor(np.asarray(indices, np.int64))
+        u, i = self.uid[idx], self.iid[idx]
+        return {
+            "user_emb": self.user_table[u],
+            "item_emb": self.item_table[i],
+            "text_emb": self.text_table[i],
+            "labels": torch.from_numpy(self.label[idx.numpy()]),
+        }
 
 
-def build_allmrec(llm, tokenizer, cf_dim: int, options: Mapping[str, Any]) -> ALLMRec:
-    o = allmrec_options(options)
-    return ALLMRec(
-        llm, tokenizer, cf_dim, text_dim=SBERT_DIM, latent_dim=o["latent_dim"],
-        ae_hidden=o["ae_hidden"], proj_hidden=o["proj_hidden"],
-    )  # fmt: skip
+class EpisodeBatches:
+    """Stage-2 training batches: episodes with their target title (``mode="target"``)."""
+
+    def __init__(self, coll: EpisodeCollator, episodes: Sequence[Episode]):
+        self.coll, self.episodes = coll, list(episodes)
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __call__(self, indices) -> Dict[str, torch.Tensor]:
+        return self.coll([self.episodes[int(j)] for j in indices], "target")
 
 
-def _text_table(titles: Mapping[int, str], n_items: int, encoder: str, log, device) -> torch.Tensor:
+class CandidatePairs:
+    """Every (episode, candidate) pair, scored by the candidate title's log-likelihood; the
+    metric :data:`HIT_AT_1` reads the scores back as ``(episodes, candidates)``."""
+
+    def __init__(self, coll: EpisodeCollator, episodes: Sequence[Episode]):
+        self.coll, self.episodes = coll, list(episodes)
+        self.pairs = [(e, c) for e, ep in enumerate(self.episodes) for c in ep.candidates]
+        self.target_pos = np.array([ep.candidates.index(ep.target) for ep in self.episodes])
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __call__(self, indices) -> Dict[str, torch.Tensor]:
+        chunk = [self.pairs[int(j)] for j in indices]
+        return self.coll([self.episodes[e] for e, _ in chunk], "target", [c for _, c in chunk])
+
+    def grid(self, scores: np.ndarray) -> np.ndarray:
+        """``(E, C)`` scores, ``-inf`` where an episode has fewer candidates."""
+        C = max((len(ep.candidates) for ep in self.episodes), default=0)
+        out = np.full((len(self.episodes), C), -np.inf)
+        j = 0
+        for e, ep in enumerate(self.episodes):
+            out[e, : len(ep.candidates)] = scores[j : j + len(ep.candidates)]
+            j += len(ep.candidates)
+        return out
+
+
+def _hit_at_1(scores: np.ndarray, source: CandidatePairs) -> float:
+    if not len(source.episodes):
+        return 0.0
+    return hit_ndcg(source.grid(scores), source.target_pos, [1])["hit@1"]
+
+
+def text_table(titles: Mapping[int, str], n_items: int, encoder: str, log, device) -> torch.Tensor:
+    """``(n_items + 1, d_text)`` title embeddings by item id (row 0 and untitled items zero);
+    ``encoder`` ``"sbert"`` (all-MiniLM-L6-v2, offline) or ``"random"``."""
     ids = sorted(i for i in titles if 1 <= i <= n_items)
     names = [titles[i] for i in ids]
     if encoder == "sbert":
@@ -759,267 +865,5 @@ def _text_table(titles: Mapping[int, str], n_items: int, encoder: str, log, devi
     return table
 
 
-def _test_metrics(model, coll, data, df, o, cfg, device, catalogue, seen, progress, log) -> dict:
-    from llmrec.metrics import evaluate_predictions
-
-    bs = cfg.train.eval_batch_size
-    row_eps, rows = row_episodes(df, o["candidates"], seed=cfg.train.seed)
-    scores = np.empty(len(df))
-    scores[rows] = score_rows(model, coll, row_eps, bs, device, progress, desc="rows")
-    block = evaluate_predictions(
-        df["uid"].to_numpy(), df["label"].to_numpy(), scores, df["not_cold"].to_numpy()
-    )
-    eps = make_episodes(df, catalogue, o["candidates"], seen=seen, seed=cfg.train.seed + 7)
-    if len(eps) > o["episodes"]:
-        rng = np.random.default_rng(cfg.train.seed)
-        eps = [eps[j] for j in sorted(rng.choice(len(eps), o["episodes"], replace=False))]
-    sc = score_episodes(model, coll, eps, bs, device, progress, desc="episodes")
-    tpos = np.array([ep.candidates.index(ep.target) for ep in eps])
-    block.update(hit_ndcg(sc, tpos, o["ks"]))
-    block.update({"episodes": len(eps), "candidates": o["candidates"]})
-    if o["generate"] and eps:
-        block.update(generate_hits(model, coll, eps, bs, device, o["max_new_tokens"], progress))
-    log(
-        f"A-LLMRec {len(df)} rows: AUC {block['auc']:.4f} UAUC {block['uauc']:.4f} hit@1 {block.get('hit@1', float('nan')):.4f}"
-        + (
-            f" hit@1 (generated) {block['hit@1_generated']:.4f}"
-            if "hit@1_generated" in block
-            else ""
-        )
-    )
-    return block, scores
-
-
-def run_allmrec(
-    cfg, *, env=None, log: Optional[Callable[[str], None]] = None, callback=None, data=None
-) -> dict:
-    """``llmrec train --method allmrec``: stage 1, stage 2, test; writes the run directory.
-
-    Single process (``torchrun`` with more than one process is refused). Stage 2 uses the
-    run's optimiser settings (AdamW, warm-up + cosine, ``epochs``/``max_steps``, ``patience``
-    on the validation scored Hit@1); the best projections are kept in ``best.safetensors``.
-    """
-    from tqdm.auto import tqdm
-
-    from llmrec import train as T
-    from llmrec.metrics import json_safe
-    from llmrec.retrieval import seen_items, title_map
-
-    start = time.perf_counter()
-    env = env or T.DistEnv()
-    if env.enabled:
-        raise T.RunConfigError("A-LLMRec runs in a single process (no torchrun)")
-    if cfg.resume:
-        raise T.RunConfigError("A-LLMRec runs do not resume (they are short); start a new --out")
-    log = log or (lambda m: None)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prep = T.prepare_run(cfg, env, log, data=data)
-    model: ALLMRec = prep.model
-    o = allmrec_options(cfg.method_options())
-    device, data, tcfg = prep.device, prep.data, cfg.train
-    progress = tcfg.progress
-    _atomic_json(out / T.RUN_FILE, {
-        "kind": "llm", "method": cfg.method, "config": cfg.to_dict(), "cf_path": prep.cf_path,
-        "data": data.summary(), "created": datetime.datetime.now().isoformat(timespec="seconds"),
-    })  # fmt: skip
-    titles = title_map(data)
-    catalogue = np.array(sorted(i for i in titles if 1 <= i <= data.n_items), np.int64)
-    seen_all = seen_items(data, ("train", "valid", "valid_small", "test"))
-    model.set_tables(prep.item_table)
-
-    # -- stage 1 -------------------------------------------------------------------------
-    t1 = time.perf_counter()
-    text = _text_table(titles, data.n_items, o["text_encoder"], log, device)
-    train_df = T._subsample(data["train"], cfg.max_train_rows, tcfg.seed)
-    stage1_rows = {k: data["train"][k].to_numpy() for k in ("uid", "iid", "label")}
-    hist1 = train_stage1(
-        model.aligner, prep.user_table, prep.item_table, text, stage1_rows,
-        epochs=o["stage1_epochs"], batch_size=o["stage1_batch_size"], lr=o["stage1_lr"],
-        weights=o["stage1_weights"], seed=tcfg.seed, device=device, log=log,
-    )  # fmt: skip
-    model.aligner.requires_grad_(False)
-    stage1_time = time.perf_counter() - t1
-
-    # -- stage 2 -------------------------------------------------------------------------
-    coll = EpisodeCollator(
-        prep.tokenizer,
-        titles,
-        prep.user_table,
-        max_his=cfg.max_his,
-        max_length=max(cfg.max_length, 1024),
-    )
-    train_eps = make_episodes(
-        train_df, catalogue, o["train_candidates"], seen=seen_all, seed=tcfg.seed
-    )
-    valid_split = cfg.valid_split or data.validation_split()
-    valid_df = T._subsample(data[valid_split], cfg.max_valid_rows, tcfg.seed + 1)
-    valid_eps = make_episodes(
-        valid_df, catalogue, o["candidates"], seen=seen_all, seed=tcfg.seed + 3
-    )
-    valid_eps = valid_eps[: o["valid_episodes"]]
-    valid_tpos = np.array([ep.candidates.index(ep.target) for ep in valid_eps])
-    params = list(model.trainable_parameters())
-    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    spe = max(1, -(-len(train_eps) // tcfg.batch_size))
-    total = tcfg.epochs * spe if tcfg.max_steps is None else min(tcfg.epochs * spe, tcfg.max_steps)
-    warmup = (
-        tcfg.warmup_steps if tcfg.warmup_steps is not None else round(tcfg.warmup_ratio * total)
-    )
-    log(f"stage 2: {len(train_eps)} training episodes, {spe} steps/epoch, {total} steps")
-    torch.manual_seed(tcfg.seed)
-    g = torch.Generator().manual_seed(tcfg.seed)
-    step, best, best_step, bad, history = 0, -1.0, -1, 0, []
-    t2 = time.perf_counter()
-    bar = tqdm(total=total, desc="train", disable=not progress)
-    epoch = 0
-    while step < total:
-        model.train()
-        perm = torch.randperm(len(train_eps), generator=g).tolist()
-        for s in range(0, len(perm), tcfg.batch_size):
-            if step >= total:
-                break
-            batch = coll([train_eps[j] for j in perm[s : s + tcfg.batch_size]], "target")
-            lr = tcfg.lr * T.lr_factor(step, total, warmup, tcfg.min_lr_ratio)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = model.loss({k: v.to(device) for k, v in batch.items()})
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg.grad_clip and tcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-            opt.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", epoch=epoch)
-        epoch += 1
-        sc = score_episodes(
-            model, coll, valid_eps, tcfg.eval_batch_size, device, progress, desc="valid"
-        )
-        value = hit_ndcg(sc, valid_tpos, [1])["hit@1"] if len(valid_eps) else 0.0
-        history.append(
-            {"step": step, "epoch": epoch, "valid_hit@1": value, "loss": float(loss.detach())}
-        )
-        log(
-            f"stage 2 epoch {epoch} (step {step}): valid hit@1 {value:.4f} (best {max(best, value):.4f})"
-        )
-        if value > best:
-            best, best_step, bad = value, step, 0
-            model.save_trainable(str(out / T.BEST))
-        else:
-            bad += 1
-            if bad >= tcfg.patience:
-                break
-        if callback is not None:
-            callback("eval", history[-1])
-    bar.close()
-    model.load_trainable(str(out / T.BEST))
-    stage2_time = time.perf_counter() - t2
-
-    # -- evaluation ------------------------------------------------------------------------
-    test_df = T._subsample(data[cfg.test_split], cfg.max_test_rows, tcfg.seed + 2)
-    test_block, test_scores = _test_metrics(
-        model, coll, data, test_df, o, cfg, device, catalogue, seen_all, progress, log
-    )
-    from llmrec.metrics import evaluate_predictions
-
-    row_eps, rows = row_episodes(valid_df, o["candidates"], seed=tcfg.seed)
-    v_scores = np.empty(len(valid_df))
-    v_scores[rows] = score_rows(
-        model, coll, row_eps, tcfg.eval_batch_size, device, progress, desc="valid rows"
-    )
-    valid_block = {
-        "split": valid_split,
-        **evaluate_predictions(
-            valid_df["uid"].to_numpy(),
-            valid_df["label"].to_numpy(),
-            v_scores,
-            valid_df["not_cold"].to_numpy(),
-        ),
-        "hit@1": best,
-    }
-    metrics = {
-        "method": cfg.method,
-        cfg.test_split: test_block,
-        "valid": valid_block,
-        "train": {
-            "rows": len(train_df),
-            "episodes": len(train_eps),
-            "steps": step,
-            "epochs_completed": epoch,
-            "best_step": best_step,
-            "best_valid_hit@1": best,
-            "stopped_early": bad >= tcfg.patience,
-            "train_time_s": stage1_time + stage2_time,
-            "world_size": 1,
-            "stages": [
-                {
-                    "stage": "align",
-                    "epochs": o["stage1_epochs"],
-                    "history": hist1,
-                    "train_time_s": stage1_time,
-                    "text_encoder": o["text_encoder"],
-                },
-                {"stage": "prompt", "history": history, "train_time_s": stage2_time},
-            ],
-        },
-        "config": cfg.to_dict(),
-        "data": data.summary(),
-        "device": str(device),
-        "wall_time_s": time.perf_counter() - start,
-    }
-    _atomic_json(out / "metrics.json", json_safe(metrics))
-    if cfg.predictions:
-        T._write_predictions(Path(cfg.predictions), test_df, test_scores)
-    return metrics
-
-
-def evaluate_allmrec(
-    run_dir, cfg, *, split: str = "test", metrics_path=None, predictions=None, data=None, log=None
-) -> dict:
-    """Score ``split`` with a finished A-LLMRec run (``llmrec evaluate``); ``cfg`` is the run's
-    :class:`~llmrec.train.RunConfig` pointing at the run's own LLM."""
-    from llmrec import train as T
-    from llmrec.metrics import json_safe
-    from llmrec.retrieval import seen_items, title_map
-
-    start = time.perf_counter()
-    log = log or (lambda m: None)
-    prep = T.prepare_run(cfg, data=data)
-    model: ALLMRec = prep.model
-    model.load_trainable(str(Path(run_dir) / T.BEST))
-    model.set_tables(prep.item_table)
-    o = allmrec_options(cfg.method_options())
-    titles = title_map(prep.data)
-    catalogue = np.array(sorted(i for i in titles if 1 <= i <= prep.data.n_items), np.int64)
-    coll = EpisodeCollator(
-        prep.tokenizer,
-        titles,
-        prep.user_table,
-        max_his=cfg.max_his,
-        max_length=max(cfg.max_length, 1024),
-    )
-    df = T._subsample(prep.data[split], cfg.max_test_rows, cfg.train.seed + 2)
-    seen = seen_items(prep.data, ("train", "valid", "valid_small", "test"))
-    block, scores = _test_metrics(
-        model, coll, prep.data, df, o, cfg, prep.device, catalogue, seen, cfg.train.progress, log
-    )
-    metrics = {
-        "method": cfg.method, "run": str(run_dir), split: block, "config": cfg.to_dict(),
-        "data": prep.data.summary(), "wall_time_s": time.perf_counter() - start,
-    }  # fmt: skip
-    _atomic_json(
-        Path(metrics_path) if metrics_path else Path(run_dir) / f"eval_{split}.json",
-        json_safe(metrics),
-    )
-    if predictions:
-        T._write_predictions(Path(predictions), df, scores)
-    return metrics
-
-
-def _atomic_json(path: Path, obj) -> None:
-    from llmrec.metrics import json_safe
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(json_safe(obj), indent=2) + "\n")
-    os.replace(tmp, path)
+#: Hit@1 of the scored candidates (A-LLMRec's stage-2 validation metric)
+HIT_AT_1 = Metric("hit@1", _hit_at_1)

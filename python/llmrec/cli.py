@@ -64,16 +64,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from llmrec.train import METHODS
+def _add_train_cf(sub) -> None:
+    from llmrec.cf.models import CF_MODELS
 
-    parser = argparse.ArgumentParser(
-        prog="llmrec",
-        description="Train and evaluate CF models and LLM recommenders (CoRA) on CoLLM-schema data.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    # -- train-cf ------------------------------------------------------------------------------
     p = sub.add_parser(
         "train-cf",
         help="train a CF model (MF, LightGCN, SASRec) and export its embeddings",
@@ -81,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/embeddings.safetensors (user_emb, item_emb) for `llmrec train --cf OUT`, "
         "OUT/model.safetensors, OUT/run.json and OUT/metrics.json.",
     )
-    p.add_argument("--model", choices=["mf", "lightgcn", "sasrec"], default="mf")
+    p.add_argument("--model", choices=sorted(CF_MODELS), default="mf")
     _add_common(p)
     p.add_argument("--dim", type=_positive_int, default=64, help="embedding size d_cf (64)")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (3e-3)")
@@ -98,8 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-split", default="valid", help="split for early stopping (valid)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
 
-    # -- train ---------------------------------------------------------------------------------
-    methods = "; ".join(f"{k}: {v.description}" for k, v in sorted(METHODS.items()))
+
+def _add_train(sub) -> None:
+    from llmrec.generator import GENERATORS
+    from llmrec.method import available_methods
+    from llmrec_kernels.backends import BACKENDS
+
+    registry = available_methods()
+    methods = "; ".join(f"{k}: {v.description}" for k, v in registry.items())
     p = sub.add_parser(
         "train",
         help="train an LLM method (CoRA) on top of a frozen LLM and CF embeddings",
@@ -107,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stopping on validation AUC, atomic safetensors checkpoints (--resume), bf16/fp16 "
         "autocast on GPU, DDP under torchrun. Methods: " + methods + ".",
     )
-    p.add_argument("--method", choices=sorted(METHODS), default="cora")
+    p.add_argument("--method", choices=sorted(registry), default="cora")
     _add_common(p)
     p.add_argument(
         "--cf",
@@ -124,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("CoRA")
     g.add_argument("--rank", type=_positive_int, default=16, help="CoRA rank r (16)")
     g.add_argument("--alpha", type=float, default=32.0, help="CoRA alpha; scale alpha/r (32)")
-    g.add_argument("--generator", choices=["qformer", "mlp"], default="qformer")
+    g.add_argument("--generator", choices=sorted(GENERATORS), default="qformer")
     g.add_argument(
         "--generator-kwargs",
         type=_json_dict,
@@ -143,14 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_json_dict,
         default={},
         metavar="JSON",
-        help="method-specific options as a JSON object (read by methods other than cora)",
+        help="method-specific options as a JSON object (the flags below win over it)",
     )
     g.add_argument(
         "--backend",
-        choices=["auto", "torch", "triton", "cuda"],
+        choices=list(BACKENDS),
         default="auto",
         help="kernel backend of the patched projections (auto: Triton on GPU, PyTorch on CPU)",
     )
+    _add_method_options(p, registry)
+    _add_train_budget(p)
+
+
+def _add_train_budget(p) -> None:
     g = p.add_argument_group("prompts")
     g.add_argument("--max-his", type=int, default=10, help="history titles in a prompt (10)")
     g.add_argument("--max-length", type=_positive_int, default=512, help="max prompt tokens")
@@ -195,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="write each rank's final trainable state to OUT/rank-<r>.safetensors (DDP check)",
     )
 
-    # -- evaluate --------------------------------------------------------------------------------
+
+def _add_evaluate_recommend(sub) -> None:
+    from llmrec.retrieval import INDEX_KINDS
+
     p = sub.add_parser(
         "evaluate",
         help="score a split with a finished run (CF or LLM) and write its metrics",
@@ -223,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", required=True, help="run directory written by train or train-cf")
     p.add_argument("--retrieve", type=_positive_int, required=True, metavar="K", help="candidates")
-    p.add_argument("--index", choices=["exact", "ivf", "hnsw"], default="exact", help="(exact)")
+    p.add_argument("--index", choices=list(INDEX_KINDS), default="exact", help="(exact)")
     p.add_argument("--users", type=_positive_int, default=None, help="random sample of users")
     p.add_argument("--top-n", type=_positive_int, default=10, help="list length scored (10)")
     p.add_argument(
@@ -236,11 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    from llmrec.compare import add_compare_parser
 
-    add_compare_parser(sub)
 
-    # -- make-data -------------------------------------------------------------------------------
+def _add_make_data(sub) -> None:
     p = sub.add_parser(
         "make-data",
         help="write the synthetic dataset (CoLLM schema) to a directory",
@@ -253,7 +258,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-user", type=_positive_int, default=40)
     p.add_argument("--dim", type=_positive_int, default=4, help="latent factor size")
     p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``llmrec`` argument parser; ``train``'s methods and their options come from the
+    method registry (:func:`llmrec.method.available_methods`)."""
+    from llmrec.compare import add_compare_parser
+
+    parser = argparse.ArgumentParser(
+        prog="llmrec",
+        description="Train and evaluate CF models and LLM recommenders (CoRA, CoLLM, "
+        "A-LLMRec, ...) on CoLLM-schema data.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_cf(sub)
+    _add_train(sub)
+    _add_evaluate_recommend(sub)
+    add_compare_parser(sub)
+    _add_make_data(sub)
     return parser
+
+
+_OPT_PREFIX = "method_opt__"
+
+
+def _add_method_options(p, registry) -> None:
+    """``--<method>-<option>`` for every option of every method that is not a top-level
+    flag already (CoRA's ``--rank``, ...); typed by the option's annotation."""
+    from llmrec.method import option_fields, option_metavar
+    from llmrec.runs import RunConfig
+
+    top = {f for f in RunConfig.__dataclass_fields__}
+    for name, cls in registry.items():
+        fields = [f for f in option_fields(cls) if f[0] not in top]
+        if not fields:
+            continue
+        g = p.add_argument_group(f"{name} options (--method {name}; or --method-kwargs)")
+        for field, tp, default in fields:
+            flag = f"--{name}-{field}".replace("_", "-")
+            g.add_argument(
+                flag,
+                dest=f"{_OPT_PREFIX}{name}__{field}",
+                default=None,
+                metavar=option_metavar(tp),
+                help=f"(default {default!r})",
+            )
+
+
+def _method_kwargs(args) -> dict:
+    """``--method-kwargs`` updated with the ``--<method>-<option>`` flags given."""
+    from llmrec.method import available_methods, coerce_option, option_fields
+
+    out = dict(args.method_kwargs)
+    types = {n: tp for n, tp, _ in option_fields(available_methods()[args.method])}
+    for dest, value in vars(args).items():
+        if not dest.startswith(_OPT_PREFIX) or value is None:
+            continue
+        method, field = dest[len(_OPT_PREFIX) :].split("__", 1)
+        if method != args.method:
+            flag = f"--{method}-{field}".replace("_", "-")
+            raise SystemExit(f"llmrec train: error: {flag} applies to --method {method} only")
+        out[field] = coerce_option(field, types[field], value)
+    return out
 
 
 def _summary(metrics: dict, split: str = "test") -> str:
@@ -336,7 +402,7 @@ def _cmd_train(args) -> int:
             target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
             fuse_qkv=not args.no_fuse_qkv,
             backend=args.backend,
-            method_kwargs=args.method_kwargs,
+            method_kwargs=_method_kwargs(args),
             tiny={
                 "hidden_size": args.tiny_hidden,
                 "intermediate_size": tiny_intermediate_size(args.tiny_hidden),

@@ -16,14 +16,10 @@ mistaken for a slot (CoLLM's reference code replaces the placeholders by ``<unk>
 searches for ``unk_token_id``, which breaks on any title that tokenises to ``<unk>``).
 :meth:`CoLLMRecommender.embed` replaces the slots with one vectorised ``index_put``.
 
-LoRA goes through :func:`llmrec_kernels.fused_cora_linear` with one A shared by the batch
-(:class:`LoRALinear`; the parameters are named and laid out as peft's ``lora_A.weight``
-``(r, d_in)`` and ``lora_B.weight`` ``(d_out, r)``). While the module trains with dropout
-> 0 the LoRA branch reads ``dropout(x)`` and the base GEMM reads ``x``, which one fused call
-cannot express; that case runs ``F.linear(x, W, b) + s B (A dropout(x))`` in PyTorch, exactly
-as peft does. Evaluation (and dropout 0) runs the fused op.
+LoRA is :mod:`llmrec_kernels.lora` (one A shared by the batch, through the fused CoRA op;
+re-exported here).
 
-Tuning (:func:`run_collm`): ``two-step`` (CoLLM's recipe) first trains LoRA on text-only
+Tuning (:class:`llmrec.methods.collm.CoLLM`): ``two-step`` (CoLLM's recipe) first trains LoRA on text-only
 prompts (the TALLRec/CoRA template, no slots), then trains the CIE on CoLLM prompts with
 LoRA frozen; ``one-step`` trains LoRA and the CIE together on CoLLM prompts.
 """
@@ -31,17 +27,21 @@ LoRA frozen; ``one-step`` trains LoRA and the CIE together on CoLLM prompts.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import time
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmrec_kernels.cora_linear import fused_cora_linear
+from llmrec.llm import answer_logit, answer_token_ids, decoder_body
+from llmrec_kernels.lora import (
+    DEFAULT_LORA_TARGETS,
+    LoRALinear,
+    apply_lora,
+    lora_modules,
+    remove_lora,
+)
 
 __all__ = [
     "ITEM_SLOT",
@@ -56,14 +56,14 @@ __all__ = [
     "lora_modules",
     "make_collm_examples",
     "remove_lora",
-    "run_collm",
+    "slot_marker",
 ]
 
 #: sentinel ids marking slots in ``input_ids`` (no tokenizer produces a negative id)
 USER_SLOT = -1
 ITEM_SLOT = -2
 SLOT_KINDS = {"user": USER_SLOT, "item": ITEM_SLOT}
-COLLM_DEFAULT_TARGETS = ("q_proj", "v_proj")
+COLLM_DEFAULT_TARGETS = DEFAULT_LORA_TARGETS
 STAGES = ("lora", "cie", "joint")
 TUNINGS = ("two-step", "one-step")
 
@@ -113,7 +113,7 @@ def build_collm_pieces(
     return pieces
 
 
-def _marker(tokenizer) -> str:
+def slot_marker(tokenizer) -> str:
     # A special token string is split off by the tokenizer as one token with exact offsets,
     # so the neighbouring text tokenises as it would around CoLLM's "<unk>".
     for tok in (getattr(tokenizer, "unk_token", None), getattr(tokenizer, "pad_token", None)):
@@ -138,7 +138,7 @@ def encode_slotted(
     overlaps a slot's span is folded into that slot's single position. Slow tokenizers are
     handled by tokenising the text pieces separately.
     """
-    marker = marker or _marker(tokenizer)
+    marker = marker or slot_marker(tokenizer)
     if not getattr(tokenizer, "is_fast", False):
         return _encode_pieces_separately(tokenizer, pieces, add_special_tokens)
     text_parts: List[str] = []
@@ -231,7 +231,7 @@ def make_collm_examples(
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     bos = tokenizer.bos_token_id
-    marker = _marker(tokenizer)
+    marker = slot_marker(tokenizer)
     ids = []
     for his, title in zip(df["his_title"], df["title"]):
         row, _ = encode_slotted(
@@ -245,134 +245,6 @@ def make_collm_examples(
         df["label"].to_numpy(),
         df["not_cold"].to_numpy() if "not_cold" in df.columns else None,
     )
-
-
-# =============================================================================================
-# LoRA through fused_cora_linear
-
-
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus LoRA, ``x W^T + b + s B A dropout(x)``, s = alpha / r.
-
-    ``weight`` / ``bias`` are the original parameters (same objects); ``lora_A.weight``
-    ``(r, d_in)`` (Kaiming-uniform, as peft) and ``lora_B.weight`` ``(d_out, r)`` (zeros)
-    train. Without dropout in play the call is ``fused_cora_linear(x, W, A^T, B, b, s)``
-    with A shared by every sample.
-    """
-
-    def __init__(
-        self,
-        base: nn.Linear,
-        rank: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.05,
-        backend: str = "auto",
-        path: str = "",
-    ):
-        super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        w = base.weight
-        lora_dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-        self.lora_A = nn.Linear(
-            base.in_features, rank, bias=False, device=w.device, dtype=lora_dtype
-        )
-        self.lora_B = nn.Linear(
-            rank, base.out_features, bias=False, device=w.device, dtype=lora_dtype
-        )
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.rank, self.alpha, self.dropout_p = rank, float(alpha), float(dropout)
-        self.scaling = float(alpha) / rank
-        self.backend = backend
-        self.path = path
-        self.__dict__["_base"] = base
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout_p:g}"
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_p > 0:
-            dt = x.dtype
-            y = F.linear(x, self.weight, self.bias)
-            h = F.linear(self.lora_dropout(x), self.lora_A.weight.to(dt))
-            return y + F.linear(h, self.lora_B.weight.to(dt)) * self.scaling
-        if x.dim() not in (2, 3):
-            lead = x.shape[:-1]
-            y = self.forward(x.reshape(-1, x.shape[-1]))
-            return y.reshape(*lead, self.out_features)
-        return fused_cora_linear(
-            x,
-            self.weight,
-            self.lora_A.weight.t(),
-            self.lora_B.weight,
-            self.bias,
-            scaling=self.scaling,
-            backend=self.backend,
-        )
-
-
-def apply_lora(
-    model: nn.Module,
-    rank: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.05,
-    target_modules: Sequence[str] = COLLM_DEFAULT_TARGETS,
-    backend: str = "auto",
-    seed: Optional[int] = None,
-) -> Dict[str, LoRALinear]:
-    """Replace every ``nn.Linear`` named in ``target_modules`` by a :class:`LoRALinear`.
-
-    Freezes every parameter of ``model`` first; returns ``{path: LoRALinear}``. ``seed``
-    makes the ``lora_A`` initialisation reproducible without touching the global RNG.
-    """
-    if isinstance(target_modules, str):
-        target_modules = (target_modules,)
-    targets = []
-    for path, module in model.named_modules():
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear) and name in target_modules:
-                targets.append((module, name, child, f"{path}.{name}" if path else name))
-    if not targets:
-        raise ValueError(f"no nn.Linear module of the model is named one of {list(target_modules)}")
-    model.requires_grad_(False)
-    out: Dict[str, LoRALinear] = {}
-    ctx = torch.random.fork_rng(devices=[]) if seed is not None else _null()
-    with ctx:
-        if seed is not None:
-            torch.manual_seed(seed)
-        for parent, name, child, full in targets:
-            lora = LoRALinear(child, rank, alpha, dropout, backend, full)
-            setattr(parent, name, lora)
-            out[full] = lora
-    return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def remove_lora(model: nn.Module) -> nn.Module:
-    """Put the original ``nn.Linear`` modules back (the LoRA factors are dropped)."""
-    for path, m in list(lora_modules(model).items()):
-        parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
-        setattr(parent, path.rsplit(".", 1)[-1], m._base)
-    return model
 
 
 # =============================================================================================
@@ -408,8 +280,6 @@ class CoLLMRecommender(nn.Module):
         seed: int = 0,
     ):
         super().__init__()
-        from llmrec.cora import resolve_yes_token_id
-
         if llm.get_output_embeddings() is None or llm.get_input_embeddings() is None:
             raise ValueError("llm must be a causal LM with input and output embeddings")
         if cf_dim < 1:
@@ -431,7 +301,7 @@ class CoLLMRecommender(nn.Module):
         self.cf_dim, self.hidden_size = cf_dim, hidden
         self.lora_rank, self.lora_alpha, self.lora_dropout = lora_rank, lora_alpha, lora_dropout
         self.yes_token_id = int(
-            resolve_yes_token_id(tokenizer) if yes_token_id is None else yes_token_id
+            answer_token_ids(tokenizer)[0] if yes_token_id is None else yes_token_id
         )
         self.set_stage(stage)
 
@@ -489,14 +359,11 @@ class CoLLMRecommender(nn.Module):
         mapped = self.cie(cf)  # (B, 2, d)
         return emb.index_put((rows, cols), mapped[rows, kind].to(emb.dtype))
 
-    def _decoder(self) -> nn.Module:
-        get = getattr(self.llm, "get_decoder", None)
-        decoder = get() if callable(get) else None
-        return decoder if decoder is not None else self.llm.model
-
     def last_hidden(self, batch: Mapping[str, Any]) -> torch.Tensor:
         mask = batch.get("attention_mask")
-        out = self._decoder()(inputs_embeds=self.embed(batch), attention_mask=mask, use_cache=False)
+        out = decoder_body(self.llm)(
+            inputs_embeds=self.embed(batch), attention_mask=mask, use_cache=False
+        )
         hidden = out.last_hidden_state
         if mask is None or bool(mask[:, -1].all()):
             return hidden[:, -1]
@@ -505,12 +372,7 @@ class CoLLMRecommender(nn.Module):
 
     def score(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """``(B,)`` float32 "Yes" logits at the last position (one lm_head row)."""
-        h = self.last_hidden(batch)
-        head = self.llm.get_output_embeddings()
-        logit = h.float() @ head.weight[self.yes_token_id].float()
-        if getattr(head, "bias", None) is not None:
-            logit = logit + head.bias[self.yes_token_id].float()
-        return logit
+        return answer_logit(self.llm, self.last_hidden(batch), self.yes_token_id)
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
         return self.score(batch)
@@ -554,189 +416,3 @@ class CoLLMRecommender(nn.Module):
             for k, v in loaded.items():
                 if k in own:
                     own[k].copy_(v.to(device=own[k].device, dtype=own[k].dtype))
-
-
-# =============================================================================================
-# registry hooks and the two-step runner
-
-
-def collm_options(options: Mapping[str, Any]) -> Dict[str, Any]:
-    """CoLLM's settings from a run's method options (``method_kwargs`` wins over defaults)."""
-    kw = dict(options.get("method_kwargs") or {})
-    return {
-        "lora_rank": int(kw.get("lora_rank", 8)),
-        "lora_alpha": float(kw.get("lora_alpha", 16)),
-        "lora_dropout": float(kw.get("lora_dropout", 0.05)),
-        "target_modules": tuple(kw.get("lora_targets", COLLM_DEFAULT_TARGETS)),
-        "cie_mult": int(kw.get("cie_mult", 10)),
-        "tuning": str(kw.get("tuning", "two-step")),
-        "lora_epochs": kw.get("lora_epochs"),
-        "lora_max_steps": kw.get("lora_max_steps"),
-        "lora_lr": kw.get("lora_lr"),
-    }
-
-
-def build_collm(llm, tokenizer, cf_dim: int, options: Mapping[str, Any]) -> CoLLMRecommender:
-    """Registry builder: ``CoLLMRecommender`` in its final stage (``cie`` for two-step)."""
-    o = collm_options(options)
-    if o["tuning"] not in TUNINGS:
-        raise ValueError(f"CoLLM tuning must be one of {TUNINGS}, got {o['tuning']!r}")
-    return CoLLMRecommender(
-        llm,
-        tokenizer,
-        cf_dim,
-        lora_rank=o["lora_rank"],
-        lora_alpha=o["lora_alpha"],
-        lora_dropout=o["lora_dropout"],
-        target_modules=o["target_modules"],
-        cie_mult=o["cie_mult"],
-        stage="cie" if o["tuning"] == "two-step" else "joint",
-        backend=options.get("backend", "auto"),
-    )
-
-
-def run_collm(
-    cfg,
-    *,
-    env=None,
-    log: Optional[Callable[[str], None]] = None,
-    callback=None,
-    data=None,
-) -> dict:
-    """``llmrec train --method collm``: one- or two-step tuning, then test; writes the run.
-
-    Two-step: step 1 trains LoRA on text-only prompts in ``<out>/step1`` (its own checkpoints
-    and ``best.safetensors``); step 2 starts from step 1's best LoRA, freezes it and trains the
-    CIE on CoLLM prompts in ``<out>``. The metrics file has the layout of every other method
-    (``test`` / ``valid`` blocks with AUC, UAUC, warm, cold; ``train``; ``config``;
-    ``wall_time_s``), with one entry per step under ``train.stages``.
-    """
-    import copy
-    import datetime
-    import json
-
-    from llmrec import train as T
-    from llmrec.data.batching import RecCollator, pad_id_of
-    from llmrec.metrics import json_safe
-
-    start = time.perf_counter()
-    env = env or T.DistEnv()
-    log = log or (lambda m: None)
-    out = Path(cfg.out)
-    T._check_resume_config(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
-    prep = T.prepare_run(cfg, env, log, data=data)
-    model: CoLLMRecommender = prep.model
-    o = collm_options(cfg.method_options())
-    if env.is_main:
-        run_info = {
-            "kind": "llm",
-            "method": cfg.method,
-            "config": cfg.to_dict(),
-            "cf_path": prep.cf_path,
-            "data": prep.data.summary(),
-            "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        }
-        T._atomic_write_text(out / T.RUN_FILE, json.dumps(json_safe(run_info), indent=2) + "\n")
-    valid_split = cfg.valid_split or prep.data.validation_split()
-    seed = cfg.train.seed
-    train_df = T._subsample(prep.data["train"], cfg.max_train_rows, seed)
-    valid_df = T._subsample(prep.data[valid_split], cfg.max_valid_rows, seed + 1)
-    pad = pad_id_of(prep.tokenizer)
-
-    def collator(df, template):
-        ex = make_collm_examples(
-            df, prep.tokenizer, template=template, max_his=cfg.max_his, max_length=cfg.max_length
-        )
-        return RecCollator(ex, pad, prep.user_table, prep.item_table)
-
-    stages = []
-    if o["tuning"] == "two-step":
-        step1_dir = out / "step1"
-        tcfg = copy.deepcopy(cfg.train)
-        if o["lora_epochs"] is not None:
-            tcfg.epochs = int(o["lora_epochs"])
-        if o["lora_max_steps"] is not None:
-            tcfg.max_steps = int(o["lora_max_steps"])
-        if o["lora_lr"] is not None:
-            tcfg.lr = float(o["lora_lr"])
-        model.set_stage("lora")
-        if not cfg.resume and (step1_dir / "checkpoints").exists():
-            raise T.RunConfigError(
-                f"{step1_dir} already holds CoLLM step-1 checkpoints; pass --resume to continue "
-                "the run or choose another --out"
-            )
-        if cfg.resume and (step1_dir / "step1_done").exists():
-            log("step 1 already finished: loading its best LoRA")
-            model.load_trainable(str(step1_dir / T.BEST))
-            stages.append(json.loads((step1_dir / "step1_done").read_text()))
-        else:
-            log("CoLLM step 1: LoRA on text-only prompts")
-            t0 = time.perf_counter()
-            trainer = T.Trainer(
-                model, collator(train_df, "cora"), collator(valid_df, "cora"), tcfg, step1_dir,
-                device=prep.device, env=env, log=log, callback=callback,
-            )  # fmt: skip
-            st = trainer.fit(resume=cfg.resume)
-            info = {
-                "stage": "lora",
-                "template": "cora",
-                "steps": st.global_step,
-                "best_step": st.best_step,
-                "best_valid_auc": st.best_auc if st.best_step >= 0 else None,
-                "train_time_s": time.perf_counter() - t0,
-            }
-            stages.append(info)
-            if env.is_main:
-                T._atomic_write_text(step1_dir / "step1_done", json.dumps(json_safe(info)))
-        model.set_stage("cie")
-        log("CoLLM step 2: CIE on CoLLM prompts, LoRA frozen")
-    else:
-        model.set_stage("joint")
-    t0 = time.perf_counter()
-    train_c, valid_c = collator(train_df, "collm"), collator(valid_df, "collm")
-    trainer = T.Trainer(
-        model, train_c, valid_c, cfg.train, out, device=prep.device, env=env, log=log,
-        callback=callback,
-    )  # fmt: skip
-    st = trainer.fit(resume=cfg.resume)
-    stages.append(
-        {
-            "stage": model.stage,
-            "template": "collm",
-            "steps": st.global_step,
-            "best_step": st.best_step,
-            "best_valid_auc": st.best_auc if st.best_step >= 0 else None,
-            "train_time_s": time.perf_counter() - t0,
-        }
-    )
-    test_df = T._subsample(prep.data[cfg.test_split], cfg.max_test_rows, seed + 2)
-    test_scores = trainer.predict(collator(test_df, "collm"), desc=cfg.test_split)
-    valid_scores = trainer.predict(valid_c, desc=valid_split)
-    metrics = {
-        "method": cfg.method,
-        cfg.test_split: T._split_metrics(test_scores, test_df),
-        "valid": {"split": valid_split, **T._split_metrics(valid_scores, valid_df)},
-        "train": {
-            "rows": len(train_c.examples),
-            "steps": sum(s["steps"] for s in stages),
-            "epochs_completed": st.epoch,
-            "best_step": st.best_step,
-            "best_valid_auc": st.best_auc if st.best_step >= 0 else None,
-            "stopped_early": st.stopped_early,
-            "train_time_s": sum(s["train_time_s"] for s in stages),
-            "world_size": env.world_size,
-            "tuning": o["tuning"],
-            "stages": stages,
-        },
-        "config": cfg.to_dict(),
-        "data": prep.data.summary(),
-        "device": str(prep.device),
-        "wall_time_s": time.perf_counter() - start,
-    }
-    if env.is_main:
-        T._atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
-        if cfg.predictions:
-            T._write_predictions(Path(cfg.predictions), test_df, test_scores)
-    env.barrier()
-    return metrics

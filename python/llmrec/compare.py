@@ -17,7 +17,15 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-__all__ = ["COLUMNS", "compare_runs", "load_metrics", "plot_rows", "render_table", "summarize"]
+__all__ = [
+    "COLUMNS",
+    "columns",
+    "compare_runs",
+    "load_metrics",
+    "plot_rows",
+    "render_table",
+    "summarize",
+]
 
 #: (key, header, format) of the table's columns, in order
 COLUMNS = [
@@ -31,13 +39,24 @@ COLUMNS = [
     ("warm_uauc", "warm UAUC", ".4f"),
     ("cold_auc", "cold AUC", ".4f"),
     ("cold_uauc", "cold UAUC", ".4f"),
-    ("hit@1", "Hit@1", ".4f"),
-    ("hit@1_generated", "Hit@1 gen", ".4f"),
-    ("ndcg@10", "NDCG@10", ".4f"),
     ("retrieval", "retrieval R@K", "s"),
     ("train_time_s", "train s", ".0f"),
     ("wall_time_s", "wall s", ".0f"),
 ]
+
+
+def columns() -> List[tuple]:
+    """:data:`COLUMNS` with every registered method's ``report_columns`` (e.g. A-LLMRec's
+    Hit@1 / NDCG@10) before the retrieval column."""
+    from llmrec.method import available_methods
+
+    extra: List[tuple] = []
+    for cls in available_methods().values():
+        extra.extend(c for c in cls.report_columns if c not in extra)
+    at = [k for k, _, _ in COLUMNS].index("retrieval")
+    return COLUMNS[:at] + extra + COLUMNS[at:]
+
+
 PLOT_METRICS = [
     ("auc", "AUC"),
     ("uauc", "UAUC"),
@@ -118,8 +137,9 @@ def summarize(
         sub = block.get(part) or {}
         row[f"{part}_auc"] = _num(sub.get("auc"))
         row[f"{part}_uauc"] = _num(sub.get("uauc"))
-    for key in ("hit@1", "hit@1_generated", "ndcg@10"):
-        row[key] = _num(block.get(key))
+    for key, _, _ in columns():
+        if key not in row and key != "retrieval":
+            row[key] = _num(block.get(key))
     row["retrieval"] = _retrieval(run_dir) if run_dir is not None else None
     return row
 
@@ -138,7 +158,7 @@ def _fmt(value, fmt: str) -> str:
 def _visible(rows: Sequence[dict]) -> List[tuple]:
     """Columns with at least one value (the identity columns always)."""
     keep = []
-    for key, header, fmt in COLUMNS:
+    for key, header, fmt in columns():
         if key in ("run", "method") or any(r.get(key) not in (None, "-") for r in rows):
             keep.append((key, header, fmt))
     return keep

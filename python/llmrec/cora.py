@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrec.generator import build_generator
+from llmrec.llm import answer_logit, answer_token_ids, decoder_body
 from llmrec_kernels.hf import (
     DEFAULT_TARGET_MODULES,
     apply_cora_to_llama,
@@ -31,18 +32,10 @@ from llmrec_kernels.hf import (
     lora_b_parameters,
 )
 
-__all__ = ["CoRARecommender", "resolve_yes_token_id"]
+__all__ = ["CoRARecommender"]
 
 _GENERATOR_PREFIX = "generator."
 _LLM_PREFIX = "llm."
-
-
-def resolve_yes_token_id(tokenizer: Any, token: str = "Yes") -> int:
-    """Id of the first token of ``token`` encoded without special tokens (as CoLLM/CoRA do)."""
-    ids = tokenizer.encode(token, add_special_tokens=False)
-    if not ids:
-        raise ValueError(f"the tokenizer encodes {token!r} to no token; pass yes_token_id=")
-    return int(ids[0])
 
 
 class CoRARecommender(nn.Module):
@@ -103,7 +96,7 @@ class CoRARecommender(nn.Module):
         device = llm.get_output_embeddings().weight.device
         self.generator = generator.to(device)
         if yes_token_id is None:
-            yes_token_id = resolve_yes_token_id(tokenizer, yes_token)
+            yes_token_id = answer_token_ids(tokenizer, (yes_token, "No"))[0]
         vocab = llm.get_output_embeddings().weight.shape[0]
         if not 0 <= int(yes_token_id) < vocab:
             raise ValueError(
@@ -125,15 +118,6 @@ class CoRARecommender(nn.Module):
             raise ValueError("give both user_emb and item_emb, or neither (frozen backbone)")
         return self.generator(user, item)
 
-    def _decoder(self) -> nn.Module:
-        get = getattr(self.llm, "get_decoder", None)
-        decoder = get() if callable(get) else None
-        if decoder is None:
-            decoder = getattr(self.llm, "model", None)
-        if decoder is None:
-            raise ValueError("cannot find the decoder body of the llm (get_decoder() / .model)")
-        return decoder
-
     def last_hidden(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Final-norm hidden state at each sample's last real position, ``(B, hidden_size)``."""
         input_ids = batch["input_ids"]
@@ -147,7 +131,7 @@ class CoRARecommender(nn.Module):
                 f"{input_ids.shape[0]}"
             )
         with cora_weights(self.llm, lora_a):
-            out = self._decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            out = decoder_body(self.llm)(input_ids=input_ids, attention_mask=mask, use_cache=False)
         hidden = out.last_hidden_state  # (B, T, d), final norm applied by the decoder
         if mask is None or bool(mask[:, -1].all()):
             return hidden[:, -1]
@@ -163,12 +147,7 @@ class CoRARecommender(nn.Module):
         logits, never at every position.
         """
         h = self.last_hidden(batch)
-        head = self.llm.get_output_embeddings()
-        w = head.weight[self.yes_token_id]
-        logit = h.float() @ w.float()
-        if getattr(head, "bias", None) is not None:
-            logit = logit + head.bias[self.yes_token_id].float()
-        return logit
+        return answer_logit(self.llm, h, self.yes_token_id)
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Same as :meth:`score`."""

@@ -22,9 +22,7 @@ LLM score only those K.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,8 @@ from typing import Callable, Dict, Optional, Sequence, Set, Union
 import numpy as np
 import pandas as pd
 import torch
+
+from llmrec.runs import atomic_write_json, write_csv
 
 __all__ = [
     "INDEX_KINDS",
@@ -391,13 +391,6 @@ class PairScorer:
         return out
 
 
-def _examples_for(spec, cfg) -> Callable:
-    from llmrec.data.batching import make_examples
-
-    hook = getattr(spec, "examples", None) or make_examples
-    return lambda df, tok, **kw: hook(df, tok, template=spec.template, **kw)
-
-
 def load_pair_scorer(
     run_dir,
     data=None,
@@ -407,64 +400,45 @@ def load_pair_scorer(
     batch_size: int = 64,
 ) -> tuple[PairScorer, object]:
     """``(PairScorer, data)`` for a run written by ``llmrec train`` or ``llmrec train-cf``."""
-    from llmrec import train as T
     from llmrec.cf import load_cf_embeddings
+    from llmrec.data import load_run_data
+    from llmrec.runs import RunConfigError, read_run_info
+    from llmrec.train import reopen_run
 
     run_dir = Path(run_dir)
-    run_file = run_dir / T.RUN_FILE
-    if not run_file.exists():
-        raise T.RunConfigError(
-            f"{run_dir}: no {T.RUN_FILE} (not a run directory written by llmrec)"
-        )
-    info = json.loads(run_file.read_text())
+    info = read_run_info(run_dir)
     if info.get("kind") == "cf":
-        data = (
-            data if data is not None else T.load_run_data(data_path or info["config"].get("data"))
-        )
+        data = data if data is not None else load_run_data(data_path or info["config"].get("data"))
         emb = load_cf_embeddings(run_dir, data.n_users, data.n_items)
         scorer = PairScorer(
             info.get("model", "cf"), title_map(data), user_table=emb.user, item_table=emb.item
         )
         return scorer, data
-    cfg = T.RunConfig.from_dict(info["config"])
-    cfg.out = str(run_dir)
-    if cfg.llm == "tiny":  # the run's own tiny LLM, never a freshly built one
-        cfg.llm = str(run_dir / "llm")
-        if not (run_dir / "llm" / "config.json").exists():
-            raise T.RunConfigError(f"{run_dir}: the run's tiny LLM (llm/) is missing")
-    if data_path is not None:
-        cfg.data = data_path
-    cfg.cf = info.get("cf_path") or cfg.cf
-    cfg.device, cfg.resume, cfg.init_from = device, False, None
-    cfg.train.progress = False
-    prep = T.prepare_run(cfg, data=data)
-    if not prep.spec.uses_cf:
-        raise T.RunConfigError(
-            f"{run_dir}: method {cfg.method!r} has no CF embeddings to retrieve with"
+    run = reopen_run(run_dir, data_path=data_path, device=device, progress=False, data=data)
+    ctx, method = run.ctx, run.method
+    if not method.uses_cf:
+        raise RunConfigError(
+            f"{run_dir}: method {method.name!r} has no CF embeddings to retrieve with"
         )
-    if not callable(getattr(prep.model, "score", None)):
-        raise T.RunConfigError(
-            f"{run_dir}: method {cfg.method!r} has no pointwise score(batch); retrieve-then-score "
-            "works with the scoring methods (collm, cora, ...) and CF runs"
+    if not callable(getattr(run.model, "score", None)):
+        raise RunConfigError(
+            f"{run_dir}: method {method.name!r} has no pointwise score(batch); retrieve-then-"
+            "score works with the scoring methods (collm, cora, ...) and CF runs"
         )
-    if prep.spec.trains:
-        best = run_dir / T.BEST
-        T.check_trainable_compatible(prep.model, best)
-        prep.model.load_trainable(str(best))
     scorer = PairScorer(
-        cfg.method,
-        title_map(prep.data),
-        model=prep.model,
-        tokenizer=prep.tokenizer,
-        examples=_examples_for(prep.spec, cfg),
-        user_table=prep.user_table,
-        item_table=prep.item_table,
-        device=prep.device,
+        method.name,
+        title_map(ctx.data),
+        model=run.model,
+        tokenizer=ctx.tokenizer,
+        examples=lambda df, tok, **kw: method.source(ctx, df).examples,
+        user_table=ctx.user_table,
+        item_table=ctx.item_table,
+        device=ctx.device,
         batch_size=batch_size,
-        max_his=cfg.max_his,
-        max_length=cfg.max_length,
+        max_his=ctx.cfg.max_his,
+        max_length=ctx.cfg.max_length,
     )
-    return scorer, prep.data
+    return scorer, ctx.data
 
 
 def recommend(
@@ -564,19 +538,8 @@ def recommend(
             "llm_rerank_same_users": ranking_metrics(reranked_a[idx], sub_rel, top_n),
         }
     if lists_path:
-        Path(lists_path).parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(lists, columns=["uid", "rank", "iid", "score"]).to_csv(lists_path, index=False)
+        write_csv(lists_path, pd.DataFrame(lists, columns=["uid", "rank", "iid", "score"]))
     return result
-
-
-def write_json(path, obj) -> None:
-    from llmrec.metrics import json_safe
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(json_safe(obj), indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def run_recommend(
@@ -616,5 +579,5 @@ def run_recommend(
     }  # fmt: skip
     result["wall_time_s"] = time.perf_counter() - start
     target = Path(out) if out else Path(run_dir) / f"recommend_k{k}_{index_kind}.json"
-    write_json(target, result)
+    atomic_write_json(target, result)
     return result

@@ -8,9 +8,6 @@ A CF run directory holds ``run.json`` (``"kind": "cf"`` and the config), ``model
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +16,12 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from llmrec.cf.models import build_cf_model
 from llmrec.cf.train import CFConfig, predict_cf, save_cf_embeddings, train_cf
-from llmrec.metrics import evaluate_predictions, json_safe
+from llmrec.metrics import evaluate_predictions
+from llmrec.runs import save_safetensors, write_metrics, write_run_info
 
 __all__ = ["CFRunConfig", "evaluate_cf_run", "train_cf_run"]
 
@@ -60,21 +58,6 @@ def _model_kwargs(cfg: CFRunConfig) -> dict:
     return kw
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(json_safe(obj), indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_predictions(path: Path, df: pd.DataFrame, scores: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = pd.DataFrame(
-        {"uid": df["uid"].to_numpy(), "iid": df["iid"].to_numpy(), "label": df["label"].to_numpy()}
-    )
-    out["score"] = scores
-    out.to_csv(path, index=False)
-
-
 def _metrics(df: pd.DataFrame, scores: np.ndarray) -> dict:
     return evaluate_predictions(
         df["uid"].to_numpy(), df["label"].to_numpy(), scores, df["not_cold"].to_numpy()
@@ -85,7 +68,7 @@ def train_cf_run(
     cfg: CFRunConfig, *, data=None, log: Optional[Callable[[str], None]] = None
 ) -> dict:
     """Train ``cfg.model``, export embeddings, evaluate valid/test; return the metrics."""
-    from llmrec.train import load_run_data
+    from llmrec.data import load_run_data
 
     start = time.perf_counter()
     data = data if data is not None else load_run_data(cfg.data)
@@ -106,8 +89,7 @@ def train_cf_run(
         his_len=cfg.his_len,
     )
     res = train_cf(model, data, tcfg, device=cfg.device, progress=cfg.progress, log=log)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
+    save_safetensors(out / "model.safetensors", model.state_dict())
     user, item = model.export(data)
     save_cf_embeddings(
         out / "embeddings.safetensors", user, item, cfg.model, best_valid_auc=res.best_valid_auc
@@ -130,19 +112,8 @@ def train_cf_run(
         "data": data.summary(),
         "wall_time_s": time.perf_counter() - start,
     }
-    _write_json(
-        out / "run.json",
-        {
-            "kind": "cf",
-            "model": cfg.model,
-            "config": dataclasses.asdict(cfg),
-            "data": data.summary(),
-            "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        },
-    )
-    _write_json(out / "metrics.json", metrics)
-    if cfg.predictions:
-        _write_predictions(Path(cfg.predictions), test_df, test_scores)
+    write_run_info(out, "cf", "model", cfg.model, dataclasses.asdict(cfg), data=data.summary())
+    write_metrics(out, metrics, predictions=cfg.predictions, pred_df=test_df, scores=test_scores)
     return metrics
 
 
@@ -157,7 +128,7 @@ def evaluate_cf_run(
     device: str = "cpu",
 ) -> dict:
     from llmrec.cf.train import CFEmbeddingError
-    from llmrec.train import load_run_data
+    from llmrec.data import load_run_data
 
     start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -190,7 +161,7 @@ def evaluate_cf_run(
         "wall_time_s": time.perf_counter() - start,
     }
     target = Path(metrics_path) if metrics_path else run_dir / f"eval_{split}.json"
-    _write_json(target, metrics)
-    if predictions:
-        _write_predictions(Path(predictions), df, scores)
+    write_metrics(
+        run_dir, metrics, metrics_path=target, predictions=predictions, pred_df=df, scores=scores
+    )
     return metrics

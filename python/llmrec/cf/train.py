@@ -8,7 +8,6 @@ Embedding files (``embeddings.safetensors``) hold ``user_emb`` ``(n_users + 1, d
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,10 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from llmrec.cf.models import bce, pad_histories
 from llmrec.metrics import auc
+from llmrec.runs import save_safetensors
 
 __all__ = [
     "EMBEDDINGS_FILE",
@@ -200,17 +199,8 @@ def save_cf_embeddings(
         "n_items": str(item.shape[0] - 1),
         **{k: str(v) for k, v in meta.items()},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {
-            "user_emb": user.detach().float().cpu().contiguous(),
-            "item_emb": item.detach().float().cpu().contiguous(),
-        },
-        str(tmp),
-        metadata=metadata,
-    )
-    os.replace(tmp, path)
-    return path
+    tensors = {"user_emb": user.detach().float(), "item_emb": item.detach().float()}
+    return save_safetensors(path, tensors, metadata=metadata)
 
 
 def load_cf_embeddings(

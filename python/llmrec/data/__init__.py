@@ -4,7 +4,6 @@ from llmrec.data.batching import (
     MODEL_KEYS,
     RecCollator,
     RecExamples,
-    answer_token_ids,
     encode_prompts,
     make_examples,
     pad_id_of,
@@ -37,12 +36,12 @@ __all__ = [
     "RecData",
     "RecExamples",
     "SyntheticFactors",
-    "answer_token_ids",
     "build_prompt",
     "build_prompts",
     "encode_prompts",
     "format_title_list",
     "load_data",
+    "load_run_data",
     "make_examples",
     "make_synthetic",
     "pad_id_of",
@@ -50,3 +49,10 @@ __all__ = [
     "validate_split",
     "write_data",
 ]
+
+
+def load_run_data(data_path=None) -> RecData:
+    """The dataset at ``data_path``, or the embedded synthetic dataset when it is None."""
+    if data_path is None:
+        return make_synthetic()
+    return load_data(data_path)

@@ -21,7 +21,6 @@ __all__ = [
     "MODEL_KEYS",
     "RecCollator",
     "RecExamples",
-    "answer_token_ids",
     "encode_prompts",
     "make_examples",
     "pad_id_of",
@@ -29,32 +28,6 @@ __all__ = [
 
 #: keys of a batch that the models' ``score`` / ``loss`` read
 MODEL_KEYS = ("input_ids", "attention_mask", "user_emb", "item_emb", "labels")
-
-
-def _single_token(tokenizer, word: str) -> Optional[int]:
-    for text in (word, " " + word):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
-            return int(ids[0])
-    for tok in (word, "▁" + word, "Ġ" + word):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if tid is not None and tid != tokenizer.unk_token_id:
-            return int(tid)
-    return None
-
-
-def answer_token_ids(tokenizer) -> tuple[int, int]:
-    """The ids of the single tokens "Yes" and "No" (``ValueError`` when either is split)."""
-    ids = []
-    for word in ("Yes", "No"):
-        tid = _single_token(tokenizer, word)
-        if tid is None:
-            raise ValueError(
-                f"the tokenizer has no single token for {word!r} "
-                f"(it encodes as {tokenizer.tokenize(word)}); the score is that token's logit"
-            )
-        ids.append(tid)
-    return ids[0], ids[1]
 
 
 def pad_id_of(tokenizer) -> int:
@@ -156,6 +129,17 @@ class RecCollator:
         self.user_table = user_table
         self.item_table = item_table
         self.cf_dim = int(user_table.shape[1]) if user_table is not None else cf_dim
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def lengths(self) -> np.ndarray:
+        """``(N,)`` prompt lengths (prediction batches rows of similar length together)."""
+        return self.examples.lengths()
+
+    def labels(self) -> np.ndarray:
+        """``(N,)`` float32 labels, for the validation metric."""
+        return self.examples.label
 
     def __call__(self, indices: Sequence[int]) -> Dict[str, torch.Tensor]:
         ex = self.examples

@@ -1,0 +1,141 @@
+"""Plain LoRA with one ``A`` shared by the batch, through the fused CoRA op.
+
+CoLLM (and any method that tunes an LLM with ordinary LoRA) patches projections with
+:class:`LoRALinear`: ``y = x W^T + b + s B A dropout(x)``, ``s = alpha / r``, with peft's
+parameter names and layouts (``lora_A.weight`` ``(r, d_in)``, ``lora_B.weight``
+``(d_out, r)``). Without dropout in play the call is :func:`fused_cora_linear` with the same
+``A^T`` for every sample, so the base GEMM and the low-rank update share one kernel. While a
+module trains with dropout > 0 the LoRA branch reads ``dropout(x)`` and the base GEMM reads
+``x``, which one fused call cannot express; that case runs the two in PyTorch, as peft does.
+The modules to patch are found as :func:`llmrec_kernels.hf.apply_cora_to_llama` finds them
+(:func:`llmrec_kernels.hf.find_linear_modules`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmrec_kernels.cora_linear import fused_cora_linear
+from llmrec_kernels.hf import find_linear_modules
+
+__all__ = ["DEFAULT_LORA_TARGETS", "LoRALinear", "apply_lora", "lora_modules", "remove_lora"]
+
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus LoRA, ``x W^T + b + s B A dropout(x)``, s = alpha / r.
+
+    ``weight`` / ``bias`` are the original parameters (same objects); ``lora_A.weight``
+    ``(r, d_in)`` (Kaiming-uniform, as peft) and ``lora_B.weight`` ``(d_out, r)`` (zeros)
+    train. Without dropout in play the call is ``fused_cora_linear(x, W, A^T, B, b, s)``
+    with A shared by every sample.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.05,
+        backend: str = "auto",
+        path: str = "",
+    ):
+        super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        w = base.weight
+        lora_dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        self.lora_A = nn.Linear(
+            base.in_features, rank, bias=False, device=w.device, dtype=lora_dtype
+        )
+        self.lora_B = nn.Linear(
+            rank, base.out_features, bias=False, device=w.device, dtype=lora_dtype
+        )
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank, self.alpha, self.dropout_p = rank, float(alpha), float(dropout)
+        self.scaling = float(alpha) / rank
+        self.backend = backend
+        self.path = path
+        # the original module, kept out of the module tree (its parameters are ours already)
+        self.__dict__["base_layer"] = base
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout_p:g}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_p > 0:
+            dt = x.dtype
+            y = F.linear(x, self.weight, self.bias)
+            h = F.linear(self.lora_dropout(x), self.lora_A.weight.to(dt))
+            return y + F.linear(h, self.lora_B.weight.to(dt)) * self.scaling
+        if x.dim() not in (2, 3):
+            lead = x.shape[:-1]
+            y = self.forward(x.reshape(-1, x.shape[-1]))
+            return y.reshape(*lead, self.out_features)
+        return fused_cora_linear(
+            x,
+            self.weight,
+            self.lora_A.weight.t(),
+            self.lora_B.weight,
+            self.bias,
+            scaling=self.scaling,
+            backend=self.backend,
+        )
+
+
+def apply_lora(
+    model: nn.Module,
+    rank: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.05,
+    target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+    backend: str = "auto",
+    seed: Optional[int] = None,
+) -> Dict[str, LoRALinear]:
+    """Replace every ``nn.Linear`` named in ``target_modules`` by a :class:`LoRALinear`.
+
+    Freezes every parameter of ``model`` first; returns ``{path: LoRALinear}``. ``seed``
+    makes the ``lora_A`` initialisation reproducible without touching the global RNG.
+    """
+    if isinstance(target_modules, str):
+        target_modules = (target_modules,)
+    targets = find_linear_modules(model, tuple(target_modules))
+    model.requires_grad_(False)
+    out: Dict[str, LoRALinear] = {}
+    ctx = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with ctx:
+        if seed is not None:
+            torch.manual_seed(seed)
+        for parent, name, child, full in targets:
+            lora = LoRALinear(child, rank, alpha, dropout, backend, full)
+            setattr(parent, name, lora)
+            out[full] = lora
+    return out
+
+
+def lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:
+    """``{path: LoRALinear}`` of every module :func:`apply_lora` patched."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Put the original ``nn.Linear`` modules back (the LoRA factors are dropped)."""
+    for path, m in list(lora_modules(model).items()):
+        parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+        setattr(parent, path.rsplit(".", 1)[-1], m.base_layer)
+    return model

@@ -1,0 +1,159 @@
+"""The one LLM loader and the LLM functions every method shares.
+
+:func:`load_run_llm` gives a run its ``(llm, tokenizer)``: a local Hugging Face directory
+(Vicuna, LLaMA, Qwen2, ... with its tokenizer), or ``tiny``, a small random LLaMA whose
+tokenizer is trained on the run's data and which is kept in ``<out>/llm`` (so ``llmrec
+evaluate`` reopens the same model). :func:`decoder_body`, :func:`answer_token_ids` and
+:func:`answer_logit` are the single definitions of the decoder lookup, the answer token and
+the score every method reads (docs/design.md §2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from llmrec.tiny_llm import (
+    LLMLoadError,
+    build_tiny_llm,
+    check_tokenizer_files,
+    load_llm,
+    save_llm,
+)
+
+__all__ = [
+    "ANSWER_CONTEXT",
+    "LLMLoadError",
+    "answer_logit",
+    "answer_token_ids",
+    "check_tokenizer_files",
+    "decoder_body",
+    "load_llm",
+    "load_run_llm",
+    "torch_dtype",
+]
+
+#: the end of every prompt template; the answer follows it after a space
+ANSWER_CONTEXT = "#Answer:"
+
+
+def decoder_body(llm: nn.Module) -> nn.Module:
+    """The decoder stack of a causal LM (``get_decoder()``, else ``.model``): it returns
+    ``last_hidden_state`` with the final norm applied and never runs the vocabulary head."""
+    get = getattr(llm, "get_decoder", None)
+    body = get() if callable(get) else None
+    if body is None:
+        body = getattr(llm, "model", None)
+    if body is None:
+        raise ValueError("cannot find the decoder body of the llm (get_decoder() / .model)")
+    return body
+
+
+def answer_token_ids(
+    tokenizer: Any, answers: Sequence[str] = ("Yes", "No"), context: str = ANSWER_CONTEXT
+) -> tuple:
+    """The id of each answer as the model would emit it after the prompt.
+
+    Each answer is tokenised as the continuation ``context + " " + answer`` (so ``" Yes"``
+    in byte-level BPE, ``"▁Yes"`` in SentencePiece); tokens that every answer's continuation
+    shares at its start (a lone space token where the answers are added tokens) are skipped,
+    and the first token that tells the answers apart is the answer's id.
+
+    Returns a tuple of ints, one per answer. Raises ``ValueError`` when the context does not
+    tokenise as a prefix of its continuations or two answers get the same id.
+    """
+    base = tokenizer(context, add_special_tokens=False)["input_ids"]
+    conts: List[List[int]] = []
+    for word in answers:
+        ids = list(tokenizer(f"{context} {word}", add_special_tokens=False)["input_ids"])
+        if ids[: len(base)] != list(base):
+            raise ValueError(
+                f"{context!r} does not tokenise as a prefix of {context + ' ' + word!r}; "
+                "the answer token cannot be located"
+            )
+        conts.append(ids[len(base) :])
+    k = 0
+    while all(len(c) > k for c in conts) and len({c[k] for c in conts}) == 1:
+        k += 1
+    if any(len(c) <= k for c in conts):
+        raise ValueError(f"the answers {list(answers)} tokenise to no distinguishing token")
+    ids = tuple(int(c[k]) for c in conts)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the answers {list(answers)} share the answer token id(s) {ids}")
+    return ids
+
+
+def answer_logit(llm: nn.Module, hidden: torch.Tensor, token_id: int) -> torch.Tensor:
+    """``(B,)`` float32 logit of ``token_id`` from hidden states ``(B, d)``: one row of the
+    output head (and its bias), never the full-vocabulary projection."""
+    head = llm.get_output_embeddings()
+    logit = hidden.float() @ head.weight[token_id].float()
+    if getattr(head, "bias", None) is not None:
+        logit = logit + head.bias[token_id].float()
+    return logit
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``--llm-dtype`` as a dtype; ``auto`` is bf16 (fp16 without bf16) on CUDA, fp32 else."""
+    from llmrec.runs import RunConfigError
+
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in table:
+        raise RunConfigError(f"--llm-dtype must be auto, fp32, bf16 or fp16, got {name!r}")
+    return table[name]
+
+
+def tiny_corpus(data, template: str, max_his: int, limit: int = 20000) -> List[str]:
+    """Texts the tiny tokenizer learns from: the run's prompts, titles and the answers."""
+    from llmrec.data.prompts import TEMPLATES, build_prompts
+
+    train = data["train"]
+    if len(train) > limit:
+        train = train.sample(n=limit, random_state=0)
+    texts = build_prompts(train["his_title"], train["title"], template=template, max_his=max_his)
+    texts.append(TEMPLATES.get(template, template))
+    texts.extend(sorted(set(data.item_titles().values())))
+    texts.extend(["Yes", "No"] * 10)
+    return texts
+
+
+def load_run_llm(
+    llm: str,
+    out: str,
+    *,
+    data,
+    template: str,
+    max_his: int,
+    tiny: Optional[dict],
+    tiny_seed: int,
+    env,
+    device,
+    dtype: torch.dtype,
+):
+    """``(llm, tokenizer)`` of a run: a local HF directory, or the tiny model in ``<out>/llm``.
+
+    ``env`` (a :class:`llmrec.trainer.DistEnv`): only the main process builds and saves the
+    tiny model; every process then loads the saved one, so all ranks hold the same weights.
+    """
+    from llmrec.runs import save_tiny_llm
+
+    if llm != "tiny":
+        check_tokenizer_files(llm)
+        return load_llm(llm, dtype=dtype, device=device)
+    tiny_dir = Path(out) / "llm"
+    if env.is_main and not (tiny_dir / "config.json").exists():
+        model, tok = build_tiny_llm(
+            tiny_corpus(data, template, max_his), config=tiny, seed=tiny_seed
+        )
+        save_tiny_llm(
+            out, lambda d: save_llm(model, tok, d, extra={"tiny": tiny, "seed": tiny_seed})
+        )
+    env.barrier()
+    return load_llm(tiny_dir, dtype=dtype, device=device)

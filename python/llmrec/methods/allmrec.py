@@ -1,0 +1,167 @@
+"""A-LLMRec (:mod:`llmrec.allmrec`): stage 1 aligns CF item embeddings with title
+embeddings, stage 2 trains the soft-prompt projections of a frozen LLM (selected on the
+validation Hit@1 of the scored candidates). Evaluation adds the ranking metrics (Hit@K,
+NDCG@K, generated Hit@1) to the pointwise AUC / UAUC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import numpy as np
+
+from llmrec.allmrec import (
+    HIT_AT_1,
+    SBERT_DIM,
+    AlignRows,
+    ALLMRec,
+    CandidatePairs,
+    EpisodeBatches,
+    EpisodeCollator,
+    generate_hits,
+    hit_ndcg,
+    make_episodes,
+    row_episodes,
+    score_episodes,
+    score_rows,
+    text_table,
+)
+from llmrec.method import Method, RunContext, Stage, register, split_metrics
+from llmrec.retrieval import seen_items, title_map
+
+ALL_SPLITS = ("train", "valid", "valid_small", "test")
+
+
+@dataclass
+class _Prompting:
+    """What both stages and the evaluation share: titles, catalogue, seen items, collator."""
+
+    titles: Dict[int, str]
+    catalogue: np.ndarray
+    seen: Dict[int, set]
+    coll: EpisodeCollator
+
+
+@register
+class ALLMRecMethod(Method):
+    name = "allmrec"
+    description = (
+        "A-LLMRec: CF/SBERT-aligned item and user soft prompts, frozen LLM generates the "
+        "next title (Hit@1; scored Hit@K/NDCG@K and AUC)"
+    )
+    single_process = True
+    report_columns = (
+        ("hit@1", "Hit@1", ".4f"),
+        ("hit@1_generated", "Hit@1 gen", ".4f"),
+        ("ndcg@10", "NDCG@10", ".4f"),
+    )
+
+    @dataclass
+    class Options:
+        text_encoder: str = "sbert"  # sbert | random
+        latent_dim: int = 128
+        ae_hidden: int = 256
+        proj_hidden: int = 256
+        stage1_epochs: int = 10
+        stage1_lr: float = 1e-3
+        stage1_batch_size: int = 512
+        stage1_weights: Dict[str, float] = field(default_factory=dict)
+        train_candidates: int = 10
+        candidates: int = 20
+        episodes: int = 200
+        valid_episodes: int = 100
+        generate: bool = True
+        max_new_tokens: int = 40
+        ks: List[int] = field(default_factory=lambda: [1, 5, 10])
+
+    def build(self, ctx: RunContext, opts: Options) -> ALLMRec:
+        model = ALLMRec(
+            ctx.llm, ctx.tokenizer, ctx.cf_dim, text_dim=SBERT_DIM, latent_dim=opts.latent_dim,
+            ae_hidden=opts.ae_hidden, proj_hidden=opts.proj_hidden,
+        )  # fmt: skip
+        model.set_tables(ctx.item_table)
+        return model
+
+    def _prompting(self, ctx: RunContext) -> _Prompting:
+        if getattr(self, "_shared", None) is None:
+            titles = title_map(ctx.data)
+            n = ctx.data.n_items
+            catalogue = np.array(sorted(i for i in titles if 1 <= i <= n), np.int64)
+            coll = EpisodeCollator(
+                ctx.tokenizer, titles, ctx.user_table, max_his=ctx.cfg.max_his,
+                max_length=max(ctx.cfg.max_length, 1024),
+            )  # fmt: skip
+            self._shared = _Prompting(titles, catalogue, seen_items(ctx.data, ALL_SPLITS), coll)
+        return self._shared
+
+    def stages(self, ctx: RunContext, model: ALLMRec, opts: Options) -> List[Stage]:
+        p, tcfg = self._prompting(ctx), ctx.cfg.train
+        text = text_table(p.titles, ctx.data.n_items, opts.text_encoder, ctx.log, ctx.device)
+        rows = {k: ctx.data["train"][k].to_numpy() for k in ("uid", "iid", "label")}
+        # stage 1 is plain Adam at a constant rate over every training interaction
+        align_cfg = dataclasses.replace(
+            tcfg, epochs=opts.stage1_epochs, batch_size=opts.stage1_batch_size,
+            lr=opts.stage1_lr, weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0,
+            grad_clip=0.0, max_steps=None, eval_every=0, save_every=0,
+        )  # fmt: skip
+        align = Stage(
+            "align",
+            AlignRows(rows, ctx.user_table, ctx.item_table, text),
+            None,
+            align_cfg,
+            subdir="stage1",
+            enter=lambda: model.set_stage("align", opts.stage1_weights),
+            info={"epochs": opts.stage1_epochs, "text_encoder": opts.text_encoder},
+        )
+        seed = tcfg.seed
+        train_eps = make_episodes(
+            ctx.rows("train"), p.catalogue, opts.train_candidates, seen=p.seen, seed=seed
+        )
+        valid_eps = make_episodes(
+            ctx.rows(ctx.valid_split), p.catalogue, opts.candidates, seen=p.seen, seed=seed + 3
+        )[: opts.valid_episodes]
+        prompt = Stage(
+            "prompt",
+            EpisodeBatches(p.coll, train_eps),
+            CandidatePairs(p.coll, valid_eps),
+            tcfg,
+            metric=HIT_AT_1,
+            enter=lambda: model.set_stage("prompt"),
+            info={"episodes": len(train_eps)},
+        )
+        return [align, prompt]
+
+    def eval_rows(self, ctx: RunContext, split: str):
+        # the ranking evaluation generates text: the run's test budget applies
+        return ctx.rows(split)
+
+    def evaluate(self, ctx: RunContext, model: ALLMRec, opts: Options, df, predict, full=True):
+        """AUC / UAUC of every row (its title's log-likelihood among the user's rows of the
+        split, in chunks of ``candidates``); with ``full``, the ranking metrics of episodes."""
+        p, cfg = self._prompting(ctx), ctx.cfg
+        model.set_stage("prompt")
+        bs, dev, progress = cfg.train.eval_batch_size, ctx.device, cfg.train.progress
+        row_eps, rows = row_episodes(df, opts.candidates, seed=cfg.train.seed)
+        scores = np.empty(len(df))
+        scores[rows] = score_rows(model, p.coll, row_eps, bs, dev, progress, desc="rows")
+        block = split_metrics(scores, df)
+        if not full:
+            return block, scores
+        seed = cfg.train.seed
+        eps = make_episodes(df, p.catalogue, opts.candidates, seen=p.seen, seed=seed + 7)
+        if len(eps) > opts.episodes:
+            rng = np.random.default_rng(seed)
+            eps = [eps[j] for j in sorted(rng.choice(len(eps), opts.episodes, replace=False))]
+        sc = score_episodes(model, p.coll, eps, bs, dev, progress, desc="episodes")
+        tpos = np.array([ep.candidates.index(ep.target) for ep in eps])
+        block.update(hit_ndcg(sc, tpos, opts.ks))
+        block.update({"episodes": len(eps), "candidates": opts.candidates})
+        if opts.generate and eps:
+            block.update(generate_hits(model, p.coll, eps, bs, dev, opts.max_new_tokens, progress))
+        ctx.log(
+            f"A-LLMRec {len(df)} rows: AUC {block['auc']:.4f} UAUC {block['uauc']:.4f} "
+            f"hit@1 {block.get('hit@1', float('nan')):.4f}"
+        )
+        return block, scores

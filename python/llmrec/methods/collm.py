@@ -1,0 +1,100 @@
+"""CoLLM: CF embeddings in ``<UserID>`` / ``<TargetItemID>`` slots + LoRA (:mod:`llmrec.collm`).
+
+``two-step`` tuning (CoLLM's recipe) is two stages: LoRA on text-only prompts (the CoRA
+template, no slots) in ``<out>/step1``, then the CIE on CoLLM prompts with LoRA frozen;
+``one-step`` is one stage training both on CoLLM prompts.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from llmrec.collm import COLLM_DEFAULT_TARGETS, TUNINGS, CoLLMRecommender, make_collm_examples
+from llmrec.data.batching import RecCollator, pad_id_of
+from llmrec.method import Method, RunContext, Stage, register
+from llmrec.runs import RunConfigError
+
+
+@register
+class CoLLM(Method):
+    name = "collm"
+    description = (
+        "CoLLM: CF embeddings mapped into <UserID>/<TargetItemID> slots + LoRA q/v; "
+        "two-step (default) or one-step tuning"
+    )
+    template = "collm"
+
+    @dataclass
+    class Options:
+        lora_rank: int = 8
+        lora_alpha: float = 16.0
+        lora_dropout: float = 0.05
+        lora_targets: List[str] = field(default_factory=lambda: list(COLLM_DEFAULT_TARGETS))
+        cie_mult: int = 10
+        tuning: str = "two-step"
+        lora_epochs: Optional[int] = None  # step 1 overrides of --epochs / --max-steps / --lr
+        lora_max_steps: Optional[int] = None
+        lora_lr: Optional[float] = None
+        backend: str = "auto"
+
+    def build(self, ctx: RunContext, opts: Options) -> CoLLMRecommender:
+        if opts.tuning not in TUNINGS:
+            raise RunConfigError(f"CoLLM tuning must be one of {TUNINGS}, got {opts.tuning!r}")
+        return CoLLMRecommender(
+            ctx.llm,
+            ctx.tokenizer,
+            ctx.cf_dim,
+            lora_rank=opts.lora_rank,
+            lora_alpha=opts.lora_alpha,
+            lora_dropout=opts.lora_dropout,
+            target_modules=tuple(opts.lora_targets),
+            cie_mult=opts.cie_mult,
+            stage="cie" if opts.tuning == "two-step" else "joint",
+            backend=opts.backend,
+        )
+
+    def source(self, ctx: RunContext, df, template: Optional[str] = None) -> RecCollator:
+        ex = make_collm_examples(
+            df,
+            ctx.tokenizer,
+            template=template or self.template,
+            max_his=ctx.cfg.max_his,
+            max_length=ctx.cfg.max_length,
+        )
+        return RecCollator(ex, pad_id_of(ctx.tokenizer), ctx.user_table, ctx.item_table)
+
+    def stages(self, ctx: RunContext, model: CoLLMRecommender, opts: Options) -> List[Stage]:
+        train_df, valid_df = ctx.rows("train"), ctx.rows(ctx.valid_split)
+        last = "cie" if opts.tuning == "two-step" else "joint"
+        final = Stage(
+            last,
+            self.source(ctx, train_df, "collm"),
+            self.source(ctx, valid_df, "collm"),
+            ctx.cfg.train,
+            enter=lambda: model.set_stage(last),
+            info={"template": "collm"},
+        )
+        if opts.tuning == "one-step":
+            return [final]
+        step1 = copy.deepcopy(ctx.cfg.train)
+        if opts.lora_epochs is not None:
+            step1.epochs = opts.lora_epochs
+        if opts.lora_max_steps is not None:
+            step1.max_steps = opts.lora_max_steps
+        if opts.lora_lr is not None:
+            step1.lr = opts.lora_lr
+        lora = Stage(
+            "lora",
+            self.source(ctx, train_df, "cora"),
+            self.source(ctx, valid_df, "cora"),
+            step1,
+            subdir="step1",
+            enter=lambda: model.set_stage("lora"),
+            info={"template": "cora"},
+        )
+        return [lora, final]
+
+    def train_summary(self, opts: Options) -> dict:
+        return {"tuning": opts.tuning}

@@ -1,0 +1,620 @@
+"""The training loop, for any model of any method: it knows no method.
+
+:class:`Trainer` takes a model (the :class:`llmrec.method.Recommender` protocol: ``loss``,
+``score``, ``trainable_parameters``, ``save_trainable`` / ``load_trainable``), a source of
+training batches, a source of validation batches with a :class:`Metric`, and a
+:class:`~llmrec.runs.TrainConfig`. It runs AdamW over the trainable parameters with linear
+warm-up then cosine decay, evaluates the metric at every epoch end (and every ``eval_every``
+steps when set), stops after ``patience`` evaluations without improvement, keeps the best
+trainable state in ``best.safetensors``, autocasts to bf16/fp16 on a GPU, and under
+``torchrun`` runs DDP: each rank reads its share of every epoch, gradients of the trainable
+parameters are averaged with ``all_reduce`` after every backward (so they stay identical on
+all ranks), evaluation scores are gathered from all ranks before the metric is computed.
+Without validation batches it trains for the configured epochs and keeps the last state.
+
+Checkpoints (``<out>/checkpoints/ckpt-<seq>-step<step>/``, written by
+:func:`llmrec.runs.write_checkpoint`) hold the trainable state and ``trainer.safetensors``
+(optimizer moments, RNG state and the loop's position in safetensors metadata).
+``fit(resume=True)`` continues from the latest one: finished epochs and steps are not
+repeated, and the data order, learning rate and optimizer moments continue as if
+uninterrupted. A multi-stage method runs one trainer per stage, each in its own directory.
+
+A batch source is any object with ``__len__`` (rows) and ``__call__(indices) -> dict`` of
+tensors (:class:`llmrec.data.RecCollator`); an optional ``lengths()`` lets prediction batch
+rows of similar length together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Protocol
+
+import numpy as np
+import torch
+
+from llmrec.metrics import auc, json_safe
+from llmrec.runs import (
+    BEST,
+    TRAINABLE,
+    TRAINER,
+    CheckpointError,
+    RunConfigError,
+    TrainConfig,
+    append_jsonl,
+    latest_checkpoint,
+    save_trainable_atomic,
+    write_checkpoint,
+)
+
+__all__ = [
+    "AUC",
+    "BatchSource",
+    "DistEnv",
+    "LoopState",
+    "Metric",
+    "Trainer",
+    "check_trainable_compatible",
+    "init_distributed",
+    "lr_factor",
+    "resolve_precision",
+]
+
+
+class BatchSource(Protocol):
+    """Rows that become batches: ``len(source)`` rows, ``source(indices)`` a batch dict."""
+
+    def __len__(self) -> int: ...
+
+    def __call__(self, indices) -> Dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A validation metric, larger is better: ``fn(scores, source) -> float`` where
+    ``scores`` ``(len(source),)`` float64 are the model's scores of the source's rows."""
+
+    name: str
+    fn: Callable[[np.ndarray, Any], float]
+
+    def __call__(self, scores: np.ndarray, source) -> float:
+        return float(self.fn(scores, source))
+
+
+#: ROC AUC of the scores against the source's labels (``source.labels()``)
+AUC = Metric("auc", lambda scores, source: auc(source.labels(), scores))
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed helpers
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1).
+
+    gloo on the CPU, nccl on CUDA. A single process returns a trivial :class:`DistEnv`.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistEnv(rank=rank, world_size=world, local_rank=local)
+
+
+def _all_reduce_mean(tensors: List[torch.Tensor], env: DistEnv) -> None:
+    if not env.enabled or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= env.world_size
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
+        offset += n
+
+
+def _broadcast(tensors: List[torch.Tensor], env: DistEnv) -> None:
+    if not env.enabled:
+        return
+    with torch.no_grad():
+        for t in tensors:
+            torch.distributed.broadcast(t.data, src=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule, config
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr before update ``step`` (0-based): linear warm-up, cosine."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--precision`` on ``device`` (None: no autocast)."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise RunConfigError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            raise RunConfigError(f"--precision {precision} needs a CUDA device (autocast on GPU)")
+        return None
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _trainable_shapes(model) -> Dict[str, tuple]:
+    state = getattr(model, "trainable_state", None)
+    if callable(state):
+        return {k: tuple(v.shape) for k, v in state().items()}
+    from safetensors import safe_open
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "probe.safetensors"
+        model.save_trainable(str(p))
+        with safe_open(str(p), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+
+def check_trainable_compatible(model, path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` holds exactly the model's trainable shapes.
+
+    Reads only the safetensors header (no tensor data); called before any training.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint: {exc}") from exc
+    own = _trainable_shapes(model)
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    mismatched = [
+        f"{k}: checkpoint {saved[k]} vs model {own[k]}"
+        for k in sorted(set(own) & set(saved))
+        if saved[k] != own[k]
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. " + "; ".join(mismatched[:3]))
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}")
+        raise CheckpointError(
+            f"{path}: checkpoint is from another model shape ({' | '.join(parts)}); check "
+            "--method/--rank/--generator/--llm/--cf against the run that wrote it"
+        )
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[Dict[str, torch.Tensor], list]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{idx}.{key}"] = t.detach().cpu().contiguous()
+    return tensors, sd["param_groups"]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor], groups) -> None:
+    state: Dict[int, Dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if not name.startswith("optim."):
+            continue
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # current epoch (0-based)
+    step_in_epoch: int = 0  # batches of the current epoch already done
+    global_step: int = 0
+    best_auc: float = -1.0  # the best value of the validation metric (AUC unless set)
+    best_step: int = -1
+    bad_evals: int = 0
+    last_eval_step: int = -1
+    seq: int = 0  # checkpoint counter
+    done: bool = False
+    stopped_early: bool = False
+    history: List[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """Train ``model`` on ``train`` batches with early stopping on ``metric`` over ``valid``.
+
+    ``train`` / ``valid`` are batch sources (see the module doc; either may be None: no
+    training, or no validation). ``metric`` defaults to :data:`AUC`. ``callback(event,
+    state)`` is called with ``"checkpoint"`` after every checkpoint and ``"eval"`` after every
+    evaluation (tests use it to interrupt a run).
+    """
+
+    def __init__(
+        self,
+        model,
+        train: Optional[BatchSource],
+        valid: Optional[BatchSource],
+        cfg: TrainConfig,
+        out_dir,
+        *,
+        metric: Metric = AUC,
+        device="cpu",
+        env: Optional[DistEnv] = None,
+        log: Optional[Callable[[str], None]] = None,
+        callback: Optional[Callable[[str, LoopState], None]] = None,
+    ):
+        self.model = model
+        self.train_data = train
+        self.valid_data = valid
+        self.metric = metric
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.device = torch.device(device)
+        self.env = env or DistEnv()
+        self.log = log or (lambda msg: None)
+        self.callback = callback
+        self.params = [p for p in model.trainable_parameters()]
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.state = LoopState()
+        self._loss_sum, self._loss_n = 0.0, 0  # training loss since the last evaluation
+        self.optimizer = (
+            torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            if self.params
+            else None
+        )
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {
+            k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
+
+    def steps_per_epoch(self) -> int:
+        if self.train_data is None:
+            return 0
+        n = len(self.train_data) // self.env.world_size
+        return max(1, math.ceil(n / self.cfg.batch_size)) if n else 0
+
+    def total_steps(self) -> int:
+        total = self.cfg.epochs * self.steps_per_epoch()
+        if self.cfg.max_steps is not None:
+            total = min(total, self.cfg.max_steps)
+        return total
+
+    def warmup_steps(self) -> int:
+        if self.cfg.warmup_steps is not None:
+            return self.cfg.warmup_steps
+        return round(self.cfg.warmup_ratio * self.total_steps())
+
+    def _epoch_indices(self, epoch: int) -> np.ndarray:
+        n = len(self.train_data)
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=g).numpy()
+        per_rank = n // self.env.world_size
+        return perm[self.env.rank :: self.env.world_size][:per_rank]
+
+    # -- prediction --------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, data: BatchSource, desc: str = "predict") -> np.ndarray:
+        """Scores for every example of ``data`` (all ranks share the work and get all scores)."""
+        from tqdm.auto import tqdm
+
+        was_training = self.model.training
+        self.model.eval()
+        n = len(data)
+        lengths = getattr(data, "lengths", None)
+        # rows of similar length together: less padding per batch
+        order = np.argsort(lengths(), kind="stable") if callable(lengths) else np.arange(n)
+        mine = order[self.env.rank :: self.env.world_size]
+        scores = np.empty(len(mine), dtype=np.float64)
+        bs = self.cfg.eval_batch_size
+        bar = tqdm(
+            range(0, len(mine), bs),
+            desc=desc,
+            disable=not (self.cfg.progress and self.env.is_main),
+            leave=False,
+        )
+        for start in bar:
+            idx = mine[start : start + bs]
+            with self._autocast():
+                out = self.model.score(self._to_device(data(idx)))
+            scores[start : start + len(idx)] = out.float().cpu().numpy()
+        self.model.train(was_training)
+        if self.env.enabled:
+            parts: List[Any] = [None] * self.env.world_size
+            torch.distributed.all_gather_object(parts, (mine, scores))
+            full = np.empty(n, dtype=np.float64)
+            for idx, sc in parts:
+                full[idx] = sc
+            return full
+        full = np.empty(n, dtype=np.float64)
+        full[mine] = scores
+        return full
+
+    def evaluate(self, data: BatchSource, desc: str = "valid") -> float:
+        """The metric of the model's scores over ``data``."""
+        return self.metric(self.predict(data, desc), data)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _state_json(self) -> str:
+        st = dataclasses.asdict(self.state)
+        st["best_auc"] = st["best_auc"] if math.isfinite(st["best_auc"]) else -1.0
+        st["scaler"] = self.scaler.state_dict() if self.scaler is not None else None
+        st["world_size"] = self.env.world_size
+        return json.dumps(json_safe(st))
+
+    def save_checkpoint(self) -> Optional[Path]:
+        self.state.seq += 1
+        path = None
+        if self.env.is_main:
+            from safetensors.torch import save_file
+
+            def fill(tmp: Path) -> None:
+                self.model.save_trainable(str(tmp / TRAINABLE))
+                opt = self.optimizer
+                tensors, groups = _optimizer_tensors(opt) if opt is not None else ({}, [])
+                tensors["rng.torch"] = torch.get_rng_state()
+                meta = {"trainer_state": self._state_json(), "param_groups": json.dumps(groups)}
+                save_file(tensors, str(tmp / TRAINER), metadata=meta)
+
+            name = f"ckpt-{self.state.seq:06d}-step{self.state.global_step:08d}"
+            path = write_checkpoint(self.out, name, fill, keep=self.cfg.keep_checkpoints)
+        self.env.barrier()
+        if self.callback is not None:
+            self.callback("checkpoint", self.state)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        check_trainable_compatible(self.model, path / TRAINABLE)
+        self.model.load_trainable(str(path / TRAINABLE))
+        with safe_open(str(path / TRAINER), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        st = json.loads(meta["trainer_state"])
+        if st.get("world_size", 1) != self.env.world_size:
+            raise CheckpointError(
+                f"{path}: written by a run with {st.get('world_size')} process(es); resume "
+                f"with the same number (now {self.env.world_size}) so the data order matches"
+            )
+        scaler = st.pop("scaler", None)
+        st.pop("world_size", None)
+        self.state = LoopState(**st)
+        if self.state.best_auc is None:
+            self.state.best_auc = -1.0
+        if self.optimizer is not None:
+            _load_optimizer(self.optimizer, tensors, json.loads(meta["param_groups"]))
+        if "rng.torch" in tensors:
+            torch.set_rng_state(tensors["rng.torch"])
+        if scaler and self.scaler is not None:
+            self.scaler.load_state_dict(scaler)
+        self.log(
+            f"resumed from {path} (epoch {self.state.epoch}, step {self.state.global_step}, "
+            f"best valid AUC {self.state.best_auc:.4f})"
+        )
+
+    # -- training ----------------------------------------------------------------------------
+    def _eval_and_track(self) -> None:
+        st = self.state
+        record = {
+            "step": st.global_step,
+            "epoch": st.epoch + (st.step_in_epoch / max(1, self.steps_per_epoch())),
+            "lr": self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0,
+            "time": time.time(),
+        }
+        if self._loss_n:
+            record["train_loss"] = self._loss_sum / self._loss_n
+            self._loss_sum, self._loss_n = 0.0, 0
+        st.last_eval_step = st.global_step
+        if self.valid_data is None:  # nothing to select on: the last state is kept
+            st.history.append(record)
+            self.log(f"step {st.global_step}: train loss {record.get('train_loss', 0.0):.4f}")
+            self._append_log(record)
+            if self.callback is not None:
+                self.callback("eval", st)
+            return
+        value = self.evaluate(self.valid_data)
+        record[f"valid_{self.metric.name}"] = value
+        st.history.append(record)
+        if value > st.best_auc:
+            st.best_auc, st.best_step, st.bad_evals = value, st.global_step, 0
+            if self.env.is_main:
+                save_trainable_atomic(self.model, self.out / BEST)
+        else:
+            st.bad_evals += 1
+            if st.bad_evals >= self.cfg.patience:
+                st.stopped_early = True
+        name = "AUC" if self.metric.name == "auc" else self.metric.name
+        self.log(
+            f"step {st.global_step}: valid {name} {value:.4f} "
+            f"(best {st.best_auc:.4f} at step {st.best_step})"
+            + (" - early stop" if st.stopped_early else "")
+        )
+        self._append_log(record)
+        if self.callback is not None:
+            self.callback("eval", st)
+
+    def _append_log(self, record: dict) -> None:
+        if self.env.is_main:
+            append_jsonl(self.out / "train_log.jsonl", record)
+
+    def _train_step(self, batch: Dict[str, torch.Tensor], lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self._autocast():
+            loss = self.model.loss(self._to_device(batch))
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        grads = []
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        _all_reduce_mean(grads, self.env)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip and self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        self._loss_sum, self._loss_n = self._loss_sum + value, self._loss_n + 1
+        return value
+
+    def fit(self, resume: bool = False) -> LoopState:
+        """Train until ``epochs`` / ``max_steps`` / early stopping; then load the best state."""
+        from tqdm.auto import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            ckpt = latest_checkpoint(self.out)
+            if ckpt is None:
+                self.log(f"--resume: no checkpoint under {self.out}/checkpoints; starting fresh")
+                torch.manual_seed(self.cfg.seed)
+            else:
+                self.load_checkpoint(ckpt)
+                # a run that stopped on its budget continues when --epochs/--max-steps grew
+                if self.state.done and not self.state.stopped_early:
+                    self.state.done = False
+        else:
+            torch.manual_seed(self.cfg.seed)
+        _broadcast(self.params, self.env)
+        st = self.state
+        if not self.params or self.train_data is None or self.cfg.epochs <= 0:
+            st.done = True
+        total, warmup = self.total_steps(), self.warmup_steps()
+        spe = self.steps_per_epoch()
+        if not st.done:
+            self.log(
+                f"training: {len(self.params)} trainable tensors "
+                f"({sum(p.numel() for p in self.params):,} values), {spe} steps/epoch x "
+                f"{self.cfg.epochs} epochs, {total} steps total (warm-up {warmup}), "
+                f"world size {self.env.world_size}"
+            )
+            self.model.train()
+        bar = tqdm(
+            total=total,
+            initial=st.global_step,
+            desc="train",
+            disable=st.done or not (self.cfg.progress and self.env.is_main),
+        )
+        while not st.done:
+            if st.epoch >= self.cfg.epochs or st.global_step >= total:
+                st.done = True
+                break
+            indices = self._epoch_indices(st.epoch)
+            bs = self.cfg.batch_size
+            stop = False
+            while st.step_in_epoch < spe and st.global_step < total:
+                b = st.step_in_epoch
+                batch = self.train_data(indices[b * bs : (b + 1) * bs])
+                lr = self.cfg.lr * lr_factor(st.global_step, total, warmup, self.cfg.min_lr_ratio)
+                loss = self._train_step(batch, lr)
+                st.step_in_epoch += 1
+                st.global_step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=st.epoch)
+                if self.cfg.eval_every and st.global_step % self.cfg.eval_every == 0:
+                    self._eval_and_track()
+                    self.save_checkpoint()
+                    if st.stopped_early:
+                        stop = True
+                        break
+                elif self.cfg.save_every and st.global_step % self.cfg.save_every == 0:
+                    self.save_checkpoint()
+            if stop:
+                st.done = True
+                break
+            if st.step_in_epoch >= spe:
+                st.epoch += 1
+                st.step_in_epoch = 0
+            if st.last_eval_step != st.global_step:
+                self._eval_and_track()
+            if st.stopped_early or st.epoch >= self.cfg.epochs or st.global_step >= total:
+                st.done = True
+            self.save_checkpoint()
+        bar.close()
+        if self.cfg.save_rank_state:  # each rank's own final state (checks DDP sync)
+            save_trainable_atomic(self.model, self.out / f"rank-{self.env.rank}.safetensors")
+        self.env.barrier()
+        if (self.out / BEST).exists() and st.best_step >= 0 and self.valid_data is not None:
+            self.model.load_trainable(str(self.out / BEST))
+        elif self.env.is_main:
+            save_trainable_atomic(self.model, self.out / BEST)
+        self.env.barrier()
+        return st
+
+
+# ---------------------------------------------------------------------------------------------
