@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+from tolerance import assert_close_to_oracle
 
 from llmrec.allmrec import (
     IGNORE,
@@ -112,23 +115,34 @@ def test_embed_equals_hand_built_sequence_and_logprob_equals_full_forward(world)
     coll = EpisodeCollator(tok, titles, user)
     b = coll([Episode(3, [0, 2], [4, 5], 4), Episode(4, [0, 6, 7, 8], [9, 10, 11], 11)], "target")
     got = model.embed(b)
-    table = model.llm.get_input_embeddings().weight
-    want = torch.empty_like(got)
-    for r in range(got.shape[0]):
-        for t in range(got.shape[1]):
-            v = int(b["input_ids"][r, t])
-            if v == USER_SLOT:
-                want[r, t] = model.user_proj(b["user_emb"][r])
-            elif v == ITEM_SLOT:
-                want[r, t] = model.item_proj(model.aligner.joint(item[b["slot_items"][r, t]]))
-            else:
-                want[r, t] = table[v]
-    torch.testing.assert_close(got, want)
-    logits = model.llm(inputs_embeds=want, attention_mask=b["attention_mask"]).logits
-    lp = torch.log_softmax(logits[:, :-1].float(), -1)
-    nxt = b["labels"][:, 1:]
-    ref = torch.where(nxt != IGNORE, lp.gather(2, nxt.clamp_min(0)[..., None])[..., 0], 0).sum(1)
-    torch.testing.assert_close(model.sequence_logprob(b), ref, rtol=1e-4, atol=1e-4)
+
+    def hand_built(model, item, b):
+        table = model.llm.get_input_embeddings().weight
+        want = torch.empty(*got.shape, dtype=table.dtype)
+        for r in range(got.shape[0]):
+            for t in range(got.shape[1]):
+                v = int(b["input_ids"][r, t])
+                if v == USER_SLOT:
+                    want[r, t] = model.user_proj(b["user_emb"][r])
+                elif v == ITEM_SLOT:
+                    want[r, t] = model.item_proj(model.aligner.joint(item[b["slot_items"][r, t]]))
+                else:
+                    want[r, t] = table[v]
+        logits = model.llm(inputs_embeds=want, attention_mask=b["attention_mask"]).logits
+        lp = torch.log_softmax(
+            logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), -1
+        )
+        nxt = b["labels"][:, 1:]
+        gathered = lp.gather(2, nxt.clamp_min(0)[..., None])[..., 0]
+        return want, torch.where(nxt != IGNORE, gathered, 0).sum(1)
+
+    b64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+           for k, v in b.items()}  # fmt: skip
+    with torch.no_grad():
+        want, ref = hand_built(model, item, b)
+        want64, ref64 = hand_built(copy.deepcopy(model).double(), item.double(), b64)
+        assert_close_to_oracle(got, want, want64, "input embeddings")
+        assert_close_to_oracle(model.sequence_logprob(b), ref, ref64, "sequence log-probability")
 
 
 def test_training_step_moves_only_the_projections(world):

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from tolerance import assert_close_to_oracle
 
 from llmrec.collm import (
     ITEM_SLOT,
@@ -77,6 +78,12 @@ def make_model(seed=0, stage="joint", dropout=0.0, backend="torch", llm_seed=0):
 
 
 TEMPLATE = "#Question: A user liked <ItemTitleList> feature <UserID> . movie <TargetItemTitle> feature <TargetItemID> #Answer:"
+
+
+def fp64(rec, batch):
+    """The recommender and the batch in float64: the oracle of the tolerance rule."""
+    batch64 = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    return copy.deepcopy(rec).double(), batch64
 
 
 def slotted_batch(tok, rows):
@@ -161,22 +168,29 @@ def test_injection_equals_hand_built_embedding_sequence():
     rec = make_model()
     batch = slotted_batch(rec.tokenizer, ROWS)
     got = rec.embed(batch)
-    table = rec.llm.get_input_embeddings().weight
     ids = batch["input_ids"]
-    want = torch.empty_like(got)
-    for b in range(ids.shape[0]):
-        for t in range(ids.shape[1]):
-            v = int(ids[b, t])
-            if v == USER_SLOT:
-                want[b, t] = rec.cie(batch["user_emb"][b])
-            elif v == ITEM_SLOT:
-                want[b, t] = rec.cie(batch["item_emb"][b])
-            else:
-                want[b, t] = table[v]
-    torch.testing.assert_close(got, want)
-    # score == the full HF forward on the hand-built sequence, Yes logit at the last position
-    logits = rec.llm(inputs_embeds=want, attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(rec.score(batch), logits[:, -1, rec.yes_token_id])
+
+    def hand_built(rec, batch):
+        table = rec.llm.get_input_embeddings().weight
+        want = torch.empty(*ids.shape, table.shape[1], dtype=table.dtype)
+        for b in range(ids.shape[0]):
+            for t in range(ids.shape[1]):
+                v = int(ids[b, t])
+                if v == USER_SLOT:
+                    want[b, t] = rec.cie(batch["user_emb"][b])
+                elif v == ITEM_SLOT:
+                    want[b, t] = rec.cie(batch["item_emb"][b])
+                else:
+                    want[b, t] = table[v]
+        # score == the full HF forward on the hand-built sequence, Yes logit at the last position
+        logits = rec.llm(inputs_embeds=want, attention_mask=batch["attention_mask"]).logits
+        return want, logits[:, -1, rec.yes_token_id]
+
+    with torch.no_grad():
+        want, want_score = hand_built(rec, batch)
+        want64, want_score64 = hand_built(*fp64(rec, batch))
+        assert_close_to_oracle(got, want, want64, "input embeddings")
+        assert_close_to_oracle(rec.score(batch), want_score, want_score64, "score")
     # slots need the embeddings; text-only prompts do not
     with pytest.raises(ValueError, match="user_emb and item_emb"):
         rec.embed({"input_ids": ids})
@@ -220,26 +234,29 @@ def test_lora_forward_matches_peft(backend):
         m.backend = backend
     ids = torch.randint(3, 64, (2, 7))
     base.eval(), ref.eval()
-    torch.testing.assert_close(base(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        want64 = copy.deepcopy(ref).double()(ids).logits
+        assert_close_to_oracle(base(ids).logits, ref(ids).logits, want64, "logits vs peft")
 
 
 def test_lora_training_with_dropout_matches_peft_outputs_and_gradients():
     base, ref, mods = _peft_pair(0.05)
+    ref64 = copy.deepcopy(ref).double()
     ids = torch.randint(3, 64, (2, 7))
-    base.train(), ref.train()
-    torch.manual_seed(11)
-    out = base(ids).logits
-    torch.manual_seed(11)
-    want = ref(ids).logits
-    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
-    out.square().mean().backward()
-    want.square().mean().backward()
-    ref_params = dict(ref.named_parameters())
+    base.train(), ref.train(), ref64.train()
+    outs = []
+    for model in (base, ref, ref64):  # the same dropout masks: same seed, same draw order
+        torch.manual_seed(11)
+        outs.append(model(ids).logits)
+        outs[-1].square().mean().backward()
+    assert_close_to_oracle(*outs, "logits vs peft (dropout)")
+    ref_params, ref64_params = dict(ref.named_parameters()), dict(ref64.named_parameters())
     for path, m in mods.items():
         key = f"base_model.model.{path}"
         for name in ("lora_A", "lora_B"):
             g_ref = ref_params[f"{key}.{name}.default.weight"].grad
-            torch.testing.assert_close(getattr(m, name).weight.grad, g_ref, rtol=1e-4, atol=1e-6)
+            g_orc = ref64_params[f"{key}.{name}.default.weight"].grad
+            assert_close_to_oracle(getattr(m, name).weight.grad, g_ref, g_orc, f"{path}.{name}")
 
 
 def test_lora_eval_runs_the_fused_op(monkeypatch):
@@ -302,7 +319,9 @@ def test_save_and_load_trainable(tmp_path):
     other = make_model(seed=5)
     other.load_trainable(path)
     batch = slotted_batch(rec.tokenizer, ROWS)
-    torch.testing.assert_close(other.score(batch), rec.score(batch))
+    with torch.no_grad():
+        want64 = fp64(rec, batch)[0].score(fp64(rec, batch)[1])
+        assert_close_to_oracle(other.score(batch), rec.score(batch), want64, "reloaded score")
     wrong = CoLLMRecommender(make_llm(0), make_tokenizer(), CF_DIM + 1, backend="torch")
     with pytest.raises(ValueError, match="mismatched"):
         wrong.load_trainable(path)

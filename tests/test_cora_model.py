@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_close_to_oracle
 
 from llmrec.cora import CoRARecommender
 from llmrec.generator import MLPGenerator, QFormerGenerator, build_generator
@@ -83,6 +84,21 @@ def make_batch(tokenizer, seed=0, labels=True):
     return batch
 
 
+def fp64(rec, batch):
+    """The recommender and the batch in float64: the oracle of the tolerance rule."""
+    batch64 = {k: v.double() if v is not None and v.is_floating_point() else v
+               for k, v in batch.items()}  # fmt: skip
+    return copy.deepcopy(rec).double(), batch64
+
+
+def full_yes_logit(rec, batch):
+    """``logits[:, -1, yes]`` of the full Hugging Face forward under the batch's CoRA weights."""
+    a = rec.generator(batch["user_emb"], batch["item_emb"])
+    with cora_weights(rec.llm, a):
+        logits = rec.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return logits.logits[:, -1, rec.yes_token_id]
+
+
 # --------------------------------------------------------------------------------------------
 # Generator
 
@@ -122,16 +138,22 @@ def test_qformer_matches_its_definition():
     torch.manual_seed(0)
     gen = QFormerGenerator(CF_DIM, hidden_size=16, rank=3, num_layers=2, num_heads=2).eval()
     u, i = torch.randn(4, CF_DIM), torch.randn(4, CF_DIM)
-    # Definition: queries through the blocks, Linear on *every* query, mean, L2 normalise.
-    kv = torch.cat([u, i], -1)[:, None]
-    q = gen.queries.expand(4, -1, -1)
-    for blk in gen.blocks:
-        q = blk.norm1(q + blk.self_attn(q, q, q)[0])
-        q = blk.norm2(q + blk.cross_attn(q, kv, kv)[0])
-        q = blk.norm3(q + blk.ffn(q))
-    flat = gen.proj(q).mean(1)
-    want = (flat / flat.norm(dim=1, keepdim=True)).view(4, 16, 3)
-    torch.testing.assert_close(gen(u, i), want, rtol=1e-5, atol=1e-6)
+
+    def definition(gen, u, i):
+        # Queries through the blocks, Linear on *every* query, mean, L2 normalise.
+        kv = torch.cat([u, i], -1)[:, None]
+        q = gen.queries.expand(4, -1, -1)
+        for blk in gen.blocks:
+            q = blk.norm1(q + blk.self_attn(q, q, q)[0])
+            q = blk.norm2(q + blk.cross_attn(q, kv, kv)[0])
+            q = blk.norm3(q + blk.ffn(q))
+        flat = gen.proj(q).mean(1)
+        return (flat / flat.norm(dim=1, keepdim=True)).view(4, 16, 3)
+
+    with torch.no_grad():
+        want = definition(gen, u, i)
+        want64 = definition(copy.deepcopy(gen).double(), u.double(), i.double())
+        assert_close_to_oracle(gen(u, i), want, want64, "generator output")
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,13 +177,10 @@ def test_score_equals_full_forward_yes_logit(backend):
     assert batch["attention_mask"][:, 0].tolist() == [1, 0, 0]
     with torch.no_grad():
         score = rec.score(batch)
-        a = rec.generator(batch["user_emb"], batch["item_emb"])
-        with cora_weights(rec.llm, a):
-            full = rec.llm(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+        want = full_yes_logit(rec, batch)
+        want64 = full_yes_logit(*fp64(rec, batch))
     assert score.shape == (3,) and score.dtype == torch.float32
-    torch.testing.assert_close(score, full[:, -1, rec.yes_token_id], rtol=1e-5, atol=1e-5)
+    assert_close_to_oracle(score, want, want64, "score")
 
 
 def test_score_never_computes_full_vocabulary_logits(monkeypatch):
@@ -187,8 +206,14 @@ def test_no_collaborative_input_is_the_frozen_backbone():
         got = rec.score(no_cf)
         got_none = rec.score({**batch, "user_emb": None, "item_emb": None})
         want = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        want64 = (
+            copy.deepcopy(plain)
+            .double()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            .logits
+        )
         with_cf = rec.score(batch)
-    torch.testing.assert_close(got, want[:, -1, rec.yes_token_id], rtol=1e-6, atol=1e-6)
+    yes = rec.yes_token_id
+    assert_close_to_oracle(got, want[:, -1, yes], want64[:, -1, yes], "score without CF")
     assert torch.equal(got, got_none)
     assert (with_cf - got).abs().max() > 1e-3
     with pytest.raises(ValueError, match="both user_emb and item_emb"):
@@ -202,7 +227,9 @@ def test_loss_is_bce_with_logits():
         s = rec.score(batch)
         y = batch["labels"]
         want = -(y * F.logsigmoid(s) + (1 - y) * F.logsigmoid(-s)).mean()
-        torch.testing.assert_close(rec.loss(batch), want)
+        s64, y64 = s.double(), y.double()
+        want64 = -(y64 * F.logsigmoid(s64) + (1 - y64) * F.logsigmoid(-s64)).mean()
+        assert_close_to_oracle(rec.loss(batch), want, want64, "loss")
     with pytest.raises(ValueError, match="labels"):
         rec.loss(make_batch(rec.tokenizer, labels=False))
 
@@ -211,10 +238,8 @@ def test_mistral_backbone():
     rec = make_rec(arch="mistral", backend="torch", generator="mlp")
     batch = make_batch(rec.tokenizer)
     with torch.no_grad():
-        a = rec.generator(batch["user_emb"], batch["item_emb"])
-        with cora_weights(rec.llm, a):
-            full = rec.llm(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits
-        torch.testing.assert_close(rec.score(batch), full[:, -1, rec.yes_token_id])
+        want, want64 = full_yes_logit(rec, batch), full_yes_logit(*fp64(rec, batch))
+        assert_close_to_oracle(rec.score(batch), want, want64, "score (Mistral)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,8 +274,10 @@ def test_zero_initialised_lora_b_start_is_the_frozen_llm():
         assert torch.equal(p, torch.zeros_like(p))
     batch = make_batch(rec.tokenizer)
     no_cf = {k: v for k, v in batch.items() if k not in ("user_emb", "item_emb")}
+    rec64, no_cf64 = fp64(rec, no_cf)
     with torch.no_grad():
-        torch.testing.assert_close(rec.score(batch), rec.score(no_cf), rtol=0, atol=1e-6)
+        score, frozen = rec.score(batch), rec.score(no_cf)
+        assert_close_to_oracle(score, frozen, rec64.score(no_cf64), "B = 0 score vs frozen LLM")
     grads = _train_grads(rec, batch)
     # B = 0: only B receives a gradient at the first step (dA = s x^T dy B = 0).
     assert all(grads[k].abs().sum() > 0 for k in grads if k.startswith("llm."))
@@ -261,6 +288,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(backend):
     rec = make_rec(backend=backend).train()
     batch = make_batch(rec.tokenizer)
     plain = _train_grads(rec, batch)
+    oracle = _train_grads(*fp64(rec, batch))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rec.llm.gradient_checkpointing_enable()
@@ -268,7 +296,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(backend):
     # loss.backward() runs after score() has left its cora_weights block.
     ckpt = _train_grads(rec, batch)
     for k in plain:
-        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-4, atol=1e-6)
+        assert_close_to_oracle(ckpt[k], plain[k], oracle[k], k)
 
 
 def test_save_and_load_trainable(tmp_path):
@@ -282,7 +310,8 @@ def test_save_and_load_trainable(tmp_path):
         assert not torch.allclose(other.score(batch), rec.score(batch))
     other.load_trainable(path)
     with torch.no_grad():
-        torch.testing.assert_close(other.score(batch), rec.score(batch), rtol=0, atol=1e-6)
+        want64 = fp64(rec, batch)[0].score(fp64(rec, batch)[1])
+        assert_close_to_oracle(other.score(batch), rec.score(batch), want64, "reloaded score")
     for k, v in rec.trainable_state().items():
         assert torch.equal(other.trainable_state()[k], v), k
 
