@@ -32,7 +32,14 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["HOST_SHAPES", "host_methods", "noop_triton_launches", "time_host_us"]
+__all__ = [
+    "HOST_SHAPES",
+    "build_host_case",
+    "host_methods",
+    "interleaved_host_us",
+    "noop_triton_launches",
+    "time_host_us",
+]
 
 # (B, L, d, r): decode batches; d small so the GEMMs cost next to nothing and host work shows.
 HOST_SHAPES = ((1, 1, 64, 16), (32, 1, 64, 16), (1, 1, 1024, 16), (32, 1, 1024, 16))
@@ -177,7 +184,7 @@ def host_methods(
     return out
 
 
-def _interleaved_host_us(
+def interleaved_host_us(
     fns: dict[str, Callable[[], object]], calls: int = 100, repeats: int = 15
 ) -> dict[str, float]:
     """:func:`time_host_us` of several methods, their loops interleaved round by round.
@@ -194,6 +201,46 @@ def _interleaved_host_us(
     return best
 
 
+def build_host_case(wl, device: torch.device, mem_budget: int = 0):
+    """The suite's ``host`` op: a :class:`benchmarks.methods.Case` of the methods above.
+
+    Each runnable method gets an error check against an fp64 computation; ``ours[triton]`` on
+    a CPU is a skipped method whose ``host_fn`` (the launcher with no-op launches) the suite
+    times inside :func:`noop_triton_launches`.
+    """
+    from benchmarks.methods import Case, MethodCase, error_fields
+
+    b, length, d, r = wl.B, wl.L, wl.d_in, wl.r
+    methods = host_methods(b, length, d, r, wl.dtype, device)
+    x, w, a, bm = _inputs(b, length, d, r, wl.dtype, device)
+    x64, w64 = x.double(), w.double()
+    y64 = F.linear(x64, w64) + 2.0 * torch.bmm(x64, a.double()) @ bm.double().t()
+    base64 = F.linear(x64, w64)
+    cases = []
+    for name, (fn, reason) in methods.items():
+        if fn is None:
+            cases.append(MethodCase(name, skip_reason=reason))
+            continue
+        if name == "ours[triton]" and device.type != "cuda":
+            cases.append(
+                MethodCase(
+                    name,
+                    skip_reason="no GPU: host_us is the launcher's Python with no-op launches",
+                    host_fn=fn,
+                    backend="triton",
+                )
+            )
+            continue
+        ref = base64 if name == "base" else y64
+
+        def check(_fn=fn, _ref=ref):
+            return error_fields(_fn(), _ref)
+
+        backend = name[len("ours[") : -1] if name.startswith("ours[") else None
+        cases.append(MethodCase(name, fn=fn, check=check, backend=backend))
+    return Case(wl, cases)
+
+
 def measure(
     shapes=HOST_SHAPES, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> list[dict]:
@@ -205,7 +252,7 @@ def measure(
         runnable = {name: fn for name, (fn, _) in methods.items() if fn is not None}
         guard = noop_triton_launches() if dev.type == "cpu" else contextlib.nullcontext()
         with guard:
-            times = _interleaved_host_us(runnable)
+            times = interleaved_host_us(runnable)
         for name, (fn, reason) in methods.items():
             rec = {"B": b, "L": length, "d": d, "r": r, "method": name, "host_us": times.get(name)}
             if fn is None:

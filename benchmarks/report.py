@@ -100,7 +100,7 @@ def _fmt(v, spec: str, none: str = "-") -> str:
 
 
 def _err(rec: dict) -> str:
-    e, g = rec.get("max_abs_err"), rec.get("max_abs_err_grad")
+    e, g = rec.get("max_rel_err"), rec.get("max_rel_err_grad")
     if e is None:
         return "-"
     return f"{e:.1e}" if g is None else f"{e:.1e}/{g:.1e}"
@@ -126,6 +126,7 @@ def _rows(records: list[dict]):
             _fmt(rec["gbps"], ".1f"),
             _fmt(rec["roofline_pct"], ".1f"),
             _fmt(rec["peak_mem_mb"], ".1f"),
+            _fmt(rec.get("host_us"), ".1f"),
             _err(rec),
             note,
         ]
@@ -133,7 +134,7 @@ def _rows(records: list[dict]):
 
 HEADERS = [
     "workload", "r", "BxL", "method", "median ms", "x base", "vs naive", "TFLOP/s", "GB/s",
-    "roofline %", "peak MB", "max err (y/grad)", "skipped / note",
+    "roofline %", "peak MB", "host us", "rel err (y/grad)", "skipped / note",
 ]  # fmt: skip
 
 

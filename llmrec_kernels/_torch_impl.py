@@ -60,6 +60,44 @@ def forward(
     return y, shrunk
 
 
+def forward_multi(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scaling: float,
+    sizes: tuple[int, ...],
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`forward` with the output rows of ``weight``/``lora_b`` split by ``sizes``.
+
+    Returns ``([y_j (B, L, d_j)], s)``: each ``y_j`` its own contiguous tensor (so each can be
+    freed on its own), one shared ``s = scaling * x A`` (the shrink runs once).
+    """
+    dt = x.dtype
+    a = lora_a if lora_a.dtype == dt else lora_a.to(dt)
+    shrunk = torch.bmm(x, a) if a.dim() == 3 else torch.matmul(x, a)
+    if dt != torch.float32:
+        shrunk = shrunk.to(s_dtype(dt))
+    shrunk.mul_(scaling)
+    rows = x.shape[0] * x.shape[1]
+    s2 = shrunk.view(rows, shrunk.shape[-1])
+    s2 = s2 if dt == torch.float32 else s2.to(dt)
+    b = lora_b if lora_b.dtype == dt else lora_b.to(dt)
+    if bias is not None and bias.dtype != dt:
+        bias = bias.to(dt)
+    outs, start = [], 0
+    for size in sizes:
+        stop = start + size
+        y = F.linear(x, weight[start:stop], None if bias is None else bias[start:stop])
+        if not y.is_contiguous():
+            y = y.contiguous()
+        y.view(rows, size).addmm_(s2, b[start:stop].t())
+        outs.append(y)
+        start = stop
+    return outs, shrunk
+
+
 def backward(
     dy: torch.Tensor,
     x: torch.Tensor,

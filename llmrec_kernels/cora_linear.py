@@ -52,6 +52,15 @@ _has_torch_function = torch._C._has_torch_function
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
+def _needs_grad(tensors: tuple) -> bool:
+    """True when autograd will record a call on ``tensors`` (``None`` entries are skipped)."""
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return False
+
+
 def _direct_call_ok(tensors: tuple) -> bool:
     """True when calling the backend directly is indistinguishable from calling the op.
 
@@ -59,11 +68,7 @@ def _direct_call_ok(tensors: tuple) -> bool:
     """
     if _is_compiling() or _functorch_active() or _has_torch_function(tensors):
         return False
-    if torch.is_grad_enabled():
-        for t in tensors:
-            if t is not None and t.requires_grad:
-                return False
-    return True
+    return not _needs_grad(tensors)
 
 
 def _forward_no_grad(backend, x, weight, lora_a, lora_b, bias, scaling) -> torch.Tensor:
@@ -211,25 +216,44 @@ def fused_cora_linear(
 
 
 class _MultiCoRALinear(torch.autograd.Function):
-    """One fused forward over concatenated projections; one gradient per projection.
+    """Projections sharing ``x`` and ``A``, each output its own tensor and its own gradient.
 
-    The outputs are slices of one ``(B, L, sum(sizes))`` result. Autograd hands the backward
-    each slice's gradient separately, so the ``(B, L, sum(sizes))`` concatenation of the
-    gradients that a ``split`` after the op would make is never formed: each slice's backward
-    runs on its own gradient and the ``x``/``A`` gradients are summed. The fused weight and
-    ``B`` are passed as detached values (views of the members' shared storage, or one copy);
-    the gradients go to the members, inputs ``7 ..`` (weights, then ``B``s, then biases).
+    For training. The outputs are separate tensors, not slices of one ``(B, L, sum(sizes))``
+    result: a slice keeps the whole buffer alive as long as any slice lives (attention keeps
+    ``v`` for its backward, so the pre-RoPE ``q`` and ``k`` could never be freed), which costs
+    more memory than unfused projections. Autograd hands the backward each output's gradient
+    separately, so no ``(B, L, sum(sizes))`` concatenation of gradients is formed either: each
+    projection's backward runs on its own gradient and the ``x``/``A`` gradients are summed.
+
+    The torch backend computes ``x A`` once and expands it into each output; the kernel
+    backends run one fused-op call per projection (each recomputes the rank-``r`` shrink, a
+    ``r / d_j`` fraction of its GEMM). The fused weight and ``B`` are detached values (views of
+    the members' shared storage, or one copy); the gradients go to the members, inputs
+    ``7 ..`` (weights, then ``B``s, then biases).
     """
 
     @staticmethod
     def forward(ctx, x, lora_a, fused_w, fused_b, fused_bias, scaling, backend, *members):
-        y, s = _cora_linear_forward(x, fused_w, lora_a, fused_b, fused_bias, scaling, backend)
-        ctx.save_for_backward(x, lora_a, fused_w, fused_b, s)
-        ctx.scaling, ctx.backend = scaling, backend
         n = len(members) // 3
-        ctx.sizes = tuple(w.shape[0] for w in members[:n])
+        sizes = tuple(w.shape[0] for w in members[:n])
+        if backend == "torch":
+            outs, s = _torch_impl.forward_multi(
+                x, fused_w, lora_a, fused_b, fused_bias, scaling, sizes
+            )
+        else:
+            outs, s, start = [], None, 0
+            for size, bias in zip(sizes, members[2 * n :]):
+                stop = start + size
+                y, s_j = _cora_linear_forward(
+                    x, fused_w[start:stop], lora_a, fused_b[start:stop], bias, scaling, backend
+                )
+                outs.append(y)
+                s = s_j if s is None else s
+                start = stop
+        ctx.save_for_backward(x, lora_a, fused_w, fused_b, s)
+        ctx.scaling, ctx.backend, ctx.sizes = scaling, backend, sizes
         ctx.bias_dtypes = tuple(None if b is None else b.dtype for b in members[2 * n :])
-        return tuple(y.split(ctx.sizes, dim=-1))
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -338,10 +362,17 @@ def fused_cora_linear_multi(
     one_token = x.dim() == 2
     x3 = x.unsqueeze(1) if one_token else x
     members = (*weights, *lora_bs, *biases)
-    if _direct_call_ok((x, lora_a, *members)):
-        y = _forward_no_grad(
-            concrete, x3, fused_weight, lora_a, fused_lora_b, fused_bias, float(scaling)
-        )
+    tensors = (x, lora_a, *members)
+    if not _needs_grad(tensors):
+        # Nothing is saved for a backward: one fused call, its output split into views.
+        if _direct_call_ok(tensors):
+            y = _forward_no_grad(
+                concrete, x3, fused_weight, lora_a, fused_lora_b, fused_bias, float(scaling)
+            )
+        else:
+            y, _ = _cora_linear_forward(
+                x3, fused_weight, lora_a, fused_lora_b, fused_bias, float(scaling), concrete
+            )
         outs = y.split([w.shape[0] for w in weights], dim=-1)
     else:
         outs = _MultiCoRALinear.apply(
