@@ -32,6 +32,25 @@ checkpointed call as an extra tensor *argument*. The recomputation in the backwa
 uses the A of the forward it replays, even if ``backward()`` runs after the ``with`` block has
 been left or inside a later block with another A (both reentrant and non-reentrant
 checkpointing). ``transformers`` is never imported by this module.
+
+``torch.compile``: a patched forward inside :func:`cora_weights` compiles as one graph
+(``fullgraph=True``, no graph break, training included): the per-sample A is read from the
+shared state as a graph input, the fused q/k/v operands are buffers held by the group (see
+:class:`_FusedQKV` for what keeps them valid) and the op is a registered custom op.
+
+CUDA-graph decode (``mode="reduce-overhead"``): a CUDA graph replays fixed addresses, so A
+must live in one buffer for the whole decode; :func:`static_lora_a` makes it::
+
+    a_buf = static_lora_a(model, batch_size, device="cuda")     # (B, hidden_size, rank)
+    step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with cora_weights(model, a_buf):
+        for batch in batches:                                    # fixed (B, L) shapes
+            a_buf.copy_(generator(batch))                        # new A, same address
+            logits = step(input_ids=batch_ids, use_cache=False).logits
+
+(with a KV cache, use a ``transformers.StaticCache`` so that every decode step has one
+shape). Enter the block once around the loop: its entry re-checks the fused layout
+eagerly, outside the graph. ``tests/test_hf_compile.py`` runs this on a GPU.
 """
 
 from __future__ import annotations
@@ -56,6 +75,7 @@ __all__ = [
     "lora_b_parameters",
     "parameter_bytes",
     "remove_cora",
+    "static_lora_a",
 ]
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -576,6 +596,34 @@ def cora_weights(model: nn.Module, lora_a: Optional[torch.Tensor]) -> Iterator[n
                 is inner
             ):
                 m.__dict__["_gradient_checkpointing_func"] = inner
+
+
+def static_lora_a(
+    model: nn.Module,
+    batch_size: int,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """A zero ``(batch_size, hidden_size, rank)`` A buffer for CUDA-graph decode.
+
+    Pass it to :func:`cora_weights` once and ``copy_`` each batch's A into it: a graph
+    captured by ``torch.compile(mode="reduce-overhead")`` then reads the new A without
+    re-capture or an input copy (the buffer is marked as a static address for
+    ``torch.compile``). ``device``: default, the device of the model's first parameter.
+
+    Raises:
+        ValueError: the model is not patched, or ``batch_size < 1``.
+    """
+    state = _get_state(model)
+    if state is None:
+        raise ValueError("model is not patched with CoRA; call apply_cora_to_llama(model) first")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if device is None:
+        device = next(model.parameters()).device
+    buf = torch.zeros(batch_size, state.hidden_size, state.rank, device=device, dtype=dtype)
+    torch._dynamo.mark_static_address(buf)
+    return buf
 
 
 def parameter_bytes(module: nn.Module, trainable_only: bool = False) -> int:
