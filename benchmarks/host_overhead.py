@@ -4,10 +4,11 @@ At decode (one token per sample) the GEMMs are tiny and a call's cost is the hos
 checks, backend resolution, the custom-op dispatch, tile-config choice and the kernel launch.
 This module times that cost on decode-sized inputs, in ``torch.inference_mode``, against the
 same maths as three plain PyTorch calls (``F.linear``, ``bmm``, ``addmm_``) and ``F.linear``
-alone:
+alone (the calls of a method run back to back inside one ``torch.inference_mode`` block, as
+in a decode loop):
 
-* ``plain3``: ``y = F.linear(x, W); s = bmm(x, A); y.addmm_(s, B^T)``: the floor for the torch
-  backend (what ``ours[torch]`` runs, without the wrapper);
+* ``plain3``: ``y = F.linear(x, W); s = bmm(x, A); y.addmm_(s, B^T, alpha=scale)``: the floor
+  for the torch backend (what ``ours[torch]`` runs, without the wrapper);
 * ``base``: ``F.linear(x, W)`` alone;
 * ``ours[torch]``: ``fused_cora_linear(..., backend="torch")``, the whole public call;
 * ``ours[triton]``: the Triton launcher's Python side (config choice, allocation, grid and
@@ -50,22 +51,25 @@ def time_host_us(
 ) -> float:
     """Best over ``repeats`` loops of the mean wall-clock time per call of ``fn``, in us.
 
-    Loops of ``calls`` back-to-back calls (no synchronisation: on a GPU this is the host's time
-    to issue the work); the garbage collector is off inside a loop. The least disturbed loop
+    Loops of ``calls`` back-to-back calls inside one ``torch.inference_mode`` block, as in a
+    decode loop (no synchronisation: on a GPU this is the host's time to issue the work); the
+    garbage collector is off inside a loop. The least disturbed loop
     is kept: on a shared machine other processes only ever add time.
     """
-    for _ in range(warmup):
-        fn()
     per_call = []
     gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
     try:
         for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            per_call.append((time.perf_counter() - start) / calls * 1e6)
+            with torch.inference_mode():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                per_call.append((time.perf_counter() - start) / calls * 1e6)
     finally:
         if was_enabled:
             gc.enable()
@@ -134,23 +138,19 @@ def host_methods(
 
     x, w, a, bm = _inputs(b, length, d, r, dtype, device)
     s = 2.0
-    bt = bm.t()
 
     def plain3():
-        with torch.inference_mode():
-            y = F.linear(x, w)
-            sh = torch.bmm(x, a)
-            y.view(-1, d).addmm_(sh.view(-1, r), bt, alpha=s)
-            return y
+        y = F.linear(x, w)
+        sh = torch.bmm(x, a)
+        y.view(-1, d).addmm_(sh.view(-1, r), bm.t(), alpha=s)
+        return y
 
     def base():
-        with torch.inference_mode():
-            return F.linear(x, w)
+        return F.linear(x, w)
 
     def ours(backend: str):
         def call():
-            with torch.inference_mode():
-                return fused_cora_linear(x, w, a, bm, None, s, backend=backend)
+            return fused_cora_linear(x, w, a, bm, None, s, backend=backend)
 
         return call
 
@@ -170,8 +170,7 @@ def host_methods(
         def triton_host():
             from llmrec_kernels.triton import cora_linear as launcher
 
-            with torch.inference_mode():
-                return launcher.forward(x, w, a, bm, None, s)
+            return launcher.forward(x, w, a, bm, None, s)
 
         out["ours[triton]"] = (triton_host, None)
     if device.type == "cuda":

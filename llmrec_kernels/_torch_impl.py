@@ -37,18 +37,19 @@ def forward(
     """
     dt = x.dtype
     # Casts only where the dtypes differ: every call is host cost at decode.
-    a = lora_a if lora_a.dtype == dt else lora_a.to(dt)
+    a = lora_a if lora_a.dtype is dt else lora_a.to(dt)
     shrunk = torch.bmm(x, a) if a.dim() == 3 else torch.matmul(x, a)
-    if bias is not None and bias.dtype != dt:
+    if bias is not None and bias.dtype is not dt:
         bias = bias.to(dt)
     y = F.linear(x, weight, bias)
     if not y.is_contiguous():
         y = y.contiguous()
-    rows = x.shape[0] * x.shape[1]  # explicit: view(-1, 0) is ambiguous when d_out is 0
-    b = lora_b if lora_b.dtype == dt else lora_b.to(dt)
-    y2 = y.view(rows, y.shape[-1])
+    shape = x.shape
+    rows = shape[0] * shape[1]  # explicit: view(-1, 0) is ambiguous when d_out is 0
+    b = lora_b if lora_b.dtype is dt else lora_b.to(dt)
+    y2 = y.view(rows, weight.shape[0])
     if not need_s:
-        y2.addmm_(shrunk.view(rows, shrunk.shape[-1]), b.t(), alpha=scaling)
+        y2.addmm_(shrunk.view(rows, a.shape[-1]), b.t(), alpha=scaling)
         return y, None
     if dt != torch.float32:
         shrunk = shrunk.to(s_dtype(dt))

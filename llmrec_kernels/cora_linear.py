@@ -205,13 +205,21 @@ def fused_cora_linear(
         ValueError: mismatched shapes, tensors on different devices, an unknown backend.
     """
     check_cora_linear_args(x, weight, lora_a, lora_b, bias, scaling)
-    concrete = resolve_backend(backend, x.device, x.dtype, lora_a.shape[-1])
+    if backend == "torch":  # the common explicit choice needs no resolution
+        concrete = backend
+    else:
+        concrete = resolve_backend(backend, x.device, x.dtype, lora_a.shape[-1])
+    if type(scaling) is not float:
+        scaling = float(scaling)
     one_token = x.dim() == 2
     x3 = x.unsqueeze(1) if one_token else x
     if _direct_call_ok((x, weight, lora_a, lora_b, bias)):
-        y = _forward_no_grad(concrete, x3, weight, lora_a, lora_b, bias, float(scaling))
+        if concrete == "torch":
+            y = _torch_impl.forward(x3, weight, lora_a, lora_b, bias, scaling, False)[0]
+        else:
+            y = _impl(concrete).forward(x3, weight, lora_a, lora_b, bias, scaling)[0]
     else:
-        y, _ = _cora_linear_forward(x3, weight, lora_a, lora_b, bias, float(scaling), concrete)
+        y, _ = _cora_linear_forward(x3, weight, lora_a, lora_b, bias, scaling, concrete)
     return y.squeeze(1) if one_token else y
 
 

@@ -148,15 +148,19 @@ def _shrink(
     mat_strides: tuple[int, int, int],
     out: torch.Tensor,
     scaling: float,
+    key: Optional[tuple] = None,
 ) -> None:
-    """``out = scaling * inp @ mat[b]`` for a strided ``(B, L, K)`` ``inp``; out fp32 ``(B, L, R)``."""
+    """``out = scaling * inp @ mat[b]`` for a strided ``(B, L, K)`` ``inp``; out fp32 ``(B, L, R)``.
+
+    ``key``: :func:`_key` of ``inp.dtype`` when the caller has it already.
+    """
     batch, length, k = inp.shape
     rank = out.shape[-1]
     sb, sl, sk = inp.stride()
     if mat_strides[0] == 0 and (batch == 1 or sb == length * sl):
         # One matrix for all samples and mergeable rows: tile the flat rows, not per sample.
         batch, length, sb = 1, batch * length, 0
-    grid, meta = _shrink_plan(batch, length, rank, _key(inp.dtype))
+    grid, meta = _shrink_plan(batch, length, rank, key or _key(inp.dtype))
     _cora_shrink_kernel[grid](
         inp, mat, out,
         length, k, rank,
@@ -212,15 +216,17 @@ def forward(
     """``(y, S)``: y ``(B, L, d_out)`` in x's dtype, ``S = scaling * x A`` fp32 ``(B, L, r)``."""
     batch, length, k = x.shape
     n, rank, rows = weight.shape[0], lora_a.shape[-1], batch * length
-    y = torch.empty((batch, length, n), dtype=x.dtype, device=x.device)
-    s = torch.empty((batch, length, rank), dtype=torch.float32, device=x.device)
+    dt, dev = x.dtype, x.device
+    y = torch.empty((batch, length, n), dtype=dt, device=dev)
+    s = torch.empty((batch, length, rank), dtype=torch.float32, device=dev)
     if rows == 0:
         return y, s
+    key = _key(dt)
     with _device_guard(x):
-        _shrink(x, lora_a, _a_strides(lora_a), s, scaling)
+        _shrink(x, lora_a, _a_strides(lora_a), s, scaling, key)
         if n == 0:
             return y, s
-        grid, meta = _gemm_plan("fwd", rows, n, rank, _key(x.dtype))
+        grid, meta = _gemm_plan("fwd", rows, n, rank, key)
         bias_arg = bias.contiguous() if bias is not None else y
         _cora_linear_fwd_kernel[grid](
             x, weight, bias_arg, s, lora_b, y,
