@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         help="auto: bfloat16 on a GPU, float32 on a CPU",
     )
     p.add_argument(
-        "--ops", default=None, help="comma-separated subset of proj,qkv,decoder_layer,scoring"
+        "--ops", default=None, help="comma-separated subset of host,proj,qkv,decoder_layer,scoring"
     )
     p.add_argument(
         "--budget", type=float, default=None, help="CPU: seconds of timed rounds per workload"

@@ -36,6 +36,8 @@ __all__ = [
     "MethodCase",
     "Workload",
     "build_projection_case",
+    "error_fields",
+    "max_rel_err",
     "reference_way",
 ]
 
@@ -81,7 +83,10 @@ class MethodCase:
     name: str
     fn: Optional[Callable[[], object]] = None
     skip_reason: Optional[str] = None
-    check: Optional[Callable[[], dict]] = None  # -> {"max_abs_err": ..., ...}
+    check: Optional[Callable[[], dict]] = None  # -> {"max_abs_err": ..., "max_rel_err": ...}
+    # Host cost only (the ``host`` op): a call to time when ``fn`` cannot run here, e.g. the
+    # Triton launcher with no-op launches on a CPU (see benchmarks.host_overhead).
+    host_fn: Optional[Callable[[], object]] = None
     cost: Optional[Cost] = None
     backend: Optional[str] = None
     items_per_call: Optional[int] = None  # samples per call, for throughput workloads
@@ -135,6 +140,27 @@ def _as_tensor(out: Outputs) -> torch.Tensor:
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max().item())
+
+
+def max_rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |a - ref| / max |ref|``: the error relative to the fp64 result's scale.
+
+    An absolute error means nothing without the scale of the values (bf16 gradients of
+    magnitude 1e4 are off by 10 at best); this is what the tables print.
+    """
+    ref = ref.double()
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    return _max_abs(a, ref) / (scale if scale > 0 else 1.0)
+
+
+def error_fields(y, ref_y, grads=(), ref_grads=()) -> dict:
+    """``max_abs_err``/``max_rel_err`` of ``y``, and ``*_grad`` (worst over the gradients)."""
+    out = {"max_abs_err": _max_abs(y, ref_y), "max_rel_err": max_rel_err(y, ref_y)}
+    pairs = list(zip(grads, ref_grads))
+    if pairs:
+        out["max_abs_err_grad"] = max(_max_abs(g, rg) for g, rg in pairs)
+        out["max_rel_err_grad"] = max(max_rel_err(g, rg) for g, rg in pairs)
+    return out
 
 
 def _triton_skip_reason(device: torch.device) -> Optional[str]:
@@ -264,7 +290,7 @@ def build_projection_case(
 
             def check():
                 ref = get_oracle()["base" if name == BASE else "y"]
-                return {"max_abs_err": _max_abs(_as_tensor(fwd()), ref)}
+                return error_fields(_as_tensor(fwd()), ref)
 
             return fwd, check
 
@@ -287,10 +313,7 @@ def build_projection_case(
             o = get_oracle()
             ref_y = o["base" if name == BASE else "y"]
             ref_g = o["base_grads" if name == BASE else "grads"]
-            return {
-                "max_abs_err": _max_abs(_as_tensor(y).detach(), ref_y),
-                "max_abs_err_grad": max(_max_abs(g, rg) for g, rg in zip(grads, ref_g)),
-            }
+            return error_fields(_as_tensor(y).detach(), ref_y, grads, ref_g)
 
         return fwd_bwd, check
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.methods import Case, MethodCase, Workload
+from benchmarks.methods import Case, MethodCase, Workload, error_fields
 from benchmarks.roofline import Cost, projection_cost
 
 __all__ = [
@@ -198,12 +198,7 @@ def build_decoder_layer_case(wl: Workload, device: torch.device, mem_budget: int
         o = get_oracle()
         ref_y = o["yb"] if base else o["y"]
         refs = [o["gxb"]] if base else [o["gx"], o["ga"]]
-        return {
-            "max_abs_err": float((y.double() - ref_y).abs().max()),
-            "max_abs_err_grad": max(
-                float((g.double() - rg).abs().max()) for g, rg in zip(grads, refs)
-            ),
-        }
+        return error_fields(y, ref_y, grads, refs)
 
     methods: list[MethodCase] = []
     keep: list = [base_model, x, dy, lora_a, oracle]
@@ -427,8 +422,7 @@ def build_scoring_case(wl: Workload, device: torch.device, mem_budget: int) -> C
                 return _run()
 
         def check(_fn=fn, _key=ref_key):
-            err = (_fn().double() - get_oracle()[_key]).abs().max()
-            return {"max_abs_err": float(err)}
+            return error_fields(_fn(), get_oracle()[_key])
 
         methods.append(
             MethodCase(

@@ -80,6 +80,7 @@ def tiny_workloads(dtype: torch.dtype) -> list[Workload]:
     layer = (("ffn", 128), ("heads", 4))
     scoring = (("ffn", 128), ("heads", 4), ("layers", 2), ("vocab", 256), ("cf_dim", 16))
     return [
+        Workload("host", "fwd", 1, 1, 64, 64, 4, dtype),
         Workload("proj", "fwd", 1, 1, 64, 64, 4, dtype),
         Workload("proj", "fwd", 4, 1, 64, 64, 4, dtype),
         Workload("proj", "fwd_bwd", 2, 8, 64, 64, 4, dtype),
@@ -100,6 +101,10 @@ def default_workloads(
     decode_b32, prefill_b8 = bls[1], bls[3]
     layer_extra = (("ffn", sh["ffn"]), ("heads", sh["heads"]))
     out: list[Workload] = []
+    # Host cost per call at decode: d 64 (the GEMMs cost next to nothing) and the model's d.
+    for host_d in (64, d):
+        for bl in bls[:2]:
+            out.append(Workload("host", "fwd", bl[0], bl[1], host_d, host_d, 16, dtype))
 
     def proj(op, mode, bl, r):
         d_out = 3 * d if op == "qkv" else d
@@ -193,6 +198,10 @@ def _versions() -> dict:
 def _build_case(wl: Workload, device: torch.device, mem_budget: int) -> Case:
     if wl.op in ("proj", "qkv"):
         return M.build_projection_case(wl, device, mem_budget)
+    if wl.op == "host":
+        from benchmarks import host_overhead
+
+        return host_overhead.build_host_case(wl, device, mem_budget)
     from benchmarks import model_workloads
 
     if wl.op == "decoder_layer":
@@ -229,6 +238,9 @@ def _base_record(wl: Workload, device_name: str, method: str) -> dict:
         "peak_mem_mb": None,
         "max_abs_err": None,
         "max_abs_err_grad": None,
+        "max_rel_err": None,  # max |err| / max |fp64 result|: what the table prints
+        "max_rel_err_grad": None,
+        "host_us": None,  # the host op: wall-clock us per call (see benchmarks.host_overhead)
         "samples_per_s": None,
         "x_base": None,
         "speedup_vs_naive": None,
@@ -239,6 +251,35 @@ def _base_record(wl: Workload, device_name: str, method: str) -> dict:
 def _short(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {msg}"[:300]
+
+
+def _measure_host(case: Case, runnable: dict, recs: dict, cfg: SuiteConfig) -> None:
+    """The ``host`` op: us per call of every method (interleaved loops, the best kept)."""
+    import contextlib
+
+    from benchmarks import host_overhead
+
+    rounds = max(cfg.cpu_min_rounds, 15)
+    times = host_overhead.interleaved_host_us(
+        {n: mc.fn for n, mc in runnable.items()}, calls=100, repeats=rounds
+    )
+    host_only = {mc.name: mc.host_fn for mc in case.methods if mc.fn is None and mc.host_fn}
+    if host_only:
+        guard = (
+            host_overhead.noop_triton_launches()
+            if cfg.device.type == "cpu"
+            else contextlib.nullcontext()
+        )
+        with guard:
+            times.update(host_overhead.interleaved_host_us(host_only, calls=100, repeats=rounds))
+    for name, us in times.items():
+        rec = recs[name]
+        rec["host_us"] = us
+        if name in runnable:
+            rec["status"] = "ok"
+            rec["median_ms"] = rec["min_ms"] = rec["p25_ms"] = rec["p75_ms"] = us / 1e3
+            rec["reps"] = rounds
+            rec["roofline_note"] = "host cost only: no FLOP/byte model"
 
 
 def _measure_case(case: Case, cfg: SuiteConfig, device_name: str, peak, allow_tf32) -> list[dict]:
@@ -263,7 +304,12 @@ def _measure_case(case: Case, cfg: SuiteConfig, device_name: str, peak, allow_tf
         runnable[mc.name] = mc
 
     timings: dict[str, Timing] = {}
-    if cfg.device.type == "cuda":
+    if wl.op == "host":
+        _measure_host(case, runnable, recs, cfg)
+        runnable = {}
+    if not runnable:
+        pass
+    elif cfg.device.type == "cuda":
         for name, mc in runnable.items():
             try:
                 timings[name] = time_gpu(mc.fn, cfg.gpu_warmup_ms, cfg.gpu_rep_ms)
@@ -416,6 +462,7 @@ def run_suite(cfg: SuiteConfig, on_record: Optional[Callable[[dict], None]] = No
         "loadavg_start": load_start,
         "loadavg_end": _loadavg(),
         "max_abs_err_reference": "float64 computation of the same inputs (x W^T + s (x A) B^T)",
+        "max_rel_err": "max |err| / max |float64 result| (each gradient against its own scale)",
         **cfg.extra_meta,
     }
     return {"meta": meta, "records": records, "checks": target_checks(records)}

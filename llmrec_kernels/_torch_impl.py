@@ -18,12 +18,6 @@ def s_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
-def _shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
-    """``x A`` for x ``(B, L, K)`` and A ``(B, K, R)`` or ``(K, R)``; result in x's dtype."""
-    a = lora_a.to(x.dtype)
-    return torch.bmm(x, a) if a.dim() == 3 else torch.matmul(x, a)
-
-
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -31,18 +25,78 @@ def forward(
     lora_b: torch.Tensor,
     bias: Optional[torch.Tensor],
     scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(y, s)``: y ``(B, L, d_out)`` in x's dtype, ``s = scaling * x A`` (see s_dtype)."""
+    need_s: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Return ``(y, s)``: y ``(B, L, d_out)`` in x's dtype, ``s = scaling * x A`` (see s_dtype).
+
+    ``need_s=False`` (no backward will follow: the decode hot path) returns ``(y, None)`` and
+    puts the scale on the expand's ``alpha`` instead of multiplying ``x A`` (an elementwise op
+    with a Python scalar costs more host time than the GEMMs at decode); in 16-bit ``x A`` is
+    then rounded before it is scaled rather than after (the same when the scale is a power of
+    two, e.g. alpha 32 at r 16).
+    """
     dt = x.dtype
-    # In place: .to() may return the freshly made product itself, never an input.
-    shrunk = _shrink(x, lora_a).to(s_dtype(dt)).mul_(scaling)
-    y = F.linear(x, weight, None if bias is None else bias.to(dt)).contiguous()
-    rows = x.shape[0] * x.shape[1]  # explicit: view(-1, 0) is ambiguous when d_out is 0
+    # Casts only where the dtypes differ: every call is host cost at decode.
+    a = lora_a if lora_a.dtype is dt else lora_a.to(dt)
+    shrunk = torch.bmm(x, a) if a.dim() == 3 else torch.matmul(x, a)
+    if bias is not None and bias.dtype is not dt:
+        bias = bias.to(dt)
+    y = F.linear(x, weight, bias)
+    if not y.is_contiguous():
+        y = y.contiguous()
+    shape = x.shape
+    rows = shape[0] * shape[1]  # explicit: view(-1, 0) is ambiguous when d_out is 0
+    b = lora_b if lora_b.dtype is dt else lora_b.to(dt)
+    y2 = y.view(rows, weight.shape[0])
+    if not need_s:
+        y2.addmm_(shrunk.view(rows, a.shape[-1]), b.t(), alpha=scaling)
+        return y, None
+    if dt != torch.float32:
+        shrunk = shrunk.to(s_dtype(dt))
+    # In place: shrunk is the freshly made product (or its fresh cast), never an input.
+    shrunk.mul_(scaling)
+    s2 = shrunk.view(rows, shrunk.shape[-1])
     # Expand into y's own storage: no second (M, d_out) temporary.
-    y.view(rows, y.shape[-1]).addmm_(
-        shrunk.view(rows, shrunk.shape[-1]).to(dt), lora_b.to(dt).transpose(0, 1)
-    )
+    y2.addmm_(s2 if dt == torch.float32 else s2.to(dt), b.t())
     return y, shrunk
+
+
+def forward_multi(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scaling: float,
+    sizes: tuple[int, ...],
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`forward` with the output rows of ``weight``/``lora_b`` split by ``sizes``.
+
+    Returns ``([y_j (B, L, d_j)], s)``: each ``y_j`` its own contiguous tensor (so each can be
+    freed on its own), one shared ``s = scaling * x A`` (the shrink runs once).
+    """
+    dt = x.dtype
+    a = lora_a if lora_a.dtype == dt else lora_a.to(dt)
+    shrunk = torch.bmm(x, a) if a.dim() == 3 else torch.matmul(x, a)
+    if dt != torch.float32:
+        shrunk = shrunk.to(s_dtype(dt))
+    shrunk.mul_(scaling)
+    rows = x.shape[0] * x.shape[1]
+    s2 = shrunk.view(rows, shrunk.shape[-1])
+    s2 = s2 if dt == torch.float32 else s2.to(dt)
+    b = lora_b if lora_b.dtype == dt else lora_b.to(dt)
+    if bias is not None and bias.dtype != dt:
+        bias = bias.to(dt)
+    outs, start = [], 0
+    for size in sizes:
+        stop = start + size
+        y = F.linear(x, weight[start:stop], None if bias is None else bias[start:stop])
+        if not y.is_contiguous():
+            y = y.contiguous()
+        y.view(rows, size).addmm_(s2, b[start:stop].t())
+        outs.append(y)
+        start = stop
+    return outs, shrunk
 
 
 def backward(
@@ -66,10 +120,15 @@ def backward(
     if need_dx or need_da:
         ds = torch.matmul(dy, lora_b.to(dt)) * scaling  # (B, L, R)
     if need_dx:
-        a = lora_a.to(dt)
-        a_t = a.transpose(-1, -2)
-        lowrank = torch.bmm(ds, a_t) if a.dim() == 3 else torch.matmul(ds, a_t)
-        dx = torch.matmul(dy, weight) + lowrank
+        a_t = lora_a.to(dt).transpose(-1, -2)
+        dx = torch.matmul(dy, weight)
+        if not dx.is_contiguous():
+            dx = dx.contiguous()
+        # The low-rank term goes into dx's own storage: one (B, L, d_in) tensor, not three.
+        if a_t.dim() == 3:
+            dx.baddbmm_(ds, a_t)
+        else:
+            dx.view(rows, dx.shape[-1]).addmm_(ds.reshape(rows, ds.shape[-1]), a_t)
     if need_da:
         if lora_a.dim() == 3:
             da = torch.bmm(x.transpose(1, 2), ds)

@@ -1,12 +1,22 @@
-"""Argument checks shared by the public ops: clear errors that name the argument and shape."""
+"""Argument checks shared by the public ops: clear errors that name the argument and shape.
+
+The checks run on every call, so the common case (valid arguments) is decided by one cheap
+predicate, :func:`_valid_fast`, of plain attribute reads and comparisons (about a
+microsecond); only when it fails are the detailed checks run, to raise the error that names
+the argument. With ``LLMREC_KERNELS_DEBUG=1`` (read at import) the detailed checks always run.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPE_SET = frozenset(_FLOAT_DTYPES)
+DEBUG = os.environ.get("LLMREC_KERNELS_DEBUG", "0") == "1"
+_Tensor = torch.Tensor
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -25,6 +35,51 @@ def _check_tensor(name: str, t: object, allow_none: bool = False) -> None:
         )
 
 
+def _valid_fast(x, weight, lora_a, lora_b, bias, scaling) -> bool:
+    """True when the arguments are certainly valid (the same rules as the detailed checks)."""
+    if not (
+        isinstance(x, _Tensor)
+        and isinstance(weight, _Tensor)
+        and isinstance(lora_a, _Tensor)
+        and isinstance(lora_b, _Tensor)
+        and (type(scaling) is float or type(scaling) is int)
+    ):
+        return False
+    xs, ws, as_, bs = x.shape, weight.shape, lora_a.shape, lora_b.shape
+    nx, na = len(xs), len(as_)
+    if nx != 2 and nx != 3:
+        return False
+    d_in = xs[-1]
+    if len(ws) != 2 or ws[1] != d_in:
+        return False
+    if na == 3:
+        if as_[0] != xs[0] or as_[1] != d_in:
+            return False
+    elif na != 2 or as_[0] != d_in:
+        return False
+    rank = as_[-1]
+    if rank < 1 or len(bs) != 2 or bs[0] != ws[0] or bs[1] != rank:
+        return False
+    dt = x.dtype
+    if (
+        weight.dtype != dt
+        or dt not in _FLOAT_DTYPE_SET
+        or lora_a.dtype not in _FLOAT_DTYPE_SET
+        or lora_b.dtype not in _FLOAT_DTYPE_SET
+    ):
+        return False
+    dev = x.device
+    if lora_a.device != dev or weight.device != dev or lora_b.device != dev:
+        return False
+    if bias is not None:
+        if not isinstance(bias, _Tensor) or bias.dtype not in _FLOAT_DTYPE_SET:
+            return False
+        bsh = bias.shape
+        if len(bsh) != 1 or bsh[0] != ws[0] or bias.device != dev:
+            return False
+    return True
+
+
 def check_cora_linear_args(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -34,6 +89,8 @@ def check_cora_linear_args(
     scaling: float,
 ) -> None:
     """Validate the arguments of ``fused_cora_linear``; raise ``TypeError``/``ValueError``."""
+    if not DEBUG and _valid_fast(x, weight, lora_a, lora_b, bias, scaling):
+        return
     _check_tensor("x", x)
     _check_tensor("weight", weight)
     _check_tensor("lora_a", lora_a)

@@ -35,9 +35,24 @@ MAX_TRITON_RANK = 128
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# os.environ.get encodes the key and decodes the value on every call (~0.5 us); its backing
+# dict of bytes is read directly where it exists (CPython keeps it in sync with os.environ).
+_ENV_DATA = getattr(os.environ, "_data", None)
+if not isinstance(_ENV_DATA, dict) or os.name != "posix":
+    _ENV_DATA = None
+
+
+def _getenv(name: str, key: bytes) -> str:
+    # torch.compile traces os.environ.get (it knows it), not the private dict.
+    if _ENV_DATA is not None and not torch.compiler.is_compiling():
+        value = _ENV_DATA.get(key)
+        return "" if value is None else value.decode()
+    return os.environ.get(name, "")
+
+
 def interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _getenv("TRITON_INTERPRET", b"TRITON_INTERPRET") == "1"
 
 
 # Looked up once, without importing triton (importing llmrec_kernels must stay cheap).
@@ -50,14 +65,45 @@ def triton_available() -> bool:
 
 
 def _requested() -> str:
-    env = os.environ.get(ENV_BACKEND, "").strip().lower()
+    env = _getenv(ENV_BACKEND, ENV_BACKEND.encode()).strip().lower()
     if env and env not in BACKENDS:
         raise ValueError(f"{ENV_BACKEND}={env!r} is not one of {BACKENDS}")
     return env or "auto"
 
 
+# (backend, device, dtype, rank, env backend, TRITON_INTERPRET) -> concrete backend. The
+# answer depends on nothing else (the CUDA extension's availability does not change within a
+# process), so a hit skips every check. Bounded: ranks and devices are few.
+_RESOLVED: dict = {}
+_MAX_RESOLVED = 4096
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rank: int) -> str:
     """Turn a requested backend into the concrete one that will run, or raise ``ValueError``."""
+    if backend == "torch":
+        return "torch"
+    if torch.compiler.is_compiling():
+        return _resolve(backend, device, dtype, rank)
+    key = (
+        backend, device, dtype, rank,
+        _getenv(ENV_BACKEND, b"LLMREC_KERNELS_BACKEND"),
+        _getenv("TRITON_INTERPRET", b"TRITON_INTERPRET"),
+    )  # fmt: skip
+    try:
+        hit = _RESOLVED.get(key)
+    except TypeError:  # an unhashable backend argument: the checks below name it
+        hit = key = None
+    if hit is not None:
+        return hit
+    concrete = _resolve(backend, device, dtype, rank)
+    if key is not None and not isinstance(rank, torch.SymInt):
+        if len(_RESOLVED) >= _MAX_RESOLVED:
+            _RESOLVED.clear()
+        _RESOLVED[key] = concrete
+    return concrete
+
+
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype, rank: int) -> str:
     if not isinstance(backend, str) or backend.lower() not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     backend = backend.lower()

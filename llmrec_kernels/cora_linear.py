@@ -9,11 +9,19 @@ cora_linear_forward`` and ``llmrec_kernels::cora_linear_backward``, with fake (m
 implementations and an autograd formula, so it works under ``torch.compile(fullgraph=True)``
 and passes ``torch.library.opcheck``. The backend (Triton, CUDA or PyTorch) is resolved in
 Python before the op is called; see :mod:`llmrec_kernels.backends`.
+
+Host cost: the custom-op dispatcher costs tens of microseconds per call, more than the maths
+of a decode step on the torch backend. When nothing can observe the op (no input needs a
+gradient, not under ``torch.compile``/``torch.export``, no ``torch.func`` transform, no
+``__torch_function__`` subclass) the backend's forward is called directly: the same function
+the op would run, so the result is identical. :func:`fused_cora_linear_multi` computes several
+projections that share ``x`` and ``A`` (fused q/k/v) in one call and gives each output its own
+gradient, so the backward never concatenates the outputs' gradients.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -21,19 +29,54 @@ from llmrec_kernels import _torch_impl
 from llmrec_kernels._validation import check_cora_linear_args
 from llmrec_kernels.backends import resolve_backend
 
-__all__ = ["fused_cora_linear"]
+__all__ = ["fused_cora_linear", "fused_cora_linear_multi"]
+
+_IMPLS: dict = {"torch": _torch_impl}
 
 
 def _impl(backend: str):
-    if backend == "triton":
-        from llmrec_kernels.triton import cora_linear as triton_impl
+    impl = _IMPLS.get(backend)
+    if impl is None:
+        if backend == "triton":
+            from llmrec_kernels.triton import cora_linear as impl
+        elif backend == "cuda":
+            from llmrec_kernels import _cuda_impl as impl
+        else:
+            impl = _torch_impl
+        _IMPLS[backend] = impl
+    return impl
 
-        return triton_impl
-    if backend == "cuda":
-        from llmrec_kernels import _cuda_impl
 
-        return _cuda_impl
-    return _torch_impl
+_is_compiling = torch.compiler.is_compiling
+_has_torch_function = torch._C._has_torch_function
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _needs_grad(tensors: tuple) -> bool:
+    """True when autograd will record a call on ``tensors`` (``None`` entries are skipped)."""
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return False
+
+
+def _direct_call_ok(tensors: tuple) -> bool:
+    """True when calling the backend directly is indistinguishable from calling the op.
+
+    ``tensors`` holds every tensor argument (``None`` for a missing bias is fine).
+    """
+    if _is_compiling() or _functorch_active() or _has_torch_function(tensors):
+        return False
+    return not _needs_grad(tensors)
+
+
+def _forward_no_grad(backend, x, weight, lora_a, lora_b, bias, scaling) -> torch.Tensor:
+    """``y`` straight from the backend, for calls that :func:`_direct_call_ok` allows."""
+    impl = _impl(backend)
+    if impl is _torch_impl:
+        return _torch_impl.forward(x, weight, lora_a, lora_b, bias, scaling, False)[0]
+    return impl.forward(x, weight, lora_a, lora_b, bias, scaling)[0]
 
 
 @torch.library.custom_op("llmrec_kernels::cora_linear_forward", mutates_args=())
@@ -162,8 +205,185 @@ def fused_cora_linear(
         ValueError: mismatched shapes, tensors on different devices, an unknown backend.
     """
     check_cora_linear_args(x, weight, lora_a, lora_b, bias, scaling)
+    if backend == "torch":  # the common explicit choice needs no resolution
+        concrete = backend
+    else:
+        concrete = resolve_backend(backend, x.device, x.dtype, lora_a.shape[-1])
+    if type(scaling) is not float:
+        scaling = float(scaling)
+    one_token = x.dim() == 2
+    x3 = x.unsqueeze(1) if one_token else x
+    if _direct_call_ok((x, weight, lora_a, lora_b, bias)):
+        if concrete == "torch":
+            y = _torch_impl.forward(x3, weight, lora_a, lora_b, bias, scaling, False)[0]
+        else:
+            y = _impl(concrete).forward(x3, weight, lora_a, lora_b, bias, scaling)[0]
+    else:
+        y, _ = _cora_linear_forward(x3, weight, lora_a, lora_b, bias, scaling, concrete)
+    return y.squeeze(1) if one_token else y
+
+
+class _MultiCoRALinear(torch.autograd.Function):
+    """Projections sharing ``x`` and ``A``, each output its own tensor and its own gradient.
+
+    For training. The outputs are separate tensors, not slices of one ``(B, L, sum(sizes))``
+    result: a slice keeps the whole buffer alive as long as any slice lives (attention keeps
+    ``v`` for its backward, so the pre-RoPE ``q`` and ``k`` could never be freed), which costs
+    more memory than unfused projections. Autograd hands the backward each output's gradient
+    separately, so no ``(B, L, sum(sizes))`` concatenation of gradients is formed either: each
+    projection's backward runs on its own gradient and the ``x``/``A`` gradients are summed.
+
+    The torch backend computes ``x A`` once and expands it into each output; the kernel
+    backends run one fused-op call per projection (each recomputes the rank-``r`` shrink, a
+    ``r / d_j`` fraction of its GEMM). The fused weight and ``B`` are detached values (views of
+    the members' shared storage, or one copy); the gradients go to the members, inputs
+    ``7 ..`` (weights, then ``B``s, then biases).
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, fused_w, fused_b, fused_bias, scaling, backend, *members):
+        n = len(members) // 3
+        sizes = tuple(w.shape[0] for w in members[:n])
+        if backend == "torch":
+            outs, s = _torch_impl.forward_multi(
+                x, fused_w, lora_a, fused_b, fused_bias, scaling, sizes
+            )
+        else:
+            outs, s, start = [], None, 0
+            for size, bias in zip(sizes, members[2 * n :]):
+                stop = start + size
+                y, s_j = _cora_linear_forward(
+                    x, fused_w[start:stop], lora_a, fused_b[start:stop], bias, scaling, backend
+                )
+                outs.append(y)
+                s = s_j if s is None else s
+                start = stop
+        ctx.save_for_backward(x, lora_a, fused_w, fused_b, s)
+        ctx.scaling, ctx.backend, ctx.sizes = scaling, backend, sizes
+        ctx.bias_dtypes = tuple(None if b is None else b.dtype for b in members[2 * n :])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, lora_a, fused_w, fused_b, s = ctx.saved_tensors
+        sizes, n = ctx.sizes, len(ctx.sizes)
+        needs = ctx.needs_input_grad
+        need_dx, need_da = needs[0], needs[1]
+        need_dw, need_db, need_dbias = (
+            needs[7 : 7 + n],
+            needs[7 + n : 7 + 2 * n],
+            needs[7 + 2 * n :],
+        )
+        dx = da = None
+        dws, dbs, dbiases = [None] * n, [None] * n, [None] * n
+        start = 0
+        for j, (dy, size) in enumerate(zip(grads, sizes)):
+            stop = start + size
+            if need_dx or need_da or need_db[j]:
+                gx, ga, gb = _cora_linear_backward(
+                    dy, x, fused_w[start:stop], lora_a, fused_b[start:stop], s, ctx.scaling,
+                    ctx.backend, need_dx, need_da, need_db[j],
+                )  # fmt: skip
+                if need_dx:
+                    dx = gx if dx is None else dx.add_(gx)
+                if need_da:
+                    da = ga if da is None else da.add_(ga)
+                if need_db[j]:
+                    dbs[j] = gb
+            if need_dw[j]:
+                dws[j] = dy.reshape(-1, size).transpose(0, 1) @ x.reshape(-1, x.shape[-1])
+            if need_dbias[j]:
+                acc_dtype = torch.promote_types(dy.dtype, torch.float32)
+                dbiases[j] = dy.sum(dim=(0, 1), dtype=acc_dtype).to(ctx.bias_dtypes[j])
+            start = stop
+        return (dx, da, None, None, None, None, None, *dws, *dbs, *dbiases)
+
+
+def fused_cora_linear_multi(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor],
+    biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    scaling: float = 1.0,
+    backend: str = "auto",
+    fused_weight: Optional[torch.Tensor] = None,
+    fused_lora_b: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, ...]:
+    """Several CoRA projections of one ``x`` and one ``A`` (fused q/k/v) in one fused call.
+
+    Output ``j`` is ``x W_j^T + bias_j + scaling (x A) B_j^T``; one shrink ``x A`` serves them
+    all and one fused forward computes them over ``[W_0; W_1; ...]``.
+
+    Args:
+        x: ``(B, L, d_in)`` or ``(B, d_in)``, as :func:`fused_cora_linear`.
+        weights: ``W_j`` ``(d_j, d_in)``, one dtype (that of ``x``), one device.
+        lora_a: ``(B, d_in, r)`` or ``(d_in, r)``.
+        lora_bs: ``B_j`` ``(d_j, r)``, one dtype.
+        biases: ``None`` or one ``(d_j,)`` tensor or ``None`` per projection.
+        scaling, backend: as :func:`fused_cora_linear`.
+        fused_weight: optional ``(sum d_j, d_in)`` tensor equal to ``cat(weights)``, e.g. the
+            buffer the weights are views of; used as a value only (gradients go to
+            ``weights``). Without it the weights are concatenated (a copy) on every call.
+        fused_lora_b: optional ``(sum d_j, r)`` tensor equal to ``cat(lora_bs)``, likewise.
+
+    Returns:
+        A tuple of ``(B, L, d_j)`` (``(B, d_j)`` for 2-D ``x``) in the dtype of ``x``: slices
+        of one result. Differentiable in ``x``, ``lora_a`` and every member that requires
+        grad; each output's gradient is used separately (no concatenation of gradients).
+
+    Raises:
+        TypeError, ValueError: as :func:`fused_cora_linear`, and for mismatched list lengths.
+    """
+    n = len(weights)
+    if n == 0 or len(lora_bs) != n or (biases is not None and len(biases) != n):
+        raise ValueError(
+            f"weights, lora_bs and biases must be non-empty and of one length, got {n}, "
+            f"{len(lora_bs)} and {'None' if biases is None else len(biases)}"
+        )
+    biases = [None] * n if biases is None else list(biases)
+    if fused_weight is None:
+        fused_weight = torch.cat([w.detach() for w in weights], dim=0)
+    if fused_lora_b is None:
+        fused_lora_b = torch.cat([b.detach() for b in lora_bs], dim=0)
+    fused_bias = None
+    if any(b is not None for b in biases):
+        ref = next(b for b in biases if b is not None)
+        fused_bias = torch.cat(
+            [
+                b.detach() if b is not None else ref.new_zeros(w.shape[0])
+                for b, w in zip(biases, weights)
+            ]
+        )
+    check_cora_linear_args(x, fused_weight, lora_a, fused_lora_b, fused_bias, scaling)
+    if not _is_compiling():
+        for j, (w, b) in enumerate(zip(weights, lora_bs)):
+            if w.shape[1:] != fused_weight.shape[1:] or b.shape[1:] != fused_lora_b.shape[1:]:
+                raise ValueError(
+                    f"member {j}: weight {tuple(w.shape)} / lora_b {tuple(b.shape)} do not "
+                    f"match the fused weight {tuple(fused_weight.shape)} / lora_b "
+                    f"{tuple(fused_lora_b.shape)}"
+                )
+        if sum(w.shape[0] for w in weights) != fused_weight.shape[0]:
+            raise ValueError("the members' output sizes do not add up to the fused weight's")
     concrete = resolve_backend(backend, x.device, x.dtype, lora_a.shape[-1])
     one_token = x.dim() == 2
     x3 = x.unsqueeze(1) if one_token else x
-    y, _ = _cora_linear_forward(x3, weight, lora_a, lora_b, bias, float(scaling), concrete)
-    return y.squeeze(1) if one_token else y
+    members = (*weights, *lora_bs, *biases)
+    tensors = (x, lora_a, *members)
+    if not _needs_grad(tensors):
+        # Nothing is saved for a backward: one fused call, its output split into views.
+        if _direct_call_ok(tensors):
+            y = _forward_no_grad(
+                concrete, x3, fused_weight, lora_a, fused_lora_b, fused_bias, float(scaling)
+            )
+        else:
+            y, _ = _cora_linear_forward(
+                x3, fused_weight, lora_a, fused_lora_b, fused_bias, float(scaling), concrete
+            )
+        outs = y.split([w.shape[0] for w in weights], dim=-1)
+    else:
+        outs = _MultiCoRALinear.apply(
+            x3, lora_a, fused_weight, fused_lora_b, fused_bias, float(scaling), concrete, *members
+        )
+    return tuple(o.squeeze(1) for o in outs) if one_token else tuple(outs)

@@ -32,6 +32,25 @@ checkpointed call as an extra tensor *argument*. The recomputation in the backwa
 uses the A of the forward it replays, even if ``backward()`` runs after the ``with`` block has
 been left or inside a later block with another A (both reentrant and non-reentrant
 checkpointing). ``transformers`` is never imported by this module.
+
+``torch.compile``: a patched forward inside :func:`cora_weights` compiles as one graph
+(``fullgraph=True``, no graph break, training included): the per-sample A is read from the
+shared state as a graph input, the fused q/k/v operands are buffers held by the group (see
+:class:`_FusedQKV` for what keeps them valid) and the op is a registered custom op.
+
+CUDA-graph decode (``mode="reduce-overhead"``): a CUDA graph replays fixed addresses, so A
+must live in one buffer for the whole decode; :func:`static_lora_a` makes it::
+
+    a_buf = static_lora_a(model, batch_size, device="cuda")     # (B, hidden_size, rank)
+    step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with cora_weights(model, a_buf):
+        for batch in batches:                                    # fixed (B, L) shapes
+            a_buf.copy_(generator(batch))                        # new A, same address
+            logits = step(input_ids=batch_ids, use_cache=False).logits
+
+(with a KV cache, use a ``transformers.StaticCache`` so that every decode step has one
+shape). Enter the block once around the loop: its entry re-checks the fused layout
+eagerly, outside the graph. ``tests/test_hf_compile.py`` runs this on a GPU.
 """
 
 from __future__ import annotations
@@ -44,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmrec_kernels.cora_linear import fused_cora_linear
+from llmrec_kernels.cora_linear import fused_cora_linear, fused_cora_linear_multi
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -56,6 +75,7 @@ __all__ = [
     "lora_b_parameters",
     "parameter_bytes",
     "remove_cora",
+    "static_lora_a",
 ]
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -89,17 +109,32 @@ def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _version_of(t: torch.Tensor) -> Optional[int]:
-    # Inference tensors (torch.inference_mode) have no version counter.
-    return None if t.is_inference() else t._version
+    # Inference tensors (torch.inference_mode) have no version counter; under torch.compile
+    # neither is readable (nor needed: the traced attention code does not modify its input
+    # between the q, k and v calls).
+    if torch.compiler.is_compiling() or t.is_inference():
+        return None
+    return t._version
 
 
 class _FusedQKV:
     """One fused ``fused_cora_linear`` call for the q/k/v projections of one attention block.
 
-    Holds no tensor between forwards except the pending outputs of the current call; the fused
-    weight is a view rebuilt from the members' storage at every call, so ``model.to(...)`` and
-    ``load_state_dict`` stay safe (after a ``.to`` that gives the members separate storage, the
-    next call re-fuses them).
+    The members' weights are views into one contiguous ``(sum(sizes), d_in)`` buffer and their
+    ``lora_B.weight`` views into one ``(sum(sizes), rank)`` buffer, so the fused operands are
+    the buffers themselves: nothing is concatenated per call. An optimizer step updates the
+    ``lora_B`` views in place, hence the buffer: training ``B`` needs nothing more. The
+    gradients go to each member's own parameters (:func:`fused_cora_linear_multi`).
+
+    Layout checks: in eager mode every call compares the members' data pointers with the
+    buffers' (integers, cached at fusion time; the buffers are held here, so their addresses
+    cannot be reused); a member that drifted apart (``model.to(...)``, ``.data =``, a replaced
+    parameter) makes the group re-fuse before the call. Under ``torch.compile`` pointers are
+    not traceable: :func:`cora_weights` runs the same check when its block is entered (outside
+    the compiled region), ``nn.Module._apply`` (``.to``, ``.half()``, ...) marks the group
+    stale, and a stale group computes with concatenated copies (correct, slower) until the
+    next eager call or block entry re-fuses it. Holds no activation between forwards except
+    the pending outputs of the current call.
     """
 
     def __init__(self, members: Sequence[CoRALinear]):
@@ -117,54 +152,48 @@ class _FusedQKV:
         self._version: Optional[int] = None
         self._pending: dict[int, torch.Tensor] = {}
 
+    @staticmethod
+    def _fuse(params: list, sizes: list) -> tuple[torch.Tensor, tuple[int, ...]]:
+        fused = torch.cat([p.detach() for p in params], dim=0)
+        offset = 0
+        for p, n in zip(params, sizes):
+            p.data = fused[offset : offset + n]
+            offset += n
+        return fused, tuple(p.data_ptr() for p in params)
+
     @torch.no_grad()
     def refuse(self) -> None:
-        """Move the members' weights into one contiguous buffer; each becomes a view into it."""
-        fused = torch.cat([m.weight.detach() for m in self.members], dim=0)
-        offset = 0
-        for m, n in zip(self.members, self.sizes):
-            m.weight.data = fused[offset : offset + n]
-            offset += n
+        """Move the members' weights (and ``lora_B``) into contiguous buffers, as views."""
+        weights = [m.weight for m in self.members]
+        lora_bs = [m.lora_B.weight for m in self.members]
+        self._w_fused = self._w_ptrs = self._b_fused = self._b_ptrs = None
+        if _compatible(weights):
+            self._w_fused, self._w_ptrs = self._fuse(weights, self.sizes)
+        if _compatible(lora_bs):
+            self._b_fused, self._b_ptrs = self._fuse(lora_bs, self.sizes)
+        self.stale = False
 
-    def _fused_view(self) -> Optional[torch.Tensor]:
-        """The ``(sum(sizes), d_in)`` fused weight as a view, or None if the members drifted apart."""
-        first = self.members[0].weight
-        d_in = first.shape[1]
-        storage_ptr = first.untyped_storage().data_ptr()
-        offset = first.storage_offset()
-        for m, n in zip(self.members, self.sizes):
-            w = m.weight
-            if (
-                w.dtype != first.dtype
-                or w.device != first.device
-                or w.shape != (n, d_in)
-                or w.stride() != (d_in, 1)
-                or w.untyped_storage().data_ptr() != storage_ptr
-                or w.storage_offset() != offset
-            ):
-                return None
-            offset += n * d_in
-        return first.detach().as_strided((sum(self.sizes), d_in), (d_in, 1), first.storage_offset())
-
-    def fused_weight(self) -> torch.Tensor:
-        if any(m.weight.requires_grad for m in self.members):
-            # Someone unfroze a base weight: keep its gradient correct (at the cost of a copy).
-            return torch.cat([m.weight for m in self.members], dim=0)
-        w = self._fused_view()
-        if w is None:
-            self.refuse()
-            w = self._fused_view()
-            assert w is not None
-        return w
-
-    def fused_bias(self) -> Optional[torch.Tensor]:
-        biases = [m.bias for m in self.members]
-        if all(b is None for b in biases):
-            return None
-        ref = next(b for b in biases if b is not None)
-        return torch.cat(
-            [b if b is not None else ref.new_zeros(n) for b, n in zip(biases, self.sizes)]
+    def _layout_ok(self) -> bool:
+        """Eager check: every member still a view at its place in the fused buffers."""
+        return (
+            self._w_ptrs is not None
+            and self._b_ptrs is not None
+            and tuple(m.weight.data_ptr() for m in self.members) == self._w_ptrs
+            and tuple(m.lora_B.weight.data_ptr() for m in self.members) == self._b_ptrs
         )
+
+    def ensure_fused(self) -> None:
+        """Re-fuse if a member drifted apart (eager only: reads data pointers)."""
+        if self.stale or not self._layout_ok():
+            self.refuse()
+
+    def operands(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The fused weight and ``B`` (``None``: concatenate the members for this call)."""
+        if not torch.compiler.is_compiling():
+            self.ensure_fused()
+        if self.stale:
+            return None, None
+        return self._w_fused, self._b_fused
 
     def output(self, member: CoRALinear, x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
         idx = member._group_index
@@ -179,22 +208,35 @@ class _FusedQKV:
                 self._clear()
             return y
         state = member._state
-        lora_b = torch.cat([m.lora_B.weight for m in self.members], dim=0)
-        y = fused_cora_linear(
+        fused_w, fused_b = self.operands()
+        outs = fused_cora_linear_multi(
             x,
-            self.fused_weight(),
+            [m.weight for m in self.members],
             _on_device(lora_a, x.device),
-            lora_b,
-            self.fused_bias(),
+            [m.lora_B.weight for m in self.members],
+            [m.bias for m in self.members],
             scaling=state.scaling,
             backend=state.backend,
+            fused_weight=fused_w,
+            fused_lora_b=fused_b,
         )
-        outs = y.split(self.sizes, dim=-1)
         self._clear()
         pending = {j: o for j, o in enumerate(outs) if j != idx}
         if pending:
             self._x, self._a, self._version, self._pending = x, lora_a, _version_of(x), pending
         return outs[idx]
+
+
+def _compatible(params: list) -> bool:
+    """Parameters that can share one buffer: one dtype, one device, 2-D, equal widths."""
+    first = params[0]
+    return all(
+        p.dtype == first.dtype
+        and p.device == first.device
+        and p.dim() == 2
+        and p.shape[1] == first.shape[1]
+        for p in params
+    )
 
 
 class CoRALinear(nn.Module):
@@ -237,6 +279,14 @@ class CoRALinear(nn.Module):
         self.__dict__["_group"] = None
         self.__dict__["_group_index"] = 0
         self.path = path
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), .cuda() give each parameter its own storage: the fused q/k/v
+        # buffers are then stale (re-fused at the next eager call or cora_weights entry).
+        out = super()._apply(fn, recurse)
+        if self._group is not None:
+            self._group.stale = True
+        return out
 
     @property
     def rank(self) -> int:
@@ -542,6 +592,11 @@ def cora_weights(model: nn.Module, lora_a: Optional[torch.Tensor]) -> Iterator[n
     if state is None:
         raise ValueError("model is not patched with CoRA; call apply_cora_to_llama(model) first")
     _check_lora_a(state, lora_a)
+    # Outside any compiled region: re-fuse q/k/v groups whose members drifted apart, so a
+    # compiled forward inside the block sees the fused layout it trusts.
+    for _, _, patched in state.patched:
+        if patched._group is not None and patched._group_index == 0:
+            patched._group.ensure_fused()
 
     wrapped = []
     for m in model.modules():
@@ -561,6 +616,34 @@ def cora_weights(model: nn.Module, lora_a: Optional[torch.Tensor]) -> Iterator[n
                 is inner
             ):
                 m.__dict__["_gradient_checkpointing_func"] = inner
+
+
+def static_lora_a(
+    model: nn.Module,
+    batch_size: int,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """A zero ``(batch_size, hidden_size, rank)`` A buffer for CUDA-graph decode.
+
+    Pass it to :func:`cora_weights` once and ``copy_`` each batch's A into it: a graph
+    captured by ``torch.compile(mode="reduce-overhead")`` then reads the new A without
+    re-capture or an input copy (the buffer is marked as a static address for
+    ``torch.compile``). ``device``: default, the device of the model's first parameter.
+
+    Raises:
+        ValueError: the model is not patched, or ``batch_size < 1``.
+    """
+    state = _get_state(model)
+    if state is None:
+        raise ValueError("model is not patched with CoRA; call apply_cora_to_llama(model) first")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if device is None:
+        device = next(model.parameters()).device
+    buf = torch.zeros(batch_size, state.hidden_size, state.rank, device=device, dtype=dtype)
+    torch._dynamo.mark_static_address(buf)
+    return buf
 
 
 def parameter_bytes(module: nn.Module, trainable_only: bool = False) -> int:

@@ -118,15 +118,18 @@ def positions(mask):
 
 
 class CallCounter:
+    """Counts the fused op calls of the patched modules (single and fused q/k/v entry points)."""
+
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = hf.fused_cora_linear
+        for name in ("fused_cora_linear", "fused_cora_linear_multi"):
+            real = getattr(hf, name)
 
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
+            def counted(*args, _real=real, **kwargs):
+                self.calls += 1
+                return _real(*args, **kwargs)
 
-        monkeypatch.setattr(hf, "fused_cora_linear", counted)
+            monkeypatch.setattr(hf, name, counted)
 
 
 # --------------------------------------------------------------------------------------------

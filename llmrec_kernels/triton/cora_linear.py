@@ -4,16 +4,21 @@
 :mod:`llmrec_kernels.cora_linear`): 3-D ``x``, no autograd, the scaled shrink ``S = s x A``
 returned in fp32 for the backward. The kernels themselves and the reasoning behind their
 structure are in :mod:`llmrec_kernels.triton.kernels`.
+
+Host cost matters at decode, where a launch's Python is longer than its kernel: the tile
+config, grid and compile-time arguments of every launch are computed once per shape key
+(``functools.lru_cache`` around the config functions of :mod:`llmrec_kernels.triton.configs`)
+and integer ceilings use plain arithmetic (``triton.cdiv`` is a JIT function, slow to call
+from Python). ``python -m benchmarks.host_overhead`` measures this side with the launches
+replaced by no-ops.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional
 
 import torch
-import triton
 
 from llmrec_kernels.backends import interpreter_enabled
 from llmrec_kernels.triton.configs import block_r, gemm_config, reduce_config, shrink_config
@@ -24,13 +29,20 @@ from llmrec_kernels.triton.kernels import (
     _rows_transpose_matmul_kernel,
 )
 
-__all__ = ["backward", "forward"]
+__all__ = ["backward", "clear_config_cache", "forward"]
 
 # The dx kernel recomputes dS = s dy Bm in every column tile; beyond this padded rank that
 # costs more than a separate pass over dy (R / BLOCK_N extra MMA work per tile).
 MAX_FUSED_DS_RANK_BLOCK = 32
 # Ranks per step of the low-rank epilogues that read S or dS from memory.
 R_CHUNK = 32
+
+
+_CACHE_SIZE = 4096
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -40,8 +52,75 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+class _NoGuard:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_GUARD = _NoGuard()
+
+
 def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Make ``t``'s GPU current for the launches; nothing to do when it already is."""
+    if t.is_cuda:
+        index = t.get_device()
+        if index != torch.cuda.current_device():
+            return torch.cuda.device(index)
+    return _NO_GUARD
+
+
+def _key(dtype: torch.dtype) -> tuple:
+    """What every cached launch plan depends on besides the shape."""
+    return dtype, _input_precision(dtype), interpreter_enabled()
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _shrink_plan(batch: int, length: int, rank: int, key: tuple) -> tuple:
+    """``(grid, compile-time kwargs)`` of one shrink launch."""
+    dtype, precision, _ = key
+    cfg = shrink_config(length, dtype)
+    grid = (_cdiv(length, cfg.BLOCK_M), batch)
+    meta = dict(
+        BLOCK_M=cfg.BLOCK_M,
+        BLOCK_K=cfg.BLOCK_K,
+        BLOCK_R=block_r(rank),
+        INPUT_PRECISION=precision,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return grid, meta
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _gemm_plan(kernel: str, rows: int, cols: int, rank: int, key: tuple) -> tuple:
+    """``(grid, compile-time kwargs)`` of the forward (``"fwd"``) or dx (``"bwd_dx"``) GEMM."""
+    dtype, precision, _ = key
+    cfg = gemm_config(kernel, rows, dtype, rank)
+    grid = (_cdiv(rows, cfg.BLOCK_M) * _cdiv(cols, cfg.BLOCK_N),)
+    # The dx kernel's output columns are x's (K); its names swap BLOCK_N and BLOCK_K.
+    meta = dict(
+        BLOCK_M=cfg.BLOCK_M,
+        BLOCK_N=cfg.BLOCK_N if kernel == "fwd" else cfg.BLOCK_K,
+        BLOCK_K=cfg.BLOCK_K if kernel == "fwd" else cfg.BLOCK_N,
+        R_CHUNK=min(block_r(rank), R_CHUNK),
+        GROUP_M=cfg.GROUP_M,
+        INPUT_PRECISION=precision,
+        SPLIT_LOWRANK=dtype != torch.float32,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if kernel == "bwd_dx":
+        meta["BLOCK_R"] = block_r(rank)
+    return grid, meta
+
+
+def clear_config_cache() -> None:
+    """Forget the cached launch plans (after changing the config tables or the environment)."""
+    _shrink_plan.cache_clear()
+    _gemm_plan.cache_clear()
 
 
 @functools.cache
@@ -69,28 +148,26 @@ def _shrink(
     mat_strides: tuple[int, int, int],
     out: torch.Tensor,
     scaling: float,
+    key: Optional[tuple] = None,
 ) -> None:
-    """``out = scaling * inp @ mat[b]`` for a strided ``(B, L, K)`` ``inp``; out fp32 ``(B, L, R)``."""
+    """``out = scaling * inp @ mat[b]`` for a strided ``(B, L, K)`` ``inp``; out fp32 ``(B, L, R)``.
+
+    ``key``: :func:`_key` of ``inp.dtype`` when the caller has it already.
+    """
     batch, length, k = inp.shape
     rank = out.shape[-1]
     sb, sl, sk = inp.stride()
     if mat_strides[0] == 0 and (batch == 1 or sb == length * sl):
         # One matrix for all samples and mergeable rows: tile the flat rows, not per sample.
         batch, length, sb = 1, batch * length, 0
-    cfg = shrink_config(length, inp.dtype)
-    grid = (triton.cdiv(length, cfg.BLOCK_M), batch)
+    grid, meta = _shrink_plan(batch, length, rank, key or _key(inp.dtype))
     _cora_shrink_kernel[grid](
         inp, mat, out,
         length, k, rank,
         sb, sl, sk,
         *mat_strides,
         scaling,
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_K=cfg.BLOCK_K,
-        BLOCK_R=block_r(rank),
-        INPUT_PRECISION=_input_precision(inp.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **meta,
     )  # fmt: skip
 
 
@@ -104,13 +181,11 @@ def _rows_transpose_matmul(
     _, length, p = lhs.shape
     rank = rhs.shape[-1]
     cfg = reduce_config(lhs.dtype, rank)
-    p_tiles = triton.cdiv(p, cfg.BLOCK_P)
-    max_splits = max(1, triton.cdiv(rows_per_group, cfg.BLOCK_ROWS))
-    splits = min(max_splits, max(1, triton.cdiv(_target_programs(lhs.device), p_tiles * groups)))
-    rows_per_split = (
-        triton.cdiv(triton.cdiv(rows_per_group, splits), cfg.BLOCK_ROWS) * cfg.BLOCK_ROWS
-    )
-    splits = max(1, triton.cdiv(rows_per_group, rows_per_split))
+    p_tiles = _cdiv(p, cfg.BLOCK_P)
+    max_splits = max(1, _cdiv(rows_per_group, cfg.BLOCK_ROWS))
+    splits = min(max_splits, max(1, _cdiv(_target_programs(lhs.device), p_tiles * groups)))
+    rows_per_split = _cdiv(_cdiv(rows_per_group, splits), cfg.BLOCK_ROWS) * cfg.BLOCK_ROWS
+    splits = max(1, _cdiv(rows_per_group, rows_per_split))
     out = torch.empty((splits, groups, p, rank), dtype=torch.float32, device=lhs.device)
     grid = (p_tiles, splits, groups)
     _rows_transpose_matmul_kernel[grid](
@@ -141,16 +216,17 @@ def forward(
     """``(y, S)``: y ``(B, L, d_out)`` in x's dtype, ``S = scaling * x A`` fp32 ``(B, L, r)``."""
     batch, length, k = x.shape
     n, rank, rows = weight.shape[0], lora_a.shape[-1], batch * length
-    y = torch.empty((batch, length, n), dtype=x.dtype, device=x.device)
-    s = torch.empty((batch, length, rank), dtype=torch.float32, device=x.device)
+    dt, dev = x.dtype, x.device
+    y = torch.empty((batch, length, n), dtype=dt, device=dev)
+    s = torch.empty((batch, length, rank), dtype=torch.float32, device=dev)
     if rows == 0:
         return y, s
+    key = _key(dt)
     with _device_guard(x):
-        _shrink(x, lora_a, _a_strides(lora_a), s, scaling)
+        _shrink(x, lora_a, _a_strides(lora_a), s, scaling, key)
         if n == 0:
             return y, s
-        cfg = gemm_config("fwd", rows, x.dtype, rank)
-        grid = (triton.cdiv(rows, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
+        grid, meta = _gemm_plan("fwd", rows, n, rank, key)
         bias_arg = bias.contiguous() if bias is not None else y
         _cora_linear_fwd_kernel[grid](
             x, weight, bias_arg, s, lora_b, y,
@@ -159,15 +235,7 @@ def forward(
             *weight.stride(),
             *lora_b.stride(),
             HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.BLOCK_M,
-            BLOCK_N=cfg.BLOCK_N,
-            BLOCK_K=cfg.BLOCK_K,
-            R_CHUNK=min(block_r(rank), R_CHUNK),
-            GROUP_M=cfg.GROUP_M,
-            INPUT_PRECISION=_input_precision(x.dtype),
-            SPLIT_LOWRANK=x.dtype != torch.float32,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            **meta,
         )  # fmt: skip
     return y, s
 
@@ -207,8 +275,7 @@ def backward(
         if need_dx:
             dx = torch.empty((batch, length, k), dtype=x.dtype, device=x.device)
             if k > 0:
-                cfg = gemm_config("bwd_dx", rows, x.dtype, rank)
-                grid = (triton.cdiv(rows, cfg.BLOCK_M) * triton.cdiv(k, cfg.BLOCK_N),)
+                grid, meta = _gemm_plan("bwd_dx", rows, k, rank, _key(x.dtype))
                 _cora_linear_bwd_dx_kernel[grid](
                     dy, weight, lora_a, lora_b, ds, dx,
                     rows, n, k, rank, length, length if per_sample else rows,
@@ -218,16 +285,7 @@ def backward(
                     *lora_b.stride(),
                     scaling,
                     COMPUTE_DS=fuse_ds,
-                    BLOCK_M=cfg.BLOCK_M,
-                    BLOCK_K=cfg.BLOCK_N,
-                    BLOCK_N=cfg.BLOCK_K,
-                    BLOCK_R=block_r(rank),
-                    R_CHUNK=min(block_r(rank), R_CHUNK),
-                    GROUP_M=cfg.GROUP_M,
-                    INPUT_PRECISION=_input_precision(x.dtype),
-                    SPLIT_LOWRANK=x.dtype != torch.float32,
-                    num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages,
+                    **meta,
                 )  # fmt: skip
         if need_da:
             groups, rows_per_group = (batch, length) if per_sample else (1, rows)

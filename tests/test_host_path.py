@@ -1,0 +1,275 @@
+"""The host-side fast paths of ``fused_cora_linear`` and the fused multi-projection op.
+
+* the direct backend call (no custom-op dispatch) is taken exactly when nothing can observe
+  the op, and gives what the op gives;
+* the cheap argument predicate never lets through what the detailed checks reject;
+* ``fused_cora_linear_multi`` (fused q/k/v) against an fp64 oracle, forward and every
+  gradient, each output's gradient used on its own;
+* the Triton launcher's cached launch plans equal the config tables' answers.
+
+Numbers follow ``tests/tolerance.py``: fp64 oracle, same-precision plain-PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerance import assert_close_to_oracle
+
+import llmrec_kernels.cora_linear as cl
+from llmrec_kernels import fused_cora_linear
+from llmrec_kernels._validation import _valid_fast, check_cora_linear_args
+from llmrec_kernels.cora_linear import fused_cora_linear_multi
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BACKENDS = ["torch", "triton"] if (INTERPRET or torch.cuda.is_available()) else ["torch"]
+
+
+def _inputs(b=2, length=3, d_in=24, sizes=(16, 8, 8), r=4, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    x = rand(b, length, d_in)
+    ws = [rand(n, d_in, scale=d_in**-0.5) for n in sizes]
+    a = rand(b, d_in, r, scale=d_in**-0.5)
+    bs = [rand(n, r, scale=r**-0.5) for n in sizes]
+    biases = [rand(n) for n in sizes]
+    dys = [rand(b, length, n) for n in sizes]
+    return x, ws, a, bs, biases, dys
+
+
+def _plain(x, w, a, b, bias, s):
+    """Independent plain-PyTorch CoRA projection (any precision)."""
+    return F.linear(x, w, bias) + s * torch.bmm(x, a.to(x.dtype)) @ b.to(x.dtype).t()
+
+
+# ------------------------------------------------------------------------ direct backend call
+
+
+def test_direct_call_only_when_nothing_observes_the_op(monkeypatch):
+    calls = []
+    real = cl._cora_linear_forward
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(cl, "_cora_linear_forward", spy)
+    x, ws, a, bs, _, _ = _inputs()
+    with torch.inference_mode():
+        fused_cora_linear(x, ws[0], a, bs[0], None, 2.0, backend="torch")
+    with torch.no_grad():
+        fused_cora_linear(x, ws[0], a, bs[0], None, 2.0, backend="torch")
+    fused_cora_linear(x, ws[0], a, bs[0], None, 2.0, backend="torch")  # nothing requires grad
+    assert calls == []
+    fused_cora_linear(x, ws[0], a.requires_grad_(True), bs[0], None, 2.0, backend="torch")
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_call_matches_the_op(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("bf16 tl.dot is wrong in Triton's interpreter")
+    x, ws, a, bs, biases, _ = _inputs(dtype=dtype)
+    s = 1.5  # not a power of two: the direct path scales on addmm's alpha
+    with torch.no_grad():
+        direct = fused_cora_linear(x, ws[0], a, bs[0], biases[0], s, backend=backend)
+        via_op, _ = cl._cora_linear_forward(x, ws[0], a, bs[0], biases[0], s, backend)
+    oracle = _plain(x.double(), ws[0].double(), a.double(), bs[0].double(), biases[0].double(), s)
+    reference = _plain(x, ws[0], a, bs[0], biases[0], s)
+    assert_close_to_oracle(direct, reference, oracle, "direct call")
+    assert_close_to_oracle(via_op, reference, oracle, "op call")
+
+
+def test_two_dim_x_on_the_direct_path():
+    x, ws, a, bs, _, _ = _inputs(length=1)
+    with torch.no_grad():
+        y2 = fused_cora_linear(x[:, 0], ws[0], a, bs[0], None, 2.0, backend="torch")
+        y3 = fused_cora_linear(x, ws[0], a, bs[0], None, 2.0, backend="torch")
+    assert y2.shape == (2, 16)
+    torch.testing.assert_close(y2, y3[:, 0], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------ argument predicate
+
+
+def _mutations():
+    """Argument tuples that are wrong in one way each (the detailed checks reject them)."""
+    x, ws, a, bs, biases, _ = _inputs()
+    w, b, bias = ws[0], bs[0], biases[0]
+    good = (x, w, a, b, bias, 2.0)
+    yield "good", good, True
+    yield "x 4-D", (x[None], w, a, b, bias, 2.0), False
+    yield "x 1-D", (x[0, 0], w, a, b, bias, 2.0), False
+    yield "x int", (x.long(), w, a, b, bias, 2.0), False
+    yield "weight d_in", (x, w[:, :-1], a, b, bias, 2.0), False
+    yield "weight 3-D", (x, w[None], a, b, bias, 2.0), False
+    yield "weight dtype", (x, w.double(), a, b, bias, 2.0), False
+    yield "a batch", (x, w, a[:1], b, bias, 2.0), False
+    yield "a d_in", (x, w, a[:, :-1], b, bias, 2.0), False
+    yield "a 4-D", (x, w, a[None], b, bias, 2.0), False
+    yield "a shared d_in", (x, w, a[0, :-1], b, bias, 2.0), False
+    yield "a rank 0", (x, w, a[..., :0], b[:, :0], bias, 2.0), False
+    yield "a int", (x, w, a.long(), b, bias, 2.0), False
+    yield "b rank", (x, w, a, b[:, :-1], bias, 2.0), False
+    yield "b d_out", (x, w, a, b[:-1], bias, 2.0), False
+    yield "b transposed", (x, w, a, b.t(), bias, 2.0), False
+    yield "b int", (x, w, a, b.long(), bias, 2.0), False
+    yield "bias shape", (x, w, a, b, bias[:-1], 2.0), False
+    yield "bias 2-D", (x, w, a, b, bias[None], 2.0), False
+    yield "bias int", (x, w, a, b, bias.long(), 2.0), False
+    yield "bias not a tensor", (x, w, a, b, [1.0], 2.0), False
+    yield "scaling tensor", (x, w, a, b, bias, torch.tensor(2.0)), False
+    yield "scaling bool", (x, w, a, b, bias, True), False
+    yield "x not a tensor", (x.tolist(), w, a, b, bias, 2.0), False
+    yield "a on meta", (x, w, a.to("meta"), b, bias, 2.0), False
+    yield "b on meta", (x, w, a, b.to("meta"), bias, 2.0), False
+    yield "bias on meta", (x, w, a, b, bias.to("meta"), 2.0), False
+
+
+@pytest.mark.parametrize("name,args,valid", list(_mutations()), ids=lambda v: str(v)[:20])
+def test_fast_predicate_never_accepts_what_the_checks_reject(name, args, valid):
+    assert _valid_fast(*args) == valid, name
+    if valid:
+        check_cora_linear_args(*args)
+    else:
+        with pytest.raises((TypeError, ValueError)):
+            check_cora_linear_args(*args)
+
+
+# --------------------------------------------------------------- fused multi-projection op
+
+
+NAMES = ("x", "a", "w0", "w1", "w2", "b0", "b1", "b2", "bias0", "bias1", "bias2")
+
+
+def _grad_subsets():
+    """Representative subsets of the inputs that require grad (every single one, and more)."""
+    yield from ((n,) for n in NAMES)
+    yield ("x", "a")
+    yield ("a", "b0", "b1", "b2")  # CoRA training: A (from a generator) and every B
+    yield ("b1",)
+    yield NAMES
+
+
+# Every subset on the torch backend; a few through the Triton interpreter (slow).
+CASES = [("torch", needs) for needs in _grad_subsets()] + [
+    ("triton", needs) for needs in (("x",), ("a", "b0", "b1", "b2"), NAMES) if "triton" in BACKENDS
+]
+
+
+@pytest.mark.parametrize("backend,needs", CASES, ids=[f"{b}-{'+'.join(n)}" for b, n in CASES])
+def test_multi_forward_and_gradients_against_fp64(backend, needs):
+    x, ws, a, bs, biases, dys = _inputs()
+    s = 1.5
+
+    def leaves(dtype):
+        vals = {"x": x, "a": a}
+        vals.update({f"w{i}": w for i, w in enumerate(ws)})
+        vals.update({f"b{i}": b for i, b in enumerate(bs)})
+        vals.update({f"bias{i}": b for i, b in enumerate(biases)})
+        return {k: v.detach().to(dtype).requires_grad_(k in needs) for k, v in vals.items()}
+
+    def grads(outs, t):
+        want = [t[n] for n in NAMES if n in needs]
+        # outputs that do not depend on a leaf needing grad are left out (the reference's
+        # output i does not depend on w_j)
+        loss = sum((o * d.to(o.dtype)).sum() for o, d in zip(outs, dys) if o.requires_grad)
+        return dict(zip([n for n in NAMES if n in needs], torch.autograd.grad(loss, want)))
+
+    t = leaves(torch.float32)
+    w3, b3, bias3 = (
+        [t[f"w{i}"] for i in range(3)],
+        [t[f"b{i}"] for i in range(3)],
+        [t[f"bias{i}"] for i in range(3)],
+    )
+    outs = fused_cora_linear_multi(t["x"], w3, t["a"], b3, bias3, s, backend=backend)
+    got = grads(outs, t)
+
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        u = leaves(dtype)
+        ref = tuple(
+            _plain(u["x"], u[f"w{i}"], u["a"], u[f"b{i}"], u[f"bias{i}"], s) for i in range(3)
+        )
+        results[dtype] = (ref, grads(ref, u))
+    (ref_y, ref_g), (ora_y, ora_g) = results[torch.float32], results[torch.float64]
+    for i in range(3):
+        assert_close_to_oracle(outs[i], ref_y[i], ora_y[i], f"output {i}")
+    for n in got:
+        assert_close_to_oracle(got[n], ref_g[n], ora_g[n], f"d{n}")
+
+
+def test_multi_outputs_are_separate_tensors_in_training():
+    """A slice of one buffer would keep every projection's output alive (see the op's doc)."""
+    x, ws, a, bs, _, _ = _inputs()
+    a.requires_grad_(True)
+    outs = fused_cora_linear_multi(x, ws, a, bs, None, 2.0, backend="torch")
+    ptrs = {o.untyped_storage().data_ptr() for o in outs}
+    assert len(ptrs) == 3
+
+
+def test_multi_uses_given_fused_operands_and_rejects_bad_lists():
+    x, ws, a, bs, _, _ = _inputs()
+    fw, fb = torch.cat(ws), torch.cat(bs)
+    with torch.no_grad():
+        got = fused_cora_linear_multi(x, ws, a, bs, None, 2.0, "torch", fw, fb)
+        want = fused_cora_linear(x, fw, a, fb, None, 2.0, backend="torch")
+    torch.testing.assert_close(torch.cat(got, -1), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one length"):
+        fused_cora_linear_multi(x, ws, a, bs[:2])
+    with pytest.raises(ValueError, match="add up"):
+        fused_cora_linear_multi(x, ws[:2], a, bs[:2], None, 2.0, "torch", fw, fb)
+
+
+# ------------------------------------------------------------------ Triton launch plans
+
+
+def test_triton_launch_plans_equal_the_config_tables(monkeypatch):
+    """The cached (grid, kwargs) of every launch are what the config functions give."""
+    pytest.importorskip("triton")
+    from benchmarks.host_overhead import noop_triton_launches
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from llmrec_kernels.triton import configs
+    from llmrec_kernels.triton import cora_linear as launcher
+
+    def cdiv(p, q):
+        return (p + q - 1) // q
+
+    for rows, n, k, rank, dtype in itertools.product(
+        (1, 17, 33, 64, 300), (40, 3072), (24,), (4, 16, 64, 128),
+        (torch.float16, torch.float32),
+    ):  # fmt: skip
+        launcher.clear_config_cache()
+        key = launcher._key(dtype)
+        grid, meta = launcher._gemm_plan("fwd", rows, n, rank, key)
+        cfg = configs.gemm_config("fwd", rows, dtype, rank)
+        assert grid == (cdiv(rows, cfg.BLOCK_M) * cdiv(n, cfg.BLOCK_N),)
+        assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]) == (
+            cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K,
+        )  # fmt: skip
+        assert meta["num_warps"] == cfg.num_warps and meta["num_stages"] == cfg.num_stages
+        grid, meta = launcher._gemm_plan("bwd_dx", rows, k, rank, key)
+        cfg = configs.gemm_config("bwd_dx", rows, dtype, rank)
+        # the dx kernel tiles x's columns (K) with the config's BLOCK_N
+        assert grid == (cdiv(rows, cfg.BLOCK_M) * cdiv(k, cfg.BLOCK_N),)
+        assert (meta["BLOCK_K"], meta["BLOCK_N"]) == (cfg.BLOCK_N, cfg.BLOCK_K)
+        assert meta["BLOCK_R"] == configs.block_r(rank)
+        grid, meta = launcher._shrink_plan(3, rows, rank, key)
+        cfg = configs.shrink_config(rows, dtype)
+        assert grid == (cdiv(rows, cfg.BLOCK_M), 3)
+        assert (meta["BLOCK_M"], meta["BLOCK_K"]) == (cfg.BLOCK_M, cfg.BLOCK_K)
+    # and the launcher's forward runs end to end with no-op launches (allocations, strides)
+    x, ws, a, bs, _, _ = _inputs()
+    with noop_triton_launches() as mod:
+        y, s = mod.forward(x, ws[0], a, bs[0], None, 2.0)
+    assert y.shape == (2, 3, 16) and s.shape == (2, 3, 4)
+    launcher.clear_config_cache()
