@@ -1,70 +1,289 @@
-"""Every Triton kernel, at every configuration the dispatcher can choose, compiles for real GPUs.
+"""The Triton kernels, as the JIT specialises them for the dispatcher's shapes, compile for GPUs.
 
-Runs ``python -m llmrec_kernels.triton.aot`` once (in a subprocess: the interpreter that the
-other tests use replaces compilation) for sm_80 and sm_90, then checks each record: the kernel
-assembled with ``ptxas -v``, spilled no registers, and its dots became tensor-core
-instructions (``mma.sync`` on sm_80, ``wgmma`` or ``mma`` on sm_90), except IEEE fp32 dots,
-which run on FMA units by design.
+One subprocess (the interpreter the other tests use replaces compilation; this file run as a
+script, :func:`_emit`) traces the real launchers (:func:`aot.trace_launches`) and compiles:
+
+* a representative subset of the specialisations for sm_80 and sm_90 (LLaMA-7B shapes at
+  decode (M 1) and prefill (8 x 256), ranks 4 and 128, fp16 and IEEE fp32, both A layouts; the CLI
+  ``python -m llmrec_kernels.triton.aot`` compiles all of them, every rank, dtype and model);
+* the shrink kernel as it was before the int64 fix (:func:`_old_shrink_kernel`, verbatim), to
+  show that the PTX int64 check flags its 32-bit row offset, and that its R-masked loads of A at
+  rank 4 are scalar and unpipelined where the padded A of the current launcher is pipelined.
+
+Each record must assemble without spills, use tensor cores where it should, fit the
+architecture's shared memory, and address memory with 64-bit offsets only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from llmrec_kernels.backends import triton_available
-from llmrec_kernels.triton.aot import needs_tensor_cores
-from llmrec_kernels.triton.configs import all_configs
+from llmrec_kernels.triton import aot
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
 ARCHS = (80, 90)
-_DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-CASES = [
-    (kind, _DTYPE_NAME[dtype], precision, block_r, str(cfg), arch)
-    for kind, dtype, precision, block_r, cfg in all_configs()
-    for arch in ARCHS
-]
+SUBSET = dict(
+    ranks=(4, 128),
+    dtypes=((torch.float16, "tf32"), (torch.float32, "ieee")),
+    batch_shapes=((1, 1), (8, 256)),
+    models=("llama-7b",),
+)
+
+
+@triton.jit
+def _old_shrink_kernel(
+    x_ptr, a_ptr, s_ptr,
+    L, K, R,
+    stride_xb, stride_xl, stride_xk,
+    stride_ab, stride_ak, stride_ar,
+    scaling,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # The shrink before the int64 fix and the rank padding (kernels.py at d857742), verbatim.
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < L
+    r_mask = offs_r < R
+    x_ptrs = x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xl + offs_k[None, :] * stride_xk  # OLD-LINE # fmt: skip
+    a_ptrs = a_ptr + pid_b * stride_ab + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(xt, at.to(xt.dtype), acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    s_ptrs = s_ptr + (pid_b * L + offs_m[:, None]) * R + offs_r[None, :]
+    tl.store(s_ptrs, acc * scaling, mask=m_mask[:, None] & r_mask[None, :])
+
+
+def _shrink_launch(fn, kind: str, arch: int, batch: int, length: int, k: int, rank: int, *, shared):
+    """Specialise a shrink-shaped kernel as the old launcher called it (unpadded A)."""
+    from llmrec_kernels.triton.configs import block_r, shrink_config
+
+    x = torch.empty(batch, length, k, dtype=torch.float16, device="meta")
+    a = torch.empty((k, rank) if shared else (batch, k, rank), dtype=torch.float16, device="meta")
+    s = torch.empty(batch, length, rank, device="meta")
+    sb, sl, sk = x.stride()
+    a_strides = (0, *a.stride()) if shared else a.stride()
+    if shared:  # the launcher merges all B * L rows when A is shared
+        batch, length, sb = 1, batch * length, 0
+    cfg = shrink_config(length, torch.float16)
+    return aot.specialise(
+        fn, kind, arch,
+        x, a, s, length, k, rank, sb, sl, sk, *a_strides, 0.5,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_R=block_r(rank),
+        INPUT_PRECISION="tf32", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def _emit(out: Path) -> None:
+    """Run in a subprocess with ``TRITON_INTERPRET`` unset: trace, compile, dump JSON."""
+    from llmrec_kernels.triton import kernels
+    from llmrec_kernels.triton.configs import all_configs
+
+    jobs = min(2, os.cpu_count() or 1)
+    launches = aot.trace_launches(90, aot.workloads())
+    traced = {"90": [launch.int_args() for launch in launches]}
+    table = sorted({json.dumps(launch.table_entry()) for launch in launches})
+    dispatchable = sorted(
+        {
+            json.dumps((kind, aot._TL_DTYPE[dtype], prec, dataclasses.astuple(cfg)))
+            for kind, dtype, prec, _, cfg in all_configs()
+        }
+    )
+    subset = aot.compile_all(ARCHS, aot.workloads(**SUBSET), jobs=jobs)
+    probes = {}
+    for arch in ARCHS:
+        for name, fn, kind, rank, shared in (
+            ("old-shared-r16", _old_shrink_kernel, "old_shrink", 16, True),
+            ("old-r4", _old_shrink_kernel, "old_shrink", 4, False),
+            ("new-shared-r16", kernels._cora_shrink_kernel, "shrink", 16, True),
+        ):
+            launch = _shrink_launch(fn, kind, arch, 8, 256, 4096, rank, shared=shared)
+            probes[f"{name}-sm{arch}"] = aot.compile_launch(launch, arch)
+    out.write_text(
+        json.dumps(
+            {
+                "traced": traced,
+                "table": table,
+                "dispatchable": dispatchable,
+                "subset": subset,
+                "probes": probes,
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory) -> dict:
+def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
-        [sys.executable, "-m", "llmrec_kernels.triton.aot", "--json", str(out),
-         "--jobs", str(os.cpu_count() or 1)],
-        capture_output=True, text=True, env=env, timeout=1800, check=False,
+        [sys.executable, __file__, str(out)],
+        capture_output=True, text=True, env=env, timeout=900, check=False,
     )  # fmt: skip
     if not out.exists():
         pytest.fail(
             f"ahead-of-time compilation crashed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         )
-    return {
-        (r["kernel"], r["dtype"], r["precision"], r["block_r"], r["config"], r["arch"]): r
-        for r in json.loads(out.read_text())
-    }
+    return json.loads(out.read_text())
 
 
-def test_every_dispatchable_config_was_compiled(records):
-    assert set(records) == set(CASES)
-    assert {r["kernel"] for r in records.values()} == {"fwd", "bwd_dx", "shrink", "reduce"}
-
-
-@pytest.mark.parametrize(
-    "case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-r{c[3]}-sm{c[5]}-{c[4]}"
-)
-def test_compiles_without_spills_on_tensor_cores(records, case):
-    rec = records[case]
-    assert rec["spill_stores"] == 0 and rec["spill_loads"] == 0, (
-        f"{rec['registers']} registers, {rec['spill_stores']} bytes of spill stores"
+def test_specialisation_follows_the_jit_rules(results):
+    """Re-derive every recorded specialisation from the argument values (Triton's rules)."""
+    launches = results["traced"]["90"]
+    assert len(launches) > 100
+    for args in launches:
+        for name, (value, spec) in args.items():
+            if name.endswith("_ptr"):
+                assert spec == ("d" if value % 16 == 0 else "."), (name, value, spec)
+            elif value == 1:
+                assert spec == "1", (name, value, spec)
+            else:
+                assert spec == ("d" if value % 16 == 0 else "."), (name, value, spec)
+    # The issue's case: R = 16 and M = 2048 are marked divisible, M = 1 is a constant.
+    specs = [{n: s for n, (_, s) in a.items()} for a in launches]
+    values = [{n: v for n, (v, _) in a.items()} for a in launches]
+    assert any(
+        v.get("R") == 16 and s["R"] == "d" and s.get("M") == "d" for v, s in zip(values, specs)
     )
-    if needs_tensor_cores(rec):
-        assert rec["uses_tensor_cores"], "no mma/wgmma instruction in the PTX"
-    assert 0 < rec["registers"] <= 255
+    assert any(v.get("M") == 1 and s["M"] == "1" for v, s in zip(values, specs))
+
+
+def test_workloads_reach_every_table_config(results):
+    """The traced shapes reach every tile configuration the dispatcher's tables hold."""
+    assert set(results["table"]) == set(results["dispatchable"])
+
+
+def test_subset_covers_every_kernel_and_arch(results):
+    seen = {(r["kernel"], r["arch"]) for r in results["subset"]}
+    assert seen == {(k, a) for k in aot.KERNELS for a in ARCHS}
+
+
+def test_compiled_kernels_pass_every_check(results):
+    bad = {
+        f"{r['kernel']} sm{r['arch']} {r['dtype']} {r['config']} {r['spec']}": aot.failures(r)
+        for r in results["subset"]
+        if aot.failures(r)
+    }
+    assert not bad
+
+
+def test_loads_of_a_and_b_are_pipelined(results):
+    """Every load of A and Bm sits in a loop and must be a cp.async (or TMA) copy, rank 4 too.
+
+    Single-stage configurations (the fp32 dx kernel) pipeline nothing, by the table's choice.
+    """
+    for r in results["subset"]:
+        if r["num_stages"] < 2:
+            continue
+        for operand, kind in r["loads"].items():
+            if kind != "-":
+                assert aot.is_pipelined(kind), (r["kernel"], r["arch"], r["spec"], operand, kind)
+    rank4 = [r for r in results["subset"] if r["kernel"] == "shrink" and "r4 " in r["users"][0]]
+    assert rank4 and all(aot.is_pipelined(r["loads"]["A"]) for r in rank4)
+
+
+def _line_of(marker: str) -> int:
+    lines = Path(__file__).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if marker in line)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int64_check_flags_the_old_row_offset(results, arch):
+    old = results["probes"][f"old-shared-r16-sm{arch}"]
+    where = f"{Path(__file__).name}:{_line_of('# OLD-LINE')} "
+    assert any(where in v for v in old["int64_violations"]), old["int64_violations"]
+    assert aot.failures(old)
+    new = results["probes"][f"new-shared-r16-sm{arch}"]
+    assert new["int64_violations"] == []
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unpadded_small_rank_loads_were_scalar(results, arch):
+    """The check discriminates: the old R-masked A load at rank 4 is not pipelined."""
+    old = results["probes"][f"old-r4-sm{arch}"]
+    assert not aot.is_pipelined(old["loads"]["A"]) and old["loads"]["A"] == "ld2"
+
+
+def test_int64_check_on_handwritten_ptx():
+    """The PTX patterns: a 32-bit stride product reaching an address, and its 64-bit forms."""
+    head = """
+    .file 1 "k.py"
+    .loc 1 10 0
+    ld.param.b64 %rd1, [k_param_0];
+    ld.param.b32 %r1, [k_param_1];
+    mov.u32 %r2, %tid.x;
+    """
+    bad = (
+        head
+        + """
+    .loc 1 11 0
+    mul.lo.s32 %r3, %r1, %r2;
+    mad.wide.s32 %rd2, %r3, 2, %rd1;
+    .loc 1 12 0
+    @%p1 ld.global.b16 { %rs1 }, [ %rd2 + 0 ];
+    """
+    )
+    shifted = (
+        head
+        + """
+    shl.b32 %r3, %r1, 7;
+    add.s32 %r4, %r3, %r2;
+    mul.wide.s32 %rd3, %r4, 2;
+    add.s64 %rd2, %rd1, %rd3;
+    cp.async.cg.shared.global [ %r9 + 0 ], [ %rd2 + 0 ], 0x10, %r8;
+    """
+    )
+    good = (
+        head
+        + """
+    mul.wide.s32 %rd3, %r1, %r2;
+    shl.b64 %rd4, %rd3, 1;
+    add.s64 %rd2, %rd1, %rd4;
+    mul.lo.s32 %r5, %r2, 64;
+    ld.global.b16 { %rs1 }, [ %rd2 + 0 ];
+    """
+    )
+    names = ["x_ptr", "stride_xl"]
+    found = aot.int64_addressing_violations(bad, names)
+    assert len(found) == 1 and found[0].startswith("k.py:12") and "k.py:11 (mul.lo.s32)" in found[0]
+    assert len(aot.int64_addressing_violations(shifted, names)) == 1
+    assert aot.int64_addressing_violations(good, names) == []
+    # Not a stride: a 32-bit product of an index with M is index arithmetic, not an offset.
+    assert aot.int64_addressing_violations(bad, ["x_ptr", "M"]) == []
+
+
+def test_ctas_per_sm():
+    # 128 registers x 4 warps: 65536 / (128 * 32 * 4) = 4 CTAs, limited by registers.
+    assert aot.ctas_per_sm(128, 16 * 1024, 4, 90) == (4, "regs")
+    # 100 KB of shared memory: 2 CTAs on sm_90 (228 KB per SM), 1 on sm_80 (164 KB).
+    assert aot.ctas_per_sm(32, 100 * 1024, 4, 90) == (2, "smem")
+    assert aot.ctas_per_sm(32, 100 * 1024, 4, 80) == (1, "smem")
+    # 33 registers round up to 40 per thread (256 per warp): 65536 / (40 * 32) / 8 = 6.
+    assert aot.ctas_per_sm(33, 0, 8, 80) == (6, "regs")
+
+
+if __name__ == "__main__":
+    _emit(Path(sys.argv[1]))

@@ -94,13 +94,18 @@ def _gemm_table(
         small = (16, GemmConfig(16, 64, 32, 1, 4, 2))
         mid = GemmConfig(32, 64, 32, 1, 8, 2)
         if kernel == "bwd_dx":
-            return ((1 << 62, GemmConfig(32, 64, 32, 1, 4, 1)),)
-        return (small, (32, mid), (1 << 62, GemmConfig(64, 64, 32, 4, 8, 2)))
+            # 4 warps spill a few bytes on sm_80 for some specialisations (per-sample A, L = 1).
+            return ((1 << 62, GemmConfig(32, 64, 32, 1, 8, 1)),)
+        # BLOCK_K 32 spills 8 bytes on sm_90 at R_CHUNK 16 (IEEE fp32, ranks <= 16).
+        return (small, (32, mid), (1 << 62, GemmConfig(64, 64, 16, 4, 8, 2)))
     big = GemmConfig(128, 128, 64, 8, 8, 3)
+    smallest = GemmConfig(16, 64, 128, 1, 4, 3)
     if kernel == "bwd_dx" and block_rank >= 64:
         big = GemmConfig(128, 64, 64, 8, 8, 3)
+        # Three stages spill 8 bytes on sm_80 at M = 1 (the dS-from-memory epilogue).
+        smallest = GemmConfig(16, 64, 128, 1, 4, 2)
     return (
-        (16, GemmConfig(16, 64, 128, 1, 4, 3)),
+        (16, smallest),
         (32, GemmConfig(32, 64, 128, 1, 4, 3)),
         (64, GemmConfig(64, 64, 64, 4, 4, 3)),
         (1 << 62, big),
@@ -122,8 +127,16 @@ def _shrink_table(dtype: torch.dtype) -> tuple[tuple[int, ShrinkConfig], ...]:
 
 
 def _reduce_gpu_config(dtype: torch.dtype, block_rank: int) -> ReduceConfig:
-    block_p = 64 if block_rank <= 64 else 32
-    return ReduceConfig(block_p, 32 if dtype == torch.float32 else 64, 4, 3)
+    """Spill-free on sm_80 and sm_90 at every specialisation the AOT check traces.
+
+    IEEE fp32 at ``BLOCK_P`` 64 spilled up to 448 bytes on sm_80 (one row per group, L = 1);
+    16-bit at rank 128 needs 8 warps over a 32 x 32 tile.
+    """
+    if dtype == torch.float32:
+        return ReduceConfig(32, 32, 4, 3)
+    if block_rank <= 64:
+        return ReduceConfig(64, 64, 4, 3)
+    return ReduceConfig(32, 32, 8, 3)
 
 
 def shrink_config(rows_per_sample: int, dtype: torch.dtype) -> ShrinkConfig:

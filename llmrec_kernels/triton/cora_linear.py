@@ -135,6 +135,18 @@ def _target_programs(device: torch.device) -> int:
     return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _pad_rank(mat: torch.Tensor) -> torch.Tensor:
+    """``mat`` (``(..., R)``, A or Bm) with zero columns up to ``block_r(R)``.
+
+    The kernels load A and Bm unmasked along the rank, over ``BLOCK_R`` columns: vectorised,
+    cp.async-pipelined loads, which a rank that is not a multiple of 16 (4, 8, 12) would
+    otherwise make scalar. Costs one copy of A and Bm per call, only at such ranks.
+    """
+    rank = mat.shape[-1]
+    padded = block_r(rank)
+    return mat if padded == rank else torch.nn.functional.pad(mat, (0, padded - rank))
+
+
 def _a_strides(lora_a: torch.Tensor) -> tuple[int, int, int]:
     """``(stride_group, stride_k, stride_r)``; a shared 2-D A has group stride 0."""
     if lora_a.dim() == 3:
@@ -222,6 +234,7 @@ def forward(
     if rows == 0:
         return y, s
     key = _key(dt)
+    lora_a, lora_b = _pad_rank(lora_a), _pad_rank(lora_b)
     with _device_guard(x):
         _shrink(x, lora_a, _a_strides(lora_a), s, scaling, key)
         if n == 0:
@@ -264,6 +277,8 @@ def backward(
             torch.zeros_like(lora_b) if need_db else empty,
         )
     per_sample = lora_a.dim() == 3
+    da_shape, db_dtype = lora_a.shape, lora_b.dtype
+    lora_a, lora_b = _pad_rank(lora_a), _pad_rank(lora_b)
     fuse_ds = need_dx and block_r(rank) <= MAX_FUSED_DS_RANK_BLOCK and k > 0
     with _device_guard(x):
         ds = None
@@ -290,7 +305,7 @@ def backward(
         if need_da:
             groups, rows_per_group = (batch, length) if per_sample else (1, rows)
             da = _rows_transpose_matmul(x, ds, groups, rows_per_group)
-            da = da.reshape(lora_a.shape).to(lora_a.dtype)
+            da = da.reshape(da_shape).to(lora_a.dtype)
         if need_db:
-            db = _rows_transpose_matmul(dy, s_scaled.contiguous(), 1, rows)[0].to(lora_b.dtype)
+            db = _rows_transpose_matmul(dy, s_scaled.contiguous(), 1, rows)[0].to(db_dtype)
     return dx, da, db

@@ -29,6 +29,15 @@ fp16/bf16 it is split into a high and a low half (``S ~= hi + lo``, both in the 
 about 16 mantissa bits together) and two MMAs are issued: twice a tiny product, and no
 rounding of ``S`` to 8 bits. fp32 inputs use IEEE fp32 dots unless PyTorch allows TF32.
 
+Addressing: every product of an index with a stride is computed in int64 (strides are widened
+on entry, :func:`_wide`), so offsets never wrap once a tensor holds 2**31 elements or more;
+``aot.int64_addressing_violations`` enforces this on the PTX of every compiled kernel.
+
+Rank padding: ``A`` and ``Bm`` hold exactly ``BLOCK_R`` columns in memory (the launcher pads
+them with zeros when ``R`` is not already ``BLOCK_R``), so their loads carry no mask along the
+rank: a runtime ``offs_r < R`` mask, and a row pitch that is not a multiple of 16 bytes, would
+make them scalar loads outside the cp.async pipeline. ``S``, ``dS`` and the outputs keep ``R``.
+
 Backward (``W`` frozen):
 
 * :func:`_cora_linear_bwd_dx_kernel`: ``dx = dy W + dS A_b^T`` with ``dS = s dy Bm`` computed in
@@ -94,6 +103,12 @@ def _grouped_tile(
 
 
 @triton.jit
+def _wide(v):
+    """``v`` as int64: a stride, before any product with an index (constexpr strides fold)."""
+    return tl.cast(v, tl.int64)
+
+
+@triton.jit
 def _row_offsets(offs_m, L, stride_b, stride_l):
     """Memory offsets of flat rows ``m = b * L + l`` of a strided ``(B, L, .)`` tensor."""
     return (offs_m // L).to(tl.int64) * stride_b + (offs_m % L).to(tl.int64) * stride_l
@@ -114,8 +129,11 @@ def _cora_shrink_kernel(
     """``S[b, l, :] = scaling * x[b, l, :] @ A[b]`` in fp32; S is contiguous ``(B, L, R)``.
 
     Grid: ``(cdiv(L, BLOCK_M), B)``. A shared A is passed with ``stride_ab = 0``; the same kernel
-    computes ``dS = s * dy @ Bm`` with ``Bm`` passed as a shared ``(N, R)`` "A".
+    computes ``dS = s * dy @ Bm`` with ``Bm`` passed as a shared ``(N, R)`` "A". ``A`` has
+    ``BLOCK_R`` columns in memory (zero beyond ``R``).
     """
+    stride_xb, stride_xl, stride_xk = _wide(stride_xb), _wide(stride_xl), _wide(stride_xk)
+    stride_ab, stride_ak, stride_ar = _wide(stride_ab), _wide(stride_ak), _wide(stride_ar)
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -129,7 +147,7 @@ def _cora_shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + offs_k) < K
         xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(xt, at.to(xt.dtype), acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
@@ -156,8 +174,12 @@ def _cora_linear_fwd_kernel(
     """``y = x W^T + bias + S Bm^T`` over flat rows; y is contiguous ``(M, N)``.
 
     Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``. ``S`` (fp32, contiguous ``(M, R)``) is
-    already scaled. The low-rank term joins the fp32 accumulator before the single store.
+    already scaled; ``Bm`` has ``BLOCK_R >= R`` columns in memory (zero beyond ``R``), read
+    ``R_CHUNK`` at a time. The low-rank term joins the fp32 accumulator before the single store.
     """
+    stride_xb, stride_xl, stride_xk = _wide(stride_xb), _wide(stride_xl), _wide(stride_xk)
+    stride_wn, stride_wk = _wide(stride_wn), _wide(stride_wk)
+    stride_lbn, stride_lbr = _wide(stride_lbn), _wide(stride_lbr)
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,7 +188,7 @@ def _cora_linear_fwd_kernel(
     n_mask = offs_n < N
     x_rows = _row_offsets(offs_m, L, stride_xb, stride_xl)
     x_ptrs = x_ptr + x_rows[:, None] + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + offs_k) < K
@@ -184,7 +206,8 @@ def _cora_linear_fwd_kernel(
     for r0 in range(0, R, R_CHUNK):
         c_mask = (r0 + offs_c) < R
         s = tl.load(s_ptrs, mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-        lb_t = tl.load(lb_t_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+        # R_CHUNK divides BLOCK_R, so a chunk never reaches past Bm's padded columns.
+        lb_t = tl.load(lb_t_ptrs, mask=n_mask[None, :], other=0.0)
         acc = _dot_fp32_lhs(s, lb_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION)
         s_ptrs += R_CHUNK
         lb_t_ptrs += R_CHUNK * stride_lbr
@@ -221,7 +244,12 @@ def _cora_linear_bwd_dx_kernel(
     the programs of the first column tile store it (fp32, ``(M, R)``) for the ``dA`` kernel;
     otherwise ``dS`` is read from ``ds_ptr``, ``R_CHUNK`` ranks at a time. A row tile may
     span several A's (short sequences); the epilogue adds each A's term to its own rows only.
+    ``A`` and ``Bm`` have ``BLOCK_R`` columns in memory (zero beyond ``R``).
     """
+    stride_dyb, stride_dyl, stride_dyn = _wide(stride_dyb), _wide(stride_dyl), _wide(stride_dyn)
+    stride_wn, stride_wk = _wide(stride_wn), _wide(stride_wk)
+    stride_ab, stride_ak, stride_ar = _wide(stride_ab), _wide(stride_ak), _wide(stride_ar)
+    stride_lbn, stride_lbr = _wide(stride_lbn), _wide(stride_lbr)
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -232,7 +260,7 @@ def _cora_linear_bwd_dx_kernel(
     r_mask = offs_r < R
     dy_rows = _row_offsets(offs_m, L, stride_dyb, stride_dyl)
     dy_ptrs = dy_ptr + dy_rows[:, None] + offs_n[None, :] * stride_dyn
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     lb_ptrs = lb_ptr + offs_n[:, None] * stride_lbn + offs_r[None, :] * stride_lbr
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -242,7 +270,7 @@ def _cora_linear_bwd_dx_kernel(
         wt = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION)
         if COMPUTE_DS:
-            lbt = tl.load(lb_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            lbt = tl.load(lb_ptrs, mask=n_mask[:, None], other=0.0)
             ds = tl.dot(dyt, lbt.to(dyt.dtype), ds, input_precision=INPUT_PRECISION)
             lb_ptrs += BLOCK_N * stride_lbn
         dy_ptrs += BLOCK_N * stride_dyn
@@ -267,7 +295,7 @@ def _cora_linear_bwd_dx_kernel(
             + offs_k[None, :] * stride_ak
         )  # fmt: skip
         for _g in range(group_first, group_last + 1):
-            a_t = tl.load(a_t_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            a_t = tl.load(a_t_ptrs, mask=k_mask[None, :], other=0.0)
             ds_g = tl.where((row_group == _g)[:, None], ds, tl.zeros_like(ds))
             acc = _dot_fp32_lhs(ds_g, a_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION)
             a_t_ptrs += stride_ab
@@ -287,9 +315,7 @@ def _cora_linear_bwd_dx_kernel(
                     mask=row_mask[:, None] & c_mask[None, :],
                     other=0.0,
                 )
-                a_t = tl.load(
-                    a_g_ptrs + r0 * stride_ar, mask=c_mask[:, None] & k_mask[None, :], other=0.0
-                )
+                a_t = tl.load(a_g_ptrs + r0 * stride_ar, mask=k_mask[None, :], other=0.0)
                 acc = _dot_fp32_lhs(
                     ds_c, a_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION
                 )
@@ -318,6 +344,8 @@ def _rows_transpose_matmul_kernel(
     ``(SPLITS, G, P, R)``, summed over splits by the launcher (deterministic).
     Grid: ``(cdiv(P, BLOCK_P), SPLITS, G)``.
     """
+    stride_lb, stride_ll, stride_lp = _wide(stride_lb), _wide(stride_ll), _wide(stride_lp)
+    stride_os, stride_og = _wide(stride_os), _wide(stride_og)
     pid_p = tl.program_id(0)
     pid_s = tl.program_id(1)
     g = tl.program_id(2)
@@ -350,7 +378,7 @@ def _rows_transpose_matmul_kernel(
         else:
             acc = tl.dot(lhs_t, rhs, acc, input_precision=INPUT_PRECISION)
     out_ptrs = (
-        out_ptr + pid_s.to(tl.int64) * stride_os + g.to(tl.int64) * stride_og
-        + offs_p[:, None] * R + offs_r[None, :]
+        out_ptr + pid_s * stride_os + g * stride_og
+        + offs_p[:, None].to(tl.int64) * R + offs_r[None, :]
     )  # fmt: skip
     tl.store(out_ptrs, acc, mask=p_mask[:, None] & r_mask[None, :])
