@@ -446,20 +446,7 @@ def apply_cora_to_llama(
     if is_cora_patched(model):
         raise ValueError("model is already patched with CoRA; call remove_cora(model) first")
 
-    candidates = []  # (parent, child name, nn.Linear, path)
-    linear_names = set()
-    for path, module in model.named_modules():
-        for child_name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                linear_names.add(child_name)
-                if child_name in target_modules:
-                    full = f"{path}.{child_name}" if path else child_name
-                    candidates.append((module, child_name, child, full))
-    if not candidates:
-        raise ValueError(
-            f"no nn.Linear module of the model is named one of {list(target_modules)}; "
-            f"its linear modules are named {sorted(linear_names) or 'nothing'}"
-        )
+    candidates = find_linear_modules(model, target_modules)
     hidden = _hidden_size(model, [(p, n, c) for p, n, c, _ in candidates])
     for _, _, child, full in candidates:
         if child.in_features != hidden:

@@ -656,13 +656,39 @@ def ctas_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> tuple
     return by[limiter], limiter
 
 
+@contextlib.contextmanager
+def _compile_cache_keyed_on_file(fn):
+    """Point Triton's compile cache at a folder keyed on the kernel's whole source file.
+
+    Triton keys a cached compile on the kernel's source text, not on where that text sits in
+    its file, yet the cached PTX carries ``.loc`` line numbers, which :func:`load_kinds` reads
+    to find the loads of A and B. After an edit above a kernel (a longer docstring), the cache
+    would hand back PTX with stale line numbers and every load would read as missing.
+    """
+    py_fn = getattr(fn, "fn", fn)
+    digest = hashlib.sha256(Path(inspect.getsourcefile(py_fn)).read_bytes()).hexdigest()[:16]
+    from triton import knobs
+
+    base = knobs.cache.dir
+    previous = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(base, f"llmrec-aot-src-{digest}")
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = previous
+
+
 def compile_launch(launch: Launch, arch: int, cache_dir: Path | None = None) -> dict:
     """Compile one recorded specialisation for ``sm_{arch}``; a record of what ptxas reports."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
     fn = launch.fn
     src = ASTSource(fn, launch.signature, launch.constexprs, launch.attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch.options)
+    with _compile_cache_keyed_on_file(fn):
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch.options)
     ptx = compiled.asm["ptx"]
     report = _ptxas_report(ptx, arch, cache_dir)
     spills = _PTXAS_LINE.search(report)
