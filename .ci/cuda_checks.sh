@@ -8,7 +8,7 @@
 #      expected schemas;
 #   3. the torch glue plus the kernels, built for the CPU over csrc/host_emu, pass the same
 #      forward/backward comparisons and torch.library.opcheck as on a GPU.
-# Both are tests in tests/test_cuda_backend.py, run here with the CUDA torch; its GPU tests
+# Both are tests in tests/ops/test_cuda_backend.py, run here with the CUDA torch; its GPU tests
 # are skipped on a machine without a GPU. Exits non-zero on any failure.
 #
 # Environment (all optional):
@@ -84,11 +84,11 @@ rm -f "$SRC"/llmrec_kernels/_C*.so
 ls "$SRC"/llmrec_kernels/_C*.so >/dev/null
 
 # --- the checks ---------------------------------------------------------------------------
-log "tests/test_cuda_backend.py (compile checks, host emulation, extension import and schemas)"
+log "tests/ops/test_cuda_backend.py (compile checks, host emulation, extension import and schemas)"
 expect_archs="$(echo "$TORCH_CUDA_ARCH_LIST" | tr ';' '\n' | sed -E 's/[^0-9.]//g; s/\.//' \
   | awk 'NF {printf "%s%s0", sep, $0; sep=","}')"
 (cd "$SRC" && LLMREC_REQUIRE_NVCC=1 LLMREC_REQUIRE_CUDA_EXT=1 LLMREC_CUDA_JIT=0 \
   LLMREC_SKIP_CUDA_CHECKS=0 LLMREC_EXPECT_CUDA_ARCHS="$expect_archs" \
   LLMREC_EMU_BUILD_DIR="$CI_DIR/emu-build" \
-  "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py)
+  "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider tests/ops/test_cuda_backend.py)
 log "CUDA checks passed"

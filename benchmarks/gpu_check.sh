@@ -17,7 +17,7 @@
 # H100-class GPU; a failing step is recorded and the next one still runs. The exit status is
 # non-zero when any step failed. --dry-run does the same on a CPU-only machine with nothing
 # installed or built: the tests are collected, not run, and the benchmark uses toy shapes on
-# the CPU (CI runs this, tests/test_gpu_check.py).
+# the CPU (CI runs this, tests/e2e/test_gpu_check.py).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -2,7 +2,7 @@
 // registrations under the namespace `llmrec_kernels_cuda` (torch.ops.llmrec_kernels_cuda.*),
 // plus a tiny pybind11 module so the library imports as `llmrec_kernels._C`.
 //
-// Ops (schemas are part of the interface; tests/test_cuda_backend.py checks them):
+// Ops (schemas are part of the interface; tests/ops/test_cuda_backend.py checks them):
 //   cora_forward(x, weight, lora_a, lora_b, bias?, scaling) -> (y, s)
 //   cora_backward(dy, x, weight, lora_a, lora_b, s_scaled, scaling, need_dx, need_da, need_db)
 //       -> (dx, dA, dB)
@@ -11,7 +11,7 @@
 // The CPU registrations run the same argument checks and then refuse (the kernels need a
 // GPU); the Meta registrations give shapes for fake tensors.
 //
-// Test build: with LLMREC_HOST_EMULATION defined (tests/test_cuda_backend.py builds it with
+// Test build: with LLMREC_HOST_EMULATION defined (tests/ops/test_cuda_backend.py builds it with
 // the kernels compiled against csrc/host_emu), the ops take CPU tensors and run the emulated
 // kernels, under the namespace LLMREC_OPS_NAMESPACE, so this glue is exercised without a GPU.
 #include <algorithm>

@@ -50,7 +50,7 @@ must live in one buffer for the whole decode; :func:`static_lora_a` makes it::
 
 (with a KV cache, use a ``transformers.StaticCache`` so that every decode step has one
 shape). Enter the block once around the loop: its entry re-checks the fused layout
-eagerly, outside the graph. ``tests/test_hf_compile.py`` runs this on a GPU.
+eagerly, outside the graph. ``tests/patching/test_hf_compile.py`` runs this on a GPU.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 # benchmarks/ is a top-level folder of the repository, not an installed package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.__main__ import main
 from benchmarks.report import REQUIRED_FIELDS

@@ -35,7 +35,7 @@ from tolerance import assert_close_to_oracle
 from llmrec_kernels import _cuda, fused_cora_linear
 from llmrec_kernels.reference import cora_linear_factored
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
 ARCHS = ("80", "90")
