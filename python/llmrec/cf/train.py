@@ -19,8 +19,9 @@ import torch
 from safetensors import safe_open
 
 from llmrec.cf.models import bce, pad_histories
+from llmrec.errors import LLMRecError
 from llmrec.metrics import auc
-from llmrec.runs import save_safetensors
+from llmrec.runs import RUN_FILE, read_json, save_safetensors, verify_safetensors
 
 __all__ = [
     "EMBEDDINGS_FILE",
@@ -37,7 +38,7 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 FORMAT = "llmrec-cf-v1"
 
 
-class CFEmbeddingError(ValueError):
+class CFEmbeddingError(LLMRecError):
     """A CF embedding file is missing, malformed or does not match the data."""
 
 
@@ -209,11 +210,17 @@ def load_cf_embeddings(
     """Load ``embeddings.safetensors`` (``path`` may be the file or its directory)."""
     path = Path(path)
     if path.is_dir():
+        run_file = path / RUN_FILE
+        if run_file.exists() and read_json(run_file, CFEmbeddingError).get("complete") is False:
+            raise CFEmbeddingError(
+                f"{path}: the CF run did not finish (killed?); `llmrec train-cf --resume` it"
+            )
         path = path / EMBEDDINGS_FILE
     if not path.exists():
         raise CFEmbeddingError(
             f"{path}: no CF embedding file (train one with `llmrec train-cf --out DIR`)"
         )
+    verify_safetensors(path, CFEmbeddingError)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
@@ -233,6 +240,13 @@ def load_cf_embeddings(
             f"{path}: user_emb {tuple(user.shape)} and item_emb {tuple(item.shape)} must be "
             "2-D with the same width"
         )
+    for name, table in (("user_emb", user), ("item_emb", item)):
+        if not torch.isfinite(table).all():
+            row = int((~torch.isfinite(table)).any(dim=1).nonzero()[0])
+            raise CFEmbeddingError(
+                f"{path}: {name} holds NaN or infinite values (first in row {row}); retrain "
+                "the CF model"
+            )
     emb = CFEmbeddings(user=user.float(), item=item.float(), meta=meta, path=str(path))
     if n_users is not None and n_items is not None:
         emb.check_matches(n_users, n_items)

@@ -10,7 +10,7 @@ from typing import Dict, Iterable, Optional, Union
 import numpy as np
 import pandas as pd
 
-from llmrec.data.schema import DataValidationError, validate_split
+from llmrec.data.schema import MAX_ID, DataValidationError, validate_split
 
 __all__ = ["SPLITS", "RecData", "find_split_file", "load_data", "read_split"]
 
@@ -62,11 +62,35 @@ class RecData:
 
 
 def find_split_file(directory: Path, split: str) -> Optional[Path]:
-    for ext in (".parquet", ".csv"):
-        p = directory / f"{split}{ext}"
-        if p.exists():
-            return p
-    return None
+    """``<split>.parquet`` or ``<split>.csv``; both present is an error (which one is meant?)."""
+    found = [directory / f"{split}{ext}" for ext in (".parquet", ".csv")]
+    found = [p for p in found if p.exists()]
+    if len(found) > 1:
+        raise DataValidationError(
+            f"{directory}: both {found[0].name} and {found[1].name} exist; keep one"
+        )
+    return found[0] if found else None
+
+
+def _read_meta(meta_path: Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataValidationError(f"{meta_path}: not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise DataValidationError(
+            f'{meta_path}: expected an object like {{"n_users": 6040, "n_items": 3952}}, '
+            f"got {type(meta).__name__}"
+        )
+    for key in ("n_users", "n_items"):
+        v = meta.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise DataValidationError(f"{meta_path}: {key} must be an integer >= 1, got {v!r}")
+        if v is not None and v > MAX_ID:
+            raise DataValidationError(
+                f"{meta_path}: {key} {v} is above the supported {MAX_ID}; remap ids to 1..N"
+            )
+    return meta
 
 
 def read_split(
@@ -115,10 +139,7 @@ def load_data(
         raise DataValidationError(f"{directory}: not a directory (expected one file per split)")
     meta_path = directory / META_FILE
     if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataValidationError(f"{meta_path}: not valid JSON: {exc}") from exc
+        meta = _read_meta(meta_path)
         n_users = n_users if n_users is not None else meta.get("n_users")
         n_items = n_items if n_items is not None else meta.get("n_items")
     frames: Dict[str, pd.DataFrame] = {}
