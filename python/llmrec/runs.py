@@ -240,12 +240,12 @@ _MISSING = object()
 def kill_point(step: str) -> None:
     """SIGKILL this process when ``LLMREC_TEST_KILL_AT`` names ``step`` (tests only).
 
-    ``step`` or ``step:N`` (the N-th time the step is reached, 1-based) in the variable.
+    ``step`` or ``step@N`` (the N-th time the step is reached, 1-based) in the variable.
     """
     want = os.environ.get(KILL_ENV)
     if not want:
         return
-    name, _, nth = want.partition(":")
+    name, _, nth = want.partition("@")
     if name != step:
         return
     _KILL_COUNTS[step] = _KILL_COUNTS.get(step, 0) + 1
@@ -720,6 +720,7 @@ class RunLock:
     def __init__(self, out_dir: PathLike, what: str = "run"):
         import fcntl
 
+        self.fd: Optional[int] = None
         self.path = Path(out_dir) / LOCK_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -734,7 +735,7 @@ class RunLock:
                 f"{self.path.parent} is in use by {holder}; wait for it to finish or choose "
                 "another --out"
             ) from None
-        self.fd: Optional[int] = fd
+        self.fd = fd
         self.stale = os.read(fd, 4096).decode(errors="replace").strip()
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
