@@ -352,10 +352,14 @@ def test_bad_train_arguments_are_one_line_errors(env, tmp_path, capsys, extra, e
         (["train-cf", "--device", "tpu"], "--device"),
         (["evaluate", "--split", "bogus"], "--split"),
         (["evaluate", "--predictions", "."], "is a directory"),
+        (["evaluate", "--split", "valid_small"], "no 'valid_small' split"),
     ],
 )
 def test_bad_arguments_of_other_commands(env, tmp_path, capsys, argv, expected):
     where = ["--run", env["mf"]] if argv[0] == "evaluate" else ["--out", tmp_path / "x"]
+    if "valid_small" in argv:  # a dataset without that split
+        data = _bad_data(env, tmp_path, "no_small", lambda d: (d / "valid_small.csv").unlink())
+        where += ["--data", data]
     rc, err = cli([*argv, *where], capsys)
     assert rc == 2 and expected in error_line(err)
 
@@ -396,6 +400,16 @@ def _parquet_non_utf8(d):
                    d / "train.parquet")  # fmt: skip
 
 
+def _warm_unseen_item(d):
+    """An item of valid (flagged warm) that train never has."""
+    train = pd.read_csv(d / "train.csv", keep_default_na=False, dtype=str)
+    valid = pd.read_csv(d / "valid.csv", keep_default_na=False, dtype=str)
+    train = train[train["iid"] != valid.loc[0, "iid"]]
+    train.to_csv(d / "train.csv", index=False)
+    valid.loc[0, "not_cold"] = "1"
+    valid.to_csv(d / "valid.csv", index=False)
+
+
 DATA_CASES = [
     ("non_utf8_title", _parquet_non_utf8, "train.parquet: row 4: column 'title' is not valid UTF-8"),
     ("meta_list", lambda d: (d / "meta.json").write_text("[30, 20]"), "meta.json: expected an object"),
@@ -407,6 +421,8 @@ DATA_CASES = [
     ("uid_1e30", _set_csv("uid", 3, "1e30"), "valid.csv: row 3"),
     ("both_files", lambda d: shutil.copy(d / "test.csv", d / "test.parquet"),
      "both test.parquet and test.csv exist"),
+    ("train_cold", _set_csv("not_cold", 2, "0", split="train"), "train.csv: row 2: not_cold is 0"),
+    ("warm_unseen", _warm_unseen_item, "not_cold is 1 but item"),
 ]  # fmt: skip
 
 

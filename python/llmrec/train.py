@@ -374,6 +374,10 @@ def _evaluate_locked(
         batch_size=batch_size, env=env,
     )  # fmt: skip
     ctx = run.ctx
+    if split not in ctx.data:
+        raise RunConfigError(
+            f"{ctx.data.source}: no {split!r} split (has {sorted(ctx.data.splits)})"
+        )
     df = run.method.eval_rows(ctx, split)
     block, scores = run.method.evaluate(ctx, run.model, run.opts, df, run.predict)
     metrics = {

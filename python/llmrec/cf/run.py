@@ -199,6 +199,8 @@ def evaluate_cf_run(
         **{k: v for k, v in info["config"].items() if k in CFRunConfig.__annotations__}
     )
     data = load_run_data(data_path if data_path is not None else cfg.data)
+    if split not in data:
+        raise RunConfigError(f"{data.source}: no {split!r} split (has {sorted(data.splits)})")
     model = build_cf_model(cfg.model, data.n_users, data.n_items, **_model_kwargs(cfg))
     model_file = run_dir / "model.safetensors"
     verify_safetensors(model_file, CFEmbeddingError)

@@ -120,6 +120,30 @@ def _max_ids(df: pd.DataFrame) -> tuple[int, int]:
     return int(df["uid"].max()), int(max(df["iid"].max(), his_max))
 
 
+def _check_not_cold(frames: Dict[str, pd.DataFrame], files: Dict[str, str]) -> None:
+    """``not_cold`` 1 means the item was seen in training: every train row is warm, and no
+    row of another split calls an item warm that train never has (a cold flag for a train
+    item is allowed: CoLLM marks rare items cold)."""
+    if "train" not in frames:
+        return
+    train = frames["train"]
+    bad = np.flatnonzero(train["not_cold"].to_numpy() != 1)
+    if bad.size:
+        raise DataValidationError(
+            f"{files['train']}: row {int(bad[0])}: not_cold is 0 in the train split (every "
+            "train item is warm)"
+        )
+    seen = train["iid"].unique()
+    for split, df in frames.items():
+        warm_unseen = (df["not_cold"].to_numpy() == 1) & ~df["iid"].isin(seen).to_numpy()
+        if warm_unseen.any():
+            row = int(np.flatnonzero(warm_unseen)[0])
+            raise DataValidationError(
+                f"{files[split]}: row {row}: not_cold is 1 but item {int(df['iid'].iloc[row])} "
+                "never occurs in train"
+            )
+
+
 def load_data(
     path: Union[str, Path],
     *,
@@ -156,6 +180,7 @@ def load_data(
         files[split] = str(file)
     if not frames:
         raise DataValidationError(f"{directory}: none of the splits {list(splits)} found")
+    _check_not_cold(frames, files)
     maxes = np.array([_max_ids(df) for df in frames.values()])
     return RecData(
         splits=frames,
