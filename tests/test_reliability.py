@@ -196,6 +196,8 @@ def test_a_dead_holders_lock_is_no_obstacle(env, capsys):
     rc, err = cli(["train-cf", "--data", env["data"], "--out", out, "--dim", "8", "--epochs",
                    "1", "--no-progress"], capsys)  # fmt: skip
     assert rc == 0, err
+    assert "the lock of a dead process (run pid " in err
+    assert (out / LOCK_FILE).read_text() == ""  # released cleanly: no record left
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ Guarantees (docs/reliability.md):
 
 * one writer: :func:`claim_run_dir` takes ``<out>/.llmrec.lock`` with ``fcntl.flock`` for
   the run's life (the kernel drops it when the process dies, even by ``kill -9``, so a
-  stale lock never blocks; the file's pid/host/start time only name the holder);
+  stale lock never blocks; the file's pid/host/start time name the holder, and a record
+  left in it tells the next run that its writer died);
 * no silent overwrite: a directory holding another run is refused unless ``--resume``
   (same kind, method and config) or ``--force`` (the old directory is renamed aside,
   never deleted);
@@ -744,6 +745,10 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            # an empty file after a clean end: a record found by the next holder means its
+            # writer died holding the lock
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
 
@@ -796,6 +801,8 @@ def claim_run_dir(
 
 
 def _claim_locked(out, lock, kind, name_key, name, resume, force, log) -> RunLock:
+    if lock.stale:
+        log(f"{out}: the lock of a dead process ({lock.stale}) was taken over")
     info = None
     if (out / RUN_FILE).exists():
         try:
