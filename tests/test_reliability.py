@@ -254,6 +254,25 @@ def test_killed_train_cf_is_never_taken_for_a_finished_run(env, capsys):
     assert not temporaries(out)
 
 
+def test_train_cf_killed_mid_training_resumes_to_the_same_metrics(env, capsys):
+    root, data, mf = env["root"], env["data"], env["mf"]
+    out = root / "cf_mid"
+    argv = ["train-cf", "--data", data, "--out", out, "--dim", "8", "--epochs", "3",
+            "--no-progress"]  # fmt: skip
+    # killed while writing the loop state after epoch 2: the state of epoch 1 is on disk
+    proc = cli_subprocess(argv, kill_at="write:cf_state.safetensors@2")
+    assert proc.returncode == -signal.SIGKILL
+    rc, err = cli([*argv, "--resume"], capsys)
+    assert rc == 0, err
+    assert "continuing the CF training" in err
+    got, ref = (json.loads((d / "metrics.json").read_text()) for d in (out, mf))
+    for key in ("test", "valid"):
+        assert got[key] == ref[key], key
+    assert got["train"]["history"] == ref["train"]["history"]
+    assert got["train"]["best_epoch"] == ref["train"]["best_epoch"]
+    assert not temporaries(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # checksums and the latest pointer
 

@@ -5,8 +5,9 @@ A CF run directory holds ``run.json`` (``"kind": "cf"``, the config and ``"compl
 the LLM methods), ``metrics.json`` and, when asked, a predictions CSV (``uid, iid, label,
 score``). ``run.json`` is written first with ``"complete": false`` and rewritten with ``true``
 after every other file, so a killed run is never taken for a finished one (``train --cf``
-refuses it); ``--resume`` retrains an unfinished CF run from its start (CF training keeps no
-checkpoints) and returns a finished one's metrics as they are.
+refuses it). ``cf_state.safetensors`` holds the training loop's state after every epoch:
+``--resume`` continues an unfinished run from its last finished epoch (to the result of an
+uninterrupted run) and returns a finished one's metrics as they are.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class CFRunConfig:
     force: bool = False
 
 
+#: the CF training loop's state after its last finished epoch (for ``--resume``)
+STATE_FILE = "cf_state.safetensors"
+
 #: fields that may differ when a CF run is resumed (they do not change the model)
 _CF_FREE = ("out", "device", "predictions", "progress", "resume", "force")
 
@@ -121,7 +125,7 @@ def _check_cf_resume(cfg: CFRunConfig, log) -> Optional[dict]:
     if info.get("complete", True) and (out / METRICS_FILE).exists():
         log(f"{out}: the CF run already finished; nothing to do")
         return read_json(out / METRICS_FILE, RunConfigError)
-    log(f"{out}: the CF run did not finish; training it again from the start")
+    log(f"{out}: the CF run did not finish; continuing it")
     return None
 
 
@@ -150,7 +154,12 @@ def _train_cf_locked(cfg: CFRunConfig, data, log) -> dict:
         valid_split=cfg.valid_split,
         his_len=cfg.his_len,
     )
-    res = train_cf(model, data, tcfg, device=cfg.device, progress=cfg.progress, log=log)
+    if cfg.resume and (out / STATE_FILE).exists():
+        log(f"{out}: continuing the CF training after its last finished epoch")
+    res = train_cf(  # no per-epoch log lines: the progress bar shows them
+        model, data, tcfg, device=cfg.device, progress=cfg.progress,
+        state_path=out / STATE_FILE, resume=cfg.resume,
+    )  # fmt: skip
     save_safetensors(out / "model.safetensors", model.state_dict())
     user, item = model.export(data)
     save_cf_embeddings(
