@@ -34,11 +34,85 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _float_in(lo: float, hi: float = float("inf"), *, lo_open: bool = False, hi_open=False):
+    """An argparse type: a finite float in ``[lo, hi]`` (``lo_open``/``hi_open``: excluded)."""
+
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < lo or (lo_open and value == lo) or value > hi or (hi_open and value == hi):
+            lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+            raise argparse.ArgumentTypeError(f"must be in {lb}{lo:g}, {hi:g}{rb}, got {text}")
+        return value
+
+    parse.__name__ = "number"  # argparse names the type in its messages
+    return parse
+
+
+_positive_float = _float_in(0.0, lo_open=True)
+_nonneg_float = _float_in(0.0)
+_finite_float = _float_in(float("-inf"))
+
+
+def _device_arg(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+#: the linear projections of a LLaMA-family decoder layer that CoRA can patch
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _target_modules(text: str) -> List[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in LLAMA_PROJECTIONS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown projection(s) {bad or [text]}; choose from {', '.join(LLAMA_PROJECTIONS)}"
+        )
+    return names
+
+
+def _output_file(text: str) -> str:
+    """A file to write (--predictions, --metrics): not a directory, its folder not a file."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file path")
+    parent = os.path.dirname(os.path.abspath(text))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a directory")
+    return text
 
 
 def _abs(path: Optional[str]) -> Optional[str]:
@@ -54,10 +128,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "schema); default: the embedded synthetic dataset",
     )
     p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="OUT holds another run: move it aside to OUT.old-<time> (never deleted), start anew",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--predictions",
         default=None,
+        type=_output_file,
         metavar="PATH",
         help="also write test predictions (uid, iid, label, score) to this CSV",
     )
@@ -77,8 +157,8 @@ def _add_train_cf(sub) -> None:
     p.add_argument("--model", choices=sorted(CF_MODELS), default="mf")
     _add_common(p)
     p.add_argument("--dim", type=_positive_int, default=64, help="embedding size d_cf (64)")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (3e-3)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay (1e-4)")
+    p.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate (3e-3)")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=1e-4, help="L2 decay (1e-4)")
     p.add_argument("--batch-size", type=_positive_int, default=1024)
     p.add_argument("--epochs", type=_positive_int, default=200, help="max epochs (200)")
     p.add_argument("--patience", type=_positive_int, default=10, help="early-stopping patience")
@@ -87,9 +167,13 @@ def _add_train_cf(sub) -> None:
     )
     p.add_argument("--heads", type=_positive_int, default=1, help="SASRec attention heads")
     p.add_argument("--his-len", type=_positive_int, default=50, help="SASRec history length")
-    p.add_argument("--dropout", type=float, default=0.2, help="SASRec dropout")
+    p.add_argument(
+        "--dropout", type=_float_in(0, 1, hi_open=True), default=0.2, help="SASRec dropout"
+    )
     p.add_argument("--valid-split", default="valid", help="split for early stopping (valid)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
+    p.add_argument("--device", type=_device_arg, default="cpu", help="cpu or cuda (cpu)")
+    p.add_argument("--resume", action="store_true",
+                   help="OUT holds this CF run: keep it when finished, else train it again")  # fmt: skip
 
 
 def _add_train(sub) -> None:
@@ -122,7 +206,9 @@ def _add_train(sub) -> None:
     )
     g = p.add_argument_group("CoRA")
     g.add_argument("--rank", type=_positive_int, default=16, help="CoRA rank r (16)")
-    g.add_argument("--alpha", type=float, default=32.0, help="CoRA alpha; scale alpha/r (32)")
+    g.add_argument(
+        "--alpha", type=_finite_float, default=32.0, help="CoRA alpha; scale alpha/r (32)"
+    )
     g.add_argument("--generator", choices=sorted(GENERATORS), default="qformer")
     g.add_argument(
         "--generator-kwargs",
@@ -133,6 +219,7 @@ def _add_train(sub) -> None:
     )
     g.add_argument(
         "--target-modules",
+        type=_target_modules,
         default="q_proj,k_proj,v_proj,o_proj",
         help="comma-separated projections to patch (q_proj,k_proj,v_proj,o_proj)",
     )
@@ -156,7 +243,9 @@ def _add_train(sub) -> None:
 
 def _add_train_budget(p) -> None:
     g = p.add_argument_group("prompts")
-    g.add_argument("--max-his", type=int, default=10, help="history titles in a prompt (10)")
+    g.add_argument(
+        "--max-his", type=_nonneg_int, default=10, help="history titles in a prompt (10)"
+    )
     g.add_argument("--max-length", type=_positive_int, default=512, help="max prompt tokens")
     g = p.add_argument_group("tiny LLM (--llm tiny)")
     g.add_argument("--tiny-hidden", type=_positive_int, default=64, help="hidden size (64)")
@@ -165,30 +254,46 @@ def _add_train_budget(p) -> None:
     g.add_argument("--tiny-kv-heads", type=_positive_int, default=2, help="KV heads (2)")
     g.add_argument("--tiny-vocab", type=_positive_int, default=2048, help="BPE vocab size (2048)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=3, help="max epochs (3)")
+    g.add_argument("--epochs", type=_positive_int, default=3, help="max epochs (3)")
     g.add_argument("--batch-size", type=_positive_int, default=8, help="per-process batch (8)")
     g.add_argument("--eval-batch-size", type=_positive_int, default=32)
-    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (1e-4)")
-    g.add_argument("--weight-decay", type=float, default=1e-3)
-    g.add_argument("--warmup-ratio", type=float, default=0.05, help="warm-up share of steps")
-    g.add_argument("--warmup-steps", type=int, default=None, help="warm-up steps (overrides ratio)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
+    g.add_argument(
+        "--lr", type=_positive_float, default=1e-4, help="peak AdamW learning rate (1e-4)"
+    )
+    g.add_argument("--weight-decay", type=_nonneg_float, default=1e-3)
+    g.add_argument(
+        "--warmup-ratio", type=_float_in(0, 1), default=0.05, help="warm-up share of steps"
+    )
+    g.add_argument(
+        "--warmup-steps", type=_nonneg_int, default=None, help="warm-up steps (overrides ratio)"
+    )
+    g.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="max grad norm (0: off)")
     g.add_argument("--patience", type=_positive_int, default=2, help="evaluations without gain")
-    g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
-    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    g.add_argument("--eval-every", type=_nonneg_int, default=0, help="also evaluate every N steps")
+    g.add_argument(
+        "--save-every", type=_nonneg_int, default=0, help="also checkpoint every N steps"
+    )
     g.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
         default="auto",
         help="autocast on GPU (auto: bf16 where supported); the CPU runs fp32",
     )
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--device", type=_device_arg, default="auto", help="auto, cpu or cuda")
     g.add_argument("--llm-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     g = p.add_argument_group("budget (subsampling, for small machines)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
-    g.add_argument("--max-train-rows", type=int, default=None, help="random subsample of train")
-    g.add_argument("--max-valid-rows", type=int, default=None, help="random subsample of valid")
-    g.add_argument("--max-test-rows", type=int, default=None, help="random subsample of test")
+    g.add_argument(
+        "--max-steps", type=_positive_int, default=None, help="stop after N optimizer steps"
+    )
+    g.add_argument(
+        "--max-train-rows", type=_positive_int, default=None, help="random subsample of train"
+    )
+    g.add_argument(
+        "--max-valid-rows", type=_positive_int, default=None, help="random subsample of valid"
+    )
+    g.add_argument(
+        "--max-test-rows", type=_positive_int, default=None, help="random subsample of test"
+    )
     g.add_argument("--valid-split", default=None, help="validation split (valid_small if present)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
@@ -201,6 +306,7 @@ def _add_train_budget(p) -> None:
 
 
 def _add_evaluate_recommend(sub) -> None:
+    from llmrec.data.loader import SPLITS
     from llmrec.retrieval import INDEX_KINDS
 
     p = sub.add_parser(
@@ -211,11 +317,13 @@ def _add_evaluate_recommend(sub) -> None:
     )
     p.add_argument("--run", required=True, help="run directory written by train or train-cf")
     p.add_argument("--data", default=None, help="dataset directory (default: the run's data)")
-    p.add_argument("--split", default="test", help="split to score (test)")
-    p.add_argument("--metrics", default=None, help="metrics JSON path (RUN/eval_<split>.json)")
-    p.add_argument("--predictions", default=None, metavar="PATH", help="predictions CSV")
+    p.add_argument("--split", choices=SPLITS, default="test", help="split to score (test)")
+    p.add_argument("--metrics", default=None, type=_output_file,
+                   help="metrics JSON path (RUN/eval_<split>.json)")  # fmt: skip
+    p.add_argument("--predictions", default=None, type=_output_file, metavar="PATH",
+                   help="predictions CSV")  # fmt: skip
     p.add_argument("--batch-size", type=_positive_int, default=None, help="eval batch size")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device_arg, default="auto")
     p.add_argument("--no-progress", action="store_true")
 
     # -- recommend / compare ---------------------------------------------------------------------
@@ -265,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     method registry (:func:`llmrec.method.available_methods`)."""
     from llmrec.compare import add_compare_parser
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llmrec",
         description="Train and evaluate CF models and LLM recommenders (CoRA, CoLLM, "
         "A-LLMRec, ...) on CoLLM-schema data.",
@@ -337,6 +445,10 @@ def _summary(metrics: dict, split: str = "test") -> str:
 
 def _cmd_train_cf(args) -> int:
     from llmrec.cf.run import CFRunConfig, train_cf_run
+    from llmrec.runs import RunConfigError
+
+    if args.resume and args.force:
+        raise RunConfigError("--resume and --force contradict each other; choose one")
 
     cfg = CFRunConfig(
         model=args.model,
@@ -357,16 +469,52 @@ def _cmd_train_cf(args) -> int:
         device=args.device,
         predictions=_abs(args.predictions),
         progress=not args.no_progress,
+        resume=args.resume,
+        force=args.force,
     )
-    metrics = train_cf_run(cfg)
+    metrics = train_cf_run(cfg, log=_log)
     _log(_summary(metrics) + f" | {metrics['wall_time_s']:.1f}s -> {args.out}/metrics.json")
     return 0
+
+
+def _validate_train_args(args) -> None:
+    """The checks between arguments that argparse types cannot make (one-line errors)."""
+    import inspect
+
+    from llmrec.generator import GENERATORS
+    from llmrec.runs import RunConfigError
+
+    if args.llm == "tiny":
+        if args.tiny_hidden % args.tiny_heads:
+            raise RunConfigError(f"--tiny-heads {args.tiny_heads} must divide --tiny-hidden "
+                                 f"{args.tiny_hidden}")  # fmt: skip
+        if args.tiny_heads % args.tiny_kv_heads:
+            raise RunConfigError(f"--tiny-kv-heads {args.tiny_kv_heads} must divide "
+                                 f"--tiny-heads {args.tiny_heads}")  # fmt: skip
+        if (args.tiny_hidden // args.tiny_heads) % 2:
+            raise RunConfigError(
+                f"--tiny-hidden / --tiny-heads = {args.tiny_hidden // args.tiny_heads} must be "
+                "even (rotary position embeddings)"
+            )
+    params = inspect.signature(GENERATORS[args.generator].__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    fixed = {"self", "cf_dim", "hidden_size", "rank"}
+    allowed = sorted(set(params) - fixed)
+    unknown = sorted(set(args.generator_kwargs) - set(allowed))
+    if unknown and not takes_any:
+        raise RunConfigError(
+            f"--generator-kwargs: {unknown} not accepted by the {args.generator} generator "
+            f"(it takes {allowed})"
+        )
+    if args.resume and args.force:
+        raise RunConfigError("--resume and --force contradict each other; choose one")
 
 
 def _cmd_train(args) -> int:
     from llmrec.tiny_llm import tiny_intermediate_size
     from llmrec.train import RunConfig, TrainConfig, init_distributed, run_training
 
+    _validate_train_args(args)
     env = init_distributed(args.device)
     try:
         tcfg = TrainConfig(
@@ -399,7 +547,7 @@ def _cmd_train(args) -> int:
             alpha=args.alpha,
             generator=args.generator,
             generator_kwargs=args.generator_kwargs,
-            target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
+            target_modules=list(args.target_modules),
             fuse_qkv=not args.no_fuse_qkv,
             backend=args.backend,
             method_kwargs=_method_kwargs(args),
@@ -420,6 +568,7 @@ def _cmd_train(args) -> int:
             device=args.device,
             llm_dtype=args.llm_dtype,
             resume=args.resume,
+            force=args.force,
             init_from=_abs(args.init_from),
             predictions=_abs(args.predictions),
         )
@@ -500,12 +649,17 @@ def _cmd_make_data(args) -> int:
 
 
 def _user_errors() -> tuple:
-    from llmrec.cf.train import CFEmbeddingError
-    from llmrec.data.schema import DataValidationError
+    from llmrec.errors import LLMRecError
     from llmrec.tiny_llm import LLMLoadError
-    from llmrec.train import CheckpointError, RunConfigError
 
-    return (DataValidationError, CFEmbeddingError, LLMLoadError, CheckpointError, RunConfigError)
+    return (LLMRecError, LLMLoadError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line on stderr and exit status 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -526,7 +680,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return handlers[args.command](args)
     except _user_errors() as exc:
-        print(f"llmrec {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        msg = " ".join(str(exc).split())  # one line, whatever the message holds
+        print(f"llmrec {args.command}: error: {msg}", file=sys.stderr, flush=True)
         return 2
 
 

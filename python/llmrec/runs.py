@@ -13,7 +13,26 @@ A run directory (``llmrec train --out OUT``, ``llmrec train-cf --out OUT``) hold
 
 Every file goes through :func:`atomic_write_text` (or the helpers built on it): written
 under a temporary name, flushed, renamed into place, so a reader never sees half a file.
-All run-directory I/O lives here so that locking and checksums can be added in one place.
+All run-directory I/O lives here.
+
+Guarantees (docs/reliability.md):
+
+* one writer: :func:`claim_run_dir` takes ``<out>/.llmrec.lock`` with ``fcntl.flock`` for
+  the run's life (the kernel drops it when the process dies, even by ``kill -9``, so a
+  stale lock never blocks; the file's pid/host/start time name the holder, and a record
+  left in it tells the next run that its writer died);
+* no silent overwrite: a directory holding another run is refused unless ``--resume``
+  (same kind, method and config) or ``--force`` (the old directory is renamed aside,
+  never deleted);
+* resumable after a kill at any point: temporaries of dead writers are removed when the
+  next run claims the directory, an orphan checkpoint (renamed into place, ``latest`` not
+  yet moved) is adopted when complete and intact, else discarded; ``checkpoints/latest``
+  may name only a checkpoint of its own directory;
+* every safetensors file written here carries the sha256 of its data area in its metadata
+  (:func:`seal_safetensors`), checked by :func:`verify_safetensors` before it is loaded.
+
+``LLMREC_TEST_KILL_AT=<step>`` (tests only) makes the process SIGKILL itself at the named
+step (:func:`kill_point`), so the kill tests are deterministic.
 """
 
 from __future__ import annotations
@@ -21,14 +40,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
+import re
+import signal
+import socket
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
+from llmrec.errors import LLMRecError
 from llmrec.metrics import json_safe
 
 __all__ = [
@@ -41,17 +66,24 @@ __all__ = [
     "CheckpointError",
     "RunConfig",
     "RunConfigError",
+    "RunLock",
     "TrainConfig",
     "atomic_write_json",
     "atomic_write_text",
     "check_resume_config",
+    "claim_run_dir",
+    "clean_temporaries",
     "fsync_dir",
+    "kill_point",
     "latest_checkpoint",
     "read_json",
     "read_run_info",
+    "recover_checkpoints",
     "reopen_config",
     "save_safetensors",
     "save_trainable_atomic",
+    "seal_safetensors",
+    "verify_safetensors",
     "write_csv",
     "write_metrics",
     "write_predictions",
@@ -65,15 +97,19 @@ LATEST = "latest"
 TRAINABLE = "trainable.safetensors"
 TRAINER = "trainer.safetensors"
 STAGE_DONE = "stage_done.json"
+LOCK_FILE = ".llmrec.lock"
+TRAIN_LOG = "train_log.jsonl"
+CHECKSUM_KEY = "llmrec_sha256"
+KILL_ENV = "LLMREC_TEST_KILL_AT"
 
 PathLike = Union[str, Path]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LLMRecError):
     """A checkpoint cannot be used with this model (other shapes, missing, corrupt)."""
 
 
-class RunConfigError(ValueError):
+class RunConfigError(LLMRecError):
     """The run's options are inconsistent (resume into another config, out dir in use, ...)."""
 
 
@@ -146,6 +182,7 @@ class RunConfig:
     device: str = "auto"
     llm_dtype: str = "auto"
     resume: bool = False
+    force: bool = False  # move an existing run in ``out`` aside instead of refusing
     init_from: Optional[str] = None
     predictions: Optional[str] = None
 
@@ -198,6 +235,29 @@ _MISSING = object()
 
 
 # ---------------------------------------------------------------------------------------------
+# test hook
+
+
+def kill_point(step: str) -> None:
+    """SIGKILL this process when ``LLMREC_TEST_KILL_AT`` names ``step`` (tests only).
+
+    ``step`` or ``step@N`` (the N-th time the step is reached, 1-based) in the variable.
+    """
+    want = os.environ.get(KILL_ENV)
+    if not want:
+        return
+    name, _, nth = want.partition("@")
+    if name != step:
+        return
+    _KILL_COUNTS[step] = _KILL_COUNTS.get(step, 0) + 1
+    if _KILL_COUNTS[step] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_KILL_COUNTS: Dict[str, int] = {}
+
+
+# ---------------------------------------------------------------------------------------------
 # atomic files
 
 
@@ -220,6 +280,7 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    kill_point(f"write:{path.name}")
     os.replace(tmp, path)
 
 
@@ -228,8 +289,95 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(json_safe(obj), indent=2) + "\n")
 
 
-def read_json(path: PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: PathLike, error=None) -> Any:
+    """The JSON in ``path``; with ``error`` (an exception class) an unreadable or truncated
+    file raises it with a one-line message instead of the parser's exception."""
+    if error is None:
+        return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: not readable JSON ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# checksums of safetensors files
+
+
+def _read_header(path: Path, error) -> tuple[int, dict]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise error(f"{path}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise error(f"{path}: truncated safetensors file (header of {n} bytes, file {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise error(f"{path}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise error(f"{path}: corrupt safetensors header")
+    return n, header
+
+
+def _data_sha256(path: Path, start: int) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+def seal_safetensors(path: PathLike) -> None:
+    """Add the sha256 of the file's data area to its metadata (``llmrec_sha256``), in place.
+
+    Called on a temporary file before it is renamed into place, so it need not be atomic.
+    """
+    path = Path(path)
+    n, header = _read_header(path, CheckpointError)
+    digest, _ = _data_sha256(path, 8 + n)
+    meta = dict(header.get("__metadata__") or {})
+    meta[CHECKSUM_KEY] = digest
+    header["__metadata__"] = meta
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data area to 8 bytes
+    tmp = path.with_name(f".{path.name}.tmp-seal-{os.getpid()}")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(struct.pack("<Q", len(raw)) + raw)
+        src.seek(8 + n)
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)
+
+
+def verify_safetensors(path: PathLike, error=None) -> None:
+    """Raise ``error`` (default :class:`CheckpointError`) unless ``path`` is a complete
+    safetensors file whose data area matches its ``llmrec_sha256`` (files without one, from
+    older runs, are checked for truncation only)."""
+    error = error or CheckpointError
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: file not found")
+    n, header = _read_header(path, error)
+    ends = [
+        v["data_offsets"][1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+    ]
+    digest, size = _data_sha256(path, 8 + n)
+    if size < max(ends, default=0):
+        raise error(f"{path}: truncated safetensors file ({size} of {max(ends)} data bytes)")
+    want = (header.get("__metadata__") or {}).get(CHECKSUM_KEY)
+    if want is not None and want != digest:
+        raise error(f"{path}: checksum mismatch (the file is corrupt; sha256 {digest[:12]}... "
+                    f"!= recorded {want[:12]}...)")  # fmt: skip
 
 
 def save_trainable_atomic(model, path: PathLike) -> None:
@@ -237,6 +385,8 @@ def save_trainable_atomic(model, path: PathLike) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
     model.save_trainable(str(tmp))
+    seal_safetensors(tmp)
+    kill_point(f"write:{path.name}")
     os.replace(tmp, path)
 
 
@@ -249,6 +399,8 @@ def save_safetensors(path: PathLike, tensors: Dict[str, Any], metadata=None) -> 
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
               metadata=metadata)  # fmt: skip
+    seal_safetensors(tmp)
+    kill_point(f"write:{path.name}")
     os.replace(tmp, path)
     return path
 
@@ -295,7 +447,16 @@ def read_run_info(run_dir: PathLike) -> dict:
     run_file = run_dir / RUN_FILE
     if not run_file.exists():
         raise RunConfigError(f"{run_dir}: no {RUN_FILE} (not a run directory written by llmrec)")
-    return read_json(run_file)
+    info = read_json(run_file, RunConfigError)
+    if (
+        not isinstance(info, dict)
+        or info.get("kind") not in ("llm", "cf")
+        or not isinstance(info.get("config"), dict)
+    ):
+        raise RunConfigError(
+            f"{run_file}: malformed (expected an object with 'kind' llm or cf and a 'config')"
+        )
+    return info
 
 
 def write_metrics(
@@ -352,7 +513,7 @@ def check_resume_config(cfg: RunConfig, out: PathLike) -> None:
         return
     if not (out / RUN_FILE).exists():
         return
-    old = read_json(out / RUN_FILE).get("config", {})
+    old = read_run_info(out)["config"]
     new = cfg.to_dict()
 
     def get(d, key):
@@ -398,16 +559,78 @@ def latest_checkpoint(out_dir: PathLike) -> Optional[Path]:
     pointer = Path(out_dir) / "checkpoints" / LATEST
     if not pointer.exists():
         return None
-    path = pointer.parent / pointer.read_text().strip()
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{pointer}: unreadable ({exc})") from None
+    # only a checkpoint of this very run: no path separators, no '..', no absolute path
+    if not _CKPT_NAME.fullmatch(name):
+        raise CheckpointError(
+            f"{pointer}: names {name[:80]!r}, which is not a checkpoint of this run "
+            "(expected ckpt-<seq>-step<step>)"
+        )
+    path = pointer.parent / name
     if not (path / TRAINABLE).exists() or not (path / TRAINER).exists():
         raise CheckpointError(f"{pointer}: points to {path}, which is not a complete checkpoint")
     return path
 
 
+_CKPT_NAME = re.compile(r"ckpt-\d+-step\d+")
+
+
+def _checkpoint_ok(path: Path) -> bool:
+    try:
+        for f in (TRAINABLE, TRAINER):
+            verify_safetensors(path / f)
+    except CheckpointError:
+        return False
+    return True
+
+
+def recover_checkpoints(out_dir: PathLike, log=None) -> Optional[str]:
+    """Repair ``<out>/checkpoints`` after a kill; returns what was done (or None).
+
+    A checkpoint folder newer than ``latest`` (killed after its rename, before the pointer
+    moved) is adopted when complete and intact; incomplete or corrupt ones newer than
+    ``latest`` are removed (they hold nothing that a replay from ``latest`` does not redo).
+    """
+    import shutil
+
+    ck = Path(out_dir) / "checkpoints"
+    if not ck.is_dir():
+        return None
+    current = None
+    if (ck / LATEST).exists():
+        current = latest_checkpoint(out_dir).name
+    names = sorted(p.name for p in ck.iterdir() if p.is_dir() and _CKPT_NAME.fullmatch(p.name))
+    newer = [n for n in names if current is None or n > current]
+    done = []
+    for name in reversed(newer):
+        if not _checkpoint_ok(ck / name):
+            shutil.rmtree(ck / name, ignore_errors=True)
+            done.append(f"discarded incomplete {name}")
+        elif current is None or name > current:
+            atomic_write_text(ck / LATEST, name + "\n")
+            done.append(f"adopted {name}")
+            current = name
+    msg = f"{ck}: " + ", ".join(done) if done else None
+    if msg and log is not None:
+        log(msg)
+    return msg
+
+
 def append_jsonl(path: PathLike, record: dict) -> None:
-    """One JSON line appended (the training log; a torn last line is tolerable there)."""
+    """One JSON line appended (the training log; on resume it is rewritten from the
+    checkpoint's history by :func:`rewrite_jsonl`, which drops torn or repeated lines)."""
     with open(path, "a") as f:
         f.write(json.dumps(json_safe(record)) + "\n")
+        f.flush()
+    kill_point(f"append:{Path(path).name}")
+
+
+def rewrite_jsonl(path: PathLike, records: List[dict]) -> None:
+    """``path`` atomically replaced by exactly ``records``, one JSON line each."""
+    atomic_write_text(path, "".join(json.dumps(json_safe(r)) + "\n" for r in records))
 
 
 def write_checkpoint(out_dir: PathLike, name: str, fill, keep: int = 2) -> Path:
@@ -427,12 +650,19 @@ def write_checkpoint(out_dir: PathLike, name: str, fill, keep: int = 2) -> Path:
     tmp.mkdir()
     fill(tmp)
     for f in tmp.iterdir():
+        if f.suffix == ".safetensors":
+            seal_safetensors(f)
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    kill_point("checkpoint:filled")
     path = ck / name
+    if path.exists():  # a replay after a kill reaches the same name: this one is newer
+        shutil.rmtree(path)
     os.replace(tmp, path)
     fsync_dir(ck)
+    kill_point("checkpoint:renamed")
     atomic_write_text(ck / LATEST, name + "\n")
+    kill_point("checkpoint:latest")
     old = sorted(p for p in ck.glob("ckpt-*") if p.is_dir())
     for p in old[: -max(1, keep)]:
         shutil.rmtree(p, ignore_errors=True)
@@ -448,5 +678,159 @@ def save_tiny_llm(out_dir: PathLike, save) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     save(tmp)
+    kill_point("llm:saved")
     os.replace(tmp, target)
     return target
+
+
+# ---------------------------------------------------------------------------------------------
+# ownership: one writer per run directory
+
+
+_TMP_NAME = re.compile(r"^\.(tmp-|.*\.tmp-)")
+
+
+def clean_temporaries(out_dir: PathLike) -> List[str]:
+    """Remove the temporaries of dead writers under ``out_dir`` (``.tmp-*``, ``.*.tmp-*``:
+    half-written files, checkpoints, tiny-LLM copies); only called under the run's lock."""
+    import shutil
+
+    removed = []
+    for root, dirs, files in os.walk(out_dir):
+        for name in list(dirs):
+            if _TMP_NAME.match(name):
+                shutil.rmtree(Path(root) / name, ignore_errors=True)
+                dirs.remove(name)
+                removed.append(str(Path(root) / name))
+        for name in files:
+            if _TMP_NAME.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(Path(root) / name)
+                removed.append(str(Path(root) / name))
+    return removed
+
+
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``<out>/.llmrec.lock`` for the life of a run.
+
+    The kernel releases the lock when the process dies however it dies, so a lock left by a
+    dead process is never an obstacle; the pid, host and start time written into the file
+    name the live holder in the refusal message.
+    """
+
+    def __init__(self, out_dir: PathLike, what: str = "run"):
+        import fcntl
+
+        self.fd: Optional[int] = None
+        self.path = Path(out_dir) / LOCK_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            finally:
+                os.close(fd)
+            raise RunConfigError(
+                f"{self.path.parent} is in use by {holder}; wait for it to finish or choose "
+                "another --out"
+            ) from None
+        self.fd = fd
+        self.stale = os.read(fd, 4096).decode(errors="replace").strip()
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        os.write(fd, f"{what} pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            # an empty file after a clean end: a record found by the next holder means its
+            # writer died holding the lock
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __del__(self):
+        self.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _aside_name(out: Path) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    cand = out.with_name(f"{out.name}.old-{stamp}")
+    k = 1
+    while cand.exists():
+        k += 1
+        cand = out.with_name(f"{out.name}.old-{stamp}-{k}")
+    return cand
+
+
+def claim_run_dir(
+    out: PathLike,
+    kind: str,
+    name_key: str,
+    name: str,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    log=None,
+) -> RunLock:
+    """Make ``out`` this run's directory and return its held :class:`RunLock`.
+
+    Refuses (:class:`RunConfigError`) a directory in use by a live process, and one that
+    holds a run (``run.json``) unless ``resume`` and it is a run of the same ``kind`` and
+    ``name`` (the caller checks the config). ``force`` renames a non-empty directory to
+    ``<out>.old-<time>`` and starts afresh. Temporaries of dead writers are removed.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunConfigError(f"--out {out}: exists and is not a directory")
+    lock = RunLock(out)
+    try:
+        return _claim_locked(out, lock, kind, name_key, name, resume, force, log or print)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _claim_locked(out, lock, kind, name_key, name, resume, force, log) -> RunLock:
+    if lock.stale:
+        log(f"{out}: the lock of a dead process ({lock.stale}) was taken over")
+    info = None
+    if (out / RUN_FILE).exists():
+        try:
+            info = read_run_info(out)
+        except RunConfigError:
+            if not force:
+                raise
+    if force:
+        if any(p.name != LOCK_FILE for p in out.iterdir()):
+            aside = _aside_name(out)
+            lock.release()
+            os.rename(out, aside)
+            log(f"--force: moved the old {out} aside to {aside}")
+            lock = RunLock(out)
+        return lock
+    if info is not None:
+        old_name = info.get(name_key, info.get("method", info.get("model")))
+        if info["kind"] != kind or old_name != name:
+            raise RunConfigError(
+                f"{out} holds a {info['kind']} run of {old_name!r}, not {kind} {name!r}; "
+                "choose another --out, or pass --force to move it aside"
+            )
+        if not resume:
+            raise RunConfigError(
+                f"{out} already holds a run; pass --resume to continue it, --force to move "
+                "it aside, or choose another --out"
+            )
+    removed = clean_temporaries(out)
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) of an interrupted run")
+    return lock

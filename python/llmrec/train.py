@@ -10,6 +10,7 @@ and scores a split. Nothing here knows any particular method.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +37,16 @@ from llmrec.runs import (
     CheckpointError,
     RunConfig,
     RunConfigError,
+    RunLock,
     TrainConfig,
     check_resume_config,
     check_stage_dir_free,
+    claim_run_dir,
     latest_checkpoint,
     read_run_info,
     read_stage_done,
     reopen_config,
+    verify_safetensors,
     write_metrics,
     write_run_info,
     write_stage_done,
@@ -183,6 +187,7 @@ def _run_stages(ctx: RunContext, model, stages: List[Stage], callback) -> tuple:
             done = read_stage_done(sdir) if cfg.resume else None
             if done is not None:
                 ctx.log(f"stage {stage.name} already finished: loading its best state")
+                verify_safetensors(sdir / BEST, CheckpointError)
                 model.load_trainable(str(sdir / BEST))
                 infos.append(done)
                 continue
@@ -220,13 +225,29 @@ def run_training(
 ) -> dict:
     """Train ``cfg.method``, evaluate the best state on the test split, write the run files.
 
-    Returns the metrics dict (also written to ``<out>/metrics.json`` by rank 0).
+    Returns the metrics dict (also written to ``<out>/metrics.json`` by rank 0). Rank 0
+    holds ``<out>``'s lock for the whole run (:func:`llmrec.runs.claim_run_dir`): another
+    run of another kind, method or config in ``<out>`` is refused unless ``cfg.force``.
     """
-    start = time.perf_counter()
     env = env or DistEnv()
     log = log or (lambda m: None)
     method = get_method(cfg.method)
-    opts = parse_options(type(method), cfg)
+    opts = parse_options(type(method), cfg)  # bad options fail before the directory is touched
+    lock: Optional[RunLock] = None
+    if env.is_main:
+        lock = claim_run_dir(
+            cfg.out, "llm", "method", cfg.method, resume=cfg.resume, force=cfg.force, log=log
+        )
+    env.barrier()
+    try:
+        return _train_and_evaluate(cfg, method, opts, env, log, callback, data)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_evaluate(cfg: RunConfig, method, opts, env: DistEnv, log, callback, data) -> dict:
+    start = time.perf_counter()
     out = Path(cfg.out)
     check_resume_config(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -322,10 +343,25 @@ def run_evaluation(
     progress: bool = True,
 ) -> dict:
     """Score ``split`` with a finished run (LLM method or CF model) and write its metrics."""
-    start = time.perf_counter()
     env = env or DistEnv()
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
+    # the run is read and eval_<split>.json written: not while another process writes it
+    lock = RunLock(run_dir, "evaluate") if env.is_main and os.access(run_dir, os.W_OK) else None
+    try:
+        return _evaluate_locked(
+            run_dir, info, data_path, split, predictions, metrics_path, batch_size, device,
+            env, progress,
+        )  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate_locked(
+    run_dir, info, data_path, split, predictions, metrics_path, batch_size, device, env, progress
+) -> dict:
+    start = time.perf_counter()
     if info.get("kind") == "cf":
         from llmrec.cf.run import evaluate_cf_run
 
@@ -338,6 +374,10 @@ def run_evaluation(
         batch_size=batch_size, env=env,
     )  # fmt: skip
     ctx = run.ctx
+    if split not in ctx.data:
+        raise RunConfigError(
+            f"{ctx.data.source}: no {split!r} split (has {sorted(ctx.data.splits)})"
+        )
     df = run.method.eval_rows(ctx, split)
     block, scores = run.method.evaluate(ctx, run.model, run.opts, df, run.predict)
     metrics = {

@@ -43,6 +43,7 @@ import torch
 from llmrec.metrics import auc, json_safe
 from llmrec.runs import (
     BEST,
+    TRAIN_LOG,
     TRAINABLE,
     TRAINER,
     CheckpointError,
@@ -50,7 +51,10 @@ from llmrec.runs import (
     TrainConfig,
     append_jsonl,
     latest_checkpoint,
+    recover_checkpoints,
+    rewrite_jsonl,
     save_trainable_atomic,
+    verify_safetensors,
     write_checkpoint,
 )
 
@@ -212,6 +216,7 @@ def check_trainable_compatible(model, path) -> None:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    verify_safetensors(path, CheckpointError)
     try:
         with safe_open(str(path), framework="pt") as f:
             saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
@@ -433,11 +438,15 @@ class Trainer:
         from safetensors import safe_open
 
         check_trainable_compatible(self.model, path / TRAINABLE)
+        verify_safetensors(path / TRAINER, CheckpointError)
         self.model.load_trainable(str(path / TRAINABLE))
-        with safe_open(str(path / TRAINER), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        st = json.loads(meta["trainer_state"])
+        try:
+            with safe_open(str(path / TRAINER), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            st = json.loads(meta["trainer_state"])
+        except Exception as exc:
+            raise CheckpointError(f"{path / TRAINER}: unreadable trainer state ({exc})") from None
         if st.get("world_size", 1) != self.env.world_size:
             raise CheckpointError(
                 f"{path}: written by a run with {st.get('world_size')} process(es); resume "
@@ -502,7 +511,7 @@ class Trainer:
 
     def _append_log(self, record: dict) -> None:
         if self.env.is_main:
-            append_jsonl(self.out / "train_log.jsonl", record)
+            append_jsonl(self.out / TRAIN_LOG, record)
 
     def _train_step(self, batch: Dict[str, torch.Tensor], lr: float) -> float:
         for group in self.optimizer.param_groups:
@@ -538,18 +547,21 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            ckpt = latest_checkpoint(self.out)
-            if ckpt is None:
-                self.log(f"--resume: no checkpoint under {self.out}/checkpoints; starting fresh")
-                torch.manual_seed(self.cfg.seed)
-            else:
-                self.load_checkpoint(ckpt)
-                # a run that stopped on its budget continues when --epochs/--max-steps grew
-                if self.state.done and not self.state.stopped_early:
-                    self.state.done = False
-        else:
+        if resume and self.env.is_main:
+            recover_checkpoints(self.out, self.log)  # orphans of a kill, before anyone reads
+        self.env.barrier()
+        ckpt = latest_checkpoint(self.out) if resume else None
+        if resume and ckpt is None:
+            self.log(f"--resume: no checkpoint under {self.out}/checkpoints; starting fresh")
+        if ckpt is None:
             torch.manual_seed(self.cfg.seed)
+        else:
+            self.load_checkpoint(ckpt)
+            # a run that stopped on its budget continues when --epochs/--max-steps grew
+            if self.state.done and not self.state.stopped_early:
+                self.state.done = False
+        if self.env.is_main:  # the log is the checkpoint's history: no torn or repeated line
+            rewrite_jsonl(self.out / TRAIN_LOG, self.state.history)
         _broadcast(self.params, self.env)
         st = self.state
         if not self.params or self.train_data is None or self.cfg.epochs <= 0:
@@ -610,6 +622,7 @@ class Trainer:
             save_trainable_atomic(self.model, self.out / f"rank-{self.env.rank}.safetensors")
         self.env.barrier()
         if (self.out / BEST).exists() and st.best_step >= 0 and self.valid_data is not None:
+            verify_safetensors(self.out / BEST, CheckpointError)
             self.model.load_trainable(str(self.out / BEST))
         elif self.env.is_main:
             save_trainable_atomic(self.model, self.out / BEST)

@@ -1,8 +1,13 @@
 """``llmrec train-cf`` / ``llmrec evaluate`` for CF runs: train, export, score, write files.
 
-A CF run directory holds ``run.json`` (``"kind": "cf"`` and the config), ``model.safetensors``
-(the full CF model), ``embeddings.safetensors`` (the user/item tables for the LLM methods),
-``metrics.json`` and, when asked, a predictions CSV (``uid, iid, label, score``).
+A CF run directory holds ``run.json`` (``"kind": "cf"``, the config and ``"complete"``),
+``model.safetensors`` (the full CF model), ``embeddings.safetensors`` (the user/item tables for
+the LLM methods), ``metrics.json`` and, when asked, a predictions CSV (``uid, iid, label,
+score``). ``run.json`` is written first with ``"complete": false`` and rewritten with ``true``
+after every other file, so a killed run is never taken for a finished one (``train --cf``
+refuses it). ``cf_state.safetensors`` holds the training loop's state after every epoch:
+``--resume`` continues an unfinished run from its last finished epoch (to the result of an
+uninterrupted run) and returns a finished one's metrics as they are.
 """
 
 from __future__ import annotations
@@ -19,9 +24,20 @@ import torch
 from safetensors.torch import load_file
 
 from llmrec.cf.models import build_cf_model
-from llmrec.cf.train import CFConfig, predict_cf, save_cf_embeddings, train_cf
+from llmrec.cf.train import CFConfig, CFEmbeddingError, predict_cf, save_cf_embeddings, train_cf
 from llmrec.metrics import evaluate_predictions
-from llmrec.runs import save_safetensors, write_metrics, write_run_info
+from llmrec.runs import (
+    METRICS_FILE,
+    RUN_FILE,
+    RunConfigError,
+    claim_run_dir,
+    read_json,
+    read_run_info,
+    save_safetensors,
+    verify_safetensors,
+    write_metrics,
+    write_run_info,
+)
 
 __all__ = ["CFRunConfig", "evaluate_cf_run", "train_cf_run"]
 
@@ -47,6 +63,15 @@ class CFRunConfig:
     device: str = "cpu"
     predictions: Optional[str] = None
     progress: bool = True
+    resume: bool = False
+    force: bool = False
+
+
+#: the CF training loop's state after its last finished epoch (for ``--resume``)
+STATE_FILE = "cf_state.safetensors"
+
+#: fields that may differ when a CF run is resumed (they do not change the model)
+_CF_FREE = ("out", "device", "predictions", "progress", "resume", "force")
 
 
 def _model_kwargs(cfg: CFRunConfig) -> dict:
@@ -67,15 +92,56 @@ def _metrics(df: pd.DataFrame, scores: np.ndarray) -> dict:
 def train_cf_run(
     cfg: CFRunConfig, *, data=None, log: Optional[Callable[[str], None]] = None
 ) -> dict:
-    """Train ``cfg.model``, export embeddings, evaluate valid/test; return the metrics."""
+    """Train ``cfg.model``, export embeddings, evaluate valid/test; return the metrics.
+
+    Holds ``cfg.out``'s lock for the run (:func:`llmrec.runs.claim_run_dir`).
+    """
+    log = log or (lambda m: None)
+    lock = claim_run_dir(
+        cfg.out, "cf", "model", cfg.model, resume=cfg.resume, force=cfg.force, log=log
+    )
+    try:
+        done = _check_cf_resume(cfg, log)
+        return done if done is not None else _train_cf_locked(cfg, data, log)
+    finally:
+        lock.release()
+
+
+def _check_cf_resume(cfg: CFRunConfig, log) -> Optional[dict]:
+    """On ``--resume``: refuse another config; a finished run's metrics (else None)."""
+    out = Path(cfg.out)
+    if not cfg.resume or not (out / RUN_FILE).exists():
+        return None
+    info = read_run_info(out)
+    new = dataclasses.asdict(cfg)
+    diffs = [
+        f"{k}: {v!r} -> {new[k]!r}"
+        for k, v in info["config"].items()
+        if k in new and k not in _CF_FREE and v != new[k]
+    ]
+    if diffs:
+        raise RunConfigError(f"--resume: the options differ from the run in {out} "
+                             f"({'; '.join(diffs)})")  # fmt: skip
+    if info.get("complete", True) and (out / METRICS_FILE).exists():
+        log(f"{out}: the CF run already finished; nothing to do")
+        return read_json(out / METRICS_FILE, RunConfigError)
+    log(f"{out}: the CF run did not finish; continuing it")
+    return None
+
+
+def _train_cf_locked(cfg: CFRunConfig, data, log) -> dict:
     from llmrec.data import load_run_data
 
     start = time.perf_counter()
     data = data if data is not None else load_run_data(cfg.data)
     if cfg.valid_split not in data:
-        raise ValueError(f"{data.source}: no {cfg.valid_split!r} split")
+        raise RunConfigError(
+            f"{data.source}: no {cfg.valid_split!r} split (has {sorted(data.splits)})"
+        )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.asdict(cfg)
+    write_run_info(out, "cf", "model", cfg.model, config, data=data.summary(), complete=False)
     torch.manual_seed(cfg.seed)
     model = build_cf_model(cfg.model, data.n_users, data.n_items, **_model_kwargs(cfg))
     tcfg = CFConfig(
@@ -88,7 +154,12 @@ def train_cf_run(
         valid_split=cfg.valid_split,
         his_len=cfg.his_len,
     )
-    res = train_cf(model, data, tcfg, device=cfg.device, progress=cfg.progress, log=log)
+    if cfg.resume and (out / STATE_FILE).exists():
+        log(f"{out}: continuing the CF training after its last finished epoch")
+    res = train_cf(  # no per-epoch log lines: the progress bar shows them
+        model, data, tcfg, device=cfg.device, progress=cfg.progress,
+        state_path=out / STATE_FILE, resume=cfg.resume,
+    )  # fmt: skip
     save_safetensors(out / "model.safetensors", model.state_dict())
     user, item = model.export(data)
     save_cf_embeddings(
@@ -112,8 +183,8 @@ def train_cf_run(
         "data": data.summary(),
         "wall_time_s": time.perf_counter() - start,
     }
-    write_run_info(out, "cf", "model", cfg.model, dataclasses.asdict(cfg), data=data.summary())
     write_metrics(out, metrics, predictions=cfg.predictions, pred_df=test_df, scores=test_scores)
+    write_run_info(out, "cf", "model", cfg.model, config, data=data.summary(), complete=True)
     return metrics
 
 
@@ -127,17 +198,28 @@ def evaluate_cf_run(
     metrics_path: Optional[str] = None,
     device: str = "cpu",
 ) -> dict:
-    from llmrec.cf.train import CFEmbeddingError
     from llmrec.data import load_run_data
 
     start = time.perf_counter()
     run_dir = Path(run_dir)
+    if info.get("complete") is False:
+        raise RunConfigError(f"{run_dir}: the CF run did not finish (train-cf --resume it)")
     cfg = CFRunConfig(
         **{k: v for k, v in info["config"].items() if k in CFRunConfig.__annotations__}
     )
     data = load_run_data(data_path if data_path is not None else cfg.data)
+    if split not in data:
+        raise RunConfigError(f"{data.source}: no {split!r} split (has {sorted(data.splits)})")
     model = build_cf_model(cfg.model, data.n_users, data.n_items, **_model_kwargs(cfg))
-    state = load_file(str(run_dir / "model.safetensors"))
+    model_file = run_dir / "model.safetensors"
+    verify_safetensors(model_file, CFEmbeddingError)
+    try:
+        state = load_file(str(model_file))
+    except Exception as exc:
+        raise CFEmbeddingError(f"{model_file}: not a readable safetensors file ({exc})") from None
+    bad_values = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad_values:
+        raise CFEmbeddingError(f"{model_file}: NaN or infinite values in {bad_values[:3]}")
     own = model.state_dict()
     bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if bad:

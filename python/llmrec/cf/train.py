@@ -19,8 +19,9 @@ import torch
 from safetensors import safe_open
 
 from llmrec.cf.models import bce, pad_histories
+from llmrec.errors import LLMRecError
 from llmrec.metrics import auc
-from llmrec.runs import save_safetensors
+from llmrec.runs import RUN_FILE, read_json, save_safetensors, verify_safetensors
 
 __all__ = [
     "EMBEDDINGS_FILE",
@@ -37,7 +38,7 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 FORMAT = "llmrec-cf-v1"
 
 
-class CFEmbeddingError(ValueError):
+class CFEmbeddingError(LLMRecError):
     """A CF embedding file is missing, malformed or does not match the data."""
 
 
@@ -92,6 +93,46 @@ def predict_cf(model, df: pd.DataFrame, batch_size: int = 4096, his_len: int = 5
     return torch.cat(outs).numpy()
 
 
+def _save_state(path: Path, model, opt, gen, best, bad: int, history: List[dict], stop: bool):
+    """Everything the loop needs to continue after the epoch just finished (one file)."""
+    import json
+
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in best[2].items()})
+    sd = opt.state_dict()
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            tensors[f"optim.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.torch"], tensors["rng.gen"] = torch.get_rng_state(), gen.get_state()
+    meta = {"loop": json.dumps({"best_auc": best[0], "best_epoch": best[1], "bad": bad,
+                                "history": history, "stop": stop}),
+            "param_groups": json.dumps(sd["param_groups"])}  # fmt: skip
+    save_safetensors(path, tensors, metadata=meta)
+
+
+def _load_state(path: Path, model, opt, gen, device):
+    """``(best, bad, history, stop)`` of :func:`_save_state`'s file, model/opt/RNGs restored."""
+    import json
+
+    verify_safetensors(path, CFEmbeddingError)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    loop = json.loads(meta["loop"])
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: Dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v.to(device) if key != "step" else v
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    torch.set_rng_state(tensors["rng.torch"])
+    gen.set_state(tensors["rng.gen"])
+    best_sd = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
+    best = (loop["best_auc"], loop["best_epoch"], best_sd)
+    return best, loop["bad"], loop["history"], loop["stop"]
+
+
 def train_cf(
     model,
     data,
@@ -100,8 +141,14 @@ def train_cf(
     device: Union[str, torch.device] = "cpu",
     progress: bool = True,
     log: Optional[Callable[[str], None]] = None,
+    state_path: Optional[Union[str, Path]] = None,
+    resume: bool = False,
 ) -> CFResult:
-    """BCE training with Adam (L2 ``weight_decay``); keeps the weights of the best valid AUC."""
+    """BCE training with Adam (L2 ``weight_decay``); keeps the weights of the best valid AUC.
+
+    With ``state_path`` the loop's whole state is saved there (atomically) after every epoch;
+    ``resume`` continues from it when it exists, with the result of an uninterrupted run.
+    """
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -116,10 +163,19 @@ def train_cf(
     n = len(data["train"])
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))
     history: List[dict] = []
-    bad = 0
+    bad, stop = 0, False
+    if resume and state_path is not None and Path(state_path).exists():
+        best, bad, history, stop = _load_state(Path(state_path), model, opt, gen, device)
+        if log is not None:
+            log(f"resumed the CF training after epoch {len(history)}")
     start_time = time.perf_counter()
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"train-cf {model.kind}", disable=not progress)
-    epoch = 0
+    first = len(history) + 1
+    bar = tqdm(
+        range(first, cfg.epochs + 1 if not stop else first),
+        desc=f"train-cf {model.kind}",
+        disable=not progress,
+    )
+    epoch = len(history)
     for epoch in bar:
         model.train()
         perm = torch.randperm(n, generator=gen)
@@ -142,8 +198,11 @@ def train_cf(
             bad = 0
         else:
             bad += 1
-            if bad >= cfg.patience:
-                break
+            stop = bad >= cfg.patience
+        if state_path is not None:
+            _save_state(Path(state_path), model, opt, gen, best, bad, history, stop)
+        if stop:
+            break
     model.load_state_dict(best[2])
     return CFResult(
         best_epoch=best[1],
@@ -209,11 +268,17 @@ def load_cf_embeddings(
     """Load ``embeddings.safetensors`` (``path`` may be the file or its directory)."""
     path = Path(path)
     if path.is_dir():
+        run_file = path / RUN_FILE
+        if run_file.exists() and read_json(run_file, CFEmbeddingError).get("complete") is False:
+            raise CFEmbeddingError(
+                f"{path}: the CF run did not finish (killed?); `llmrec train-cf --resume` it"
+            )
         path = path / EMBEDDINGS_FILE
     if not path.exists():
         raise CFEmbeddingError(
             f"{path}: no CF embedding file (train one with `llmrec train-cf --out DIR`)"
         )
+    verify_safetensors(path, CFEmbeddingError)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
@@ -233,6 +298,13 @@ def load_cf_embeddings(
             f"{path}: user_emb {tuple(user.shape)} and item_emb {tuple(item.shape)} must be "
             "2-D with the same width"
         )
+    for name, table in (("user_emb", user), ("item_emb", item)):
+        if not torch.isfinite(table).all():
+            row = int((~torch.isfinite(table)).any(dim=1).nonzero()[0])
+            raise CFEmbeddingError(
+                f"{path}: {name} holds NaN or infinite values (first in row {row}); retrain "
+                "the CF model"
+            )
     emb = CFEmbeddings(user=user.float(), item=item.float(), meta=meta, path=str(path))
     if n_users is not None and n_items is not None:
         emb.check_matches(n_users, n_items)

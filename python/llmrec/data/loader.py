@@ -10,7 +10,7 @@ from typing import Dict, Iterable, Optional, Union
 import numpy as np
 import pandas as pd
 
-from llmrec.data.schema import DataValidationError, validate_split
+from llmrec.data.schema import MAX_ID, DataValidationError, validate_split
 
 __all__ = ["SPLITS", "RecData", "find_split_file", "load_data", "read_split"]
 
@@ -62,11 +62,35 @@ class RecData:
 
 
 def find_split_file(directory: Path, split: str) -> Optional[Path]:
-    for ext in (".parquet", ".csv"):
-        p = directory / f"{split}{ext}"
-        if p.exists():
-            return p
-    return None
+    """``<split>.parquet`` or ``<split>.csv``; both present is an error (which one is meant?)."""
+    found = [directory / f"{split}{ext}" for ext in (".parquet", ".csv")]
+    found = [p for p in found if p.exists()]
+    if len(found) > 1:
+        raise DataValidationError(
+            f"{directory}: both {found[0].name} and {found[1].name} exist; keep one"
+        )
+    return found[0] if found else None
+
+
+def _read_meta(meta_path: Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataValidationError(f"{meta_path}: not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise DataValidationError(
+            f'{meta_path}: expected an object like {{"n_users": 6040, "n_items": 3952}}, '
+            f"got {type(meta).__name__}"
+        )
+    for key in ("n_users", "n_items"):
+        v = meta.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise DataValidationError(f"{meta_path}: {key} must be an integer >= 1, got {v!r}")
+        if v is not None and v > MAX_ID:
+            raise DataValidationError(
+                f"{meta_path}: {key} {v} is above the supported {MAX_ID}; remap ids to 1..N"
+            )
+    return meta
 
 
 def read_split(
@@ -96,6 +120,30 @@ def _max_ids(df: pd.DataFrame) -> tuple[int, int]:
     return int(df["uid"].max()), int(max(df["iid"].max(), his_max))
 
 
+def _check_not_cold(frames: Dict[str, pd.DataFrame], files: Dict[str, str]) -> None:
+    """``not_cold`` 1 means the item was seen in training: every train row is warm, and no
+    row of another split calls an item warm that train never has (a cold flag for a train
+    item is allowed: CoLLM marks rare items cold)."""
+    if "train" not in frames:
+        return
+    train = frames["train"]
+    bad = np.flatnonzero(train["not_cold"].to_numpy() != 1)
+    if bad.size:
+        raise DataValidationError(
+            f"{files['train']}: row {int(bad[0])}: not_cold is 0 in the train split (every "
+            "train item is warm)"
+        )
+    seen = train["iid"].unique()
+    for split, df in frames.items():
+        warm_unseen = (df["not_cold"].to_numpy() == 1) & ~df["iid"].isin(seen).to_numpy()
+        if warm_unseen.any():
+            row = int(np.flatnonzero(warm_unseen)[0])
+            raise DataValidationError(
+                f"{files[split]}: row {row}: not_cold is 1 but item {int(df['iid'].iloc[row])} "
+                "never occurs in train"
+            )
+
+
 def load_data(
     path: Union[str, Path],
     *,
@@ -115,10 +163,7 @@ def load_data(
         raise DataValidationError(f"{directory}: not a directory (expected one file per split)")
     meta_path = directory / META_FILE
     if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataValidationError(f"{meta_path}: not valid JSON: {exc}") from exc
+        meta = _read_meta(meta_path)
         n_users = n_users if n_users is not None else meta.get("n_users")
         n_items = n_items if n_items is not None else meta.get("n_items")
     frames: Dict[str, pd.DataFrame] = {}
@@ -135,6 +180,7 @@ def load_data(
         files[split] = str(file)
     if not frames:
         raise DataValidationError(f"{directory}: none of the splits {list(splits)} found")
+    _check_not_cold(frames, files)
     maxes = np.array([_max_ids(df) for df in frames.values()])
     return RecData(
         splits=frames,

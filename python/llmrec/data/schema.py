@@ -32,6 +32,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from llmrec.errors import LLMRecError
+
 __all__ = [
     "OPTIONAL_COLUMNS",
     "REQUIRED_COLUMNS",
@@ -43,8 +45,32 @@ REQUIRED_COLUMNS = ("uid", "iid", "label", "his", "his_title", "title", "not_col
 OPTIONAL_COLUMNS = ("timestamp", "flag")
 
 
-class DataValidationError(ValueError):
+class DataValidationError(LLMRecError):
     """A data file does not follow the schema; the message names the file and the row."""
+
+
+#: the largest user or item id accepted: embedding tables get one row per id up to the
+#: largest, so a stray 10**12 would ask for terabytes (remap sparse ids to 1..N instead)
+MAX_ID = 50_000_000
+
+
+def _id_limit(col: str, hi: Optional[int]) -> Optional[int]:
+    if col in ("uid", "iid"):
+        return MAX_ID if hi is None else min(hi, MAX_ID)
+    return hi
+
+
+def _to_str(value, path: Path, row: int, col: str):
+    """A title as str: bytes are decoded as UTF-8 (parquet binary columns)."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataValidationError(
+                f"{_where(path, row)}: column {col!r} is not valid UTF-8 text ({exc.reason} at "
+                f"byte {exc.start}): {bytes(value[:40])!r}"
+            ) from None
+    return value
 
 
 def _where(path: Path, row: int) -> str:
@@ -65,7 +91,7 @@ def _int_column(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
         for row, v in enumerate(arr):
             try:
                 ok = float(v) == int(float(v))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 ok = False
             if not ok:
                 raise DataValidationError(
@@ -73,7 +99,8 @@ def _int_column(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
                 )
         arr = arr.astype(np.float64)
     if np.issubdtype(arr.dtype, np.floating):
-        bad = np.flatnonzero(arr != np.round(arr))
+        # inf, nan and values beyond int64 would wrap around in the cast below
+        bad = np.flatnonzero(~np.isfinite(arr) | (np.abs(arr) > 2.0**62) | (arr != np.round(arr)))
         if bad.size:
             row = int(bad[0])
             raise DataValidationError(
@@ -108,7 +135,7 @@ def _check_histories(df: pd.DataFrame, path: Path, max_item: Optional[int]) -> N
         titles = _parse_list(titles, path, row, "his_title")
         try:
             ids = [int(v) for v in his]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise DataValidationError(
                 f"{_where(path, row)}: column 'his' must hold integer item ids, got {his[:10]!r}"
             ) from None
@@ -121,6 +148,7 @@ def _check_histories(df: pd.DataFrame, path: Path, max_item: Optional[int]) -> N
                 f"{_where(path, row)}: malformed history: 'his' has {len(ids)} entries but "
                 f"'his_title' has {len(titles)}"
             )
+        titles = [_to_str(t, path, row, "his_title") for t in titles]
         if not all(isinstance(t, str) for t in titles):
             raise DataValidationError(
                 f"{_where(path, row)}: malformed history: 'his_title' must hold strings"
@@ -141,10 +169,13 @@ def _check_histories(df: pd.DataFrame, path: Path, max_item: Optional[int]) -> N
                     f"{_where(path, row)}: malformed history: item id {lo} in 'his' after the "
                     "leading padding (ids are >= 1; 0 only pads the front)"
                 )
-            if max_item is not None and hi > max_item:
+            limit = _id_limit("iid", max_item)
+            if hi > limit:
+                what = f"the data has {max_item} items" if limit == max_item else (
+                    f"ids above {MAX_ID} are refused; remap item ids to 1..N"
+                )  # fmt: skip
                 raise DataValidationError(
-                    f"{_where(path, row)}: item id {hi} in 'his' is out of range "
-                    f"(the data has {max_item} items)"
+                    f"{_where(path, row)}: item id {hi} in 'his' is out of range ({what})"
                 )
         his_col.append(ids)
         title_col.append(list(titles))
@@ -181,13 +212,16 @@ def validate_split(
         ("not_cold", 0, 1),
     ):
         arr = _int_column(df, col, path)
+        hi = _id_limit(col, hi)
         bad = np.flatnonzero((arr < lo) | ((arr > hi) if hi is not None else False))
         if bad.size:
             row = int(bad[0])
             what = "id" if col in ("uid", "iid") else "value"
             rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            hint = "; remap ids to 1..N" if hi == MAX_ID else ""
             raise DataValidationError(
-                f"{_where(path, row)}: {col} {what} {arr[row]} is out of range (must be {rng})"
+                f"{_where(path, row)}: {col} {what} {arr[row]} is out of range (must be {rng}"
+                f"{hint})"
             )
         df[col] = arr
     if "timestamp" in df.columns:
@@ -195,6 +229,7 @@ def validate_split(
     if df["title"].isna().any():
         row = int(np.flatnonzero(df["title"].isna().to_numpy())[0])
         raise DataValidationError(f"{_where(path, row)}: column 'title' is missing a value")
+    df["title"] = [_to_str(t, path, row, "title") for row, t in enumerate(df["title"])]
     df["title"] = df["title"].astype(str).astype(object)
     _check_histories(df, path, max_item)
     return df
