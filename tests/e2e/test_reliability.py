@@ -25,7 +25,7 @@ from llmrec.cli import main
 from llmrec.data import make_synthetic, write_data
 from llmrec.runs import LOCK_FILE, RunLock
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = [
     "--rank", "2", "--alpha", "4", "--generator", "mlp", "--max-his", "3",
