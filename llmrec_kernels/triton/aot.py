@@ -660,13 +660,16 @@ def ctas_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> tuple
 def _compile_cache_keyed_on_file(fn):
     """Point Triton's compile cache at a folder keyed on the kernel's whole source file.
 
-    Triton keys a cached compile on the kernel's source text, not on where that text sits in
-    its file, yet the cached PTX carries ``.loc`` line numbers, which :func:`load_kinds` reads
-    to find the loads of A and B. After an edit above a kernel (a longer docstring), the cache
-    would hand back PTX with stale line numbers and every load would read as missing.
+    Triton keys a cached compile on the kernel's source text, not on where that text sits,
+    yet the cached PTX carries ``.file``/``.loc`` (path and line), which :func:`load_kinds`
+    matches against the ``tl.load`` calls of A and B. After an edit above a kernel, or from
+    another checkout of the same code, the cache would hand back PTX pointing at other lines
+    or another file, and every load would read as missing. So the folder is keyed on the
+    file's resolved path and its content.
     """
     py_fn = getattr(fn, "fn", fn)
-    digest = hashlib.sha256(Path(inspect.getsourcefile(py_fn)).read_bytes()).hexdigest()[:16]
+    source = Path(inspect.getsourcefile(py_fn)).resolve()
+    digest = hashlib.sha256(str(source).encode() + b"\0" + source.read_bytes()).hexdigest()[:16]
     from triton import knobs
 
     base = knobs.cache.dir
