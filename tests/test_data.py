@@ -174,7 +174,8 @@ def test_prompt_template_quotes_and_limits_history():
     listed = re.findall(r'"(Movie \d+ \(\d+\))"', text)
     assert listed == [f"Movie {k} (19{k:02d})" for k in range(2, 12)], "the 10 most recent"
     assert text.startswith("#Question: A user has given high ratings to the following movies: ")
-    assert 'the movie titled "Target (2000)"? Answer with "Yes" or "No". \n#Answer:' in text
+    # a literal backslash + n, as in the reference prompt files (tests/test_presets.py)
+    assert 'the movie titled "Target (2000)"? Answer with "Yes" or "No". \\n#Answer:' in text
     assert format_title_list(["A", "B"]) == '"A", "B"'
     collm = build_prompt(titles, "Target (2000)", template="collm", max_his=2)
     assert "<UserID>" in collm and "<TargetItemID>" in collm and collm.count('"Movie') == 2

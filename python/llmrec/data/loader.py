@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Union
+from typing import Dict, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import pandas as pd
 
 from llmrec.data.schema import DataValidationError, validate_split
 
-__all__ = ["SPLITS", "RecData", "find_split_file", "load_data", "read_split"]
+__all__ = ["SPLITS", "RecData", "check_cold_flags", "find_split_file", "load_data", "read_split"]
 
 SPLITS = ("train", "valid", "valid_small", "test")
 REQUIRED_SPLITS = ("train", "valid", "test")
@@ -96,6 +97,32 @@ def _max_ids(df: pd.DataFrame) -> tuple[int, int]:
     return int(df["uid"].max()), int(max(df["iid"].max(), his_max))
 
 
+def check_cold_flags(frames: Mapping[str, pd.DataFrame], where="") -> Dict[str, int]:
+    """Warn when a split's ``not_cold`` flags contradict its ``train`` split.
+
+    ``not_cold`` is 1 when the row's user and item both occur in ``train`` (CoLLM's ML-1M
+    preprocessing). ``frames``: split -> frame with ``uid``, ``iid``, ``not_cold``. Returns
+    split -> number of contradicting rows (a :class:`UserWarning` names each split with
+    any); nothing is checked without a ``train`` frame.
+    """
+    if "train" not in frames:
+        return {}
+    train = frames["train"]
+    users, items = set(train["uid"].tolist()), set(train["iid"].tolist())
+    out = {}
+    for split, df in frames.items():
+        warm = df["uid"].isin(users) & df["iid"].isin(items)
+        bad = int((warm.astype(np.int64) != df["not_cold"].astype(np.int64)).sum())
+        out[split] = bad
+        if bad:
+            warnings.warn(
+                f"{where}: {split}: {bad} of {len(df)} rows have not_cold flags that contradict "
+                "the train split (not_cold = 1 iff the user and the item both occur in train)",
+                stacklevel=2,
+            )
+    return out
+
+
 def load_data(
     path: Union[str, Path],
     *,
@@ -135,6 +162,7 @@ def load_data(
         files[split] = str(file)
     if not frames:
         raise DataValidationError(f"{directory}: none of the splits {list(splits)} found")
+    check_cold_flags(frames, directory)
     maxes = np.array([_max_ids(df) for df in frames.values()])
     return RecData(
         splits=frames,
