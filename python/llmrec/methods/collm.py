@@ -34,7 +34,7 @@ class CoLLM(Method):
         lora_dropout: float = 0.05  # cfg lora_config.dropout
         lora_targets: List[str] = field(default_factory=lambda: list(COLLM_DEFAULT_TARGETS))
         cie_mult: int = 10  # cfg proj_mid_times
-        tuning: str = "two-step"  # CoLLM §3.3: LoRA on text first, then the CIE
+        tuning: str = "two-step"  # CoLLM paper: LoRA on text first, then the CIE
         lora_epochs: Optional[int] = None  # step 1 overrides of --epochs / --max-steps / --lr
         lora_max_steps: Optional[int] = None
         # None: the run's lr, 1e-3 under the paper preset (cfg init_lr, the same both steps)
