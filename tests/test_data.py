@@ -62,8 +62,10 @@ def test_synthetic_schema_and_split(small):
     assert tr["timestamp"].max() <= small["valid"]["timestamp"].min()
     assert tr["not_cold"].all()
     assert (te["not_cold"] == 0).any(), "cold items are held out of the training period"
-    train_items = set(tr["iid"])
-    assert all((i in train_items) == bool(c) for i, c in zip(te["iid"], te["not_cold"]))
+    # warm = the user and the item both occur in train (CoLLM's ML-1M definition)
+    train_users, train_items = set(tr["uid"]), set(tr["iid"])
+    warm = [u in train_users and i in train_items for u, i in zip(te["uid"], te["iid"])]
+    assert warm == [bool(c) for c in te["not_cold"]]
     for his, titles in zip(tr["his"], tr["his_title"]):
         assert his[0] == 0 and titles[0] == "" and len(his) == len(titles)
 
