@@ -191,9 +191,10 @@ def param_groups(params: List[torch.nn.Parameter], cfg: TrainConfig) -> List[dic
     """AdamW parameter groups: weight decay ``cfg.weight_decay`` on tensors of 2 or more
     dimensions, none on 1-D ones (biases, LayerNorm gains and shifts).
 
-    LAVIS' ``get_optimizer_params`` (the runner of CoLLM and CoRA) puts every parameter
-    with ``ndim < 2`` in a group without weight decay; decaying a LayerNorm gain towards 0
-    shrinks the normalised activations, which no paper intends. Empty groups are dropped.
+    The LAVIS runner of CoLLM and CoRA (``minigpt4/runners/runner_base.py``, ``optimizer``)
+    puts every parameter with ``ndim < 2`` (or a name holding ``bias``/``ln``/``bn``) in a
+    group without weight decay; here the 1-D rule alone, since the trainable tensors come
+    without names. Empty groups are dropped.
     """
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
