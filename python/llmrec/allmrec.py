@@ -27,8 +27,10 @@ and the frozen LLM is trained (projections only) to generate ``"<title>"`` of th
 Evaluation, on ranking episodes (a positive ``split`` row's item among ``candidates - 1``
 random items the user never rated):
 
-* ``hit@1_generated`` — greedy generation; a hit when the generated text is exactly the
-  target's title (A-LLMRec's metric);
+* ``hit@1_generated`` — greedy generation (repetition penalty 1.5); a hit when the
+  lower-cased target title is a substring of the lower-cased generation's quoted part
+  (A-LLMRec's ``eval.py`` rule, :func:`reference_hit`); ``hit@1_generated_exact`` when the
+  generated title equals the target's exactly;
 * ``hit@K`` / ``ndcg@K`` — the scored variant: candidates ranked by the log-likelihood of
   their title given the prompt;
 * ``auc`` / ``uauc`` (+ warm/cold) on the split's rows, so the run compares with CoRA and
@@ -67,6 +69,7 @@ __all__ = [
     "generate_hits",
     "hit_ndcg",
     "make_episodes",
+    "reference_hit",
     "row_episodes",
     "sbert_embeddings",
     "score_episodes",
@@ -77,8 +80,17 @@ __all__ = [
 
 SBERT_DIM = 384
 IGNORE = -100
-#: weights of the stage-1 losses (A-LLMRec: matching + 0.5 reconstruction + 0.2 recommendation)
-DEFAULT_STAGE1_WEIGHTS = {"match": 1.0, "recon_item": 0.5, "recon_text": 0.5, "rec": 0.2}
+#: weights of the stage-1 losses: ghdtjr/A-LLMRec ``models/a_llmrec_model.py``
+#: (``pre_train_phase1``: ``loss + matching_loss + 0.5*reconstruction_loss +
+#: 0.2*text_reconstruction_loss``, ``loss`` the recommendation BCE)
+DEFAULT_STAGE1_WEIGHTS = {"rec": 1.0, "match": 1.0, "recon_item": 0.5, "recon_text": 0.2}
+#: ``reference``: A-LLMRec's ``two_layer_mlp`` (encoder Linear -> sigmoid to the latent,
+#: decoder one Linear); ``mlp``: this project's earlier 2-layer GELU MLPs of width ``hidden``
+ALIGNERS = ("reference", "mlp")
+#: ``reference``: A-LLMRec's ``log_emb_proj`` / ``item_emb_proj`` (Linear -> LayerNorm ->
+#: LeakyReLU (user) / GELU (item) -> Linear, Xavier-normal weights, hidden = d_model);
+#: ``mlp``: this project's earlier Linear -> GELU -> Linear bottleneck
+PROJECTIONS = ("reference", "mlp")
 
 
 def _mlp(
@@ -87,22 +99,69 @@ def _mlp(
     return nn.Sequential(nn.Linear(d_in, hidden), act(), nn.Linear(hidden, d_out))
 
 
+def _reference_projection(d_in: int, d_model: int, act: Callable[[], nn.Module]) -> nn.Sequential:
+    """A-LLMRec's stage-2 projection: Linear -> LayerNorm -> act -> Linear, Xavier-normal."""
+    net = nn.Sequential(
+        nn.Linear(d_in, d_model), nn.LayerNorm(d_model), act(), nn.Linear(d_model, d_model)
+    )
+    nn.init.xavier_normal_(net[0].weight)
+    nn.init.xavier_normal_(net[3].weight)
+    return net
+
+
+def _projection(kind: str, d_in: int, hidden: Optional[int], d_model: int, act) -> nn.Module:
+    if kind == "reference":
+        if hidden is not None and hidden != d_model:
+            raise ValueError(
+                f"the reference projection's hidden size is d_model ({d_model}); got "
+                f"proj_hidden {hidden} (use projection 'mlp' for a bottleneck)"
+            )
+        return _reference_projection(d_in, d_model, act)
+    if kind == "mlp":
+        return _mlp(d_in, 256 if hidden is None else hidden, d_model)
+    raise ValueError(f"projection must be one of {PROJECTIONS}, got {kind!r}")
+
+
 # =============================================================================================
 # stage 1
 
 
 class Aligner(nn.Module):
-    """The two autoencoders of stage 1 (item: ``d_cf``, text: ``d_text``; latent ``d_lat``)."""
+    """The two autoencoders of stage 1 (item: ``d_cf``, text: ``d_text``; latent ``d_lat``).
+
+    ``kind`` ``"reference"`` (default): encoders ``Linear -> sigmoid`` to ``d_lat`` (128 in
+    A-LLMRec), decoders one ``Linear``, and the recommendation logit the *mean* of
+    ``e_u * dec(enc(e_i))`` (A-LLMRec's ``(log_emb*pos_proj).mean(axis=1)``). ``"mlp"``: the
+    project's earlier 2-layer GELU MLPs of width ``hidden`` and a summed logit.
+    """
 
     def __init__(
-        self, cf_dim: int, text_dim: int = SBERT_DIM, latent_dim: int = 128, hidden: int = 256
+        self,
+        cf_dim: int,
+        text_dim: int = SBERT_DIM,
+        latent_dim: int = 128,
+        hidden: int = 256,
+        kind: str = "reference",
     ):
         super().__init__()
-        self.cf_dim, self.text_dim, self.latent_dim = cf_dim, text_dim, latent_dim
-        self.item_enc = _mlp(cf_dim, hidden, latent_dim)
-        self.item_dec = _mlp(latent_dim, hidden, cf_dim)
-        self.text_enc = _mlp(text_dim, hidden, latent_dim)
-        self.text_dec = _mlp(latent_dim, hidden, text_dim)
+        if kind not in ALIGNERS:
+            raise ValueError(f"aligner must be one of {ALIGNERS}, got {kind!r}")
+        self.cf_dim, self.text_dim, self.latent_dim, self.kind = cf_dim, text_dim, latent_dim, kind
+        if kind == "reference":
+            self.item_enc = nn.Sequential(nn.Linear(cf_dim, latent_dim), nn.Sigmoid())
+            self.item_dec = nn.Linear(latent_dim, cf_dim)
+            self.text_enc = nn.Sequential(nn.Linear(text_dim, latent_dim), nn.Sigmoid())
+            self.text_dec = nn.Linear(latent_dim, text_dim)
+        else:
+            self.item_enc = _mlp(cf_dim, hidden, latent_dim)
+            self.item_dec = _mlp(latent_dim, hidden, cf_dim)
+            self.text_enc = _mlp(text_dim, hidden, latent_dim)
+            self.text_dec = _mlp(latent_dim, hidden, text_dim)
+
+    def rec_logit(self, user_emb: torch.Tensor, item_hat: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` logit of a user ``(B, d_cf)`` for reconstructed items ``(B, d_cf)``."""
+        prod = user_emb * item_hat
+        return prod.mean(-1) if self.kind == "reference" else prod.sum(-1)
 
     def joint(self, item_emb: torch.Tensor) -> torch.Tensor:
         """The joint collaborative-text item embedding ``z_i = enc_I(e_i)``."""
@@ -125,7 +184,7 @@ class Aligner(nn.Module):
             "recon_item": F.mse_loss(item_hat, item_emb),
             "recon_text": F.mse_loss(self.text_dec(z_text), text_emb),
             "rec": F.binary_cross_entropy_with_logits(
-                (user_emb * item_hat).sum(-1), labels.to(item_hat.dtype)
+                self.rec_logit(user_emb, item_hat), labels.to(item_hat.dtype)
             ),
         }
         out["total"] = sum(w[k] * v for k, v in out.items())
@@ -150,7 +209,7 @@ class AlignerObjective(nn.Module):
 
     def score(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         item_hat = self.aligner.item_dec(self.aligner.item_enc(batch["item_emb"]))
-        return (batch["user_emb"] * item_hat).sum(-1)
+        return self.aligner.rec_logit(batch["user_emb"], item_hat)
 
     def trainable_state(self) -> Dict[str, torch.Tensor]:
         return dict(self.aligner.named_parameters())
@@ -502,8 +561,11 @@ class ALLMRec(nn.Module):
         text_dim: int = SBERT_DIM,
         latent_dim: int = 128,
         ae_hidden: int = 256,
-        proj_hidden: int = 256,
+        proj_hidden: Optional[int] = None,
         seed: int = 0,
+        aligner: str = "reference",
+        projection: str = "reference",
+        repetition_penalty: float = 1.5,
     ):
         super().__init__()
         if cf_dim < 1:
@@ -515,9 +577,13 @@ class ALLMRec(nn.Module):
         device = llm.get_input_embeddings().weight.device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.aligner = Aligner(cf_dim, text_dim, latent_dim, ae_hidden).to(device)
-            self.user_proj = _mlp(cf_dim, proj_hidden, hidden).to(device)
-            self.item_proj = _mlp(latent_dim, proj_hidden, hidden).to(device)
+            self.aligner = Aligner(cf_dim, text_dim, latent_dim, ae_hidden, aligner).to(device)
+            # A-LLMRec: LeakyReLU in the user (log_emb) projection, GELU in the item one
+            self.user_proj = _projection(projection, cf_dim, proj_hidden, hidden, nn.LeakyReLU)
+            self.item_proj = _projection(projection, latent_dim, proj_hidden, hidden, nn.GELU)
+            self.user_proj.to(device)
+            self.item_proj.to(device)
+        self.repetition_penalty = float(repetition_penalty)
         self.cf_dim, self.text_dim, self.latent_dim = cf_dim, text_dim, latent_dim
         self.register_buffer("item_table", torch.zeros(1, cf_dim, device=device), persistent=False)
         self.stage1_weights: Dict[str, float] = {}
@@ -611,7 +677,7 @@ class ALLMRec(nn.Module):
         title's log-likelihood (:meth:`sequence_logprob`)."""
         if self.stage == "align":
             item_hat = self.aligner.item_dec(self.aligner.item_enc(batch["item_emb"]))
-            return (batch["user_emb"] * item_hat).sum(-1)
+            return self.aligner.rec_logit(batch["user_emb"], item_hat)
         return self.sequence_logprob(batch)
 
     def sequence_logprob(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -628,6 +694,8 @@ class ALLMRec(nn.Module):
             attention_mask=batch["attention_mask"],
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            # A-LLMRec models/a_llmrec_model.py generate(): repetition_penalty 1.5
+            repetition_penalty=self.repetition_penalty,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         )
@@ -733,6 +801,17 @@ def score_rows(
 
 
 @torch.no_grad()
+def reference_hit(title: str, generated: str) -> bool:
+    """A-LLMRec's Hit@1 rule (ghdtjr/A-LLMRec ``eval.py``): both lower-cased, the generation
+    cut to the text between its first and last double quote when it has one (after dropping
+    a ``"item title" : `` prefix), and a hit when the title is a *substring* of that."""
+    pred = generated.strip().lower().replace('"item title" : ', "")
+    start, end = pred.find('"'), pred.rfind('"')
+    if start >= 0 and end >= 0:
+        pred = pred[start + 1 : end]
+    return title.lower() in pred
+
+
 def generate_hits(
     model: ALLMRec,
     coll: EpisodeCollator,
@@ -742,11 +821,13 @@ def generate_hits(
     max_new_tokens: int = 40,
     progress=False,
 ) -> dict:
-    """A-LLMRec's Hit@1: the generated title equals the target's title exactly."""
+    """Generated Hit@1 of ``episodes``: ``hit@1_generated`` by A-LLMRec's rule
+    (:func:`reference_hit`), ``hit@1_generated_exact`` when the parsed title equals the
+    target's exactly (this project's stricter earlier metric)."""
     from tqdm.auto import tqdm
 
     model.eval()
-    hits, valid = 0, 0
+    hits, exact, valid = 0, 0, 0
     examples = []
     for s in tqdm(
         range(0, len(episodes), batch_size), desc="generate", disable=not progress, leave=False
@@ -755,13 +836,15 @@ def generate_hits(
         batch = {k: v.to(device) for k, v in coll(eps, "prompt").items()}
         for ep, text in zip(eps, model.generate(batch, max_new_tokens)):
             title = parse_generated(text)
-            hits += int(title == coll.titles[ep.target])
+            hits += int(reference_hit(coll.titles[ep.target], text))
+            exact += int(title == coll.titles[ep.target])
             valid += int(title in {coll.titles[c] for c in ep.candidates})
             if len(examples) < 5:
                 examples.append({"target": coll.titles[ep.target], "generated": title})
     n = max(1, len(episodes))
     return {
         "hit@1_generated": hits / n,
+        "hit@1_generated_exact": exact / n,
         "valid_title_rate": valid / n,
         "generated_examples": examples,
     }

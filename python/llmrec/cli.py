@@ -156,7 +156,8 @@ def _add_train_cf(sub) -> None:
     )
     p.add_argument("--model", choices=sorted(CF_MODELS), default="mf")
     _add_common(p)
-    p.add_argument("--dim", type=_positive_int, default=64, help="embedding size d_cf (64)")
+    # 256: CoLLM's ML-1M MF (train_configs/collm_pretrain_mf_ood.yaml embedding_size)
+    p.add_argument("--dim", type=_positive_int, default=256, help="embedding size d_cf (256)")
     p.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate (3e-3)")
     p.add_argument("--weight-decay", type=_nonneg_float, default=1e-4, help="L2 decay (1e-4)")
     p.add_argument("--batch-size", type=_positive_int, default=1024)
@@ -239,6 +240,9 @@ def _add_train(sub) -> None:
     )
     _add_method_options(p, registry)
     _add_train_budget(p)
+    from llmrec.presets import add_preset_arguments
+
+    add_preset_arguments(p.add_argument_group("preset (defaults of the flags above)"))
 
 
 def _add_train_budget(p) -> None:
@@ -534,6 +538,8 @@ def _cmd_train(args) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             save_rank_state=args.save_rank_state,
+            min_lr_ratio=args.min_lr_ratio or 0.0,
+            warmup_start_ratio=args.warmup_start_ratio,
         )
         cfg = RunConfig(
             method=args.method,
@@ -565,6 +571,8 @@ def _cmd_train(args) -> int:
             max_test_rows=args.max_test_rows,
             valid_split=args.valid_split,
             train=tcfg,
+            preset=args.preset,
+            cf_dim=args.cf_dim or 64,
             device=args.device,
             llm_dtype=args.llm_dtype,
             resume=args.resume,
@@ -665,6 +673,10 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":  # the preset's values become the defaults, then re-parse
+        from llmrec.presets import apply_preset
+
+        args = apply_preset(parser, argv, args)
     handlers = {
         "train-cf": _cmd_train_cf,
         "train": _cmd_train,

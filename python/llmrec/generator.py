@@ -7,9 +7,12 @@ has unit L2 norm per sample. ``A_b`` is shared by every CoRA-patched projection 
 
 Two generators:
 
-* :class:`QFormerGenerator` (the paper's): ``k`` learnable queries pass through ``N`` blocks of
-  [self-attention over the queries, cross-attention to the single token ``[e_u, e_i]``, FFN]
-  (BERT-style post-norm blocks, width ``2 d_cf``); the query outputs go through
+* :class:`QFormerGenerator` (the paper's): ``k`` learnable queries pass through LayerNorm and
+  dropout, then ``N`` blocks of [self-attention over the queries, cross-attention to the
+  single token ``[e_u, e_i]``, FFN] (BERT post-norm blocks, width ``2 d_cf``, FFN 3072 wide,
+  dropout 0.1, weights drawn from N(0, 0.02): the defaults of the ``BertConfig`` that
+  VanillaCreamer/CoRA ``minigpt4/models/ppeft/weight_generator.py`` builds its Q-Former
+  from, whose ``BertEmbeddings`` normalise the query embeddings); the query outputs go through
   ``Linear(2 d_cf -> hidden_size * rank)`` and are mean-pooled. Because that projection is
   affine, the mean is taken *before* it (mathematically identical, ``k`` times cheaper on the
   largest layer). With one key token the cross-attention weights are all 1, so it reduces to
@@ -19,7 +22,7 @@ Two generators:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,19 +64,19 @@ class _Base(nn.Module):
 class _QFormerBlock(nn.Module):
     """Self-attention over the queries, cross-attention to the CF token, FFN (post-norm)."""
 
-    def __init__(self, width: int, num_heads: int, ffn_mult: int, dropout: float):
+    def __init__(self, width: int, num_heads: int, ffn_dim: int, dropout: float, eps: float):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(width, num_heads, dropout=dropout, batch_first=True)
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = nn.LayerNorm(width, eps=eps)
         self.cross_attn = nn.MultiheadAttention(width, num_heads, dropout=dropout, batch_first=True)
-        self.norm2 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
         self.ffn = nn.Sequential(
-            nn.Linear(width, ffn_mult * width),
+            nn.Linear(width, ffn_dim),
             nn.GELU(),
             nn.Dropout(dropout),
-            nn.Linear(ffn_mult * width, width),
+            nn.Linear(ffn_dim, width),
         )
-        self.norm3 = nn.LayerNorm(width)
+        self.norm3 = nn.LayerNorm(width, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
@@ -92,8 +95,18 @@ class QFormerGenerator(_Base):
         num_queries: ``k`` learnable queries (paper: 4).
         num_layers: ``N`` blocks (paper: 8).
         num_heads: attention heads (paper: 8); must divide ``2 * cf_dim``.
-        ffn_mult: FFN width as a multiple of ``2 * cf_dim``.
-        dropout: dropout inside the blocks.
+        ffn_dim: FFN width (reference: ``BertConfig.intermediate_size`` 3072, whatever the
+            block width; 6x the width at ``d_cf`` 256).
+        ffn_mult: when given, the FFN width is ``ffn_mult * 2 * cf_dim`` instead (this
+            project's earlier default was 4).
+        dropout: dropout on the queries' input, on attention probabilities and after every
+            sub-layer (reference: BERT's 0.1).
+        query_norm: LayerNorm (and dropout) on the queries before block 1 (reference: yes).
+        init_std: std of the normal init of every block weight and of the queries, biases
+            zero, LayerNorms 1/0 (BERT's ``initializer_range`` 0.02); None: PyTorch's
+            default init (this project's earlier behaviour). The output projection keeps
+            PyTorch's default (the reference's ``kaiming_uniform_``).
+        layer_norm_eps: LayerNorm epsilon (BERT: 1e-12).
 
     ``forward(user_emb, item_emb)``: both ``(B, cf_dim)`` float -> ``(B, hidden_size, rank)``
     in the generator's dtype, each sample's ``hidden_size * rank`` entries of unit L2 norm.
@@ -107,15 +120,20 @@ class QFormerGenerator(_Base):
         num_queries: int = 4,
         num_layers: int = 8,
         num_heads: int = 8,
-        ffn_mult: int = 4,
-        dropout: float = 0.0,
+        ffn_dim: int = 3072,
+        ffn_mult: Optional[int] = None,
+        dropout: float = 0.1,
+        query_norm: bool = True,
+        init_std: Optional[float] = 0.02,
+        layer_norm_eps: float = 1e-12,
     ):
         super().__init__()
         _check_sizes(cf_dim, hidden_size, rank)
         for name, value in (
             ("num_queries", num_queries),
             ("num_heads", num_heads),
-            ("ffn_mult", ffn_mult),
+            ("ffn_dim", ffn_dim),
+            ("ffn_mult", 1 if ffn_mult is None else ffn_mult),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -126,17 +144,40 @@ class QFormerGenerator(_Base):
             raise ValueError(f"num_heads={num_heads} must divide the width 2*cf_dim={width}")
         self.cf_dim, self.hidden_size, self.rank = cf_dim, hidden_size, rank
         self.num_queries = num_queries
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        ffn = ffn_dim if ffn_mult is None else ffn_mult * width
         self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
-        self.blocks = nn.ModuleList(
-            _QFormerBlock(width, num_heads, ffn_mult, dropout) for _ in range(num_layers)
+        self.query_norm = (
+            nn.Sequential(nn.LayerNorm(width, eps=layer_norm_eps), nn.Dropout(dropout))
+            if query_norm
+            else nn.Identity()
         )
+        self.blocks = nn.ModuleList(
+            _QFormerBlock(width, num_heads, ffn, dropout, layer_norm_eps) for _ in range(num_layers)
+        )
+        if init_std is not None:
+            self._bert_init(float(init_std))
         self.proj = nn.Linear(width, hidden_size * rank)
+
+    def _bert_init(self, std: float) -> None:
+        """BERT's ``_init_weights``: matrices N(0, std), biases 0, LayerNorm 1 / 0."""
+        with torch.no_grad():
+            self.queries.normal_(0.0, std)
+            for name, p in self.blocks.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                elif p.ndim >= 2:
+                    p.normal_(0.0, std)
+                else:
+                    p.zero_()
 
     def forward(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
         _check_cf_inputs(user_emb, item_emb, self.cf_dim)
         dtype = self.queries.dtype
         kv = torch.cat([user_emb, item_emb], dim=-1).to(dtype).unsqueeze(1)  # (B, 1, 2 d_cf)
-        q = self.queries.unsqueeze(0).expand(kv.shape[0], -1, -1)  # (B, k, 2 d_cf)
+        # one dropout mask per sample, as BERT's embedding dropout
+        q = self.query_norm(self.queries.unsqueeze(0).expand(kv.shape[0], -1, -1))  # (B, k, 2 d_cf)
         for block in self.blocks:
             q = block(q, kv)
         # mean_k(Linear(q_k)) == Linear(mean_k(q_k)): pool first.
@@ -187,7 +228,7 @@ def build_generator(
     """Build a generator by name: ``"qformer"`` (:class:`QFormerGenerator`) or ``"mlp"``.
 
     Extra keyword arguments go to the class (e.g. ``num_queries``, ``num_layers``,
-    ``num_heads``, ``dropout`` for ``"qformer"``; ``mlp_hidden`` for ``"mlp"``).
+    ``num_heads``, ``ffn_dim``, ``dropout``, ``query_norm``, ``init_std`` for ``"qformer"``; ``mlp_hidden`` for ``"mlp"``).
     """
     key = kind.lower() if isinstance(kind, str) else kind
     if key not in GENERATORS:

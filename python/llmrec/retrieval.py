@@ -36,6 +36,7 @@ from llmrec.runs import atomic_write_json, write_csv
 
 __all__ = [
     "INDEX_KINDS",
+    "IVF_PROBE_SHARE",
     "ItemIndex",
     "PairScorer",
     "brute_force_topk",
@@ -52,6 +53,9 @@ __all__ = [
 ]
 
 INDEX_KINDS = ("exact", "ivf", "hnsw")
+#: share of the IVF lists probed by default: the smallest round share reaching >= 95% of
+#: the exact top-K on ML-1M (MF d 256: nprobe 24 of 57 lists gave 94-96%, 32 gave 97-98%)
+IVF_PROBE_SHARE = 0.6
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 
@@ -85,7 +89,10 @@ class ItemIndex:
             row 0 (the padding row of the CF tables) is left out.
         kind: ``"exact"``, ``"ivf"`` or ``"hnsw"``.
         item_ids: ids of the rows to index (default ``1..n-1``).
-        nlist / nprobe: IVF lists (default ``~sqrt(n)``) and lists probed per query.
+        nlist / nprobe: IVF lists (default ``~sqrt(n)``) and lists probed per query
+            (default :data:`IVF_PROBE_SHARE` of the lists, at least 8: on ML-1M's MF-256
+            item embeddings it returns 97-98% of the exact top-10/50/100, where nprobe 8 of
+            57 lists returned 72-80%; a smaller nprobe is faster and misses more).
         hnsw_m / ef_search: HNSW graph degree and search breadth (raised to the k asked).
         use_gpu: ``"auto"`` (GPU when Faiss has GPU support and a device), True or False.
     """
@@ -97,7 +104,7 @@ class ItemIndex:
         *,
         item_ids: Optional[Sequence[int]] = None,
         nlist: Optional[int] = None,
-        nprobe: int = 8,
+        nprobe: Optional[int] = None,
         hnsw_m: int = 32,
         ef_search: int = 128,
         use_gpu: Union[str, bool] = "auto",
@@ -129,6 +136,8 @@ class ItemIndex:
             index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = seed
             index.train(vectors)
+            if nprobe is None:
+                nprobe = max(8, math.ceil(IVF_PROBE_SHARE * nlist))
             index.nprobe = min(nprobe, nlist)
             self._quantizer = quantizer  # keep alive
         else:

@@ -133,6 +133,8 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     warmup_steps: Optional[int] = None
     min_lr_ratio: float = 0.0
+    # None: warm-up (step + 1) / warmup; a float: linear from this share of lr (see lr_factor)
+    warmup_start_ratio: Optional[float] = None
     max_steps: Optional[int] = None
     patience: int = 2
     grad_clip: float = 1.0
@@ -179,6 +181,10 @@ class RunConfig:
     valid_split: Optional[str] = None  # None: valid_small when present, else valid
     test_split: str = "test"
     train: TrainConfig = field(default_factory=TrainConfig)
+    preset: Optional[str] = (
+        None  # the `llmrec train --preset` that set the defaults (llmrec.presets)
+    )
+    cf_dim: int = 64  # size of the MF trained when no --cf is given (the paper preset: 256)
     device: str = "auto"
     llm_dtype: str = "auto"
     resume: bool = False

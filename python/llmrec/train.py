@@ -104,7 +104,7 @@ def _ensure_cf(cfg: RunConfig, data, env: DistEnv, log) -> str:
     if env.is_main and not target.exists():
         log("no --cf given: training an MF model first (saved under OUT/cf)")
         torch.manual_seed(cfg.train.seed)
-        model = build_cf_model("mf", data.n_users, data.n_items, dim=64)
+        model = build_cf_model("mf", data.n_users, data.n_items, dim=cfg.cf_dim)
         cf_cfg = CFConfig(lr=3e-3, seed=cfg.train.seed, valid_split="valid")
         res = train_cf(model, data, cf_cfg, progress=cfg.train.progress)
         user, item = model.export(data)

@@ -3,8 +3,8 @@
 :class:`Trainer` takes a model (the :class:`llmrec.method.Recommender` protocol: ``loss``,
 ``score``, ``trainable_parameters``, ``save_trainable`` / ``load_trainable``), a source of
 training batches, a source of validation batches with a :class:`Metric`, and a
-:class:`~llmrec.runs.TrainConfig`. It runs AdamW over the trainable parameters with linear
-warm-up then cosine decay, evaluates the metric at every epoch end (and every ``eval_every``
+:class:`~llmrec.runs.TrainConfig`. It runs AdamW over the trainable parameters (no weight
+decay on 1-D ones: :func:`param_groups`) with linear warm-up then cosine decay, evaluates the metric at every epoch end (and every ``eval_every``
 steps when set), stops after ``patience`` evaluations without improvement, keeps the best
 trainable state in ``best.safetensors``, autocasts to bf16/fp16 on a GPU, and under
 ``torchrun`` runs DDP: each rank reads its share of every epoch, gradients of the trainable
@@ -68,6 +68,7 @@ __all__ = [
     "check_trainable_compatible",
     "init_distributed",
     "lr_factor",
+    "param_groups",
     "resolve_precision",
 ]
 
@@ -164,14 +165,48 @@ def _broadcast(tensors: List[torch.Tensor], env: DistEnv) -> None:
 # schedule, config
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
-    """Multiplier of the base lr before update ``step`` (0-based): linear warm-up, cosine."""
+def lr_factor(
+    step: int, total: int, warmup: int, min_ratio: float = 0.0, start_ratio: Optional[float] = None
+) -> float:
+    """Multiplier of the base lr before update ``step`` (0-based): linear warm-up, cosine.
+
+    ``start_ratio`` None: the warm-up rises as ``(step + 1) / warmup`` (the project's quick
+    schedule). A float: it rises linearly from ``start_ratio`` at step 0 to 1 at step
+    ``warmup`` (LAVIS' ``warmup_lr_schedule``, which CoLLM and CoRA run: from ``warmup_lr``
+    1e-5 to ``init_lr`` 1e-3). After the warm-up: cosine from 1 down to ``min_ratio`` at
+    ``total`` (LAVIS' ``min_lr`` 8e-5 is ``min_ratio`` 0.08 of 1e-3).
+    """
     if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
+        if start_ratio is None:
+            return (step + 1) / warmup
+        return start_ratio + (1.0 - start_ratio) * step / warmup
     if total <= warmup:
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _warmup_start(cfg: TrainConfig) -> Optional[float]:
+    # a config written before the field existed warms up as it did then
+    return getattr(cfg, "warmup_start_ratio", None)
+
+
+def param_groups(params: List[torch.nn.Parameter], cfg: TrainConfig) -> List[dict]:
+    """AdamW parameter groups: weight decay ``cfg.weight_decay`` on tensors of 2 or more
+    dimensions, none on 1-D ones (biases, LayerNorm gains and shifts).
+
+    The LAVIS runner of CoLLM and CoRA (``minigpt4/runners/runner_base.py``, ``optimizer``)
+    puts every parameter with ``ndim < 2`` (or a name holding ``bias``/``ln``/``bn``) in a
+    group without weight decay; here the 1-D rule alone, since the trainable tensors come
+    without names. Empty groups are dropped.
+    """
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -322,9 +357,7 @@ class Trainer:
         self.state = LoopState()
         self._loss_sum, self._loss_n = 0.0, 0  # training loss since the last evaluation
         self.optimizer = (
-            torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            if self.params
-            else None
+            torch.optim.AdamW(param_groups(self.params, cfg), lr=cfg.lr) if self.params else None
         )
 
     # -- helpers ---------------------------------------------------------------------------
@@ -592,7 +625,9 @@ class Trainer:
             while st.step_in_epoch < spe and st.global_step < total:
                 b = st.step_in_epoch
                 batch = self.train_data(indices[b * bs : (b + 1) * bs])
-                lr = self.cfg.lr * lr_factor(st.global_step, total, warmup, self.cfg.min_lr_ratio)
+                lr = self.cfg.lr * lr_factor(
+                    st.global_step, total, warmup, self.cfg.min_lr_ratio, _warmup_start(self.cfg)
+                )
                 loss = self._train_step(batch, lr)
                 st.step_in_epoch += 1
                 st.global_step += 1

@@ -38,6 +38,7 @@ ARGS = [
     "--backend", "torch",
     "--eval-batch-size", "64",
     "--no-progress",
+    "--preset", "fast",  # the schedule of the TrainConfig defaults the single run uses
 ]  # fmt: skip
 
 

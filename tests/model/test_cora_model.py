@@ -59,7 +59,8 @@ def make_llm(arch="llama", seed=0):
 def make_rec(seed=0, randomize_b=True, **kwargs):
     llm = make_llm(kwargs.pop("arch", "llama"), seed)
     if kwargs.get("generator", "qformer") == "qformer":
-        kwargs.setdefault("generator_kwargs", {"num_layers": 2, "num_heads": 2})
+        # dropout 0: these tests compare forward passes in train mode
+        kwargs.setdefault("generator_kwargs", {"num_layers": 2, "num_heads": 2, "dropout": 0.0})
     torch.manual_seed(seed + 1)
     rec = CoRARecommender(llm, make_tokenizer(), cf_dim=CF_DIM, rank=RANK, alpha=8, **kwargs)
     if randomize_b:
@@ -140,9 +141,13 @@ def test_qformer_matches_its_definition():
     u, i = torch.randn(4, CF_DIM), torch.randn(4, CF_DIM)
 
     def definition(gen, u, i):
-        # Queries through the blocks, Linear on *every* query, mean, L2 normalise.
+        # LayerNorm'd queries through the blocks, Linear on *every* query, mean, L2 normalise
+        # (eval mode: no dropout).
         kv = torch.cat([u, i], -1)[:, None]
-        q = gen.queries.expand(4, -1, -1)
+        norm = gen.query_norm[0]
+        q = torch.nn.functional.layer_norm(
+            gen.queries.expand(4, -1, -1), (2 * CF_DIM,), norm.weight, norm.bias, eps=1e-12
+        )
         for blk in gen.blocks:
             q = blk.norm1(q + blk.self_attn(q, q, q)[0])
             q = blk.norm2(q + blk.cross_attn(q, kv, kv)[0])
@@ -171,7 +176,7 @@ def test_yes_token_resolution():
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_score_equals_full_forward_yes_logit(backend):
-    rec = make_rec(backend=backend)
+    rec = make_rec(backend=backend).eval()  # the generator's dropout off: one A per sample
     batch = make_batch(rec.tokenizer)
     # Right-padded rows are found too: the third text is shorter than the first.
     assert batch["attention_mask"][:, 0].tolist() == [1, 0, 0]

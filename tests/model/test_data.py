@@ -62,8 +62,10 @@ def test_synthetic_schema_and_split(small):
     assert tr["timestamp"].max() <= small["valid"]["timestamp"].min()
     assert tr["not_cold"].all()
     assert (te["not_cold"] == 0).any(), "cold items are held out of the training period"
-    train_items = set(tr["iid"])
-    assert all((i in train_items) == bool(c) for i, c in zip(te["iid"], te["not_cold"]))
+    # warm = the user and the item both occur in train (CoLLM's ML-1M definition)
+    train_users, train_items = set(tr["uid"]), set(tr["iid"])
+    warm = [u in train_users and i in train_items for u, i in zip(te["uid"], te["iid"])]
+    assert warm == [bool(c) for c in te["not_cold"]]
     for his, titles in zip(tr["his"], tr["his_title"]):
         assert his[0] == 0 and titles[0] == "" and len(his) == len(titles)
 
@@ -174,7 +176,8 @@ def test_prompt_template_quotes_and_limits_history():
     listed = re.findall(r'"(Movie \d+ \(\d+\))"', text)
     assert listed == [f"Movie {k} (19{k:02d})" for k in range(2, 12)], "the 10 most recent"
     assert text.startswith("#Question: A user has given high ratings to the following movies: ")
-    assert 'the movie titled "Target (2000)"? Answer with "Yes" or "No". \n#Answer:' in text
+    # a literal backslash + n, as in the reference prompt files (tests/test_presets.py)
+    assert 'the movie titled "Target (2000)"? Answer with "Yes" or "No". \\n#Answer:' in text
     assert format_title_list(["A", "B"]) == '"A", "B"'
     collm = build_prompt(titles, "Target (2000)", template="collm", max_his=2)
     assert "<UserID>" in collm and "<TargetItemID>" in collm and collm.count('"Movie') == 2

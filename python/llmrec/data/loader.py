@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Union
+from typing import Dict, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import pandas as pd
 
 from llmrec.data.schema import MAX_ID, DataValidationError, validate_split
 
-__all__ = ["SPLITS", "RecData", "find_split_file", "load_data", "read_split"]
+__all__ = ["SPLITS", "RecData", "check_cold_flags", "find_split_file", "load_data", "read_split"]
 
 SPLITS = ("train", "valid", "valid_small", "test")
 REQUIRED_SPLITS = ("train", "valid", "test")
@@ -121,9 +122,10 @@ def _max_ids(df: pd.DataFrame) -> tuple[int, int]:
 
 
 def _check_not_cold(frames: Dict[str, pd.DataFrame], files: Dict[str, str]) -> None:
-    """``not_cold`` 1 means the item was seen in training: every train row is warm, and no
-    row of another split calls an item warm that train never has (a cold flag for a train
-    item is allowed: CoLLM marks rare items cold)."""
+    """Refuse ``not_cold`` flags that cannot be true: ``not_cold`` is 1 when the row's user and
+    item both occur in ``train``, so every train row is warm and no row may be warm when its
+    user or item never occurs in train. (Flags that are merely unexpected, cold although both
+    occur, only warn: :func:`check_cold_flags`.)"""
     if "train" not in frames:
         return
     train = frames["train"]
@@ -131,17 +133,45 @@ def _check_not_cold(frames: Dict[str, pd.DataFrame], files: Dict[str, str]) -> N
     if bad.size:
         raise DataValidationError(
             f"{files['train']}: row {int(bad[0])}: not_cold is 0 in the train split (every "
-            "train item is warm)"
+            "train row's user and item occur in train)"
         )
-    seen = train["iid"].unique()
+    users, items = train["uid"].unique(), train["iid"].unique()
     for split, df in frames.items():
-        warm_unseen = (df["not_cold"].to_numpy() == 1) & ~df["iid"].isin(seen).to_numpy()
+        user_seen, item_seen = df["uid"].isin(users).to_numpy(), df["iid"].isin(items).to_numpy()
+        warm_unseen = (df["not_cold"].to_numpy() == 1) & ~(user_seen & item_seen)
         if warm_unseen.any():
             row = int(np.flatnonzero(warm_unseen)[0])
+            what = "item" if not item_seen[row] else "user"
+            value = int(df["iid" if what == "item" else "uid"].iloc[row])
             raise DataValidationError(
-                f"{files[split]}: row {row}: not_cold is 1 but item {int(df['iid'].iloc[row])} "
-                "never occurs in train"
+                f"{files[split]}: row {row}: not_cold is 1 but {what} {value} never occurs in train"
             )
+
+
+def check_cold_flags(frames: Mapping[str, pd.DataFrame], where="") -> Dict[str, int]:
+    """Warn when a split's ``not_cold`` flags contradict its ``train`` split.
+
+    ``not_cold`` is 1 when the row's user and item both occur in ``train`` (CoLLM's ML-1M
+    preprocessing). ``frames``: split -> frame with ``uid``, ``iid``, ``not_cold``. Returns
+    split -> number of contradicting rows (a :class:`UserWarning` names each split with
+    any); nothing is checked without a ``train`` frame.
+    """
+    if "train" not in frames:
+        return {}
+    train = frames["train"]
+    users, items = set(train["uid"].tolist()), set(train["iid"].tolist())
+    out = {}
+    for split, df in frames.items():
+        warm = df["uid"].isin(users) & df["iid"].isin(items)
+        bad = int((warm.astype(np.int64) != df["not_cold"].astype(np.int64)).sum())
+        out[split] = bad
+        if bad:
+            warnings.warn(
+                f"{where}: {split}: {bad} of {len(df)} rows have not_cold flags that contradict "
+                "the train split (not_cold = 1 iff the user and the item both occur in train)",
+                stacklevel=2,
+            )
+    return out
 
 
 def load_data(
@@ -181,6 +211,7 @@ def load_data(
     if not frames:
         raise DataValidationError(f"{directory}: none of the splits {list(splits)} found")
     _check_not_cold(frames, files)
+    check_cold_flags(frames, directory)
     maxes = np.array([_max_ids(df) for df in frames.values()])
     return RecData(
         splits=frames,

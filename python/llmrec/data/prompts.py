@@ -2,6 +2,12 @@
 
 Titles are double-quoted and comma-joined; at most ``max_his`` (10) of the most recent
 history titles are used. An empty history gives an empty list in the sentence.
+
+Before ``#Answer:`` the templates hold a literal backslash followed by ``n`` (two
+characters), not a line break: the reference prompt files (zyang1580/CoLLM
+``prompts/tallrec_movie.txt`` / ``collm_movie.txt``; VanillaCreamer/CoRA's configs name the
+same ``prompts/tallrec_*.txt`` files) are read line by line and contain those two characters, so the LLM of the published runs saw the
+tokens of ``\\n``. :data:`ANSWER_SEPARATOR` is that string.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 __all__ = [
+    "ANSWER_SEPARATOR",
     "COLLM_TEMPLATE",
     "CORA_TEMPLATE",
     "ITEM_PLACEHOLDER",
@@ -24,17 +31,20 @@ MAX_HIS = 10
 USER_PLACEHOLDER = "<UserID>"
 ITEM_PLACEHOLDER = "<TargetItemID>"
 
+#: what precedes ``#Answer:``: a space, a backslash and an ``n`` (the reference files' bytes)
+ANSWER_SEPARATOR = " \\n"
+
 CORA_TEMPLATE = (
     "#Question: A user has given high ratings to the following movies: <ItemTitleList>. "
     "Leverage the information to predict whether the user would enjoy the movie titled "
-    '<TargetItemTitle>? Answer with "Yes" or "No". \n#Answer:'
+    '<TargetItemTitle>? Answer with "Yes" or "No".' + ANSWER_SEPARATOR + "#Answer:"
 )
 COLLM_TEMPLATE = (
     "#Question: A user has given high ratings to the following movies: <ItemTitleList>. "
     "Additionally, we have information about the user's preferences encoded in the feature "
     f"{USER_PLACEHOLDER}. Using all available information, make a prediction about whether "
     "the user would enjoy the movie titled <TargetItemTitle> with the feature "
-    f'{ITEM_PLACEHOLDER}? Answer with "Yes" or "No". \n#Answer:'
+    f'{ITEM_PLACEHOLDER}? Answer with "Yes" or "No".' + ANSWER_SEPARATOR + "#Answer:"
 )
 TEMPLATES = {"cora": CORA_TEMPLATE, "tallrec": CORA_TEMPLATE, "collm": COLLM_TEMPLATE}
 

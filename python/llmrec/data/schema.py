@@ -13,7 +13,7 @@ his         the user's earlier positive items, a leading 0 then item ids
 his_title   their titles, a leading '' then one title per entry of ``his``
 title       the target item's title
 flag        -1 train, 0 valid, 1 test (optional)
-not_cold    1 when the item was seen in training (warm), 0 when cold
+not_cold    1 when the user and the item both occur in training (warm), 0 when cold
 ==========  =====================================================================
 
 In CSV files ``his`` and ``his_title`` are JSON lists (``"[0, 12, 7]"``,

@@ -5,7 +5,9 @@ Users and items get Gaussian latent factors; a (user, item) pair is positive whe
 factors, so the text carries no signal about the label beyond the item's identity: a model
 must use collaborative information to beat 0.5 AUC. Interactions get timestamps and are
 split globally by time (70/15/15 by default) like the ML-1M split; a fraction of items is
-held out of the training period so valid/test contain cold items (``not_cold = 0``).
+held out of the training period so valid/test contain cold items. ``not_cold`` is 1 when
+the row's user *and* its item both occur in the training split (CoLLM's ML-1M
+preprocessing, and what ML-1M's files hold), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -183,8 +185,11 @@ def make_synthetic(
     t_valid_end = split_frac[0] + split_frac[1]
     flag = np.where(df["t"] < t_train_end, -1, np.where(df["t"] < t_valid_end, 0, 1))
     df["flag"] = flag.astype(np.int8)
-    train_items = set(df.loc[df["flag"] == -1, "iid"].tolist())
-    df["not_cold"] = df["iid"].isin(train_items).astype(np.int64)
+    train_rows = df["flag"] == -1
+    warm = df["uid"].isin(set(df.loc[train_rows, "uid"])) & df["iid"].isin(
+        set(df.loc[train_rows, "iid"])
+    )
+    df["not_cold"] = warm.astype(np.int64)
     cols = ["uid", "iid", "label", "timestamp", "his", "his_title", "title", "flag", "not_cold"]
     df = df[cols]
     splits = {

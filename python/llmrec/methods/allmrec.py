@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -55,31 +55,39 @@ class ALLMRecMethod(Method):
     report_columns = (
         ("hit@1", "Hit@1", ".4f"),
         ("hit@1_generated", "Hit@1 gen", ".4f"),
+        ("hit@1_generated_exact", "Hit@1 exact", ".4f"),
         ("ndcg@10", "NDCG@10", ".4f"),
     )
 
+    # sources: ghdtjr/A-LLMRec models/a_llmrec_model.py ("model"), main.py ("main")
     @dataclass
     class Options:
+        # departure: the reference fine-tunes nq-distilbert-base-v1 (768-d) in stage 1; no
+        # model hub is reachable here, so a frozen offline all-MiniLM-L6-v2 (384-d) is cached
         text_encoder: str = "sbert"  # sbert | random
-        latent_dim: int = 128
-        ae_hidden: int = 256
-        proj_hidden: int = 256
+        latent_dim: int = 128  # model: two_layer_mlp(dims) -> 128
+        aligner: str = "reference"  # model: Linear+sigmoid encoders, Linear decoders | mlp
+        ae_hidden: int = 256  # aligner "mlp" only
+        projection: str = "reference"  # model: Linear-LayerNorm-act-Linear, Xavier | mlp
+        proj_hidden: Optional[int] = None  # None: d_model (model); an int: projection "mlp"
         stage1_epochs: int = 10
-        stage1_lr: float = 1e-3
-        stage1_batch_size: int = 512
-        stage1_weights: Dict[str, float] = field(default_factory=dict)
-        train_candidates: int = 10
-        candidates: int = 20
+        stage1_lr: float = 1e-4  # main: --stage1_lr 1e-4
+        stage1_batch_size: int = 16  # main: --batch_size1 16
+        stage1_weights: Dict[str, float] = field(default_factory=dict)  # {} : model's 1/1/.5/.2
+        train_candidates: int = 20  # model: pre_train_phase2 candidate_num 20
+        candidates: int = 20  # model: generate candidate_num 20
         episodes: int = 200
         valid_episodes: int = 100
         generate: bool = True
         max_new_tokens: int = 40
+        repetition_penalty: float = 1.5  # model: generate(repetition_penalty=1.5)
         ks: List[int] = field(default_factory=lambda: [1, 5, 10])
 
     def build(self, ctx: RunContext, opts: Options) -> ALLMRec:
         model = ALLMRec(
             ctx.llm, ctx.tokenizer, ctx.cf_dim, text_dim=SBERT_DIM, latent_dim=opts.latent_dim,
-            ae_hidden=opts.ae_hidden, proj_hidden=opts.proj_hidden,
+            ae_hidden=opts.ae_hidden, proj_hidden=opts.proj_hidden, aligner=opts.aligner,
+            projection=opts.projection, repetition_penalty=opts.repetition_penalty,
         )  # fmt: skip
         model.set_tables(ctx.item_table)
         return model

@@ -26,16 +26,18 @@ class CoLLM(Method):
     )
     template = "collm"
 
+    # source: zyang1580/CoLLM train_configs/collm_pretrain_mf_ood.yaml (ML-1M) ("cfg")
     @dataclass
     class Options:
-        lora_rank: int = 8
-        lora_alpha: float = 16.0
-        lora_dropout: float = 0.05
+        lora_rank: int = 8  # cfg lora_config.r
+        lora_alpha: float = 16.0  # cfg lora_config.alpha
+        lora_dropout: float = 0.05  # cfg lora_config.dropout
         lora_targets: List[str] = field(default_factory=lambda: list(COLLM_DEFAULT_TARGETS))
-        cie_mult: int = 10
-        tuning: str = "two-step"
+        cie_mult: int = 10  # cfg proj_mid_times
+        tuning: str = "two-step"  # CoLLM paper: LoRA on text first, then the CIE
         lora_epochs: Optional[int] = None  # step 1 overrides of --epochs / --max-steps / --lr
         lora_max_steps: Optional[int] = None
+        # None: the run's lr, 1e-3 under the paper preset (cfg init_lr, the same both steps)
         lora_lr: Optional[float] = None
         backend: str = "auto"
 

@@ -1,0 +1,221 @@
+"""Named sets of ``llmrec train`` defaults: ``paper`` (the default) and ``fast``.
+
+``paper`` reproduces the optimisation each seed system published for ML-1M; every value
+carries its source (a paper section or a file of the authors' code). ``fast`` is the
+project's earlier quick configuration (3 epochs at lr 1e-4, one evaluation per epoch, a
+64-dim MF), kept so smoke tests and tutorials stay cheap. A preset only sets defaults: any
+flag given on the command line wins (``--preset paper --lr 1e-4`` trains at 1e-4).
+
+What a preset sets: the optimisation flags of ``llmrec train`` (argparse destinations of
+:mod:`llmrec.cli`) and ``cf_dim``, the size of the MF ``llmrec train`` fits when no ``--cf``
+is given. Method internals that the seed systems fix (the Q-Former's LayerNorm / FFN /
+dropout / init, CoRA's LoRA dropout, A-LLMRec's losses, encoders, projections, candidates,
+the prompt bytes) are the defaults of the methods' ``Options`` and of
+:mod:`llmrec.generator` / :mod:`llmrec.data.prompts` in every preset; README.md ("Paper vs
+this project") lists them all with their sources, and the deliberate departures.
+
+The sources abbreviated below:
+
+* ``CoRA cfg``: VanillaCreamer/CoRA ``train_configs/plora_pretrain_mf_ood_book.yaml`` (the
+  run section CoRA's ML-1M run shares: ``init_lr`` 1e-3, ``min_lr`` 8e-5, ``warmup_lr`` 1e-5,
+  ``warmup_steps`` 200, ``iters_per_epoch`` 100, ``max_epoch`` 1000, ``weight_decay`` 1e-3);
+* ``CoLLM cfg``: zyang1580/CoLLM ``train_configs/collm_pretrain_mf_ood.yaml`` (ML-1M:
+  ``batch_size_train`` 16, ``init_lr`` 1e-3, ``iters_per_epoch`` 50, ``max_epoch`` 200,
+  ``rec_config.embedding_size`` 256);
+* ``LAVIS runner``: ``minigpt4/runners/runner_base.py`` and ``common/optims.py`` of both
+  repositories (validation after every ``iters_per_epoch`` iterations, AdamW with no weight
+  decay on ``ndim < 2`` parameters, no gradient clipping, ``LinearWarmupCosineLRScheduler``);
+* ``A-LLMRec main``: ghdtjr/A-LLMRec ``main.py`` (``--stage2_lr`` 1e-4, ``--batch_size2`` 2,
+  ``--stage1_lr`` 1e-4, ``--batch_size1`` 16; plain Adam, no schedule).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "PRESETS",
+    "Preset",
+    "Value",
+    "add_preset_arguments",
+    "apply_preset",
+    "preset_defaults",
+]
+
+
+@dataclass(frozen=True)
+class Value:
+    """A preset value and where it comes from."""
+
+    value: Any
+    source: str
+
+
+@dataclass(frozen=True)
+class Preset:
+    """``train``: defaults of ``llmrec train`` flags (argparse destinations) for every method;
+    ``methods``: per-method values that replace those of ``train``."""
+
+    name: str
+    description: str
+    train: Mapping[str, Value]
+    methods: Mapping[str, Mapping[str, Value]] = field(default_factory=dict)
+    #: per-method ``Options`` values that replace the option defaults (``--method-kwargs``
+    #: and ``--<method>-<option>`` flags win over them)
+    options: Mapping[str, Mapping[str, Value]] = field(default_factory=dict)
+
+    def values(self, method: str) -> Dict[str, Value]:
+        """The preset's :class:`Value` of every flag for ``method``."""
+        return {**self.train, **self.methods.get(method, {})}
+
+
+_LAVIS = "LAVIS runner"
+
+PAPER = Preset(
+    "paper",
+    "each seed system's published ML-1M optimisation (README: Paper vs this project)",
+    train={
+        "lr": Value(1e-3, "CoRA §5.1 (lr picked from {1e-2, 1e-3, 1e-4}); CoRA cfg init_lr"),
+        "warmup_steps": Value(200, "CoRA cfg / CoLLM cfg warmup_steps"),
+        # LAVIS warms up linearly from warmup_lr to init_lr: 1e-5 / 1e-3
+        "warmup_start_ratio": Value(0.01, "CoRA cfg warmup_lr 1e-5 (of init_lr 1e-3)"),
+        "warmup_ratio": Value(0.0, "warm-up given in steps (warmup_steps)"),
+        "min_lr_ratio": Value(0.08, "CoRA cfg min_lr 8e-5 (of init_lr 1e-3)"),
+        # the cosine horizon: max_epoch x iters_per_epoch iterations; runs stop early long
+        # before it, so the lr stays near 1e-3 (data epochs are not the limit)
+        "max_steps": Value(100_000, "CoRA cfg max_epoch 1000 x iters_per_epoch 100"),
+        "epochs": Value(1000, "no data-epoch limit (the reference loops over the data)"),
+        "eval_every": Value(100, f"CoRA cfg iters_per_epoch 100; {_LAVIS} validates each"),
+        "patience": Value(20, f"{_LAVIS}: stop after 20 validations without gain (CoRA)"),
+        "grad_clip": Value(0.0, f"{_LAVIS}: no gradient clipping"),
+        "weight_decay": Value(1e-3, "CoRA cfg / CoLLM cfg weight_decay (not on 1-D params)"),
+        # CoRA's ML-1M batch is not in its public configs; CoRA reuses CoLLM's ML-1M set-up
+        "batch_size": Value(16, "CoLLM cfg batch_size_train 16"),
+        "cf_dim": Value(256, "CoLLM cfg rec_config.embedding_size 256 (MF d 256)"),
+    },
+    methods={
+        "collm": {
+            "max_steps": Value(10_000, "CoLLM cfg max_epoch 200 x iters_per_epoch 50"),
+            "eval_every": Value(50, f"CoLLM cfg iters_per_epoch 50; {_LAVIS} validates each"),
+        },
+        "allmrec": {
+            # A-LLMRec trains stage 2 with plain Adam at a constant rate for fixed epochs
+            "lr": Value(1e-4, "A-LLMRec main --stage2_lr 1e-4"),
+            "batch_size": Value(2, "A-LLMRec main --batch_size2 2"),
+            "weight_decay": Value(0.0, "A-LLMRec main: Adam, no weight decay"),
+            "warmup_steps": Value(0, "A-LLMRec main: no schedule"),
+            "warmup_start_ratio": Value(None, "A-LLMRec main: no schedule"),
+            "min_lr_ratio": Value(1.0, "A-LLMRec main: constant lr"),
+            "max_steps": Value(None, "A-LLMRec main: fixed epochs"),
+            "epochs": Value(10, "this project (stage-2 epochs of the reference not checked)"),
+            "eval_every": Value(0, "A-LLMRec main: no validation; here one per epoch"),
+            "patience": Value(10, "A-LLMRec main: no early stopping"),
+        },
+    },
+)
+
+FAST = Preset(
+    "fast",
+    "the project's quick defaults (before the paper preset): 3 epochs, lr 1e-4, MF d 64",
+    train={
+        "lr": Value(1e-4, "this project"),
+        "warmup_steps": Value(None, "this project: warmup_ratio of the steps"),
+        "warmup_start_ratio": Value(None, "this project: warm-up from (step + 1) / warmup"),
+        "warmup_ratio": Value(0.05, "this project"),
+        "min_lr_ratio": Value(0.0, "this project: cosine to 0"),
+        "max_steps": Value(None, "this project"),
+        "epochs": Value(3, "this project"),
+        "eval_every": Value(0, "this project: one validation per epoch"),
+        "patience": Value(2, "this project"),
+        "grad_clip": Value(1.0, "this project"),
+        "weight_decay": Value(1e-3, "this project"),
+        "batch_size": Value(8, "this project"),
+        "cf_dim": Value(64, "this project"),
+    },
+    options={
+        # A-LLMRec's stage 1 at the reference's batch 16 / lr 1e-4 is slow on a CPU
+        "allmrec": {
+            "stage1_lr": Value(1e-3, "this project"),
+            "stage1_batch_size": Value(512, "this project"),
+            "train_candidates": Value(10, "this project"),
+        },
+    },
+)
+
+PRESETS: Dict[str, Preset] = {p.name: p for p in (PAPER, FAST)}
+DEFAULT_PRESET = "paper"
+
+
+def preset_defaults(name: str, method: str) -> Dict[str, Any]:
+    """``{flag destination: value}`` of preset ``name`` for ``method`` (ValueError if unknown)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return {k: v.value for k, v in PRESETS[name].values(method).items()}
+
+
+def add_preset_arguments(p: argparse.ArgumentParser) -> None:
+    """``--preset`` and the schedule flags only a preset needed (``llmrec train``)."""
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=DEFAULT_PRESET,
+        help="defaults of the optimisation flags and of the MF size: paper (each seed "
+        "system's published ML-1M settings; default) or fast (quick: 3 epochs, lr 1e-4, "
+        "MF d 64). Flags given explicitly win.",
+    )
+    p.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=None,
+        help="cosine floor as a share of --lr (paper 0.08 = 8e-5 of 1e-3; fast 0)",
+    )
+    p.add_argument(
+        "--warmup-start-ratio",
+        type=float,
+        default=None,
+        help="linear warm-up from this share of --lr (paper 0.01 = 1e-5); none: (step+1)/N",
+    )
+    p.add_argument(
+        "--cf-dim",
+        type=int,
+        default=None,
+        help="size of the MF trained when no --cf is given (paper 256, fast 64)",
+    )
+    # the flags' own help shows argparse's default; say what each preset sets instead
+    for action in p._actions:
+        if action.dest in PAPER.train and action.dest != "preset":
+            values = ", ".join(f"{n} {_show(PRESETS[n].train[action.dest].value)}" for n in PRESETS)
+            action.help = f"{(action.help or '').split(' (')[0]} [preset: {values}]"
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    for action in parser._actions:  # argparse keeps subparsers in a private list
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices["train"]
+    raise ValueError("the parser has no `train` subcommand")
+
+
+def apply_preset(
+    parser: argparse.ArgumentParser, argv: Optional[List[str]], args: argparse.Namespace
+) -> argparse.Namespace:
+    """``args`` of ``llmrec train`` re-read with the preset's values as the defaults.
+
+    The preset (and the method, whose per-method values apply) is known only after a first
+    parse; the ``train`` sub-parser then gets the preset's values as its defaults and
+    ``argv`` is parsed again, so a flag given explicitly keeps its value.
+    """
+    if getattr(args, "command", None) != "train":
+        return args
+    sub = _train_parser(parser)
+    sub.set_defaults(**preset_defaults(args.preset, args.method))
+    out = parser.parse_args(argv)
+    options = PRESETS[out.preset].options.get(out.method, {})
+    out.method_kwargs = {**{k: v.value for k, v in options.items()}, **out.method_kwargs}
+    return out
