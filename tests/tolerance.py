@@ -19,6 +19,7 @@ when the reference happens to be exact. Both are stated once, here.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -88,3 +89,13 @@ def assert_close_to_oracle(
         f"{what}: max error vs fp64 {err:.3e} > {K[dtype]:g} x the {dtype} reference's "
         f"{err_ref:.3e} + {EPS[dtype]:.1e} x max|oracle| {scale:.3g} (= {bound:.3e})"
     )
+
+
+def fp64_copy(module: torch.nn.Module, batch: dict) -> tuple[torch.nn.Module, dict]:
+    """A float64 copy of ``module`` and ``batch`` (floating tensors cast, others kept): how the
+    model-level tests compute their oracle. ``module`` itself is not changed."""
+    batch64 = {
+        k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+        for k, v in batch.items()
+    }
+    return copy.deepcopy(module).double(), batch64

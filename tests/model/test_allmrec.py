@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-from tolerance import assert_close_to_oracle
+from tolerance import assert_close_to_oracle, fp64_copy
 
 from llmrec.allmrec import (
     IGNORE,
@@ -136,11 +134,10 @@ def test_embed_equals_hand_built_sequence_and_logprob_equals_full_forward(world)
         gathered = lp.gather(2, nxt.clamp_min(0)[..., None])[..., 0]
         return want, torch.where(nxt != IGNORE, gathered, 0).sum(1)
 
-    b64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
-           for k, v in b.items()}  # fmt: skip
+    model64, b64 = fp64_copy(model, b)
     with torch.no_grad():
         want, ref = hand_built(model, item, b)
-        want64, ref64 = hand_built(copy.deepcopy(model).double(), item.double(), b64)
+        want64, ref64 = hand_built(model64, item.double(), b64)
         assert_close_to_oracle(got, want, want64, "input embeddings")
         assert_close_to_oracle(model.sequence_logprob(b), ref, ref64, "sequence log-probability")
 

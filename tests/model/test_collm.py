@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from tolerance import assert_close_to_oracle
+from tolerance import assert_close_to_oracle, fp64_copy
 
 from llmrec.collm import (
     ITEM_SLOT,
@@ -78,12 +78,6 @@ def make_model(seed=0, stage="joint", dropout=0.0, backend="torch", llm_seed=0):
 
 
 TEMPLATE = "#Question: A user liked <ItemTitleList> feature <UserID> . movie <TargetItemTitle> feature <TargetItemID> #Answer:"
-
-
-def fp64(rec, batch):
-    """The recommender and the batch in float64: the oracle of the tolerance rule."""
-    batch64 = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-    return copy.deepcopy(rec).double(), batch64
 
 
 def slotted_batch(tok, rows):
@@ -188,7 +182,7 @@ def test_injection_equals_hand_built_embedding_sequence():
 
     with torch.no_grad():
         want, want_score = hand_built(rec, batch)
-        want64, want_score64 = hand_built(*fp64(rec, batch))
+        want64, want_score64 = hand_built(*fp64_copy(rec, batch))
         assert_close_to_oracle(got, want, want64, "input embeddings")
         assert_close_to_oracle(rec.score(batch), want_score, want_score64, "score")
     # slots need the embeddings; text-only prompts do not
@@ -320,7 +314,8 @@ def test_save_and_load_trainable(tmp_path):
     other.load_trainable(path)
     batch = slotted_batch(rec.tokenizer, ROWS)
     with torch.no_grad():
-        want64 = fp64(rec, batch)[0].score(fp64(rec, batch)[1])
+        rec64, batch64 = fp64_copy(rec, batch)
+        want64 = rec64.score(batch64)
         assert_close_to_oracle(other.score(batch), rec.score(batch), want64, "reloaded score")
     wrong = CoLLMRecommender(make_llm(0), make_tokenizer(), CF_DIM + 1, backend="torch")
     with pytest.raises(ValueError, match="mismatched"):

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerance import assert_close_to_oracle
+from tolerance import assert_close_to_oracle, fp64_copy
 
 from llmrec.cora import CoRARecommender
 from llmrec.generator import MLPGenerator, QFormerGenerator, build_generator
@@ -83,13 +83,6 @@ def make_batch(tokenizer, seed=0, labels=True):
     if labels:
         batch["labels"] = torch.tensor([1.0, 0.0, 1.0])
     return batch
-
-
-def fp64(rec, batch):
-    """The recommender and the batch in float64: the oracle of the tolerance rule."""
-    batch64 = {k: v.double() if v is not None and v.is_floating_point() else v
-               for k, v in batch.items()}  # fmt: skip
-    return copy.deepcopy(rec).double(), batch64
 
 
 def full_yes_logit(rec, batch):
@@ -183,7 +176,7 @@ def test_score_equals_full_forward_yes_logit(backend):
     with torch.no_grad():
         score = rec.score(batch)
         want = full_yes_logit(rec, batch)
-        want64 = full_yes_logit(*fp64(rec, batch))
+        want64 = full_yes_logit(*fp64_copy(rec, batch))
     assert score.shape == (3,) and score.dtype == torch.float32
     assert_close_to_oracle(score, want, want64, "score")
 
@@ -243,7 +236,7 @@ def test_mistral_backbone():
     rec = make_rec(arch="mistral", backend="torch", generator="mlp")
     batch = make_batch(rec.tokenizer)
     with torch.no_grad():
-        want, want64 = full_yes_logit(rec, batch), full_yes_logit(*fp64(rec, batch))
+        want, want64 = full_yes_logit(rec, batch), full_yes_logit(*fp64_copy(rec, batch))
         assert_close_to_oracle(rec.score(batch), want, want64, "score (Mistral)")
 
 
@@ -279,7 +272,7 @@ def test_zero_initialised_lora_b_start_is_the_frozen_llm():
         assert torch.equal(p, torch.zeros_like(p))
     batch = make_batch(rec.tokenizer)
     no_cf = {k: v for k, v in batch.items() if k not in ("user_emb", "item_emb")}
-    rec64, no_cf64 = fp64(rec, no_cf)
+    rec64, no_cf64 = fp64_copy(rec, no_cf)
     with torch.no_grad():
         score, frozen = rec.score(batch), rec.score(no_cf)
         assert_close_to_oracle(score, frozen, rec64.score(no_cf64), "B = 0 score vs frozen LLM")
@@ -293,7 +286,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(backend):
     rec = make_rec(backend=backend).train()
     batch = make_batch(rec.tokenizer)
     plain = _train_grads(rec, batch)
-    oracle = _train_grads(*fp64(rec, batch))
+    oracle = _train_grads(*fp64_copy(rec, batch))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rec.llm.gradient_checkpointing_enable()
@@ -315,7 +308,8 @@ def test_save_and_load_trainable(tmp_path):
         assert not torch.allclose(other.score(batch), rec.score(batch))
     other.load_trainable(path)
     with torch.no_grad():
-        want64 = fp64(rec, batch)[0].score(fp64(rec, batch)[1])
+        rec64, batch64 = fp64_copy(rec, batch)
+        want64 = rec64.score(batch64)
         assert_close_to_oracle(other.score(batch), rec.score(batch), want64, "reloaded score")
     for k, v in rec.trainable_state().items():
         assert torch.equal(other.trainable_state()[k], v), k
