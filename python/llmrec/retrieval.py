@@ -23,6 +23,7 @@ LLM score only those K.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmrec.runs import atomic_write_json, write_csv
+from llmrec.runs import RunLock, atomic_write_json, write_csv
 
 __all__ = [
     "INDEX_KINDS",
@@ -568,7 +569,27 @@ def run_recommend(
     progress: bool = True,
     seed: int = 0,
 ) -> dict:
-    """``llmrec recommend --run RUN --retrieve K``: writes ``RUN/recommend_k<K>_<index>.json``."""
+    """``llmrec recommend --run RUN --retrieve K``: writes ``RUN/recommend_k<K>_<index>.json``.
+
+    Holds the run directory's lock while it reads the run and writes into it, as ``evaluate``
+    does: never beside a process that is training into the same directory.
+    """
+    lock = RunLock(run_dir, "recommend") if os.access(run_dir, os.W_OK) else None
+    try:
+        return _run_recommend_locked(
+            run_dir, k, index_kind=index_kind, users=users, top_n=top_n, full_users=full_users,
+            data_path=data_path, device=device, batch_size=batch_size, out=out,
+            lists_path=lists_path, retrieval_ks=retrieval_ks, progress=progress, seed=seed,
+        )  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_recommend_locked(
+    run_dir, k, *, index_kind, users, top_n, full_users, data_path, device, batch_size, out,
+    lists_path, retrieval_ks, progress, seed,
+) -> dict:  # fmt: skip
     start = time.perf_counter()
     scorer, data = load_pair_scorer(
         run_dir, data_path=data_path, device=device, batch_size=batch_size

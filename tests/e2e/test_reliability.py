@@ -176,11 +176,20 @@ def test_a_live_run_locks_its_directory(env, capsys):
             assert f"pid {os.getpid()}" in error_line(err) and "in use" in err
     finally:
         lock.release()
-    # evaluate reads the run: not while it is written
+    # evaluate and recommend read the run and write into it: not while it is written
     lock = RunLock(env["mf"])
     try:
         rc, err = cli(["evaluate", "--run", env["mf"], "--no-progress"], capsys)
         assert rc == 2 and "in use" in error_line(err)
+    finally:
+        lock.release()
+    pytest.importorskip("faiss")
+    lock = RunLock(env["cora"])
+    try:
+        rc, err = cli(["recommend", "--run", env["cora"], "--retrieve", "5", "--no-progress"],
+                      capsys)  # fmt: skip
+        assert rc == 2 and "in use" in error_line(err)
+        assert not list(Path(env["cora"]).glob("recommend_*"))
     finally:
         lock.release()
 
