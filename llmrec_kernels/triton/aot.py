@@ -51,6 +51,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from llmrec_kernels.triton import cora_linear, kernels
+from llmrec_kernels.triton.configs import DTYPE_PRECISIONS
 
 __all__ = [
     "ARCH_LIMITS",
@@ -93,12 +94,6 @@ ARCH_LIMITS = {
 _REG_ALLOC_UNIT = 256
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-DTYPE_PRECISIONS = (
-    (torch.float16, "tf32"),
-    (torch.bfloat16, "tf32"),
-    (torch.float32, "ieee"),
-    (torch.float32, "tf32"),
-)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from test_hf_patching import RANK, TINY, make_model, patch_random
 from tolerance import assert_close_to_oracle
 
 import llmrec_kernels.cora_linear as cora_linear_mod
@@ -20,27 +21,10 @@ from llmrec_kernels.hf import apply_cora_to_llama, cora_weights, lora_b_paramete
 
 transformers = pytest.importorskip("transformers")
 
-RANK, ALPHA = 4, 8
-TINY = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    vocab_size=100,
-    max_position_embeddings=128,
-)
-
 
 def patched_model(fuse_qkv: bool = True, backend: str = "torch", seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**TINY, attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(config).eval()
-    apply_cora_to_llama(model, rank=RANK, alpha=ALPHA, fuse_qkv=fuse_qkv, backend=backend)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in lora_b_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model = make_model("llama", "sdpa", seed)
+    patch_random(model, seed + 1, fuse_qkv=fuse_qkv, backend=backend)
     return model
 
 
