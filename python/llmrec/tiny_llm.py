@@ -136,11 +136,13 @@ def load_llm(
     *,
     dtype: torch.dtype = torch.float32,
     device: Union[str, torch.device] = "cpu",
+    attn_implementation: Optional[str] = None,
 ):
     """Load ``(model, tokenizer)`` from a local HF directory; the model is frozen, in eval mode.
 
     The tokenizer is checked and loaded before the weights; it is set to pad and truncate
-    on the left.
+    on the left. ``attn_implementation`` (``"eager"``, ``"sdpa"``, ...) is passed to
+    Hugging Face; None keeps its default.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,7 +163,8 @@ def load_llm(
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **{dtype_kw: dtype})
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(str(path), **{dtype_kw: dtype}, **extra)
     except Exception as exc:
         raise LLMLoadError(f"{path}: the model cannot be loaded: {exc}") from exc
     model.to(device)

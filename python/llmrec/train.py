@@ -19,7 +19,13 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from llmrec.data import load_run_data
-from llmrec.llm import check_tokenizer_files, load_run_llm, torch_dtype
+from llmrec.llm import (
+    attn_implementation,
+    check_tokenizer_files,
+    load_run_llm,
+    resolve_llm,
+    torch_dtype,
+)
 from llmrec.method import (
     METHODS,
     Method,
@@ -134,7 +140,8 @@ def prepare_context(
     dtype = torch_dtype(cfg.llm_dtype, device)
     resolve_precision(cfg.train.precision, device)
     if cfg.llm != "tiny":
-        check_tokenizer_files(cfg.llm)  # before reading any data or weights
+        # a named or GGUF model is fetched/converted here, once: before any data is read
+        check_tokenizer_files(resolve_llm(cfg.llm, log))
     data = data if data is not None else load_run_data(cfg.data)
     for split in (cfg.valid_split or data.validation_split(), cfg.test_split):
         if split not in data:
@@ -149,6 +156,7 @@ def prepare_context(
     llm, tokenizer = load_run_llm(
         cfg.llm, cfg.out, data=data, template=method.template, max_his=cfg.max_his,
         tiny=cfg.tiny, tiny_seed=cfg.tiny_seed, env=env, device=device, dtype=dtype,
+        attn_implementation=attn_implementation(cfg.llm_attn, device, dtype), log=log,
     )  # fmt: skip
     return RunContext(cfg, data, llm, tokenizer, device, env, log, cf_path, user_table, item_table)
 

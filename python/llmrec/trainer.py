@@ -165,6 +165,34 @@ def _broadcast(tensors: List[torch.Tensor], env: DistEnv) -> None:
 # schedule, config
 
 
+def group_by_length(
+    order: np.ndarray,
+    lengths: np.ndarray,
+    batch_size: int,
+    generator: torch.Generator,
+    batches_per_group: int = 64,
+) -> np.ndarray:
+    """``order`` rearranged so that consecutive ``batch_size`` slices hold similar lengths.
+
+    ``order`` (a random permutation of row indices) is cut into groups of
+    ``batches_per_group`` batches; each group is sorted by ``lengths[row]`` and cut into
+    batches, and the batches of the whole epoch are shuffled with ``generator``. Which rows
+    share a group stays random, so a batch is a random draw of similar-length rows and the
+    loss sees no length-ordered curriculum. A trailing partial batch stays last (the trainer
+    drops the rows of an incomplete batch in the same place as without grouping).
+    """
+    group = batch_size * batches_per_group
+    parts = []
+    for start in range(0, len(order), group):
+        chunk = order[start : start + group]
+        parts.append(chunk[np.argsort(lengths[chunk], kind="stable")])
+    ordered = np.concatenate(parts) if parts else order
+    n_full = len(ordered) // batch_size
+    batches = ordered[: n_full * batch_size].reshape(n_full, batch_size)
+    perm = torch.randperm(n_full, generator=generator).numpy()
+    return np.concatenate([batches[perm].reshape(-1), ordered[n_full * batch_size :]])
+
+
 def lr_factor(
     step: int, total: int, warmup: int, min_ratio: float = 0.0, start_ratio: Optional[float] = None
 ) -> float:
@@ -394,7 +422,11 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
         perm = torch.randperm(n, generator=g).numpy()
         per_rank = n // self.env.world_size
-        return perm[self.env.rank :: self.env.world_size][:per_rank]
+        mine = perm[self.env.rank :: self.env.world_size][:per_rank]
+        lengths = getattr(self.train_data, "lengths", None)
+        if self.cfg.group_by_length and callable(lengths):
+            mine = group_by_length(mine, lengths(), self.cfg.batch_size, g)
+        return mine
 
     # -- prediction --------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,148 @@
+"""The SmolLM2 experiment's table, recomputed from every run's test predictions.
+
+    python results/smollm2/collect.py [RUNS_DIR] [--data DIR]
+
+Every method is scored on the same seeded test rows (the LLM runs' --max-test-rows
+subsample; the MF run's predictions over the whole test split are cut to those rows), so
+the metrics are recomputed here from ``test_predictions.csv`` with one function rather than
+copied from each run's ``metrics.json``. Writes ``results/smollm2/results.json`` and
+``results.md`` (the README's table) beside this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from llmrec.data import load_run_data
+from llmrec.metrics import evaluate_predictions
+
+HERE = Path(__file__).resolve().parent
+#: (run directory, label) in the table's order
+RUNS = [
+    ("mf", "MF (d 256)"),
+    ("zeroshot", "SmolLM2 zero-shot"),
+    ("tallrec", "TALLRec-style LoRA (text only)"),
+    ("collm", "CoLLM (two-step)"),
+    ("cora", "CoRA"),
+    ("allmrec", "A-LLMRec"),
+    ("cora_tiny", "ablation: CoRA on the random tiny LLM"),
+    ("cora_nocf", "ablation: CoRA on SmolLM2, CF embeddings zeroed"),
+]
+#: ML-1M test AUC of each method on Vicuna-7B as the CoRA paper reports it (Table 2)
+PUBLISHED = {"mf": 0.6482, "tallrec": 0.7097, "collm": 0.7295, "cora": 0.7361}
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=HERE)  # fmt: skip
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def collect(runs_dir: Path, data_dir: str) -> dict:
+    data = load_run_data(data_dir)
+    test = data["test"][["uid", "iid", "label", "not_cold"]]
+    rows, keys = {}, None
+    for name, label in RUNS:
+        pred_path = runs_dir / name / "test_predictions.csv"
+        metrics_path = runs_dir / name / "metrics.json"
+        if not pred_path.exists():
+            continue
+        pred = pd.read_csv(pred_path)
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        rows[name] = {"label": label, "pred": pred, "metrics": metrics}
+        if name != "mf":
+            k = set(zip(pred["uid"], pred["iid"]))
+            if keys is not None and k != keys:
+                raise SystemExit(f"{name}: its test rows differ from the other LLM runs'")
+            keys = k
+    out = {"machine": {"cpu": _cpu(), "cores": __import__("os").cpu_count()},
+           "commit": _commit(), "methods": {}}  # fmt: skip
+    for name, r in rows.items():
+        pred = r["pred"].merge(test, on=["uid", "iid", "label"], how="inner")
+        if keys is not None:
+            pred = pred[[k in keys for k in zip(pred["uid"], pred["iid"])]]
+        m = evaluate_predictions(
+            pred["uid"].to_numpy(), pred["label"].to_numpy(), pred["score"].to_numpy(),
+            pred["not_cold"].to_numpy(),
+        )  # fmt: skip
+        train = r["metrics"].get("train", {})
+        cfg = r["metrics"].get("config", {})
+        out["methods"][name] = {
+            "label": r["label"],
+            "rows": int(m["rows"]),
+            "auc": m["auc"], "uauc": m["uauc"],
+            "warm_auc": m["warm"]["auc"], "warm_uauc": m["warm"]["uauc"],
+            "cold_auc": m["cold"]["auc"], "cold_uauc": m["cold"]["uauc"],
+            "warm_rows": int(m["warm"]["rows"]), "cold_rows": int(m["cold"]["rows"]),
+            "train_rows": train.get("rows"),
+            "train_time_s": train.get("train_time_s"),
+            "wall_time_s": r["metrics"].get("wall_time_s"),
+            "llm": cfg.get("llm"), "llm_dtype": cfg.get("llm_dtype"),
+            "published_vicuna7b_auc": PUBLISHED.get(name),
+        }  # fmt: skip
+    return out
+
+
+def _f(v, spec=".4f"):
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    return format(v, spec)
+
+
+def markdown(res: dict) -> str:
+    lines = [
+        "| method | AUC | UAUC | warm AUC | cold AUC | cold UAUC | train rows | train time | "
+        "paper AUC (Vicuna-7B) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in res["methods"].values():
+        t = m["train_time_s"]
+        lines.append(
+            f"| {m['label']} | {_f(m['auc'])} | {_f(m['uauc'])} | {_f(m['warm_auc'])} | "
+            f"{_f(m['cold_auc'])} | {_f(m['cold_uauc'])} | {m['train_rows'] or '-'} | "
+            f"{_f(t / 60, '.0f') + ' min' if t else '-'} | "
+            f"{_f(m['published_vicuna7b_auc'])} |"
+        )
+    any_m = next(iter(res["methods"].values()), None)
+    if any_m:
+        lines.append("")
+        lines.append(
+            f"{any_m['rows']} test rows ({any_m['warm_rows']} warm, {any_m['cold_rows']} cold); "
+            f"{res['machine']['cpu']}, {res['machine']['cores']} cores; commit {res['commit']}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="?", default="runs/smollm2", type=Path)
+    p.add_argument("--data", default=str(HERE.parents[1].parent / "shared" / "data" / "ml-1m"))
+    args = p.parse_args()
+    res = collect(args.runs, args.data)
+    (HERE / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    (HERE / "results.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

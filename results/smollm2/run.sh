@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The SmolLM2-135M experiment of issue #15: six methods on one fixed ML-1M subsample.
+#
+#   bash results/smollm2/run.sh [STEP...]      # default: every step, in order
+#
+# Every step resumes (llmrec train --resume), so the script may be killed at any point and
+# run again: finished runs are skipped, a run in progress continues from its last
+# checkpoint (--save-every 50 steps). Runs go to $RUNS (default runs/smollm2); the table is
+# written by results/smollm2/collect.py into results/smollm2/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DATA=${DATA:-../shared/data/ml-1m}
+RUNS=${RUNS:-runs/smollm2}
+TRAIN_ROWS=${TRAIN_ROWS:-8000}
+TEST_ROWS=${TEST_ROWS:-2000}
+mkdir -p "$RUNS"
+
+# the same rows for every method: the subsamples are seeded by --seed (train: seed, valid:
+# seed + 1, test: seed + 2); the budget deviations from the papers' settings (one epoch, a
+# 400-row validation every 250 steps) are the same for every LLM method
+COMMON=(--data "$DATA" --seed 0 --preset paper
+        --max-train-rows "$TRAIN_ROWS" --max-valid-rows 400 --max-test-rows "$TEST_ROWS"
+        --epochs 1 --eval-every 250 --save-every 50 --no-progress --resume)
+SMOL=(--llm smollm2 --llm-dtype bf16)
+
+done_run() { [[ -f "$1/metrics.json" ]]; }
+
+step_mf() {
+  done_run "$RUNS/mf" || llmrec train-cf --model mf --dim 256 --data "$DATA" --out "$RUNS/mf" \
+    --seed 0 --no-progress --predictions "$RUNS/mf/test_predictions.csv" --resume
+}
+llm_run() {  # llm_run NAME METHOD [ARGS...]
+  local name=$1 method=$2; shift 2
+  done_run "$RUNS/$name" && return 0
+  llmrec train --method "$method" --out "$RUNS/$name" "${COMMON[@]}" --cf "${CF:-$RUNS/mf}" \
+    --predictions "$RUNS/$name/test_predictions.csv" "$@"
+}
+step_zeroshot() { llm_run zeroshot frozen "${SMOL[@]}"; }
+step_tallrec() { llm_run tallrec tallrec "${SMOL[@]}"; }
+step_cora() { llm_run cora cora "${SMOL[@]}"; }
+step_collm() { llm_run collm collm "${SMOL[@]}" --collm-lora-epochs 1; }
+step_allmrec() { llm_run allmrec allmrec "${SMOL[@]}"; }
+# ablations: the same CoRA on the random tiny LLM; CoRA on SmolLM2 with the CF zeroed
+step_cora_tiny() { llm_run cora_tiny cora --llm tiny; }
+step_cora_nocf() {
+  python results/smollm2/zero_cf.py "$RUNS/mf" "$RUNS/mf_zero"
+  CF="$RUNS/mf_zero" llm_run cora_nocf cora "${SMOL[@]}"
+}
+
+STEPS=("$@")
+[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(mf zeroshot tallrec cora cora_tiny collm allmrec cora_nocf)
+for s in "${STEPS[@]}"; do
+  echo "=== $s ($(date -u +%FT%TZ))"
+  "step_$s"
+done
+python results/smollm2/collect.py "$RUNS"
