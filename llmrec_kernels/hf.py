@@ -83,6 +83,7 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 _QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 _STATE_ATTR = "_cora_state"
 _WRAPPER_FLAG = "_cora_checkpoint_inner"
+_NO_DROPOUT: dict = {}
 
 
 @dataclass(eq=False)
@@ -112,9 +113,10 @@ class _CoRAState:
         reproducible under ``torch.manual_seed`` and a restored RNG state, and replayed by
         activation checkpointing's recomputation, which restores that state first.
         """
-        if self.lora_dropout > 0 and module.training:
+        # Decode and eval: one attribute test, no call (host cost per projection).
+        if self.lora_dropout and module.training:
             return {"dropout_p": self.lora_dropout, "dropout_seed": draw_seed()}
-        return {}
+        return _NO_DROPOUT
 
 
 def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
