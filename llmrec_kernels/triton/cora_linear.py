@@ -96,10 +96,12 @@ def _shrink_plan(batch: int, length: int, rank: int, key: tuple) -> tuple:
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _gemm_plan(kernel: str, rows: int, cols: int, rank: int, key: tuple) -> tuple:
+def _gemm_plan(
+    kernel: str, rows: int, cols: int, rank: int, key: tuple, dropout: bool = False
+) -> tuple:
     """``(grid, compile-time kwargs)`` of the forward (``"fwd"``) or dx (``"bwd_dx"``) GEMM."""
     dtype, precision, _ = key
-    cfg = gemm_config(kernel, rows, dtype, rank)
+    cfg = gemm_config(kernel, rows, dtype, rank, dropout)
     grid = (_cdiv(rows, cfg.BLOCK_M) * _cdiv(cols, cfg.BLOCK_N),)
     # The dx kernel's output columns are x's (K); its names swap BLOCK_N and BLOCK_K.
     meta = dict(
@@ -326,7 +328,7 @@ def backward(
         if need_dx:
             dx = torch.empty((batch, length, k), dtype=x.dtype, device=x.device)
             if k > 0:
-                grid, meta = _gemm_plan("bwd_dx", rows, k, rank, _key(x.dtype))
+                grid, meta = _gemm_plan("bwd_dx", rows, k, rank, _key(x.dtype), drop is not None)
                 _cora_linear_bwd_dx_kernel[grid](
                     dy, weight, lora_a, lora_b, ds, dx,
                     rows, n, k, rank, length, length if per_sample else rows,

@@ -298,11 +298,12 @@ class _Seeds:
 def test_lora_eval_runs_the_fused_op(monkeypatch):
     import llmrec_kernels.lora as lora
 
-    calls = []
+    calls, dropout_ps = [], []
     real = lora.fused_cora_linear
 
     def spy(x, weight, lora_a, lora_b, *a, **k):
         calls.append(lora_a.shape)
+        dropout_ps.append(k.get("dropout_p", 0.0))
         return real(x, weight, lora_a, lora_b, *a, **k)
 
     monkeypatch.setattr(lora, "fused_cora_linear", spy)
@@ -310,6 +311,10 @@ def test_lora_eval_runs_the_fused_op(monkeypatch):
     mods = apply_lora(base, backend="torch")
     base.eval()(torch.randint(3, 64, (2, 5)))
     assert len(calls) == len(mods) and all(s == (32, 8) for s in calls)  # one shared A
+    # training with dropout: the fused op too, with its own dropout (no unfused fallback)
+    calls.clear(), dropout_ps.clear()
+    base.train()(torch.randint(3, 64, (2, 5)))
+    assert len(calls) == len(mods) and all(p == 0.05 for p in dropout_ps)
     remove_lora(base)
     assert (
         not lora_modules(base) and type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear"
