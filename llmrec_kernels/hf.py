@@ -36,7 +36,9 @@ checkpointing). ``transformers`` is never imported by this module.
 ``torch.compile``: a patched forward inside :func:`cora_weights` compiles as one graph
 (``fullgraph=True``, no graph break, training included): the per-sample A is read from the
 shared state as a graph input, the fused q/k/v operands are buffers held by the group (see
-:class:`_FusedQKV` for what keeps them valid) and the op is a registered custom op.
+:class:`_FusedQKV` for what keeps them valid) and the op is a registered custom op. Training
+with ``lora_dropout > 0`` is the exception: each call's seed is drawn eagerly from torch's CPU
+generator (:func:`llmrec_kernels.dropout.draw_seed`), a graph break.
 
 CUDA-graph decode (``mode="reduce-overhead"``): a CUDA graph replays fixed addresses, so A
 must live in one buffer for the whole decode; :func:`static_lora_a` makes it::
