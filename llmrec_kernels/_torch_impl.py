@@ -12,10 +12,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from llmrec_kernels.dropout import dropout_mask, keep_scale
+
 
 def s_dtype(x_dtype: torch.dtype) -> torch.dtype:
     """Dtype of the saved shrink ``S``: fp32, or fp64 for fp64 inputs (so no precision is lost)."""
     return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
+def _dropped(x: torch.Tensor, dropout: tuple) -> tuple[torch.Tensor, float]:
+    """``(x * keep, 1 / (1 - p))``: the masked x (exact) and the factor for the fp32 scale."""
+    p, seed, offset = dropout
+    keep = dropout_mask(tuple(x.shape), p, seed, offset, x.device)
+    return torch.where(keep, x, x.new_zeros(())), keep_scale(p)
 
 
 def forward(
@@ -26,6 +35,7 @@ def forward(
     bias: Optional[torch.Tensor],
     scaling: float,
     need_s: bool = True,
+    dropout: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Return ``(y, s)``: y ``(B, L, d_out)`` in x's dtype, ``s = scaling * x A`` (see s_dtype).
 
@@ -34,11 +44,18 @@ def forward(
     with a Python scalar costs more host time than the GEMMs at decode); in 16-bit ``x A`` is
     then rounded before it is scaled rather than after (the same when the scale is a power of
     two, e.g. alpha 32 at r 16).
+
+    ``dropout``: ``None`` or ``(p, seed, offset)``: the shrink reads ``dropout(x)``
+    (:mod:`llmrec_kernels.dropout`), the base GEMM ``x``.
     """
     dt = x.dtype
     # Casts only where the dtypes differ: every call is host cost at decode.
     a = lora_a if lora_a.dtype is dt else lora_a.to(dt)
-    shrunk = torch.bmm(x, a) if a.dim() == 3 else torch.matmul(x, a)
+    x_lr = x
+    if dropout is not None:
+        x_lr, inv_keep = _dropped(x, dropout)
+        scaling = scaling * inv_keep
+    shrunk = torch.bmm(x_lr, a) if a.dim() == 3 else torch.matmul(x_lr, a)
     if bias is not None and bias.dtype is not dt:
         bias = bias.to(dt)
     y = F.linear(x, weight, bias)
@@ -69,15 +86,21 @@ def forward_multi(
     bias: Optional[torch.Tensor],
     scaling: float,
     sizes: tuple[int, ...],
+    dropout: Optional[tuple] = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """:func:`forward` with the output rows of ``weight``/``lora_b`` split by ``sizes``.
 
     Returns ``([y_j (B, L, d_j)], s)``: each ``y_j`` its own contiguous tensor (so each can be
-    freed on its own), one shared ``s = scaling * x A`` (the shrink runs once).
+    freed on its own), one shared ``s = scaling * x A`` (the shrink runs once; with
+    ``dropout``, one mask serves every output).
     """
     dt = x.dtype
     a = lora_a if lora_a.dtype == dt else lora_a.to(dt)
-    shrunk = torch.bmm(x, a) if a.dim() == 3 else torch.matmul(x, a)
+    x_lr = x
+    if dropout is not None:
+        x_lr, inv_keep = _dropped(x, dropout)
+        scaling = scaling * inv_keep
+    shrunk = torch.bmm(x_lr, a) if a.dim() == 3 else torch.matmul(x_lr, a)
     if dt != torch.float32:
         shrunk = shrunk.to(s_dtype(dt))
     shrunk.mul_(scaling)
@@ -110,9 +133,19 @@ def backward(
     need_dx: bool,
     need_da: bool,
     need_db: bool,
+    dropout: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dx, dA, dB)``; an unneeded one is an empty tensor."""
+    """Gradients ``(dx, dA, dB)``; an unneeded one is an empty tensor.
+
+    ``dropout``: the forward's ``(p, seed, offset)``; the mask is regenerated. With
+    ``x_d = x * keep`` and ``dS = s/(1-p) dy B``: ``dx = dy W + keep * (dS A^T)``,
+    ``dA = x_d^T dS``.
+    """
     dt = x.dtype
+    keep = None
+    if dropout is not None and (need_dx or need_da):
+        keep = dropout_mask(tuple(x.shape), dropout[0], dropout[1], dropout[2], x.device)
+        scaling = scaling * keep_scale(dropout[0])
     rows = x.shape[0] * x.shape[1]  # explicit: reshape(-1, 0) is ambiguous when d_out is 0
     empty = x.new_empty(0)
     dx = da = db = empty
@@ -124,12 +157,17 @@ def backward(
         dx = torch.matmul(dy, weight)
         if not dx.is_contiguous():
             dx = dx.contiguous()
+        if keep is not None:
+            low = torch.matmul(ds, a_t)
+            dx.add_(torch.where(keep, low, low.new_zeros(())))
         # The low-rank term goes into dx's own storage: one (B, L, d_in) tensor, not three.
-        if a_t.dim() == 3:
+        elif a_t.dim() == 3:
             dx.baddbmm_(ds, a_t)
         else:
             dx.view(rows, dx.shape[-1]).addmm_(ds.reshape(rows, ds.shape[-1]), a_t)
     if need_da:
+        if keep is not None:
+            x = torch.where(keep, x, x.new_zeros(()))
         if lora_a.dim() == 3:
             da = torch.bmm(x.transpose(1, 2), ds)
         else:

@@ -17,6 +17,12 @@ gradient, not under ``torch.compile``/``torch.export``, no ``torch.func`` transf
 the op would run, so the result is identical. :func:`fused_cora_linear_multi` computes several
 projections that share ``x`` and ``A`` (fused q/k/v) in one call and gives each output its own
 gradient, so the backward never concatenates the outputs' gradients.
+
+LoRA dropout: ``dropout_p > 0`` makes the shrink read ``dropout(x)`` (``S = s dropout(x) A``;
+the base GEMM still reads ``x``) with a counter-based mask that the backward regenerates from
+``(dropout_seed, dropout_offset)`` (:mod:`llmrec_kernels.dropout`); the torch and Triton
+backends drop the same elements. The CUDA backend has no dropout and refuses it. ``dropout_p
+= 0`` (the default) is the op without dropout, with no extra work on any path.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from llmrec_kernels import _torch_impl
 from llmrec_kernels._validation import check_cora_linear_args
 from llmrec_kernels.backends import resolve_backend
+from llmrec_kernels.dropout import check_dropout_args
 
 __all__ = ["fused_cora_linear", "fused_cora_linear_multi"]
 
@@ -71,12 +78,30 @@ def _direct_call_ok(tensors: tuple) -> bool:
     return not _needs_grad(tensors)
 
 
-def _forward_no_grad(backend, x, weight, lora_a, lora_b, bias, scaling) -> torch.Tensor:
+def _forward_no_grad(
+    backend, x, weight, lora_a, lora_b, bias, scaling, dropout=None
+) -> torch.Tensor:
     """``y`` straight from the backend, for calls that :func:`_direct_call_ok` allows."""
     impl = _impl(backend)
     if impl is _torch_impl:
-        return _torch_impl.forward(x, weight, lora_a, lora_b, bias, scaling, False)[0]
+        return _torch_impl.forward(x, weight, lora_a, lora_b, bias, scaling, False, dropout)[0]
+    if dropout is not None:
+        return impl.forward(x, weight, lora_a, lora_b, bias, scaling, dropout)[0]
     return impl.forward(x, weight, lora_a, lora_b, bias, scaling)[0]
+
+
+def _dropout_spec(dropout_p: float, dropout_seed: int, dropout_offset: int) -> Optional[tuple]:
+    """The backends' ``dropout`` argument: ``None`` (no dropout) or ``(p, seed, offset)``."""
+    return (dropout_p, dropout_seed, dropout_offset) if dropout_p > 0 else None
+
+
+def _check_dropout(dropout_p, dropout_seed, dropout_offset, backend: str) -> None:
+    check_dropout_args(dropout_p, dropout_seed, dropout_offset)
+    if dropout_p > 0 and backend == "cuda":
+        raise ValueError(
+            "the CUDA backend has no LoRA dropout (dropout_p > 0); use backend='triton' or "
+            "'torch', or dropout_p=0"
+        )
 
 
 @torch.library.custom_op("llmrec_kernels::cora_linear_forward", mutates_args=())
@@ -88,16 +113,24 @@ def _cora_linear_forward(
     bias: Optional[torch.Tensor],
     scaling: float,
     backend: str,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``(B, L, d_in)`` -> ``(y (B, L, d_out) in x.dtype, s = scaling * x A (B, L, r))``.
 
-    ``s`` is fp32 (fp64 for fp64 inputs) and is kept for the backward.
+    ``s`` is fp32 (fp64 for fp64 inputs) and is kept for the backward; with dropout it is
+    ``scaling * dropout(x) A``.
     """
+    dropout = _dropout_spec(dropout_p, dropout_seed, dropout_offset)
+    if dropout is not None:
+        return _impl(backend).forward(x, weight, lora_a, lora_b, bias, scaling, dropout=dropout)
     return _impl(backend).forward(x, weight, lora_a, lora_b, bias, scaling)
 
 
 @_cora_linear_forward.register_fake
-def _(x, weight, lora_a, lora_b, bias, scaling, backend):
+def _(x, weight, lora_a, lora_b, bias, scaling, backend, dropout_p=0.0, dropout_seed=0,
+      dropout_offset=0):  # fmt: skip
     batch, length, _ = x.shape
     y = x.new_empty((batch, length, weight.shape[0]))
     s = x.new_empty((batch, length, lora_a.shape[-1]), dtype=_torch_impl.s_dtype(x.dtype))
@@ -117,11 +150,20 @@ def _cora_linear_backward(
     need_dx: bool,
     need_da: bool,
     need_db: bool,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dx, dA, dB)`` of the forward; a gradient not asked for is an empty tensor."""
-    dx, da, db = _impl(backend).backward(
-        dy, x, weight, lora_a, lora_b, s_scaled, scaling, need_dx, need_da, need_db
-    )
+    """Gradients ``(dx, dA, dB)`` of the forward; a gradient not asked for is an empty tensor.
+
+    The dropout arguments are the forward's: the mask is regenerated from them.
+    """
+    args = (dy, x, weight, lora_a, lora_b, s_scaled, scaling, need_dx, need_da, need_db)
+    dropout = _dropout_spec(dropout_p, dropout_seed, dropout_offset)
+    if dropout is not None:
+        dx, da, db = _impl(backend).backward(*args, dropout=dropout)
+    else:
+        dx, da, db = _impl(backend).backward(*args)
     # The outputs of a custom op may not alias each other: a backend may hand back one shared
     # empty tensor for every gradient not asked for, so each gets its own here.
     return (
@@ -132,7 +174,8 @@ def _cora_linear_backward(
 
 
 @_cora_linear_backward.register_fake
-def _(dy, x, weight, lora_a, lora_b, s_scaled, scaling, backend, need_dx, need_da, need_db):
+def _(dy, x, weight, lora_a, lora_b, s_scaled, scaling, backend, need_dx, need_da, need_db,
+      dropout_p=0.0, dropout_seed=0, dropout_offset=0):  # fmt: skip
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     da = lora_a.new_empty(lora_a.shape) if need_da else x.new_empty(0)
     db = lora_b.new_empty(lora_b.shape) if need_db else x.new_empty(0)
@@ -140,11 +183,12 @@ def _(dy, x, weight, lora_a, lora_b, s_scaled, scaling, backend, need_dx, need_d
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, bias, scaling, backend = inputs
+    x, weight, lora_a, lora_b, bias, scaling, backend, *dropout = inputs
     _, s_scaled = output
     ctx.save_for_backward(x, weight, lora_a, lora_b, s_scaled)
     ctx.scaling = scaling
     ctx.backend = backend
+    ctx.dropout = tuple(dropout)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -155,7 +199,7 @@ def _backward(ctx, dy, _ds_unused):
     if need_dx or need_da or need_db:
         dx, da, db = _cora_linear_backward(
             dy, x, weight, lora_a, lora_b, s_scaled, ctx.scaling, ctx.backend,
-            need_dx, need_da, need_db,
+            need_dx, need_da, need_db, *ctx.dropout,
         )  # fmt: skip
         dx = dx if need_dx else None
         da = da if need_da else None
@@ -166,7 +210,7 @@ def _backward(ctx, dy, _ds_unused):
     if need_dbias:
         acc_dtype = torch.promote_types(dy.dtype, torch.float32)
         dbias = dy.sum(dim=(0, 1), dtype=acc_dtype).to(ctx.bias_dtype)
-    return dx, dw, da, db, dbias, None, None
+    return (dx, dw, da, db, dbias, None, None) + (None,) * len(ctx.dropout)
 
 
 _cora_linear_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -180,6 +224,9 @@ def fused_cora_linear(
     bias: Optional[torch.Tensor] = None,
     scaling: float = 1.0,
     backend: str = "auto",
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None,
+    dropout_offset: int = 0,
 ) -> torch.Tensor:
     """Linear layer with a per-sample low-rank delta, ``x W^T + bias + scaling (x A) B^T``.
 
@@ -194,6 +241,14 @@ def fused_cora_linear(
         scaling: the LoRA scale ``alpha / r``.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"torch"`` (see
             :mod:`llmrec_kernels.backends`; ``LLMREC_KERNELS_BACKEND`` sets the default).
+        dropout_p: LoRA dropout on the shrink's input, ``0 <= p < 1``: the result is
+            ``x W^T + bias + scaling (dropout(x) A) B^T``, ``dropout(x) = x * keep / (1 - p)``.
+            Applied whenever ``p > 0`` (pass 0 in eval mode). Not on the CUDA backend.
+        dropout_seed: int in ``[0, 2**63)``, required when ``dropout_p > 0``. The mask is a
+            pure function of ``(dropout_seed, dropout_offset + (b * L + l) * d_in + k)``
+            (:mod:`llmrec_kernels.dropout`), the same on every backend and regenerated by the
+            backward; reuse a seed only to reuse a mask.
+        dropout_offset: int ``>= 0``, shifts the element counter (several masks from one seed).
 
     Returns:
         ``(B, L, d_out)`` (``(B, d_out)`` for 2-D ``x``) in the dtype of ``x``. Differentiable
@@ -202,7 +257,8 @@ def fused_cora_linear(
 
     Raises:
         TypeError: a non-tensor, an integer dtype, or ``weight`` in another dtype than ``x``.
-        ValueError: mismatched shapes, tensors on different devices, an unknown backend.
+        ValueError: mismatched shapes, tensors on different devices, an unknown backend,
+            ``dropout_p`` outside ``[0, 1)``, a missing seed, dropout on the CUDA backend.
     """
     check_cora_linear_args(x, weight, lora_a, lora_b, bias, scaling)
     if backend == "torch":  # the common explicit choice needs no resolution
@@ -213,6 +269,16 @@ def fused_cora_linear(
         scaling = float(scaling)
     one_token = x.dim() == 2
     x3 = x.unsqueeze(1) if one_token else x
+    if dropout_p:  # one truth test on the hot path; 0 and 0.0 skip all of this
+        _check_dropout(dropout_p, dropout_seed, dropout_offset, concrete)
+        drop_args = (float(dropout_p), dropout_seed, dropout_offset)
+        if _direct_call_ok((x, weight, lora_a, lora_b, bias)):
+            y = _forward_no_grad(concrete, x3, weight, lora_a, lora_b, bias, scaling, drop_args)
+        else:
+            y, _ = _cora_linear_forward(
+                x3, weight, lora_a, lora_b, bias, scaling, concrete, *drop_args
+            )
+        return y.squeeze(1) if one_token else y
     if _direct_call_ok((x, weight, lora_a, lora_b, bias)):
         if concrete == "torch":
             y = _torch_impl.forward(x3, weight, lora_a, lora_b, bias, scaling, False)[0]
@@ -237,29 +303,31 @@ class _MultiCoRALinear(torch.autograd.Function):
     backends run one fused-op call per projection (each recomputes the rank-``r`` shrink, a
     ``r / d_j`` fraction of its GEMM). The fused weight and ``B`` are detached values (views of
     the members' shared storage, or one copy); the gradients go to the members, inputs
-    ``7 ..`` (weights, then ``B``s, then biases).
+    ``8 ..`` (weights, then ``B``s, then biases). ``dropout`` is ``()`` or the op's
+    ``(p, seed, offset)``: one mask for every projection (they share the one ``dropout(x) A``).
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, fused_w, fused_b, fused_bias, scaling, backend, *members):
+    def forward(ctx, x, lora_a, fused_w, fused_b, fused_bias, scaling, backend, dropout, *members):
         n = len(members) // 3
         sizes = tuple(w.shape[0] for w in members[:n])
         if backend == "torch":
             outs, s = _torch_impl.forward_multi(
-                x, fused_w, lora_a, fused_b, fused_bias, scaling, sizes
+                x, fused_w, lora_a, fused_b, fused_bias, scaling, sizes, dropout or None
             )
         else:
             outs, s, start = [], None, 0
             for size, bias in zip(sizes, members[2 * n :]):
                 stop = start + size
                 y, s_j = _cora_linear_forward(
-                    x, fused_w[start:stop], lora_a, fused_b[start:stop], bias, scaling, backend
-                )
+                    x, fused_w[start:stop], lora_a, fused_b[start:stop], bias, scaling, backend,
+                    *dropout,
+                )  # fmt: skip
                 outs.append(y)
                 s = s_j if s is None else s
                 start = stop
         ctx.save_for_backward(x, lora_a, fused_w, fused_b, s)
-        ctx.scaling, ctx.backend, ctx.sizes = scaling, backend, sizes
+        ctx.scaling, ctx.backend, ctx.sizes, ctx.dropout = scaling, backend, sizes, dropout
         ctx.bias_dtypes = tuple(None if b is None else b.dtype for b in members[2 * n :])
         return tuple(outs)
 
@@ -270,9 +338,9 @@ class _MultiCoRALinear(torch.autograd.Function):
         needs = ctx.needs_input_grad
         need_dx, need_da = needs[0], needs[1]
         need_dw, need_db, need_dbias = (
-            needs[7 : 7 + n],
-            needs[7 + n : 7 + 2 * n],
-            needs[7 + 2 * n :],
+            needs[8 : 8 + n],
+            needs[8 + n : 8 + 2 * n],
+            needs[8 + 2 * n :],
         )
         dx = da = None
         dws, dbs, dbiases = [None] * n, [None] * n, [None] * n
@@ -282,7 +350,7 @@ class _MultiCoRALinear(torch.autograd.Function):
             if need_dx or need_da or need_db[j]:
                 gx, ga, gb = _cora_linear_backward(
                     dy, x, fused_w[start:stop], lora_a, fused_b[start:stop], s, ctx.scaling,
-                    ctx.backend, need_dx, need_da, need_db[j],
+                    ctx.backend, need_dx, need_da, need_db[j], *ctx.dropout,
                 )  # fmt: skip
                 if need_dx:
                     dx = gx if dx is None else dx.add_(gx)
@@ -296,7 +364,7 @@ class _MultiCoRALinear(torch.autograd.Function):
                 acc_dtype = torch.promote_types(dy.dtype, torch.float32)
                 dbiases[j] = dy.sum(dim=(0, 1), dtype=acc_dtype).to(ctx.bias_dtypes[j])
             start = stop
-        return (dx, da, None, None, None, None, None, *dws, *dbs, *dbiases)
+        return (dx, da, None, None, None, None, None, None, *dws, *dbs, *dbiases)
 
 
 def fused_cora_linear_multi(
@@ -309,6 +377,9 @@ def fused_cora_linear_multi(
     backend: str = "auto",
     fused_weight: Optional[torch.Tensor] = None,
     fused_lora_b: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None,
+    dropout_offset: int = 0,
 ) -> tuple[torch.Tensor, ...]:
     """Several CoRA projections of one ``x`` and one ``A`` (fused q/k/v) in one fused call.
 
@@ -326,6 +397,9 @@ def fused_cora_linear_multi(
             buffer the weights are views of; used as a value only (gradients go to
             ``weights``). Without it the weights are concatenated (a copy) on every call.
         fused_lora_b: optional ``(sum d_j, r)`` tensor equal to ``cat(lora_bs)``, likewise.
+        dropout_p, dropout_seed, dropout_offset: as :func:`fused_cora_linear`; one mask serves
+            every projection (one ``dropout(x) A``), where separate LoRA modules would each
+            draw their own.
 
     Returns:
         A tuple of ``(B, L, d_j)`` (``(B, d_j)`` for 2-D ``x``) in the dtype of ``x``: slices
@@ -367,6 +441,10 @@ def fused_cora_linear_multi(
         if sum(w.shape[0] for w in weights) != fused_weight.shape[0]:
             raise ValueError("the members' output sizes do not add up to the fused weight's")
     concrete = resolve_backend(backend, x.device, x.dtype, lora_a.shape[-1])
+    dropout: tuple = ()
+    if dropout_p:
+        _check_dropout(dropout_p, dropout_seed, dropout_offset, concrete)
+        dropout = (float(dropout_p), dropout_seed, dropout_offset)
     one_token = x.dim() == 2
     x3 = x.unsqueeze(1) if one_token else x
     members = (*weights, *lora_bs, *biases)
@@ -375,15 +453,18 @@ def fused_cora_linear_multi(
         # Nothing is saved for a backward: one fused call, its output split into views.
         if _direct_call_ok(tensors):
             y = _forward_no_grad(
-                concrete, x3, fused_weight, lora_a, fused_lora_b, fused_bias, float(scaling)
-            )
+                concrete, x3, fused_weight, lora_a, fused_lora_b, fused_bias, float(scaling),
+                dropout or None,
+            )  # fmt: skip
         else:
             y, _ = _cora_linear_forward(
-                x3, fused_weight, lora_a, fused_lora_b, fused_bias, float(scaling), concrete
-            )
+                x3, fused_weight, lora_a, fused_lora_b, fused_bias, float(scaling), concrete,
+                *dropout,
+            )  # fmt: skip
         outs = y.split([w.shape[0] for w in weights], dim=-1)
     else:
         outs = _MultiCoRALinear.apply(
-            x3, lora_a, fused_weight, fused_lora_b, fused_bias, float(scaling), concrete, *members
-        )
+            x3, lora_a, fused_weight, fused_lora_b, fused_bias, float(scaling), concrete,
+            dropout, *members,
+        )  # fmt: skip
     return tuple(o.squeeze(1) for o in outs) if one_token else tuple(outs)

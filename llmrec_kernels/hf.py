@@ -36,7 +36,9 @@ checkpointing). ``transformers`` is never imported by this module.
 ``torch.compile``: a patched forward inside :func:`cora_weights` compiles as one graph
 (``fullgraph=True``, no graph break, training included): the per-sample A is read from the
 shared state as a graph input, the fused q/k/v operands are buffers held by the group (see
-:class:`_FusedQKV` for what keeps them valid) and the op is a registered custom op.
+:class:`_FusedQKV` for what keeps them valid) and the op is a registered custom op. Training
+with ``lora_dropout > 0`` is the exception: each call's seed is drawn eagerly from torch's CPU
+generator (:func:`llmrec_kernels.dropout.draw_seed`), a graph break.
 
 CUDA-graph decode (``mode="reduce-overhead"``): a CUDA graph replays fixed addresses, so A
 must live in one buffer for the whole decode; :func:`static_lora_a` makes it::
@@ -64,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrec_kernels.cora_linear import fused_cora_linear, fused_cora_linear_multi
+from llmrec_kernels.dropout import draw_seed
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -82,6 +85,7 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 _QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 _STATE_ATTR = "_cora_state"
 _WRAPPER_FLAG = "_cora_checkpoint_inner"
+_NO_DROPOUT: dict = {}
 
 
 @dataclass(eq=False)
@@ -93,6 +97,8 @@ class _CoRAState:
     alpha: float
     backend: str
     lora_a: Optional[torch.Tensor] = None
+    # LoRA dropout on x before x A_b, in training mode only (the reference's 0.05).
+    lora_dropout: float = 0.0
     # (parent module, child name, CoRALinear) for every patched projection, in model order.
     patched: list = field(default_factory=list)
     # (parameter, requires_grad before patching) for every parameter of the model.
@@ -101,6 +107,18 @@ class _CoRAState:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    def dropout_args(self, module: nn.Module) -> dict:
+        """The op's dropout arguments for one call of ``module``: none in eval mode.
+
+        One seed per call from torch's CPU generator (:func:`llmrec_kernels.dropout.draw_seed`):
+        reproducible under ``torch.manual_seed`` and a restored RNG state, and replayed by
+        activation checkpointing's recomputation, which restores that state first.
+        """
+        # Decode and eval: one attribute test, no call (host cost per projection).
+        if self.lora_dropout and module.training:
+            return {"dropout_p": self.lora_dropout, "dropout_seed": draw_seed()}
+        return _NO_DROPOUT
 
 
 def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -219,6 +237,7 @@ class _FusedQKV:
             backend=state.backend,
             fused_weight=fused_w,
             fused_lora_b=fused_b,
+            **state.dropout_args(member),
         )
         self._clear()
         pending = {j: o for j, o in enumerate(outs) if j != idx}
@@ -329,6 +348,7 @@ class CoRALinear(nn.Module):
             self.bias,
             scaling=self._state.scaling,
             backend=self._state.backend,
+            **self._state.dropout_args(self),
         )
 
 
@@ -399,6 +419,7 @@ def apply_cora_to_llama(
     fuse_qkv: bool = True,
     backend: str = "auto",
     lora_dtype: Optional[torch.dtype] = None,
+    lora_dropout: float = 0.0,
 ) -> nn.Module:
     """Patch the attention projections of a decoder model with CoRA, in place.
 
@@ -419,6 +440,9 @@ def apply_cora_to_llama(
             ``"torch"``).
         lora_dtype: dtype of the ``lora_B`` factors; default: the weights' dtype for fp32/fp64
             models, fp32 for fp16/bf16 models.
+        lora_dropout: ``0 <= p < 1``, dropout on ``x`` before ``x A_b`` while a patched module
+            is in training mode (inside the fused op; the reference uses 0.05). The fused q/k/v
+            projections share one mask. Not with ``backend="cuda"``.
 
     Returns:
         ``model`` itself, with every parameter frozen (``requires_grad=False``) except the new
@@ -436,6 +460,12 @@ def apply_cora_to_llama(
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+    if (
+        isinstance(lora_dropout, bool)
+        or not isinstance(lora_dropout, (int, float))
+        or not 0.0 <= lora_dropout < 1.0
+    ):
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     target_modules = tuple(target_modules)
@@ -455,7 +485,13 @@ def apply_cora_to_llama(
                 f"(hidden_size={hidden}, rank) across the targets; leave it out of target_modules"
             )
 
-    state = _CoRAState(hidden_size=hidden, rank=rank, alpha=float(alpha), backend=backend)
+    state = _CoRAState(
+        hidden_size=hidden,
+        rank=rank,
+        alpha=float(alpha),
+        backend=backend,
+        lora_dropout=float(lora_dropout),
+    )
     state.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)

@@ -3,11 +3,11 @@
 CoLLM (and any method that tunes an LLM with ordinary LoRA) patches projections with
 :class:`LoRALinear`: ``y = x W^T + b + s B A dropout(x)``, ``s = alpha / r``, with peft's
 parameter names and layouts (``lora_A.weight`` ``(r, d_in)``, ``lora_B.weight``
-``(d_out, r)``). Without dropout in play the call is :func:`fused_cora_linear` with the same
-``A^T`` for every sample, so the base GEMM and the low-rank update share one kernel. While a
-module trains with dropout > 0 the LoRA branch reads ``dropout(x)`` and the base GEMM reads
-``x``, which one fused call cannot express; that case runs the two in PyTorch, as peft does.
-The modules to patch are found as :func:`llmrec_kernels.hf.apply_cora_to_llama` finds them
+``(d_out, r)``). Every call is :func:`fused_cora_linear` with the same ``A^T`` for every
+sample, so the base GEMM and the low-rank update share one kernel; while a module trains with
+dropout > 0 the op's own LoRA dropout (``dropout_p``) makes the low-rank branch read
+``dropout(x)`` and the base GEMM ``x``, as peft's unfused layer does (a different, counter-based
+mask stream than ``nn.Dropout``'s). The modules to patch are found as :func:`llmrec_kernels.hf.apply_cora_to_llama` finds them
 (:func:`llmrec_kernels.hf.find_linear_modules`).
 """
 
@@ -18,10 +18,10 @@ import math
 from typing import Dict, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmrec_kernels.cora_linear import fused_cora_linear
+from llmrec_kernels.dropout import draw_seed
 from llmrec_kernels.hf import find_linear_modules
 
 __all__ = ["DEFAULT_LORA_TARGETS", "LoRALinear", "apply_lora", "lora_modules", "remove_lora"]
@@ -34,8 +34,10 @@ class LoRALinear(nn.Module):
 
     ``weight`` / ``bias`` are the original parameters (same objects); ``lora_A.weight``
     ``(r, d_in)`` (Kaiming-uniform, as peft) and ``lora_B.weight`` ``(d_out, r)`` (zeros)
-    train. Without dropout in play the call is ``fused_cora_linear(x, W, A^T, B, b, s)``
-    with A shared by every sample.
+    train. The call is ``fused_cora_linear(x, W, A^T, B, b, s)`` with A shared by every
+    sample; in training mode with ``dropout > 0`` it passes ``dropout_p`` and one seed per
+    call drawn from torch's CPU generator (:func:`llmrec_kernels.dropout.draw_seed`: follows
+    ``torch.manual_seed``, resume and activation checkpointing's RNG replay).
     """
 
     def __init__(
@@ -63,6 +65,9 @@ class LoRALinear(nn.Module):
         )
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        # Kept for peft's module tree and repr; the fused op applies the dropout itself.
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank, self.alpha, self.dropout_p = rank, float(alpha), float(dropout)
         self.scaling = float(alpha) / rank
@@ -78,11 +83,6 @@ class LoRALinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_p > 0:
-            dt = x.dtype
-            y = F.linear(x, self.weight, self.bias)
-            h = F.linear(self.lora_dropout(x), self.lora_A.weight.to(dt))
-            return y + F.linear(h, self.lora_B.weight.to(dt)) * self.scaling
         if x.dim() not in (2, 3):
             lead = x.shape[:-1]
             y = self.forward(x.reshape(-1, x.shape[-1]))
@@ -95,6 +95,11 @@ class LoRALinear(nn.Module):
             self.bias,
             scaling=self.scaling,
             backend=self.backend,
+            **(
+                {"dropout_p": self.dropout_p, "dropout_seed": draw_seed()}
+                if self.training and self.dropout_p > 0
+                else {}
+            ),
         )
 
 

@@ -81,14 +81,15 @@ _INTERPRETER_REDUCE = ReduceConfig(32, 32, 4, 1)
 
 
 def _gemm_table(
-    kernel: str, dtype: torch.dtype, block_rank: int
+    kernel: str, dtype: torch.dtype, block_rank: int, dropout: bool = False
 ) -> tuple[tuple[int, GemmConfig], ...]:
     """``(max rows, config)`` pairs for ``kernel`` ("fwd" or "bwd_dx"), smallest first.
 
     fp32 dots without TF32 run on FMA units, whose operands live in registers: fp32 gets
     smaller tiles and more warps per tile (the sizes are the largest that ptxas assembles
     without spills for sm_80 and sm_90 at every rank). The dx kernel carries ``dS`` and per-sample ``A`` tiles beside its
-    accumulator, so at ranks of 64 and more its widest tile is halved.
+    accumulator, so at ranks of 64 and more its widest tile is halved; with LoRA dropout too
+    (its Philox mask over the whole output tile spilled 100-700 bytes at 128 x 128).
     """
     if dtype == torch.float32:
         small = (16, GemmConfig(16, 64, 32, 1, 4, 2))
@@ -104,6 +105,8 @@ def _gemm_table(
         big = GemmConfig(128, 64, 64, 8, 8, 3)
         # Three stages spill 8 bytes on sm_80 at M = 1 (the dS-from-memory epilogue).
         smallest = GemmConfig(16, 64, 128, 1, 4, 2)
+    elif kernel == "bwd_dx" and dropout:
+        big = GemmConfig(128, 64, 64, 8, 8, 3)
     return (
         (16, smallest),
         (32, GemmConfig(32, 64, 128, 1, 4, 3)),
@@ -112,11 +115,16 @@ def _gemm_table(
     )
 
 
-def gemm_config(kernel: str, rows: int, dtype: torch.dtype, rank: int) -> GemmConfig:
-    """Tile config of ``kernel`` ("fwd" or "bwd_dx") over ``rows`` flat rows (``M = B * L``)."""
+def gemm_config(
+    kernel: str, rows: int, dtype: torch.dtype, rank: int, dropout: bool = False
+) -> GemmConfig:
+    """Tile config of ``kernel`` ("fwd" or "bwd_dx") over ``rows`` flat rows (``M = B * L``).
+
+    ``dropout``: the launch applies LoRA dropout (only the dx kernel's tiles change).
+    """
     if interpreter_enabled():
         return _INTERPRETER_GEMM
-    table = _gemm_table(kernel, dtype, block_r(rank))
+    table = _gemm_table(kernel, dtype, block_r(rank), dropout)
     return next(cfg for max_rows, cfg in table if rows <= max_rows)
 
 

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from llmrec_kernels.backends import interpreter_enabled
+from llmrec_kernels.dropout import keep_scale, keep_threshold
 from llmrec_kernels.triton.configs import block_r, gemm_config, reduce_config, shrink_config
 from llmrec_kernels.triton.kernels import (
     _cora_linear_bwd_dx_kernel,
@@ -95,10 +96,12 @@ def _shrink_plan(batch: int, length: int, rank: int, key: tuple) -> tuple:
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _gemm_plan(kernel: str, rows: int, cols: int, rank: int, key: tuple) -> tuple:
+def _gemm_plan(
+    kernel: str, rows: int, cols: int, rank: int, key: tuple, dropout: bool = False
+) -> tuple:
     """``(grid, compile-time kwargs)`` of the forward (``"fwd"``) or dx (``"bwd_dx"``) GEMM."""
     dtype, precision, _ = key
-    cfg = gemm_config(kernel, rows, dtype, rank)
+    cfg = gemm_config(kernel, rows, dtype, rank, dropout)
     grid = (_cdiv(rows, cfg.BLOCK_M) * _cdiv(cols, cfg.BLOCK_N),)
     # The dx kernel's output columns are x's (K); its names swap BLOCK_N and BLOCK_K.
     meta = dict(
@@ -154,6 +157,17 @@ def _a_strides(lora_a: torch.Tensor) -> tuple[int, int, int]:
     return 0, lora_a.stride(0), lora_a.stride(1)
 
 
+_NO_DROP: dict = {}
+
+
+def _drop_args(dropout: Optional[tuple]) -> Optional[dict]:
+    """The kernels' dropout keyword arguments for a ``(p, seed, offset)`` dropout."""
+    if dropout is None:
+        return None
+    p, seed, offset = dropout
+    return dict(DROPOUT=True, drop_seed=seed, drop_offset=offset, drop_threshold=keep_threshold(p))
+
+
 def _shrink(
     inp: torch.Tensor,
     mat: torch.Tensor,
@@ -161,10 +175,12 @@ def _shrink(
     out: torch.Tensor,
     scaling: float,
     key: Optional[tuple] = None,
+    drop: Optional[dict] = None,
 ) -> None:
     """``out = scaling * inp @ mat[b]`` for a strided ``(B, L, K)`` ``inp``; out fp32 ``(B, L, R)``.
 
-    ``key``: :func:`_key` of ``inp.dtype`` when the caller has it already.
+    ``key``: :func:`_key` of ``inp.dtype`` when the caller has it already. ``drop``:
+    :func:`_drop_args`, to zero the dropped elements of ``inp`` (indexed as ``(B, L, K)``).
     """
     batch, length, k = inp.shape
     rank = out.shape[-1]
@@ -179,16 +195,22 @@ def _shrink(
         sb, sl, sk,
         *mat_strides,
         scaling,
+        **(drop or _NO_DROP),
         **meta,
     )  # fmt: skip
 
 
 def _rows_transpose_matmul(
-    lhs: torch.Tensor, rhs: torch.Tensor, groups: int, rows_per_group: int
+    lhs: torch.Tensor,
+    rhs: torch.Tensor,
+    groups: int,
+    rows_per_group: int,
+    drop: Optional[dict] = None,
 ) -> torch.Tensor:
     """``out[g] = lhs_rows(g)^T @ rhs_rows(g)`` in fp32: ``(groups, P, R)``.
 
-    ``lhs`` is a strided ``(B, L, P)`` tensor, ``rhs`` a contiguous fp32 ``(B, L, R)``.
+    ``lhs`` is a strided ``(B, L, P)`` tensor, ``rhs`` a contiguous fp32 ``(B, L, R)``;
+    ``drop`` (:func:`_drop_args`) zeroes the dropped elements of ``lhs``.
     """
     _, length, p = lhs.shape
     rank = rhs.shape[-1]
@@ -205,6 +227,7 @@ def _rows_transpose_matmul(
         rows_per_group, p, rank, length, rows_per_split,
         *lhs.stride(),
         out.stride(0), out.stride(1),
+        **(drop or _NO_DROP),
         BLOCK_P=cfg.BLOCK_P,
         BLOCK_ROWS=cfg.BLOCK_ROWS,
         BLOCK_R=block_r(rank),
@@ -224,8 +247,13 @@ def forward(
     lora_b: torch.Tensor,
     bias: Optional[torch.Tensor],
     scaling: float,
+    dropout: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, S)``: y ``(B, L, d_out)`` in x's dtype, ``S = scaling * x A`` fp32 ``(B, L, r)``."""
+    """``(y, S)``: y ``(B, L, d_out)`` in x's dtype, ``S = scaling * x A`` fp32 ``(B, L, r)``.
+
+    ``dropout``: ``None`` or ``(p, seed, offset)``; then ``S = scaling * dropout(x) A``
+    (:mod:`llmrec_kernels.dropout`), and the base GEMM still reads ``x``.
+    """
     batch, length, k = x.shape
     n, rank, rows = weight.shape[0], lora_a.shape[-1], batch * length
     dt, dev = x.dtype, x.device
@@ -235,8 +263,10 @@ def forward(
         return y, s
     key = _key(dt)
     lora_a, lora_b = _pad_rank(lora_a), _pad_rank(lora_b)
+    drop = _drop_args(dropout)
+    s_scale = scaling if drop is None else scaling * keep_scale(dropout[0])
     with _device_guard(x):
-        _shrink(x, lora_a, _a_strides(lora_a), s, scaling, key)
+        _shrink(x, lora_a, _a_strides(lora_a), s, s_scale, key, drop)
         if n == 0:
             return y, s
         grid, meta = _gemm_plan("fwd", rows, n, rank, key)
@@ -264,8 +294,13 @@ def backward(
     need_dx: bool,
     need_da: bool,
     need_db: bool,
+    dropout: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dx, dA, dB)`` of :func:`forward`; one not asked for is an empty tensor."""
+    """Gradients ``(dx, dA, dB)`` of :func:`forward`; one not asked for is an empty tensor.
+
+    ``dropout``: the forward's; the mask is regenerated, and ``dS = scaling/(1-p) dy Bm``
+    carries the ``1/(1-p)`` of ``dropout(x)`` into dx's low-rank term and into dA.
+    """
     batch, length, k = x.shape
     n, rank, rows = weight.shape[0], lora_a.shape[-1], batch * length
     empty = x.new_empty(0)
@@ -279,18 +314,21 @@ def backward(
     per_sample = lora_a.dim() == 3
     da_shape, db_dtype = lora_a.shape, lora_b.dtype
     lora_a, lora_b = _pad_rank(lora_a), _pad_rank(lora_b)
-    fuse_ds = need_dx and block_r(rank) <= MAX_FUSED_DS_RANK_BLOCK and k > 0
+    drop = _drop_args(dropout)
+    # With dropout dx's kernel masks its low-rank term before dy W: dS must exist first.
+    fuse_ds = need_dx and block_r(rank) <= MAX_FUSED_DS_RANK_BLOCK and k > 0 and drop is None
+    ds_scale = scaling if drop is None else scaling * keep_scale(dropout[0])
     with _device_guard(x):
         ds = None
         if need_dx or need_da:
             ds = torch.empty((batch, length, rank), dtype=torch.float32, device=x.device)
             if not fuse_ds:
                 lb = lora_b
-                _shrink(dy, lb, (0, lb.stride(0), lb.stride(1)), ds, scaling)
+                _shrink(dy, lb, (0, lb.stride(0), lb.stride(1)), ds, ds_scale)
         if need_dx:
             dx = torch.empty((batch, length, k), dtype=x.dtype, device=x.device)
             if k > 0:
-                grid, meta = _gemm_plan("bwd_dx", rows, k, rank, _key(x.dtype))
+                grid, meta = _gemm_plan("bwd_dx", rows, k, rank, _key(x.dtype), drop is not None)
                 _cora_linear_bwd_dx_kernel[grid](
                     dy, weight, lora_a, lora_b, ds, dx,
                     rows, n, k, rank, length, length if per_sample else rows,
@@ -298,13 +336,14 @@ def backward(
                     *weight.stride(),
                     *_a_strides(lora_a),
                     *lora_b.stride(),
-                    scaling,
+                    ds_scale,
                     COMPUTE_DS=fuse_ds,
+                    **(drop or _NO_DROP),
                     **meta,
                 )  # fmt: skip
         if need_da:
             groups, rows_per_group = (batch, length) if per_sample else (1, rows)
-            da = _rows_transpose_matmul(x, ds, groups, rows_per_group)
+            da = _rows_transpose_matmul(x, ds, groups, rows_per_group, drop)
             da = da.reshape(da_shape).to(lora_a.dtype)
         if need_db:
             db = _rows_transpose_matmul(dy, s_scaled.contiguous(), 1, rows)[0].to(db_dtype)

@@ -46,6 +46,13 @@ Backward (``W`` frozen):
 * :func:`_rows_transpose_matmul_kernel`: ``dA_b = x_b^T dS_b`` and ``dBm = dy^T S``, reductions over
   rows split into fixed chunks whose fp32 partial sums are added by the launcher, so results
   are deterministic (no atomics anywhere).
+
+LoRA dropout (``DROPOUT``, :mod:`llmrec_kernels.dropout`): ``S = s/(1-p) (x * keep) A``, the
+keep mask regenerated from ``(seed, offset + element index)`` by :func:`_keep` wherever ``x``
+enters the low-rank branch, never stored: the shrink zeroes dropped ``x`` elements, the dA
+reduction likewise, and the dx kernel masks its low-rank term before ``dy W`` joins it
+(``dx = dy W + keep * (dS A^T)`` with ``dS = s/(1-p) dy Bm`` precomputed). The ``1/(1-p)`` rides on the
+fp32 scale, so masking is exact in every dtype.
 """
 
 from __future__ import annotations
@@ -115,6 +122,12 @@ def _row_offsets(offs_m, L, stride_b, stride_l):
 
 
 @triton.jit
+def _keep(seed, elem, threshold):
+    """Dropout keep mask of int64 element indices ``elem``: ``randint(seed, elem) >> 1 >= thr``."""
+    return (tl.randint(seed, elem) >> 1).to(tl.int32, bitcast=True) >= threshold
+
+
+@triton.jit
 def _cora_shrink_kernel(
     x_ptr, a_ptr, s_ptr,
     L, K, R,
@@ -125,8 +138,12 @@ def _cora_shrink_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr = False,
+    drop_seed=0, drop_offset=0, drop_threshold=0,
 ):  # fmt: skip
     """``S[b, l, :] = scaling * x[b, l, :] @ A[b]`` in fp32; S is contiguous ``(B, L, R)``.
+
+    With ``DROPOUT`` the dropped elements of ``x`` (:func:`_keep`) read as zero.
 
     Grid: ``(cdiv(L, BLOCK_M), B)``. A shared A is passed with ``stride_ab = 0``; the same kernel
     computes ``dS = s * dy @ Bm`` with ``Bm`` passed as a shared ``(N, R)`` "A". ``A`` has
@@ -147,6 +164,9 @@ def _cora_shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + offs_k) < K
         xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if DROPOUT:
+            elem = drop_offset + (pid_b * L + offs_m)[:, None] * K + (k0 + offs_k)[None, :]
+            xt = tl.where(_keep(drop_seed, elem, drop_threshold), xt, tl.zeros_like(xt))
         at = tl.load(a_ptrs, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(xt, at.to(xt.dtype), acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
@@ -236,6 +256,8 @@ def _cora_linear_bwd_dx_kernel(
     GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SPLIT_LOWRANK: tl.constexpr,
+    DROPOUT: tl.constexpr = False,
+    drop_seed=0, drop_offset=0, drop_threshold=0,
 ):  # fmt: skip
     """``dx = dy W + dS A_g^T`` over flat rows, ``g = m // ROWS_PER_A``; dx contiguous ``(M, K)``.
 
@@ -244,7 +266,8 @@ def _cora_linear_bwd_dx_kernel(
     the programs of the first column tile store it (fp32, ``(M, R)``) for the ``dA`` kernel;
     otherwise ``dS`` is read from ``ds_ptr``, ``R_CHUNK`` ranks at a time. A row tile may
     span several A's (short sequences); the epilogue adds each A's term to its own rows only.
-    ``A`` and ``Bm`` have ``BLOCK_R`` columns in memory (zero beyond ``R``).
+    ``A`` and ``Bm`` have ``BLOCK_R`` columns in memory (zero beyond ``R``). ``DROPOUT``
+    (dS precomputed) adds the low-rank term first, masked by :func:`_keep`, then ``dy W``.
     """
     stride_dyb, stride_dyl, stride_dyn = _wide(stride_dyb), _wide(stride_dyl), _wide(stride_dyn)
     stride_wn, stride_wk = _wide(stride_wn), _wide(stride_wk)
@@ -262,8 +285,40 @@ def _cora_linear_bwd_dx_kernel(
     dy_ptrs = dy_ptr + dy_rows[:, None] + offs_n[None, :] * stride_dyn
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     lb_ptrs = lb_ptr + offs_n[:, None] * stride_lbn + offs_r[None, :] * stride_lbr
+    compute_dtype = dx_ptr.dtype.element_ty
+    row_group = offs_m // ROWS_PER_A
+    tile_first = pid_m * BLOCK_M
+    tile_last = min(tile_first + BLOCK_M, M) - 1
+    group_first = tile_first // ROWS_PER_A
+    group_last = tile_last // ROWS_PER_A
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if DROPOUT:
+        # The masked low-rank term first, from the precomputed dS; dy W then accumulates onto
+        # it, so no second (BLOCK_M, BLOCK_K) accumulator is live (it spilled at 128 x 128).
+        tl.static_assert(not COMPUTE_DS, "dropout needs dS precomputed")
+        # The mask before the accumulator is live: Philox's state then has the registers.
+        elem = drop_offset + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
+        keep = _keep(drop_seed, elem, drop_threshold)
+        offs_c = tl.arange(0, R_CHUNK)
+        a_g_ptrs = (
+            a_ptr + group_first.to(tl.int64) * stride_ab + offs_c[:, None] * stride_ar
+            + offs_k[None, :] * stride_ak
+        )  # fmt: skip
+        for _g in range(group_first, group_last + 1):
+            row_mask = m_mask & (row_group == _g)
+            for r0 in range(0, R, R_CHUNK):
+                ds_c = tl.load(
+                    ds_ptr + offs_m[:, None].to(tl.int64) * R + (r0 + offs_c)[None, :],
+                    mask=row_mask[:, None] & ((r0 + offs_c) < R)[None, :],
+                    other=0.0,
+                )
+                a_t = tl.load(a_g_ptrs + r0 * stride_ar, mask=k_mask[None, :], other=0.0)
+                acc = _dot_fp32_lhs(
+                    ds_c, a_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION
+                )
+            a_g_ptrs += stride_ab
+        acc = tl.where(keep, acc, tl.zeros_like(acc))
     for n0 in range(0, N, BLOCK_N):
         n_mask = (n0 + offs_n) < N
         dyt = tl.load(dy_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
@@ -276,12 +331,6 @@ def _cora_linear_bwd_dx_kernel(
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
 
-    compute_dtype = dx_ptr.dtype.element_ty
-    row_group = offs_m // ROWS_PER_A
-    tile_first = pid_m * BLOCK_M
-    tile_last = min(tile_first + BLOCK_M, M) - 1
-    group_first = tile_first // ROWS_PER_A
-    group_last = tile_last // ROWS_PER_A
     if COMPUTE_DS:
         ds = ds * scaling
         if pid_k == 0:
@@ -299,7 +348,7 @@ def _cora_linear_bwd_dx_kernel(
             ds_g = tl.where((row_group == _g)[:, None], ds, tl.zeros_like(ds))
             acc = _dot_fp32_lhs(ds_g, a_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION)
             a_t_ptrs += stride_ab
-    else:
+    elif not DROPOUT:
         # dS precomputed in memory: walk the rank in chunks to bound register use at large r.
         offs_c = tl.arange(0, R_CHUNK)
         a_g_ptrs = (
@@ -335,6 +384,8 @@ def _rows_transpose_matmul_kernel(
     BLOCK_R: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SPLIT_RHS: tl.constexpr,
+    DROPOUT: tl.constexpr = False,
+    drop_seed=0, drop_offset=0, drop_threshold=0,
 ):  # fmt: skip
     """``out[split, g] = lhs[rows]^T @ rhs[rows]`` over one chunk of one group's rows.
 
@@ -342,7 +393,8 @@ def _rows_transpose_matmul_kernel(
     fp32 contiguous ``(M, R)``; group ``g`` owns rows ``[g * ROWS_PER_GROUP, (g + 1) *
     ROWS_PER_GROUP)``, split into chunks of ``ROWS_PER_SPLIT``. ``out`` is fp32
     ``(SPLITS, G, P, R)``, summed over splits by the launcher (deterministic).
-    Grid: ``(cdiv(P, BLOCK_P), SPLITS, G)``.
+    Grid: ``(cdiv(P, BLOCK_P), SPLITS, G)``. With ``DROPOUT`` the dropped elements of ``lhs``
+    (``x``, element ``(row, p)``; :func:`_keep`) read as zero.
     """
     stride_lb, stride_ll, stride_lp = _wide(stride_lb), _wide(stride_ll), _wide(stride_lp)
     stride_os, stride_og = _wide(stride_os), _wide(stride_og)
@@ -366,6 +418,9 @@ def _rows_transpose_matmul_kernel(
             mask=p_mask[:, None] & i_mask[None, :],
             other=0.0,
         )
+        if DROPOUT:
+            elem = drop_offset + rows[None, :].to(tl.int64) * P + offs_p[:, None]
+            lhs_t = tl.where(_keep(drop_seed, elem, drop_threshold), lhs_t, tl.zeros_like(lhs_t))
         rhs = tl.load(
             rhs_ptr + rows[:, None].to(tl.int64) * R + offs_r[None, :],
             mask=i_mask[:, None] & r_mask[None, :],

@@ -52,6 +52,8 @@ class CoRARecommender(nn.Module):
         target_modules, fuse_qkv, backend: passed to ``apply_cora_to_llama``.
         generator_kwargs: extra arguments for :func:`llmrec.generator.build_generator`.
         yes_token, yes_token_id: the answer token scored (``yes_token_id`` wins when given).
+        lora_dropout: dropout on ``x`` before ``x A_b`` in training mode, inside the fused op
+            (``apply_cora_to_llama(lora_dropout=...)``; the reference uses 0.05).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class CoRARecommender(nn.Module):
         generator_kwargs: Optional[Mapping[str, Any]] = None,
         yes_token: str = "Yes",
         yes_token_id: Optional[int] = None,
+        lora_dropout: float = 0.0,
     ):
         super().__init__()
         if llm.get_output_embeddings() is None:
@@ -80,10 +83,12 @@ class CoRARecommender(nn.Module):
             target_modules=target_modules,
             fuse_qkv=fuse_qkv,
             backend=backend,
+            lora_dropout=lora_dropout,
         )
         self.llm = llm
         self.tokenizer = tokenizer
         self.cf_dim, self.rank, self.alpha = cf_dim, rank, alpha
+        self.lora_dropout = float(lora_dropout)
         if isinstance(generator, str):
             self.generator_kind = generator
             generator = build_generator(

@@ -24,6 +24,7 @@ from llmrec.collm import (
     make_collm_examples,
     remove_lora,
 )
+from llmrec_kernels.dropout import dropout_mask
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -233,14 +234,38 @@ def test_lora_forward_matches_peft(backend):
         assert_close_to_oracle(base(ids).logits, ref(ids).logits, want64, "logits vs peft")
 
 
-def test_lora_training_with_dropout_matches_peft_outputs_and_gradients():
+class _ExplicitDropout(torch.nn.Module):
+    """peft's ``lora_dropout`` replaced by the fused op's mask, applied by hand."""
+
+    def __init__(self, p, seeds):
+        super().__init__()
+        self.p, self.seeds = p, seeds
+
+    def forward(self, x):
+        keep = dropout_mask(tuple(x.shape), self.p, next(self.seeds), 0, x.device)
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+
+def test_lora_training_with_dropout_matches_peft_outputs_and_gradients(monkeypatch):
+    import itertools
+
+    import llmrec_kernels.lora as lora
+
     base, ref, mods = _peft_pair(0.05)
     ref64 = copy.deepcopy(ref).double()
     ids = torch.randint(3, 64, (2, 7))
     base.train(), ref.train(), ref64.train()
+    # The fused op draws one seed per call; peft's layers get the same seeds in the same call
+    # order (q_proj, v_proj of each layer) and apply that seed's mask explicitly.
+    seeds = {}
+    monkeypatch.setattr(lora, "draw_seed", lambda: next(seeds["fused"]))
+    for model, key in ((ref, "ref"), (ref64, "ref64")):
+        for m in model.modules():
+            if hasattr(m, "lora_dropout") and "default" in getattr(m, "lora_dropout", {}):
+                m.lora_dropout["default"] = _ExplicitDropout(0.05, _Seeds(seeds, key))
     outs = []
-    for model in (base, ref, ref64):  # the same dropout masks: same seed, same draw order
-        torch.manual_seed(11)
+    for model, key in ((base, "fused"), (ref, "ref"), (ref64, "ref64")):
+        seeds[key] = itertools.count(1000)
         outs.append(model(ids).logits)
         outs[-1].square().mean().backward()
     assert_close_to_oracle(*outs, "logits vs peft (dropout)")
@@ -251,16 +276,34 @@ def test_lora_training_with_dropout_matches_peft_outputs_and_gradients():
             g_ref = ref_params[f"{key}.{name}.default.weight"].grad
             g_orc = ref64_params[f"{key}.{name}.default.weight"].grad
             assert_close_to_oracle(getattr(m, name).weight.grad, g_ref, g_orc, f"{path}.{name}")
+    # the dropout is in play: without it the logits differ
+    base.eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, outs[0])
+
+
+class _Seeds:
+    """An iterator over ``table[key]`` looked up at each draw (the table is refilled per run)."""
+
+    def __init__(self, table, key):
+        self.table, self.key = table, key
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.table[self.key])
 
 
 def test_lora_eval_runs_the_fused_op(monkeypatch):
     import llmrec_kernels.lora as lora
 
-    calls = []
+    calls, dropout_ps = [], []
     real = lora.fused_cora_linear
 
     def spy(x, weight, lora_a, lora_b, *a, **k):
         calls.append(lora_a.shape)
+        dropout_ps.append(k.get("dropout_p", 0.0))
         return real(x, weight, lora_a, lora_b, *a, **k)
 
     monkeypatch.setattr(lora, "fused_cora_linear", spy)
@@ -268,6 +311,10 @@ def test_lora_eval_runs_the_fused_op(monkeypatch):
     mods = apply_lora(base, backend="torch")
     base.eval()(torch.randint(3, 64, (2, 5)))
     assert len(calls) == len(mods) and all(s == (32, 8) for s in calls)  # one shared A
+    # training with dropout: the fused op too, with its own dropout (no unfused fallback)
+    calls.clear(), dropout_ps.clear()
+    base.train()(torch.randint(3, 64, (2, 5)))
+    assert len(calls) == len(mods) and all(p == 0.05 for p in dropout_ps)
     remove_lora(base)
     assert (
         not lora_modules(base) and type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear"

@@ -333,3 +333,18 @@ def test_save_and_load_trainable(tmp_path):
     mlp = make_rec(generator="mlp")
     with pytest.raises(ValueError, match=r"missing keys: generator\.net"):
         mlp.load_trainable(path)
+
+
+def test_lora_dropout_reaches_the_patched_projections():
+    rec = make_rec(lora_dropout=0.2, backend="torch")
+    plain = make_rec(backend="torch")
+    batch = make_batch(rec.tokenizer)
+    rec.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(rec.score(batch), plain.score(batch))  # eval mode: no dropout
+        rec.train()
+        torch.manual_seed(3)
+        train = rec.score(batch)
+        torch.manual_seed(3)
+        assert torch.equal(rec.score(batch), train)
+    assert not torch.allclose(train, plain.score(batch).detach())

@@ -139,10 +139,18 @@ def test_qformer_has_the_reference_bert_internals():
     assert old.blocks[0].ffn[0].out_features == 64 and isinstance(old.query_norm, torch.nn.Identity)
 
 
-def test_cora_lora_dropout_option():
+def test_cora_lora_dropout_option(monkeypatch):
+    import types
+
+    import llmrec.methods.cora as cora_method
     from llmrec.methods.cora import CoRA
 
     assert CoRA.Options().lora_dropout == 0.05  # CoRA cfg lora_config.dropout
+    seen = {}
+    monkeypatch.setattr(cora_method, "CoRARecommender", lambda *a, **k: seen.update(k))
+    ctx = types.SimpleNamespace(llm=None, tokenizer=None, cf_dim=8, log=print)
+    CoRA().build(ctx, CoRA.Options(lora_dropout=0.1))
+    assert seen["lora_dropout"] == 0.1  # passed on to the fused op, no longer a no-op
 
 
 def test_allmrec_stage1_reference_losses_and_modules():

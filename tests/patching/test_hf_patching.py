@@ -440,6 +440,44 @@ def test_gradient_checkpointing_same_gradients(monkeypatch, reentrant, backward_
         assert_close_to_oracle(b_ckpt[k], b_plain[k], b_64[k], k)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_lora_dropout_in_training_only_and_replayed_by_checkpointing(reentrant):
+    model = make_model().train()
+    patch_random(model, backend="torch", lora_dropout=0.3)
+    ids, mask, _ = left_padded_batch([5, 3])
+    target = torch.randn(2, 5, 100, generator=torch.Generator().manual_seed(16))
+    a = random_a(2)
+    with torch.no_grad(), cora_weights(model, a):
+        model.eval()
+        eval_logits = model(ids, attention_mask=mask).logits
+        model.train()
+        torch.manual_seed(5)
+        train_logits = model(ids, attention_mask=mask).logits
+        torch.manual_seed(5)
+        assert torch.equal(model(ids, attention_mask=mask).logits, train_logits)  # reproducible
+    assert not torch.allclose(train_logits, eval_logits)  # the dropout is in play
+    plain = make_model()
+    patch_random(plain, backend="torch")
+    with torch.no_grad(), cora_weights(plain, a):
+        assert torch.equal(plain(ids, attention_mask=mask).logits, eval_logits)  # eval: none
+
+    # One seed per call from the CPU generator: checkpointing restores that generator before it
+    # recomputes a layer, so the recomputation applies the forward's masks.
+    torch.manual_seed(7)
+    a_plain, b_plain = _grads(model, a, ids, mask, target, backward_inside=True)
+    torch.manual_seed(7)
+    a_64, b_64 = _grads(copy.deepcopy(model).double(), a.double(), ids, mask, target.double(),
+                        backward_inside=True)  # fmt: skip
+    _enable_checkpointing(model, reentrant)
+    torch.manual_seed(7)
+    a_ckpt, b_ckpt = _grads(model, a, ids, mask, target, backward_inside=True)
+    assert_close_to_oracle(a_ckpt, a_plain, a_64, "dA")
+    for k in b_plain:
+        assert_close_to_oracle(b_ckpt[k], b_plain[k], b_64[k], k)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        apply_cora_to_llama(make_model(), rank=RANK, lora_dropout=1.0)
+
+
 # --------------------------------------------------------------------------------------------
 # generate() with the KV cache
 
