@@ -11,6 +11,12 @@ config, grid and compile-time arguments of every launch are computed once per sh
 and integer ceilings use plain arithmetic (``triton.cdiv`` is a JIT function, slow to call
 from Python). ``python -m benchmarks.host_overhead`` measures this side with the launches
 replaced by no-ops.
+
+The forward's shrink is split over K (:mod:`llmrec_kernels.triton.shrink_splitk`) when
+:func:`llmrec_kernels.triton.dispatch.shrink_split` says so for the device (decode and
+underfilled prefill grids); the GEMM's tile is chosen by occupancy from the device's SM count
+(:func:`_gpu_spec`). Under the interpreter no device is sized for, and the forward keeps the
+plain shrink unless batch-invariant mode (:func:`llmrec_kernels.batch_invariant`) is on.
 """
 
 from __future__ import annotations
@@ -20,13 +26,24 @@ from typing import Optional
 
 import torch
 
-from llmrec_kernels.backends import interpreter_enabled
-from llmrec_kernels.triton.configs import block_r, gemm_config, reduce_config, shrink_config
+from llmrec_kernels.backends import batch_invariant_enabled, interpreter_enabled
+from llmrec_kernels.triton import dispatch
+from llmrec_kernels.triton.configs import (
+    block_r,
+    gemm_config,
+    reduce_config,
+    shrink_config,
+    split_reduce_config,
+)
 from llmrec_kernels.triton.kernels import (
     _cora_linear_bwd_dx_kernel,
     _cora_linear_fwd_kernel,
     _cora_shrink_kernel,
     _rows_transpose_matmul_kernel,
+)
+from llmrec_kernels.triton.shrink_splitk import (
+    _cora_shrink_splitk_kernel,
+    _cora_splitk_reduce_kernel,
 )
 
 __all__ = ["backward", "clear_config_cache", "forward"]
@@ -73,15 +90,31 @@ def _device_guard(t: torch.Tensor):
 
 
 def _key(dtype: torch.dtype) -> tuple:
-    """What every cached launch plan depends on besides the shape."""
-    return dtype, _input_precision(dtype), interpreter_enabled()
+    """What every cached launch plan depends on besides the shape (and the device's spec)."""
+    return dtype, _input_precision(dtype), interpreter_enabled(), batch_invariant_enabled()
+
+
+def _gpu_spec(device: torch.device) -> Optional[dispatch.GpuSpec]:
+    """What the dispatcher sizes grids for: the CUDA device's spec; None under the interpreter.
+
+    Other devices (CPU and meta tensors: the no-op host timing and the AOT tracer, which
+    replaces this function per target arch) get the default sm_90 spec.
+    """
+    if device.type == "cuda":
+        index = device.index
+        return dispatch.gpu_spec_for_device(
+            index if index is not None else torch.cuda.current_device()
+        )
+    if interpreter_enabled():
+        return None
+    return dispatch.DEFAULT_GPU
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _shrink_plan(batch: int, length: int, rank: int, key: tuple) -> tuple:
     """``(grid, compile-time kwargs)`` of one shrink launch."""
-    dtype, precision, _ = key
-    cfg = shrink_config(length, dtype)
+    dtype, precision, _, invariant = key
+    cfg = shrink_config(length, dtype, invariant)
     grid = (_cdiv(length, cfg.BLOCK_M), batch)
     meta = dict(
         BLOCK_M=cfg.BLOCK_M,
@@ -95,10 +128,41 @@ def _shrink_plan(batch: int, length: int, rank: int, key: tuple) -> tuple:
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _gemm_plan(kernel: str, rows: int, cols: int, rank: int, key: tuple) -> tuple:
-    """``(grid, compile-time kwargs)`` of the forward (``"fwd"``) or dx (``"bwd_dx"``) GEMM."""
-    dtype, precision, _ = key
-    cfg = gemm_config(kernel, rows, dtype, rank)
+def _splitk_plan(
+    batch: int, length: int, k: int, rank: int, key: tuple, gpu: Optional[dispatch.GpuSpec]
+) -> Optional[tuple]:
+    """``(split, K per split, grid, kwargs, reduce grid, reduce kwargs)``; None: plain shrink."""
+    dtype, precision, _interpret, invariant = key
+    cfg = shrink_config(length, dtype, invariant)
+    k_split = dispatch.shrink_split(batch, length, k, rank, dtype, cfg, gpu, invariant)
+    if not k_split:
+        return None
+    split = _cdiv(k, k_split)
+    meta = dict(
+        BLOCK_M=cfg.BLOCK_M,
+        BLOCK_K=cfg.BLOCK_K,
+        BLOCK_R=block_r(rank),
+        INPUT_PRECISION=precision,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    red = split_reduce_config()
+    red_meta = dict(BLOCK=red.BLOCK, num_warps=red.num_warps, num_stages=red.num_stages)
+    grid = (_cdiv(length, cfg.BLOCK_M), split, batch)
+    red_grid = (_cdiv(batch * length * rank, red.BLOCK),)
+    return split, k_split, grid, meta, red_grid, red_meta
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _gemm_plan(
+    kernel: str, rows: int, cols: int, rank: int, key: tuple, sm_count: Optional[int] = None
+) -> tuple:
+    """``(grid, compile-time kwargs)`` of the forward (``"fwd"``) or dx (``"bwd_dx"``) GEMM.
+
+    ``sm_count``: the device's SMs, for the occupancy rule of :func:`configs.gemm_gpu_config`.
+    """
+    dtype, precision, _, invariant = key
+    cfg = gemm_config(kernel, rows, dtype, rank, cols, sm_count, invariant)
     grid = (_cdiv(rows, cfg.BLOCK_M) * _cdiv(cols, cfg.BLOCK_N),)
     # The dx kernel's output columns are x's (K); its names swap BLOCK_N and BLOCK_K.
     meta = dict(
@@ -120,6 +184,7 @@ def _gemm_plan(kernel: str, rows: int, cols: int, rank: int, key: tuple) -> tupl
 def clear_config_cache() -> None:
     """Forget the cached launch plans (after changing the config tables or the environment)."""
     _shrink_plan.cache_clear()
+    _splitk_plan.cache_clear()
     _gemm_plan.cache_clear()
 
 
@@ -161,10 +226,14 @@ def _shrink(
     out: torch.Tensor,
     scaling: float,
     key: Optional[tuple] = None,
+    gpu: Optional[dispatch.GpuSpec] = None,
+    allow_split: bool = False,
 ) -> None:
     """``out = scaling * inp @ mat[b]`` for a strided ``(B, L, K)`` ``inp``; out fp32 ``(B, L, R)``.
 
-    ``key``: :func:`_key` of ``inp.dtype`` when the caller has it already.
+    ``key``: :func:`_key` of ``inp.dtype`` when the caller has it already. ``allow_split``:
+    the split-K kernel may run (the forward's shrink, when the dispatcher chooses it for
+    ``gpu``); the backward's ``dS`` shrink keeps the plain kernel.
     """
     batch, length, k = inp.shape
     rank = out.shape[-1]
@@ -172,7 +241,25 @@ def _shrink(
     if mat_strides[0] == 0 and (batch == 1 or sb == length * sl):
         # One matrix for all samples and mergeable rows: tile the flat rows, not per sample.
         batch, length, sb = 1, batch * length, 0
-    grid, meta = _shrink_plan(batch, length, rank, key or _key(inp.dtype))
+    key = key or _key(inp.dtype)
+    if allow_split:
+        plan = _splitk_plan(batch, length, k, rank, key, gpu)
+        if plan is not None:
+            split, k_split, grid, meta, red_grid, red_meta = plan
+            ws = torch.empty((split, batch * length, rank), dtype=torch.float32, device=out.device)
+            _cora_shrink_splitk_kernel[grid](
+                inp, mat, ws,
+                length, k, rank, k_split,
+                sb, sl, sk,
+                *mat_strides,
+                ws.stride(0), ws.stride(1),
+                **meta,
+            )  # fmt: skip
+            _cora_splitk_reduce_kernel[red_grid](
+                ws, out, batch * length * rank, split, ws.stride(0), scaling, **red_meta
+            )
+            return
+    grid, meta = _shrink_plan(batch, length, rank, key)
     _cora_shrink_kernel[grid](
         inp, mat, out,
         length, k, rank,
@@ -234,12 +321,15 @@ def forward(
     if rows == 0:
         return y, s
     key = _key(dt)
+    gpu = _gpu_spec(x.device)
     lora_a, lora_b = _pad_rank(lora_a), _pad_rank(lora_b)
     with _device_guard(x):
-        _shrink(x, lora_a, _a_strides(lora_a), s, scaling, key)
+        # Split-K is an inference/decode path: a training forward with dropout on the LoRA
+        # input (not an argument of this backend yet) must pass allow_split=False.
+        _shrink(x, lora_a, _a_strides(lora_a), s, scaling, key, gpu, allow_split=True)
         if n == 0:
             return y, s
-        grid, meta = _gemm_plan("fwd", rows, n, rank, key)
+        grid, meta = _gemm_plan("fwd", rows, n, rank, key, gpu.sm_count if gpu else None)
         bias_arg = bias.contiguous() if bias is not None else y
         _cora_linear_fwd_kernel[grid](
             x, weight, bias_arg, s, lora_b, y,
@@ -290,7 +380,10 @@ def backward(
         if need_dx:
             dx = torch.empty((batch, length, k), dtype=x.dtype, device=x.device)
             if k > 0:
-                grid, meta = _gemm_plan("bwd_dx", rows, k, rank, _key(x.dtype))
+                gpu = _gpu_spec(x.device)
+                grid, meta = _gemm_plan(
+                    "bwd_dx", rows, k, rank, _key(x.dtype), gpu.sm_count if gpu else None
+                )
                 _cora_linear_bwd_dx_kernel[grid](
                     dy, weight, lora_a, lora_b, ds, dx,
                     rows, n, k, rank, length, length if per_sample else rows,
