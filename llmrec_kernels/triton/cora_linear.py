@@ -129,13 +129,23 @@ def _shrink_plan(batch: int, length: int, rank: int, key: tuple) -> tuple:
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _splitk_plan(
-    batch: int, length: int, k: int, rank: int, key: tuple, gpu: Optional[dispatch.GpuSpec]
+    batch: int,
+    length: int,
+    k: int,
+    rank: int,
+    key: tuple,
+    gpu: Optional[dispatch.GpuSpec],
+    k_split: Optional[int] = None,
 ) -> Optional[tuple]:
-    """``(split, K per split, grid, kwargs, reduce grid, reduce kwargs)``; None: plain shrink."""
-    dtype, precision, _interpret, invariant = key
+    """``(split, K per split, grid, kwargs, reduce grid, reduce kwargs)``; None: plain shrink.
+
+    ``k_split``: K elements per split, instead of the dispatcher's choice (benchmarks).
+    """
+    dtype, precision, _, invariant = key
     cfg = shrink_config(length, dtype, invariant)
-    k_split = dispatch.shrink_split(batch, length, k, rank, dtype, cfg, gpu, invariant)
-    if not k_split:
+    if k_split is None:
+        k_split = dispatch.shrink_split(batch, length, k, rank, dtype, cfg, gpu, invariant)
+    if not k_split or k_split >= k:
         return None
     split = _cdiv(k, k_split)
     meta = dict(
@@ -228,12 +238,14 @@ def _shrink(
     key: Optional[tuple] = None,
     gpu: Optional[dispatch.GpuSpec] = None,
     allow_split: bool = False,
+    k_split: Optional[int] = None,
 ) -> None:
     """``out = scaling * inp @ mat[b]`` for a strided ``(B, L, K)`` ``inp``; out fp32 ``(B, L, R)``.
 
     ``key``: :func:`_key` of ``inp.dtype`` when the caller has it already. ``allow_split``:
     the split-K kernel may run (the forward's shrink, when the dispatcher chooses it for
-    ``gpu``); the backward's ``dS`` shrink keeps the plain kernel.
+    ``gpu``); the backward's ``dS`` shrink keeps the plain kernel. ``k_split`` (with
+    ``allow_split``): K elements per split instead of the dispatcher's choice.
     """
     batch, length, k = inp.shape
     rank = out.shape[-1]
@@ -243,7 +255,7 @@ def _shrink(
         batch, length, sb = 1, batch * length, 0
     key = key or _key(inp.dtype)
     if allow_split:
-        plan = _splitk_plan(batch, length, k, rank, key, gpu)
+        plan = _splitk_plan(batch, length, k, rank, key, gpu, k_split)
         if plan is not None:
             split, k_split, grid, meta, red_grid, red_meta = plan
             ws = torch.empty((split, batch * length, rank), dtype=torch.float32, device=out.device)

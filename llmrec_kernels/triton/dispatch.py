@@ -102,6 +102,7 @@ __all__ = [
     "gpu_spec_for_device",
     "prediction_table",
     "shrink_split",
+    "split_for_bandwidth",
 ]
 
 # Batch-invariant mode: K elements per split, whatever M (a multiple of every BLOCK_K).
@@ -263,7 +264,7 @@ def shrink_split(
         return k_split if k > k_split else 0
     if gpu is None or k <= cfg.BLOCK_K:
         return 0
-    k_split = _split_for_bandwidth(groups, rows, k, rank, dtype, cfg, gpu)
+    k_split = split_for_bandwidth(groups, rows, k, rank, dtype, cfg, gpu)
     if k_split >= k:
         return 0
     plain = shrink_us(groups, rows, k, rank, dtype, cfg, gpu)
@@ -271,7 +272,7 @@ def shrink_split(
     return k_split if split < plain else 0
 
 
-def _split_for_bandwidth(groups, rows, k, rank, dtype, cfg, gpu) -> int:
+def split_for_bandwidth(groups, rows, k, rank, dtype, cfg, gpu) -> int:
     """The largest K-slice (fewest splits) whose programs keep enough bytes in flight."""
     e, br = _elem(dtype), block_r(rank)
     row_tiles = _cdiv(rows, cfg.BLOCK_M) * groups
@@ -364,12 +365,15 @@ GRID = (("decode", 1, 1), ("decode", 32, 1), ("decode", 128, 1),
 
 
 def prediction_table(
-    gpus: tuple[str, ...] = ("H100", "H200", "A100"),
+    gpus: tuple[str | GpuSpec, ...] = ("H100", "H200", "A100"),
     grid=GRID,
     batch_invariant: bool = False,
     **shape,
 ) -> str:
-    """The dispatcher's choices and predicted times over ``grid``, one row per GPU and shape."""
+    """The dispatcher's choices and predicted times over ``grid``, one row per GPU and shape.
+
+    ``gpus``: names of :data:`GPUS`, or specs (shown as ``this``: the local GPU).
+    """
     head = (
         f"{'gpu':5} {'shape':16} {'M':>6} {'GEMM tile':>10} {'CTAs':>5} {'waves':>5} "
         f"{'shrink':>12} {'plain us':>8} {'chosen us':>9} {'x':>5} {'GEMM us':>8} "
@@ -377,11 +381,12 @@ def prediction_table(
     )
     lines = [head, "-" * len(head)]
     for g in gpus:
+        name = g if isinstance(g, str) else "this"  # a GpuSpec: the local GPU
         for label, b, seq in grid:
             c = explain(b, seq, gpu=g, batch_invariant=batch_invariant, **shape)
             shrink = f"split {c.split}x{c.k_split}" if c.split > 1 else "plain"
             lines.append(
-                f"{g:5} {f'{label} {b}x{seq}':16} {b * seq:6d} "
+                f"{name:5} {f'{label} {b}x{seq}':16} {b * seq:6d} "
                 f"{f'{c.gemm.BLOCK_M}x{c.gemm.BLOCK_N}':>10} {c.gemm_ctas:5d} "
                 f"{c.gemm_waves:5.2f} {shrink:>12} {c.shrink_plain_us:8.1f} {c.shrink_us:9.1f} "
                 f"{c.shrink_speedup:5.2f} {c.gemm_us:8.1f} {c.op_old_us:7.1f} {c.op_us:7.1f} "
