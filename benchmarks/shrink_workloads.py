@@ -47,7 +47,7 @@ def _triton_calls(x, a, scaling) -> dict[str, Callable[[], torch.Tensor]]:
     strides = launcher._a_strides(padded)
     key = launcher._key(x.dtype)
     gpu = launcher._gpu_spec(x.device)
-    cfg = shrink_config(length, x.dtype)
+    cfg = shrink_config(length, x.dtype, key[-1])  # key[-1]: batch-invariant mode
     forced = dispatch.split_for_bandwidth(batch, length, k, rank, x.dtype, cfg, gpu)
 
     def call(allow_split: bool, k_split=None):

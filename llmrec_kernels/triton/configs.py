@@ -179,7 +179,8 @@ def gemm_gpu_config(
     Rows up to the second-largest class keep their row-matched tile (decode: the tile's rows
     are what M needs, the columns give the parallelism). Above it, the largest tile is kept
     when ``cdiv(M, BM) * cdiv(N, BN) >= FULL_WAVE * sm_count``, else the second-largest is
-    taken: a tile four times smaller quadruples the CTAs where the big one leaves SMs idle.
+    taken: a smaller tile (64 x 64 in 16-bit, a quarter of 128 x 128) multiplies the CTAs
+    where the big one leaves SMs idle.
     """
     table = _gemm_table(kernel, dtype, block_r(rank))
     if batch_invariant:

@@ -38,20 +38,40 @@ def _launcher():
     return cora_linear
 
 
+class _CountingKernel:
+    """Delegates ``kernel[grid](...)`` to the real kernel and counts the launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
 @pytest.fixture
 def force_split(monkeypatch):
-    """``force(k_split)``: the launcher's forward takes split-K with ``k_split`` per split."""
+    """``force(k_split)``: the launcher's forward takes split-K with ``k_split`` per split.
+
+    After the test, at least one split-K reduction must have been launched.
+    """
     from llmrec_kernels.triton import dispatch
 
     launcher = _launcher()
+    counter = _CountingKernel(launcher._cora_splitk_reduce_kernel)
+    monkeypatch.setattr(launcher, "_cora_splitk_reduce_kernel", counter)
+
+    forced = []
 
     def force(k_split: int) -> None:
         monkeypatch.setattr(dispatch, "shrink_split", lambda *args: k_split)
         launcher.clear_config_cache()
+        forced.append(k_split)
 
     yield force
     monkeypatch.undo()
     launcher.clear_config_cache()
+    assert counter.launches > 0 or not forced, "the split-K path never ran"
 
 
 def _inputs(b, length, k, n, r, dtype, shared, device, seed=0):
@@ -126,6 +146,29 @@ def test_splitk_is_deterministic_and_close_to_the_plain_shrink(shared, force_spl
     (s64, _), (s_ref, _) = _oracles(x, w, a, bm, bias, 2.0)
     assert_close_to_oracle(s1, s_ref, s64, "split-K S")
     assert_close_to_oracle(s_plain, s_ref, s64, "plain S")
+
+
+@needs_kernels
+def test_gradients_after_a_split_k_forward(force_split, device):
+    """Training through the op: the backward reads the split-K forward's S (dB = dy^T S)."""
+    force_split(64)
+    x, w, a, bm, bias = _inputs(3, 2, 200, 24, 5, torch.float32, False, device, seed=5)
+    dy = _inputs(3, 2, 24, 1, 1, torch.float32, True, device, seed=6)[0]
+
+    def grads(x, w, a, bm, bias, backend=None):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, bm)]
+        if backend is None:
+            xx, aa, bb = leaves
+            y = torch.nn.functional.linear(xx, w, bias) + 0.5 * torch.bmm(xx, aa) @ bb.t()
+        else:
+            y = fused_cora_linear(leaves[0], w, leaves[1], leaves[2], bias, 0.5, backend=backend)
+        return torch.autograd.grad(y, leaves, dy.to(y.dtype))
+
+    got = grads(x, w, a, bm, bias, "triton")
+    ref = grads(x, w, a, bm, bias)
+    exact = grads(*(t.double() for t in (x, w, a, bm, bias)))
+    for g, r, e, name in zip(got, ref, exact, ("dx", "dA", "dB")):
+        assert_close_to_oracle(g, r, e, name)
 
 
 # ----------------------------------------------------------------------------- dispatcher
