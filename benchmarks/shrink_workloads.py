@@ -46,7 +46,7 @@ def _triton_calls(x, a, scaling) -> dict[str, Callable[[], torch.Tensor]]:
     padded = launcher._pad_rank(a)
     strides = launcher._a_strides(padded)
     key = launcher._key(x.dtype)
-    gpu = launcher._gpu_spec(x.device)
+    gpu = launcher._gpu_spec(x)
     cfg = shrink_config(length, x.dtype, key[-1])  # key[-1]: batch-invariant mode
     forced = dispatch.split_for_bandwidth(batch, length, k, rank, x.dtype, cfg, gpu)
 

@@ -315,7 +315,7 @@ def _recording(arch: int) -> Iterator[list[Launch]]:
             # Split-K grids are sized from the device's SM count; use the target's.
             cora_linear._target_programs = lambda device: 4 * ARCH_LIMITS[arch].sm_count
         # The dispatcher (split-K shrink, GEMM tiles by occupancy) sizes for the target's GPU.
-        cora_linear._gpu_spec = lambda device: dispatch.ARCH_DEFAULT[arch]
+        cora_linear._gpu_spec = lambda tensor: dispatch.ARCH_DEFAULT[arch]
         cora_linear.clear_config_cache()
         yield recorded
     finally:

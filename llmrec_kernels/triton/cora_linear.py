@@ -94,17 +94,15 @@ def _key(dtype: torch.dtype) -> tuple:
     return dtype, _input_precision(dtype), interpreter_enabled(), batch_invariant_enabled()
 
 
-def _gpu_spec(device: torch.device) -> Optional[dispatch.GpuSpec]:
-    """What the dispatcher sizes grids for: the CUDA device's spec; None under the interpreter.
+def _gpu_spec(t: torch.Tensor) -> Optional[dispatch.GpuSpec]:
+    """What the dispatcher sizes ``t``'s launches for: its CUDA device's spec; None under the
+    interpreter.
 
     Other devices (CPU and meta tensors: the no-op host timing and the AOT tracer, which
     replaces this function per target arch) get the default sm_90 spec.
     """
-    if device.type == "cuda":
-        index = device.index
-        return dispatch.gpu_spec_for_device(
-            index if index is not None else torch.cuda.current_device()
-        )
+    if t.is_cuda:
+        return dispatch.gpu_spec_for_device(t.get_device())
     if interpreter_enabled():
         return None
     return dispatch.DEFAULT_GPU
@@ -164,6 +162,27 @@ def _splitk_plan(
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
+def _forward_plan(
+    batch: int,
+    length: int,
+    k: int,
+    n: int,
+    rank: int,
+    key: tuple,
+    gpu: Optional[dispatch.GpuSpec],
+) -> tuple:
+    """``(split-K plan or None, plain shrink plan or None, GEMM plan)`` of one forward.
+
+    ``batch``, ``length``: the shrink's samples and rows (merged when A is shared). One cached
+    lookup per forward call (host cost at decode).
+    """
+    split = _splitk_plan(batch, length, k, rank, key, gpu)
+    plain = None if split is not None else _shrink_plan(batch, length, rank, key)
+    gemm = _gemm_plan("fwd", batch * length, n, rank, key, gpu.sm_count if gpu else None)
+    return split, plain, gemm
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def _gemm_plan(
     kernel: str, rows: int, cols: int, rank: int, key: tuple, sm_count: Optional[int] = None
 ) -> tuple:
@@ -196,6 +215,7 @@ def clear_config_cache() -> None:
     _shrink_plan.cache_clear()
     _splitk_plan.cache_clear()
     _gemm_plan.cache_clear()
+    _forward_plan.cache_clear()
 
 
 @functools.cache
@@ -229,6 +249,48 @@ def _a_strides(lora_a: torch.Tensor) -> tuple[int, int, int]:
     return 0, lora_a.stride(0), lora_a.stride(1)
 
 
+def _shrink_layout(inp: torch.Tensor, shared: bool) -> tuple[int, int, int, int, int]:
+    """``(samples, rows per sample, stride_b, stride_l, stride_k)`` the shrink tiles.
+
+    One matrix for all samples and mergeable rows: tile the flat rows, not per sample.
+    """
+    batch, length, _ = inp.shape
+    sb, sl, sk = inp.stride()
+    if shared and (batch == 1 or sb == length * sl):
+        return 1, batch * length, 0, sl, sk
+    return batch, length, sb, sl, sk
+
+
+def _launch_shrink(inp, mat, mat_strides, out, scaling, layout, split_plan, plain_plan) -> None:
+    """Launch the split-K shrink (``split_plan``) or the plain one; see :func:`_shrink`."""
+    batch, length, sb, sl, sk = layout
+    k, rank = inp.shape[-1], out.shape[-1]
+    if split_plan is not None:
+        split, k_split, grid, meta, red_grid, red_meta = split_plan
+        ws = torch.empty((split, batch * length, rank), dtype=torch.float32, device=out.device)
+        _cora_shrink_splitk_kernel[grid](
+            inp, mat, ws,
+            length, k, rank, k_split,
+            sb, sl, sk,
+            *mat_strides,
+            ws.stride(0), ws.stride(1),
+            **meta,
+        )  # fmt: skip
+        _cora_splitk_reduce_kernel[red_grid](
+            ws, out, batch * length * rank, split, ws.stride(0), scaling, **red_meta
+        )
+        return
+    grid, meta = plain_plan
+    _cora_shrink_kernel[grid](
+        inp, mat, out,
+        length, k, rank,
+        sb, sl, sk,
+        *mat_strides,
+        scaling,
+        **meta,
+    )  # fmt: skip
+
+
 def _shrink(
     inp: torch.Tensor,
     mat: torch.Tensor,
@@ -243,43 +305,18 @@ def _shrink(
     """``out = scaling * inp @ mat[b]`` for a strided ``(B, L, K)`` ``inp``; out fp32 ``(B, L, R)``.
 
     ``key``: :func:`_key` of ``inp.dtype`` when the caller has it already. ``allow_split``:
-    the split-K kernel may run (the forward's shrink, when the dispatcher chooses it for
-    ``gpu``); the backward's ``dS`` shrink keeps the plain kernel. ``k_split`` (with
-    ``allow_split``): K elements per split instead of the dispatcher's choice.
+    the split-K kernel may run (when the dispatcher chooses it for ``gpu``); the backward's
+    ``dS`` shrink keeps the plain kernel. ``k_split`` (with ``allow_split``): K elements per
+    split instead of the dispatcher's choice.
     """
-    batch, length, k = inp.shape
-    rank = out.shape[-1]
-    sb, sl, sk = inp.stride()
-    if mat_strides[0] == 0 and (batch == 1 or sb == length * sl):
-        # One matrix for all samples and mergeable rows: tile the flat rows, not per sample.
-        batch, length, sb = 1, batch * length, 0
+    layout = _shrink_layout(inp, mat_strides[0] == 0)
+    batch, length = layout[:2]
     key = key or _key(inp.dtype)
+    split_plan = None
     if allow_split:
-        plan = _splitk_plan(batch, length, k, rank, key, gpu, k_split)
-        if plan is not None:
-            split, k_split, grid, meta, red_grid, red_meta = plan
-            ws = torch.empty((split, batch * length, rank), dtype=torch.float32, device=out.device)
-            _cora_shrink_splitk_kernel[grid](
-                inp, mat, ws,
-                length, k, rank, k_split,
-                sb, sl, sk,
-                *mat_strides,
-                ws.stride(0), ws.stride(1),
-                **meta,
-            )  # fmt: skip
-            _cora_splitk_reduce_kernel[red_grid](
-                ws, out, batch * length * rank, split, ws.stride(0), scaling, **red_meta
-            )
-            return
-    grid, meta = _shrink_plan(batch, length, rank, key)
-    _cora_shrink_kernel[grid](
-        inp, mat, out,
-        length, k, rank,
-        sb, sl, sk,
-        *mat_strides,
-        scaling,
-        **meta,
-    )  # fmt: skip
+        split_plan = _splitk_plan(batch, length, inp.shape[-1], out.shape[-1], key, gpu, k_split)
+    plain_plan = None if split_plan is not None else _shrink_plan(batch, length, out.shape[-1], key)
+    _launch_shrink(inp, mat, mat_strides, out, scaling, layout, split_plan, plain_plan)
 
 
 def _rows_transpose_matmul(
@@ -333,15 +370,17 @@ def forward(
     if rows == 0:
         return y, s
     key = _key(dt)
-    gpu = _gpu_spec(x.device)
     lora_a, lora_b = _pad_rank(lora_a), _pad_rank(lora_b)
+    layout = _shrink_layout(x, lora_a.dim() == 2)
+    # Split-K is an inference/decode path: a training forward with dropout on the LoRA input
+    # (not an argument of this backend yet) must take the plain shrink (_shrink_plan).
+    split_plan, plain_plan, (grid, meta) = _forward_plan(
+        layout[0], layout[1], k, n, rank, key, _gpu_spec(x)
+    )
     with _device_guard(x):
-        # Split-K is an inference/decode path: a training forward with dropout on the LoRA
-        # input (not an argument of this backend yet) must pass allow_split=False.
-        _shrink(x, lora_a, _a_strides(lora_a), s, scaling, key, gpu, allow_split=True)
+        _launch_shrink(x, lora_a, _a_strides(lora_a), s, scaling, layout, split_plan, plain_plan)
         if n == 0:
             return y, s
-        grid, meta = _gemm_plan("fwd", rows, n, rank, key, gpu.sm_count if gpu else None)
         bias_arg = bias.contiguous() if bias is not None else y
         _cora_linear_fwd_kernel[grid](
             x, weight, bias_arg, s, lora_b, y,
@@ -392,7 +431,7 @@ def backward(
         if need_dx:
             dx = torch.empty((batch, length, k), dtype=x.dtype, device=x.device)
             if k > 0:
-                gpu = _gpu_spec(x.device)
+                gpu = _gpu_spec(x)
                 grid, meta = _gemm_plan(
                     "bwd_dx", rows, k, rank, _key(x.dtype), gpu.sm_count if gpu else None
                 )

@@ -68,6 +68,13 @@ Batch-invariant mode (:func:`llmrec_kernels.batch_invariant`), H100; ``op old`` 
     H100  prefill 8x256      2048    128x128   512  3.88  split 8x512     18.4      10.3  1.79     91.9   110.4   102.2  1.08
     H100  prefill 32x512    16384    128x128  4096 31.03  split 8x512     43.6      51.0  0.86    721.4   765.0   772.3  0.99
 
+Host side: the split-K path costs one more launch and one workspace allocation per call
+(``python -m benchmarks.host_overhead``, no-op launches on a 2-core CPU: about +3.5 us over
+the plain path's ~13 us; a real Triton launch costs more). Where the host bounds decode (no
+CUDA graph, Python ahead of the GPU by less than a kernel), that can eat the GPU-side gain;
+folding the fixed-order sum into the GEMM's epilogue (it reads S only there) would remove the
+extra launch.
+
 Uncertainty: the latency, the tile efficiencies and the launch cost are estimates, not
 measurements; the shrink times hinge on the latency (a 0.8 us latency lowers the plain decode
 shrink's bandwidth by a quarter and raises its split-K speed-up accordingly), the prefill
@@ -107,13 +114,18 @@ __all__ = [
 
 # Batch-invariant mode: K elements per split, whatever M (a multiple of every BLOCK_K).
 BATCH_INVARIANT_K_SPLIT = 512
-# Resident shrink programs per SM the model assumes (small tiles: warps and registers allow 8+).
+# Resident shrink programs per SM the model assumes (the AOT table: 7-16 at rank 16, fewer at 128).
 _SHRINK_CTAS_PER_SM = 8
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class GpuSpec:
-    """What the cost model needs of a GPU (dense peaks, SXM boards)."""
+    """What the cost model needs of a GPU (dense peaks, SXM boards).
+
+    Compared and hashed by identity (``eq=False``): launch plans are cached per spec, and a
+    field-wise hash would cost the decode path a microsecond per call. Specs are singletons:
+    :data:`GPUS` and one per device from :func:`gpu_spec_for_device`.
+    """
 
     name: str
     arch: int

@@ -324,7 +324,7 @@ def test_a_sample_gives_the_same_bits_in_any_batch(shared, monkeypatch, device):
 
     launcher = _launcher()
     small = dataclasses.replace(dispatch.GPUS["H100"], name="small", sm_count=4, hbm_gbps=33.0)
-    monkeypatch.setattr(launcher, "_gpu_spec", lambda dev: small)
+    monkeypatch.setattr(launcher, "_gpu_spec", lambda tensor: small)
     x, w, a, bm, bias = _inputs(33, 1, 600, 24, 5, torch.float32, shared, device, seed=7)
 
     def sample0(invariant: bool):
