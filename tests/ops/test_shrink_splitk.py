@@ -366,3 +366,16 @@ def test_dispatcher_split_on_the_gpu_bf16(shared):
     (s64, y64), (s_ref, y_ref) = _oracles(x, w, a, bm, bias, 2.0)
     assert_close_to_oracle(s, s_ref.float(), s64, "S", dtype=torch.bfloat16)
     assert_close_to_oracle(y, y_ref, y64, "y")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_batch_invariance_on_the_gpu(dtype):
+    """On a GPU the JIT specialises M == 1 and M % 16 == 0 apart: the bits must still agree."""
+    x, w, a, bm, bias = _inputs(33, 1, 4096, 4096, 16, dtype, False, "cuda", seed=11)
+    launcher = _launcher()
+    launcher.clear_config_cache()
+    with batch_invariant(), torch.inference_mode():
+        rows = [launcher.forward(x[:b], w, a[:b], bm, bias, 2.0)[0][0] for b in (1, 5, 16, 33)]
+    launcher.clear_config_cache()
+    assert all(torch.equal(rows[0], r) for r in rows[1:])
