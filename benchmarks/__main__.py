@@ -3,6 +3,7 @@
 python -m benchmarks --quick                 # < 5 min on 2 CPU cores
 python -m benchmarks --out r.json --plot r.png
 python -m benchmarks --render r.json --markdown r.md   # re-render a saved run
+python -m benchmarks --dispatch              # the Triton dispatcher's choices, predicted (CPU)
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         help="auto: bfloat16 on a GPU, float32 on a CPU",
     )
     p.add_argument(
-        "--ops", default=None, help="comma-separated subset of host,proj,qkv,decoder_layer,scoring"
+        "--ops",
+        default=None,
+        help="comma-separated subset of host,proj,qkv,shrink,decoder_layer,scoring",
     )
     p.add_argument(
         "--budget", type=float, default=None, help="CPU: seconds of timed rounds per workload"
@@ -77,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
         help="with --wait-idle: time a disturbed workload again up to this many times",
     )
     p.add_argument("--render", type=Path, help="do not run: print/plot a saved JSON file")
+    p.add_argument(
+        "--dispatch",
+        action="store_true",
+        help="do not run: print the Triton dispatcher's choices (split-K shrink, GEMM tile) and "
+        "the cost model's predicted times and speed-ups for the LLaMA-7B decode and prefill "
+        "grid on H100/H200/A100 (and this GPU, if any); with --out, also write them there",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -88,6 +98,25 @@ def _markdown(results: dict, summary, full) -> str:
         "Median ms per method (r 16):\n\n"
         f"{summary(results)}\n\nAll records:\n\n{full(results)}\n"
     )
+
+
+def dispatch_report() -> str:
+    """The dispatcher's choices and predicted times (:mod:`llmrec_kernels.triton.dispatch`)."""
+    from llmrec_kernels.triton import dispatch
+
+    gpus: list = ["H100", "H200", "A100"]
+    parts = []
+    if torch.cuda.is_available():
+        gpus.insert(0, dispatch.gpu_spec_for_device(torch.cuda.current_device()))
+    parts.append(
+        "Triton dispatcher, LLaMA-7B projection (K = N = 4096, r 16, bf16, per-sample A):\n"
+        "choices and cost-model predictions in us (x = speed-up; op old = plain shrink and\n"
+        "fixed-M GEMM tiles, as before issue 16). Model: llmrec_kernels/triton/dispatch.py.\n"
+    )
+    parts.append(dispatch.prediction_table(tuple(gpus)))
+    parts.append("\nBatch-invariant mode (llmrec_kernels.batch_invariant()), H100:\n")
+    parts.append(dispatch.prediction_table(("H100",), batch_invariant=True))
+    return "\n".join(parts)
 
 
 def main(argv=None) -> int:
@@ -108,6 +137,12 @@ def main(argv=None) -> int:
         say = console.print
     except ImportError:  # the bench extra is not installed: plain text
         console, say = None, print
+    if args.dispatch:
+        text = dispatch_report()
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+        return 0
     if args.render is not None:
         results = json.loads(args.render.read_text())
         results["checks"] = target_checks(results["records"])  # derived from the records

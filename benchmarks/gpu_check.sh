@@ -10,8 +10,11 @@
 #    without a package index, else from the index); the CUDA extension is built for the
 #    GPU's own architecture only;
 # 3. runs the GPU-marked tests (OUT_DIR/gpu-tests.log, gpu-tests.xml);
-# 4. runs the GPU benchmark report in bf16 (OUT_DIR/bench.json, bench.md, bench.png);
-# 5. writes OUT_DIR/summary.md: what ran, what passed, how long each step took.
+# 4. writes the Triton dispatcher's choices and the cost model's predicted times for this
+#    GPU and H100/H200/A100 (OUT_DIR/dispatch.txt): what step 5's shrink rows check;
+# 5. runs the GPU benchmark report in bf16 (OUT_DIR/bench.json, bench.md, bench.png), with
+#    the shrink alone (Triton split-K vs plain vs the dispatcher's choice) over the grid;
+# 6. writes OUT_DIR/summary.md: what ran, what passed, how long each step took.
 #
 # Every step has its own time limit, so the whole check ends in under 8 minutes on an
 # H100-class GPU; a failing step is recorded and the next one still runs. The exit status is
@@ -27,7 +30,7 @@ OUT=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     *) OUT="$arg" ;;
   esac
@@ -97,6 +100,7 @@ cat "$OUT/env.txt"
 if [ "$DRY_RUN" -eq 1 ]; then
   run_step install 60 "$PYTHON" -c "import llmrec_kernels, benchmarks; print('importable from', llmrec_kernels.__file__)"
   run_step gpu-tests 300 "$PYTHON" -m pytest -q -m gpu --collect-only -p no:cacheprovider tests
+  run_step dispatch 60 "$PYTHON" -m benchmarks --dispatch --out "$OUT/dispatch.txt"
   run_step bench 300 "$PYTHON" -m benchmarks --tiny --device cpu --no-progress \
     --out "$OUT/bench.json" --plot "$OUT/bench.png" --markdown "$OUT/bench.md"
 else
@@ -136,6 +140,7 @@ print(" ".join(p for m, p in need.items() if u.find_spec(m) is None))')"
   run_step install 240 bash -c install
   run_step gpu-tests 240 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests \
     --junitxml "$OUT/gpu-tests.xml"
+  run_step dispatch 60 "$PYTHON" -m benchmarks --dispatch --out "$OUT/dispatch.txt"
   run_step bench 240 "$PYTHON" -m benchmarks --device cuda --dtype bfloat16 --no-progress \
     --out "$OUT/bench.json" --plot "$OUT/bench.png" --markdown "$OUT/bench.md"
 fi

@@ -83,6 +83,7 @@ def tiny_workloads(dtype: torch.dtype) -> list[Workload]:
         Workload("host", "fwd", 1, 1, 64, 64, 4, dtype),
         Workload("proj", "fwd", 1, 1, 64, 64, 4, dtype),
         Workload("proj", "fwd", 4, 1, 64, 64, 4, dtype),
+        Workload("shrink", "fwd", 4, 1, 64, 64, 4, dtype),
         Workload("proj", "fwd_bwd", 2, 8, 64, 64, 4, dtype),
         Workload("qkv", "fwd", 2, 8, 64, 192, 4, dtype),
         Workload("decoder_layer", "fwd_bwd", 2, 8, 64, 64, 4, dtype, layer),
@@ -109,6 +110,11 @@ def default_workloads(
     def proj(op, mode, bl, r):
         d_out = 3 * d if op == "qkv" else d
         out.append(Workload(op, mode, bl[0], bl[1], d, d_out, r, dtype))
+
+    # The shrink alone: Triton's split-K against its plain shrink over the decode and
+    # prefill grid (issue 16; predictions: python -m benchmarks --dispatch).
+    for bl in bls:
+        out.append(Workload("shrink", "fwd", bl[0], bl[1], d, d, 16, dtype))
 
     if quick:
         for bl in bls:
@@ -202,6 +208,10 @@ def _build_case(wl: Workload, device: torch.device, mem_budget: int) -> Case:
         from benchmarks import host_overhead
 
         return host_overhead.build_host_case(wl, device, mem_budget)
+    if wl.op == "shrink":
+        from benchmarks import shrink_workloads
+
+        return shrink_workloads.build_shrink_case(wl, device, mem_budget)
     from benchmarks import model_workloads
 
     if wl.op == "decoder_layer":

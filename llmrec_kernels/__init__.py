@@ -6,7 +6,7 @@ Triton: the kernels are imported on first use.
 
 from llmrec_kernels import reference
 from llmrec_kernels._cuda import cuda_available
-from llmrec_kernels.backends import BACKENDS, resolve_backend
+from llmrec_kernels.backends import BACKENDS, batch_invariant, resolve_backend
 from llmrec_kernels.cora_linear import fused_cora_linear
 
 __version__ = "0.1.0"
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "__version__",
+    "batch_invariant",
     "cuda_available",
     "fused_cora_linear",
     "reference",

@@ -11,12 +11,19 @@ variable, which replaces ``"auto"`` when set:
 * ``"cuda"`` (hand-written CUDA kernels from ``csrc/``) is used only when asked for.
 
 An explicit ``backend=`` argument always wins over the environment variable.
+
+Batch-invariant mode (:func:`batch_invariant`, opt-in, Triton backend): a sample's output
+bits do not depend on the batch it is computed in. Off by default, because it gives up the
+shape-dependent choices that make small and large batches fast; see
+:mod:`llmrec_kernels.triton.dispatch` for the predicted cost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -24,6 +31,8 @@ __all__ = [
     "BACKENDS",
     "ENV_BACKEND",
     "MAX_TRITON_RANK",
+    "batch_invariant",
+    "batch_invariant_enabled",
     "interpreter_enabled",
     "resolve_backend",
     "triton_available",
@@ -48,6 +57,34 @@ def _getenv(name: str, key: bytes) -> str:
         value = _ENV_DATA.get(key)
         return "" if value is None else value.decode()
     return os.environ.get(name, "")
+
+
+# One flag for the process; LLMREC_BATCH_INVARIANT=1 in the environment turns it on at import.
+_BATCH_INVARIANT = [os.environ.get("LLMREC_BATCH_INVARIANT", "0") == "1"]
+
+
+def batch_invariant_enabled() -> bool:
+    """True inside :func:`batch_invariant` (or with ``LLMREC_BATCH_INVARIANT=1`` at import)."""
+    return _BATCH_INVARIANT[0]
+
+
+@contextlib.contextmanager
+def batch_invariant(enabled: bool = True) -> Iterator[None]:
+    """Make the Triton backend's forward batch-invariant inside the ``with`` block.
+
+    A sample's output (and its ``S = s x A``) is then bitwise the same whatever batch it is
+    computed in: the tile configs stop depending on ``M`` (the largest GEMM tile, the 16-row
+    shrink tile) and the shrink is split over K by a count fixed by ``K`` alone, summed in a
+    fixed order. The cost (predicted): about 0.8x at small decode batches, where the GEMM
+    loses its decode tiles, and nothing at large prefill. Process-wide (not per thread);
+    the torch and CUDA backends are not affected (cuBLAS picks its algorithm by shape).
+    """
+    previous = _BATCH_INVARIANT[0]
+    _BATCH_INVARIANT[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _BATCH_INVARIANT[0] = previous
 
 
 def interpreter_enabled() -> bool:

@@ -50,7 +50,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from llmrec_kernels.triton import cora_linear, kernels
+from llmrec_kernels.triton import cora_linear, dispatch, kernels, shrink_splitk
 from llmrec_kernels.triton.configs import DTYPE_PRECISIONS
 
 __all__ = [
@@ -70,7 +70,11 @@ KERNELS = {
     "fwd": kernels._cora_linear_fwd_kernel,
     "bwd_dx": kernels._cora_linear_bwd_dx_kernel,
     "reduce": kernels._rows_transpose_matmul_kernel,
+    "shrink_splitk": shrink_splitk._cora_shrink_splitk_kernel,
+    "splitk_reduce": shrink_splitk._cora_splitk_reduce_kernel,
 }
+# Kernels without a dot: no input precision, no tensor cores expected.
+NO_DOT_KERNELS = frozenset({"splitk_reduce"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,15 +207,21 @@ class Launch:
             tiles = (v("BLOCK_M"), v("BLOCK_N"), v("BLOCK_K"), v("GROUP_M"))
         elif self.kind == "bwd_dx":  # the launcher passes the table's BLOCK_N as BLOCK_K
             tiles = (v("BLOCK_M"), v("BLOCK_K"), v("BLOCK_N"), v("GROUP_M"))
-        elif self.kind == "shrink":
+        elif self.kind in ("shrink", "shrink_splitk"):
             tiles = (v("BLOCK_M"), v("BLOCK_K"))
+        elif self.kind == "splitk_reduce":
+            tiles = (v("BLOCK"),)
         else:
             tiles = (v("BLOCK_P"), v("BLOCK_ROWS"))
         dtype = self.signature[self.fn.arg_names[0]].lstrip("*")
         return (
-            self.kind, dtype, v("INPUT_PRECISION"),
+            self.kind, dtype, self.precision(),
             (*tiles, self.options["num_warps"], self.options["num_stages"]),
         )  # fmt: skip
+
+    def precision(self) -> str:
+        """The dots' input precision; ``"-"`` for a kernel without dots."""
+        return "-" if self.kind in NO_DOT_KERNELS else self.value("INPUT_PRECISION")
 
     def int_args(self) -> dict[str, tuple[int, str]]:
         """Integer and pointer arguments: ``(value or address, "1" | "d" | ".")``.
@@ -296,6 +306,7 @@ def _recording(arch: int) -> Iterator[list[Launch]]:
         return run
 
     saved_targets = getattr(cora_linear, "_target_programs", None)
+    saved_spec = cora_linear._gpu_spec
     try:
         for kind, fn in KERNELS.items():
             fn.run = recorder(kind, fn)  # shadows JITFunction.run; kernel[grid](...) calls it
@@ -303,12 +314,17 @@ def _recording(arch: int) -> Iterator[list[Launch]]:
         if saved_targets is not None:
             # Split-K grids are sized from the device's SM count; use the target's.
             cora_linear._target_programs = lambda device: 4 * ARCH_LIMITS[arch].sm_count
+        # The dispatcher (split-K shrink, GEMM tiles by occupancy) sizes for the target's GPU.
+        cora_linear._gpu_spec = lambda tensor: dispatch.ARCH_DEFAULT[arch]
+        cora_linear.clear_config_cache()
         yield recorded
     finally:
         for fn in patched:
             del fn.run
         if saved_targets is not None:
             cora_linear._target_programs = saved_targets
+        cora_linear._gpu_spec = saved_spec
+        cora_linear.clear_config_cache()
 
 
 def _run_workload(w: Workload) -> None:
@@ -697,7 +713,7 @@ def compile_launch(launch: Launch, arch: int, cache_dir: Path | None = None) -> 
     shared = int(compiled.metadata.shared)
     num_warps = int(compiled.metadata.num_warps)
     ctas, limiter = ctas_per_sm(int(regs.group(1)), shared, num_warps, arch)
-    precision = launch.value("INPUT_PRECISION")
+    precision = launch.precision()
     dtype = launch.signature[next(iter(launch.signature))].lstrip("*")
     return {
         "kernel": launch.kind,
@@ -724,7 +740,7 @@ def compile_launch(launch: Launch, arch: int, cache_dir: Path | None = None) -> 
     }
 
 
-_TILE_NAMES = {"BLOCK_M": "", "BLOCK_N": "", "BLOCK_K": "", "BLOCK_P": "", "BLOCK_ROWS": ""}
+_TILE_NAMES = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_ROWS", "BLOCK"}
 
 
 def _config_text(launch: Launch) -> str:
@@ -745,6 +761,8 @@ def _config_text(launch: Launch) -> str:
 
 def needs_tensor_cores(record: dict) -> bool:
     """IEEE fp32 dots run on FMA units by design; every other dot must use tensor cores."""
+    if record["kernel"] in NO_DOT_KERNELS:
+        return False
     return not (record["dtype"] == "fp32" and record["precision"] == "ieee")
 
 
@@ -792,7 +810,8 @@ def compile_launches(todo: list[tuple[Launch, int, Path | None]], jobs: int = 1)
 
 _LEGEND = """\
 Legend: R = BLOCK_R (padded rank tile). config = tiles (fwd/dx: BLOCK_M x BLOCK_N x BLOCK_K,
-shrink: BLOCK_M x BLOCK_K, reduce: BLOCK_P x BLOCK_ROWS), g = GROUP_M, rc = R_CHUNK, w = warps,
+shrink and shrink_splitk: BLOCK_M x BLOCK_K, reduce: BLOCK_P x BLOCK_ROWS, splitk_reduce:
+BLOCK), g = GROUP_M, rc = R_CHUNK, w = warps,
 s = stages, ds = dS computed in the dx loop. smem = Triton's shared memory per CTA. CTA/SM =
 resident CTAs per SM from registers (allocated 256 per warp), shared memory (+1 KB reserved per
 CTA) and threads (2048 per SM), with the limiting resource. A/B load = how the PTX lines of the

@@ -7,6 +7,17 @@ sm_90, spills included), and works under the interpreter, where one small config
 The tables follow the shape classes of docs/design.md §4: decode-sized ``M`` (a few rows)
 must not pay for a 128-row tile, so the row tile grows with ``M``; the 128 x 128 tile uses 8
 warps because 4 warps spill there on sm_90.
+
+Above the decode classes the tile is chosen by occupancy, not by ``M`` alone (issue 16): the
+largest tile is kept only when its grid fills about one wave of the GPU's SMs
+(:data:`FULL_WAVE` of ``sm_count``, from the device's properties or, for the AOT and CPU
+paths, :mod:`llmrec_kernels.triton.dispatch`'s default per arch); otherwise the next smaller
+tile of the table. M = 128 with N = 4096 thus launches 128 CTAs of 64 x 64 on 132 SMs, not
+32 of 128 x 128. The split-K shrink (``"shrink_splitk"``) reuses the shrink tiles; when to
+split is decided in :mod:`llmrec_kernels.triton.dispatch` (its cost model).
+
+Batch-invariant mode (:func:`llmrec_kernels.batch_invariant`) takes every tile from
+:data:`BATCH_INVARIANT_ROWS`'s class whatever ``M`` is.
 """
 
 from __future__ import annotations
@@ -19,15 +30,24 @@ import torch
 from llmrec_kernels.backends import MAX_TRITON_RANK, interpreter_enabled
 
 __all__ = [
+    "BATCH_INVARIANT_ROWS",
+    "FULL_WAVE",
     "GemmConfig",
     "ReduceConfig",
     "ShrinkConfig",
+    "SplitReduceConfig",
     "all_configs",
     "block_r",
     "gemm_config",
     "reduce_config",
     "shrink_config",
+    "split_reduce_config",
 ]
+
+# A grid of at least this fraction of the SM count counts as one full wave.
+FULL_WAVE = 0.9
+# Batch-invariant mode: the row class every M gets (the largest GEMM tile, the 16-row shrink).
+BATCH_INVARIANT_ROWS = 1 << 62
 
 _RANK_BLOCKS = (16, 32, 64, 128)
 DTYPE_PRECISIONS = (
@@ -66,6 +86,15 @@ class ReduceConfig:
     num_stages: int
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitReduceConfig:
+    """The fixed-order sum of the split-K partials: ``BLOCK`` elements of ``S`` per program."""
+
+    BLOCK: int
+    num_warps: int
+    num_stages: int
+
+
 def block_r(rank: int) -> int:
     """Padded rank tile: the next power of two, at least 16 (the smallest MMA K)."""
     if not 1 <= rank <= MAX_TRITON_RANK:
@@ -78,6 +107,7 @@ def block_r(rank: int) -> int:
 _INTERPRETER_GEMM = GemmConfig(32, 32, 32, 4, 4, 1)
 _INTERPRETER_SHRINK = ShrinkConfig(16, 32, 4, 1)
 _INTERPRETER_REDUCE = ReduceConfig(32, 32, 4, 1)
+_SPLIT_REDUCE = SplitReduceConfig(512, 4, 1)
 
 
 def _gemm_table(
@@ -116,16 +146,63 @@ def _gemm_table(
 
 
 def gemm_config(
-    kernel: str, rows: int, dtype: torch.dtype, rank: int, dropout: bool = False
+    kernel: str,
+    rows: int,
+    dtype: torch.dtype,
+    rank: int,
+    cols: int | None = None,
+    sm_count: int | None = None,
+    batch_invariant: bool = False,
+    dropout: bool = False,
 ) -> GemmConfig:
     """Tile config of ``kernel`` ("fwd" or "bwd_dx") over ``rows`` flat rows (``M = B * L``).
 
+    ``cols``: output columns (N for "fwd", K for "bwd_dx"); with ``sm_count`` the tile is
+    chosen by occupancy (:func:`gemm_gpu_config`), without them from ``rows`` alone.
     ``dropout``: the launch applies LoRA dropout (only the dx kernel's tiles change).
     """
     if interpreter_enabled():
         return _INTERPRETER_GEMM
+    return gemm_gpu_config(kernel, rows, dtype, rank, cols, sm_count, batch_invariant, dropout)
+
+
+def _tiles(rows: int, cols: int, cfg: GemmConfig) -> int:
+    return -(-rows // cfg.BLOCK_M) * -(-cols // cfg.BLOCK_N)
+
+
+def gemm_gpu_config(
+    kernel: str,
+    rows: int,
+    dtype: torch.dtype,
+    rank: int,
+    cols: int | None = None,
+    sm_count: int | None = None,
+    batch_invariant: bool = False,
+    dropout: bool = False,
+) -> GemmConfig:
+    """:func:`gemm_config` for a GPU, whatever the interpreter setting (the cost model's view).
+
+    Rows up to the second-largest class keep their row-matched tile (decode: the tile's rows
+    are what M needs, the columns give the parallelism). Above it, the largest tile is kept
+    when ``cdiv(M, BM) * cdiv(N, BN) >= FULL_WAVE * sm_count``, else the second-largest is
+    taken: a smaller tile (64 x 64 in 16-bit, a quarter of 128 x 128) multiplies the CTAs
+    where the big one leaves SMs idle.
+    """
     table = _gemm_table(kernel, dtype, block_r(rank), dropout)
-    return next(cfg for max_rows, cfg in table if rows <= max_rows)
+    if batch_invariant:
+        rows = BATCH_INVARIANT_ROWS
+    chosen = next(i for i, (max_rows, _) in enumerate(table) if rows <= max_rows)
+    cfg = table[chosen][1]
+    if (
+        not batch_invariant
+        and cols is not None
+        and sm_count is not None
+        and chosen == len(table) - 1
+        and chosen > 0
+        and _tiles(rows, cols, cfg) < FULL_WAVE * sm_count
+    ):
+        cfg = table[chosen - 1][1]
+    return cfg
 
 
 def _shrink_table(dtype: torch.dtype) -> tuple[tuple[int, ShrinkConfig], ...]:
@@ -147,11 +224,29 @@ def _reduce_gpu_config(dtype: torch.dtype, block_rank: int) -> ReduceConfig:
     return ReduceConfig(32, 32, 8, 3)
 
 
-def shrink_config(rows_per_sample: int, dtype: torch.dtype) -> ShrinkConfig:
-    """Tile config of the shrink ``x A`` for samples of ``rows_per_sample`` rows."""
+def shrink_config(
+    rows_per_sample: int, dtype: torch.dtype, batch_invariant: bool = False
+) -> ShrinkConfig:
+    """Tile config of the shrink ``x A`` (plain or split-K) for samples of ``rows_per_sample`` rows.
+
+    Batch-invariant mode always takes the decode tile (16 rows), whatever the rows.
+    """
     if interpreter_enabled():
         return _INTERPRETER_SHRINK
-    return next(cfg for max_rows, cfg in _shrink_table(dtype) if rows_per_sample <= max_rows)
+    return shrink_gpu_config(rows_per_sample, dtype, batch_invariant)
+
+
+def shrink_gpu_config(
+    rows_per_sample: int, dtype: torch.dtype, batch_invariant: bool = False
+) -> ShrinkConfig:
+    """:func:`shrink_config` for a GPU, whatever the interpreter setting."""
+    rows = 1 if batch_invariant else rows_per_sample
+    return next(cfg for max_rows, cfg in _shrink_table(dtype) if rows <= max_rows)
+
+
+def split_reduce_config() -> SplitReduceConfig:
+    """Tile config of the fixed-order sum of the split-K partials (fp32 whatever the dtype)."""
+    return _SPLIT_REDUCE
 
 
 def reduce_config(dtype: torch.dtype, rank: int) -> ReduceConfig:
@@ -164,7 +259,9 @@ def reduce_config(dtype: torch.dtype, rank: int) -> ReduceConfig:
 def all_configs() -> Iterator[tuple[str, torch.dtype, str, int, object]]:
     """Every ``(kernel, dtype, input precision, BLOCK_R, config)`` the dispatcher can choose.
 
-    fp32 appears twice: IEEE dots (PyTorch's default) and TF32 (``allow_tf32``).
+    fp32 appears twice: IEEE dots (PyTorch's default) and TF32 (``allow_tf32``). The split-K
+    partials' reduction (``"splitk_reduce"``) appears once, with precision ``"-"`` and no
+    ``BLOCK_R``.
     """
     for dtype, precision in DTYPE_PRECISIONS:
         for rank_block in _RANK_BLOCKS:
@@ -173,4 +270,7 @@ def all_configs() -> Iterator[tuple[str, torch.dtype, str, int, object]]:
                     yield kernel, dtype, precision, rank_block, cfg
             for _, cfg in _shrink_table(dtype):
                 yield "shrink", dtype, precision, rank_block, cfg
+                yield "shrink_splitk", dtype, precision, rank_block, cfg
             yield "reduce", dtype, precision, rank_block, _reduce_gpu_config(dtype, rank_block)
+    # The partials are fp32 whatever the input dtype; no dot, so no input precision.
+    yield "splitk_reduce", torch.float32, "-", None, _SPLIT_REDUCE

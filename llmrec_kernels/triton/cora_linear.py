@@ -11,6 +11,12 @@ config, grid and compile-time arguments of every launch are computed once per sh
 and integer ceilings use plain arithmetic (``triton.cdiv`` is a JIT function, slow to call
 from Python). ``python -m benchmarks.host_overhead`` measures this side with the launches
 replaced by no-ops.
+
+The forward's shrink is split over K (:mod:`llmrec_kernels.triton.shrink_splitk`) when
+:func:`llmrec_kernels.triton.dispatch.shrink_split` says so for the device (decode and
+underfilled prefill grids); the GEMM's tile is chosen by occupancy from the device's SM count
+(:func:`_gpu_spec`). Under the interpreter no device is sized for, and the forward keeps the
+plain shrink unless batch-invariant mode (:func:`llmrec_kernels.batch_invariant`) is on.
 """
 
 from __future__ import annotations
@@ -20,14 +26,25 @@ from typing import Optional
 
 import torch
 
-from llmrec_kernels.backends import interpreter_enabled
+from llmrec_kernels.backends import batch_invariant_enabled, interpreter_enabled
 from llmrec_kernels.dropout import keep_scale, keep_threshold
-from llmrec_kernels.triton.configs import block_r, gemm_config, reduce_config, shrink_config
+from llmrec_kernels.triton import dispatch
+from llmrec_kernels.triton.configs import (
+    block_r,
+    gemm_config,
+    reduce_config,
+    shrink_config,
+    split_reduce_config,
+)
 from llmrec_kernels.triton.kernels import (
     _cora_linear_bwd_dx_kernel,
     _cora_linear_fwd_kernel,
     _cora_shrink_kernel,
     _rows_transpose_matmul_kernel,
+)
+from llmrec_kernels.triton.shrink_splitk import (
+    _cora_shrink_splitk_kernel,
+    _cora_splitk_reduce_kernel,
 )
 
 __all__ = ["backward", "clear_config_cache", "forward"]
@@ -74,15 +91,29 @@ def _device_guard(t: torch.Tensor):
 
 
 def _key(dtype: torch.dtype) -> tuple:
-    """What every cached launch plan depends on besides the shape."""
-    return dtype, _input_precision(dtype), interpreter_enabled()
+    """What every cached launch plan depends on besides the shape (and the device's spec)."""
+    return dtype, _input_precision(dtype), interpreter_enabled(), batch_invariant_enabled()
+
+
+def _gpu_spec(t: torch.Tensor) -> Optional[dispatch.GpuSpec]:
+    """What the dispatcher sizes ``t``'s launches for: its CUDA device's spec; None under the
+    interpreter.
+
+    Other devices (CPU and meta tensors: the no-op host timing and the AOT tracer, which
+    replaces this function per target arch) get the default sm_90 spec.
+    """
+    if t.is_cuda:
+        return dispatch.gpu_spec_for_device(t.get_device())
+    if interpreter_enabled():
+        return None
+    return dispatch.DEFAULT_GPU
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _shrink_plan(batch: int, length: int, rank: int, key: tuple) -> tuple:
     """``(grid, compile-time kwargs)`` of one shrink launch."""
-    dtype, precision, _ = key
-    cfg = shrink_config(length, dtype)
+    dtype, precision, _, invariant = key
+    cfg = shrink_config(length, dtype, invariant)
     grid = (_cdiv(length, cfg.BLOCK_M), batch)
     meta = dict(
         BLOCK_M=cfg.BLOCK_M,
@@ -96,12 +127,81 @@ def _shrink_plan(batch: int, length: int, rank: int, key: tuple) -> tuple:
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _gemm_plan(
-    kernel: str, rows: int, cols: int, rank: int, key: tuple, dropout: bool = False
+def _splitk_plan(
+    batch: int,
+    length: int,
+    k: int,
+    rank: int,
+    key: tuple,
+    gpu: Optional[dispatch.GpuSpec],
+    k_split: Optional[int] = None,
+) -> Optional[tuple]:
+    """``(split, K per split, grid, kwargs, reduce grid, reduce kwargs)``; None: plain shrink.
+
+    ``k_split``: K elements per split, instead of the dispatcher's choice (benchmarks).
+    """
+    dtype, precision, _, invariant = key
+    cfg = shrink_config(length, dtype, invariant)
+    if k_split is None:
+        k_split = dispatch.shrink_split(batch, length, k, rank, dtype, cfg, gpu, invariant)
+    if not k_split or k_split >= k:
+        return None
+    split = _cdiv(k, k_split)
+    meta = dict(
+        BLOCK_M=cfg.BLOCK_M,
+        BLOCK_K=cfg.BLOCK_K,
+        BLOCK_R=block_r(rank),
+        INPUT_PRECISION=precision,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    red = split_reduce_config()
+    red_meta = dict(BLOCK=red.BLOCK, num_warps=red.num_warps, num_stages=red.num_stages)
+    grid = (_cdiv(length, cfg.BLOCK_M), split, batch)
+    red_grid = (_cdiv(batch * length * rank, red.BLOCK),)
+    return split, k_split, grid, meta, red_grid, red_meta
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _forward_plan(
+    batch: int,
+    length: int,
+    k: int,
+    n: int,
+    rank: int,
+    key: tuple,
+    gpu: Optional[dispatch.GpuSpec],
+    dropout: bool = False,
 ) -> tuple:
-    """``(grid, compile-time kwargs)`` of the forward (``"fwd"``) or dx (``"bwd_dx"``) GEMM."""
-    dtype, precision, _ = key
-    cfg = gemm_config(kernel, rows, dtype, rank, dropout)
+    """``(split-K plan or None, plain shrink plan or None, GEMM plan)`` of one forward.
+
+    ``batch``, ``length``: the shrink's samples and rows (merged when A is shared). One cached
+    lookup per forward call (host cost at decode). ``dropout``: never split (the split-K
+    kernel applies no mask; dropout is a training feature, split-K a decode one).
+    """
+    split = None if dropout else _splitk_plan(batch, length, k, rank, key, gpu)
+    plain = None if split is not None else _shrink_plan(batch, length, rank, key)
+    gemm = _gemm_plan("fwd", batch * length, n, rank, key, gpu.sm_count if gpu else None)
+    return split, plain, gemm
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _gemm_plan(
+    kernel: str,
+    rows: int,
+    cols: int,
+    rank: int,
+    key: tuple,
+    sm_count: Optional[int] = None,
+    dropout: bool = False,
+) -> tuple:
+    """``(grid, compile-time kwargs)`` of the forward (``"fwd"``) or dx (``"bwd_dx"``) GEMM.
+
+    ``sm_count``: the device's SMs, for the occupancy rule of :func:`configs.gemm_gpu_config`.
+    ``dropout``: the launch applies LoRA dropout (the dx kernel's tiles differ).
+    """
+    dtype, precision, _, invariant = key
+    cfg = gemm_config(kernel, rows, dtype, rank, cols, sm_count, invariant, dropout)
     grid = (_cdiv(rows, cfg.BLOCK_M) * _cdiv(cols, cfg.BLOCK_N),)
     # The dx kernel's output columns are x's (K); its names swap BLOCK_N and BLOCK_K.
     meta = dict(
@@ -123,7 +223,9 @@ def _gemm_plan(
 def clear_config_cache() -> None:
     """Forget the cached launch plans (after changing the config tables or the environment)."""
     _shrink_plan.cache_clear()
+    _splitk_plan.cache_clear()
     _gemm_plan.cache_clear()
+    _forward_plan.cache_clear()
 
 
 @functools.cache
@@ -168,27 +270,45 @@ def _drop_args(dropout: Optional[tuple]) -> Optional[dict]:
     return dict(DROPOUT=True, drop_seed=seed, drop_offset=offset, drop_threshold=keep_threshold(p))
 
 
-def _shrink(
-    inp: torch.Tensor,
-    mat: torch.Tensor,
-    mat_strides: tuple[int, int, int],
-    out: torch.Tensor,
-    scaling: float,
-    key: Optional[tuple] = None,
-    drop: Optional[dict] = None,
-) -> None:
-    """``out = scaling * inp @ mat[b]`` for a strided ``(B, L, K)`` ``inp``; out fp32 ``(B, L, R)``.
+def _shrink_layout(inp: torch.Tensor, shared: bool) -> tuple[int, int, int, int, int]:
+    """``(samples, rows per sample, stride_b, stride_l, stride_k)`` the shrink tiles.
 
-    ``key``: :func:`_key` of ``inp.dtype`` when the caller has it already. ``drop``:
-    :func:`_drop_args`, to zero the dropped elements of ``inp`` (indexed as ``(B, L, K)``).
+    One matrix for all samples and mergeable rows: tile the flat rows, not per sample.
     """
-    batch, length, k = inp.shape
-    rank = out.shape[-1]
+    batch, length, _ = inp.shape
     sb, sl, sk = inp.stride()
-    if mat_strides[0] == 0 and (batch == 1 or sb == length * sl):
-        # One matrix for all samples and mergeable rows: tile the flat rows, not per sample.
-        batch, length, sb = 1, batch * length, 0
-    grid, meta = _shrink_plan(batch, length, rank, key or _key(inp.dtype))
+    if shared and (batch == 1 or sb == length * sl):
+        return 1, batch * length, 0, sl, sk
+    return batch, length, sb, sl, sk
+
+
+def _launch_shrink(
+    inp, mat, mat_strides, out, scaling, layout, split_plan, plain_plan, drop=None
+) -> None:
+    """Launch the split-K shrink (``split_plan``) or the plain one; see :func:`_shrink`.
+
+    ``drop`` (:func:`_drop_args`, plain shrink only) zeroes the dropped elements of ``inp``.
+    """
+    if drop is not None and split_plan is not None:
+        raise AssertionError("the split-K shrink applies no dropout mask")
+    batch, length, sb, sl, sk = layout
+    k, rank = inp.shape[-1], out.shape[-1]
+    if split_plan is not None:
+        split, k_split, grid, meta, red_grid, red_meta = split_plan
+        ws = torch.empty((split, batch * length, rank), dtype=torch.float32, device=out.device)
+        _cora_shrink_splitk_kernel[grid](
+            inp, mat, ws,
+            length, k, rank, k_split,
+            sb, sl, sk,
+            *mat_strides,
+            ws.stride(0), ws.stride(1),
+            **meta,
+        )  # fmt: skip
+        _cora_splitk_reduce_kernel[red_grid](
+            ws, out, batch * length * rank, split, ws.stride(0), scaling, **red_meta
+        )
+        return
+    grid, meta = plain_plan
     _cora_shrink_kernel[grid](
         inp, mat, out,
         length, k, rank,
@@ -198,6 +318,34 @@ def _shrink(
         **(drop or _NO_DROP),
         **meta,
     )  # fmt: skip
+
+
+def _shrink(
+    inp: torch.Tensor,
+    mat: torch.Tensor,
+    mat_strides: tuple[int, int, int],
+    out: torch.Tensor,
+    scaling: float,
+    key: Optional[tuple] = None,
+    gpu: Optional[dispatch.GpuSpec] = None,
+    allow_split: bool = False,
+    k_split: Optional[int] = None,
+) -> None:
+    """``out = scaling * inp @ mat[b]`` for a strided ``(B, L, K)`` ``inp``; out fp32 ``(B, L, R)``.
+
+    ``key``: :func:`_key` of ``inp.dtype`` when the caller has it already. ``allow_split``:
+    the split-K kernel may run (when the dispatcher chooses it for ``gpu``); the backward's
+    ``dS`` shrink keeps the plain kernel. ``k_split`` (with ``allow_split``): K elements per
+    split instead of the dispatcher's choice.
+    """
+    layout = _shrink_layout(inp, mat_strides[0] == 0)
+    batch, length = layout[:2]
+    key = key or _key(inp.dtype)
+    split_plan = None
+    if allow_split:
+        split_plan = _splitk_plan(batch, length, inp.shape[-1], out.shape[-1], key, gpu, k_split)
+    plain_plan = None if split_plan is not None else _shrink_plan(batch, length, out.shape[-1], key)
+    _launch_shrink(inp, mat, mat_strides, out, scaling, layout, split_plan, plain_plan)
 
 
 def _rows_transpose_matmul(
@@ -263,13 +411,20 @@ def forward(
         return y, s
     key = _key(dt)
     lora_a, lora_b = _pad_rank(lora_a), _pad_rank(lora_b)
+    layout = _shrink_layout(x, lora_a.dim() == 2)
     drop = _drop_args(dropout)
     s_scale = scaling if drop is None else scaling * keep_scale(dropout[0])
+    # Split-K is an inference/decode path: a training forward with dropout on the LoRA input
+    # takes the plain shrink, which applies the mask (the split-K kernel has none).
+    split_plan, plain_plan, (grid, meta) = _forward_plan(
+        layout[0], layout[1], k, n, rank, key, _gpu_spec(x), drop is not None
+    )
     with _device_guard(x):
-        _shrink(x, lora_a, _a_strides(lora_a), s, s_scale, key, drop)
+        _launch_shrink(
+            x, lora_a, _a_strides(lora_a), s, s_scale, layout, split_plan, plain_plan, drop
+        )
         if n == 0:
             return y, s
-        grid, meta = _gemm_plan("fwd", rows, n, rank, key)
         bias_arg = bias.contiguous() if bias is not None else y
         _cora_linear_fwd_kernel[grid](
             x, weight, bias_arg, s, lora_b, y,
@@ -328,7 +483,11 @@ def backward(
         if need_dx:
             dx = torch.empty((batch, length, k), dtype=x.dtype, device=x.device)
             if k > 0:
-                grid, meta = _gemm_plan("bwd_dx", rows, k, rank, _key(x.dtype), drop is not None)
+                gpu = _gpu_spec(x)
+                grid, meta = _gemm_plan(
+                    "bwd_dx", rows, k, rank, _key(x.dtype), gpu.sm_count if gpu else None,
+                    drop is not None,
+                )  # fmt: skip
                 _cora_linear_bwd_dx_kernel[grid](
                     dy, weight, lora_a, lora_b, ds, dx,
                     rows, n, k, rank, length, length if per_sample else rows,

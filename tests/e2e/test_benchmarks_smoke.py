@@ -74,6 +74,10 @@ def test_report_runner_tiny(tmp_path, one_thread, capsys):
     assert fwd["ours[torch]"]["tflops"] > 0 and fwd["ours[torch]"]["gbps"] > 0
     bwd = methods("proj", "fwd_bwd")
     assert bwd["ours[torch]"]["max_abs_err_grad"] < 1e-3
+    shrink = methods("shrink", "fwd")  # the split-K vs plain shrink rows: GPU only
+    assert shrink["torch[bmm]"]["status"] == "ok"
+    for name in ("triton[plain]", "triton[split-K]", "triton[auto]"):
+        assert shrink[name]["status"] == "skipped" and "GPU" in shrink[name]["skip_reason"]
     layer = methods("decoder_layer", "fwd_bwd")
     assert layer["reference"]["status"] == "ok"
     for name in ("ours[fused_qkv]", "ours[unfused]"):

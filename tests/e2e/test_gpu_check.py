@@ -30,12 +30,16 @@ def test_dry_run_writes_every_artefact(tmp_path):
     out = tmp_path / "check"
     proc = _run("--dry-run", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("env.txt", "install.log", "gpu-tests.log", "bench.json", "bench.md",
-                 "summary.md"):  # fmt: skip
+    for name in ("env.txt", "install.log", "gpu-tests.log", "dispatch.txt", "bench.json",
+                 "bench.md", "summary.md"):  # fmt: skip
         assert (out / name).is_file(), f"{name} missing: {sorted(p.name for p in out.iterdir())}"
     summary = (out / "summary.md").read_text()
-    for step in ("install", "gpu-tests", "bench"):
+    for step in ("install", "gpu-tests", "dispatch", "bench"):
         assert f"| {step} | ok |" in summary, summary
+    # the dispatcher's predictions for the decode and prefill grid, split-K at decode
+    dispatch = (out / "dispatch.txt").read_text()
+    assert "H100  decode 1x1" in dispatch and "split 32x128" in dispatch, dispatch
+    assert '"shrink"' in (out / "bench.json").read_text()
     assert "tests collected" in (out / "gpu-tests.log").read_text()
     assert "torch:" in (out / "env.txt").read_text()
 

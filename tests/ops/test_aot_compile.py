@@ -6,6 +6,7 @@ script, :func:`_emit`) traces the real launchers (:func:`aot.trace_launches`) an
 * a representative subset of the specialisations for sm_80 and sm_90 (LLaMA-7B shapes at
   decode (M 1) and prefill (8 x 256), ranks 4 and 128, fp16 and IEEE fp32, both A layouts; the CLI
   ``python -m llmrec_kernels.triton.aot`` compiles all of them, every rank, dtype and model);
+* the split-K shrink and its reduction (issue 16) at decode, with their occupancy;
 * the shrink kernel as it was before the int64 fix (:func:`_old_shrink_kernel`, verbatim), to
   show that the PTX int64 check flags its 32-bit row offset, and that its R-masked loads of A at
   rank 4 are scalar and unpipelined where the padded A of the current launcher is pipelined.
@@ -188,6 +189,31 @@ def test_compiled_kernels_pass_every_check(results):
         if aot.failures(r)
     }
     assert not bad
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_split_k_shrink_compiles_clean_with_its_occupancy(results, arch):
+    """The split-K shrink and its fixed-order reduction, as the decode workloads launch them.
+
+    The subset's decode shapes (M 1) take split-K on the arch's default GPU (132 or 108 SMs);
+    each specialisation is spill-free, 64-bit addressed, and its occupancy is stated (the
+    cost model in ``triton/dispatch.py`` assumes several resident shrink programs per SM).
+    """
+    for kind in ("shrink_splitk", "splitk_reduce"):
+        recs = [r for r in results["subset"] if r["kernel"] == kind and r["arch"] == arch]
+        assert recs, kind
+        for r in recs:
+            assert not aot.failures(r), (kind, r["config"], r["spec"], aot.failures(r))
+            assert r["int64_violations"] == []
+            assert r["ctas_per_sm"] >= 2 and r["cta_limiter"], (kind, r["ctas_per_sm"])
+        assert any("B1xL1" in u for r in recs for u in r["users"]), kind
+    # fp16 at rank 4 (BLOCK_R 16): the shape the decode model is written for.
+    small = [
+        r for r in results["subset"]
+        if r["kernel"] == "shrink_splitk" and r["arch"] == arch and r["dtype"] == "fp16"
+        and r["block_r"] == 16
+    ]  # fmt: skip
+    assert small and min(r["ctas_per_sm"] for r in small) >= 7
 
 
 def test_loads_of_a_and_b_are_pipelined(results):

@@ -267,6 +267,11 @@ def test_triton_launch_plans_equal_the_config_tables(monkeypatch):
         cfg = configs.shrink_config(rows, dtype)
         assert grid == (cdiv(rows, cfg.BLOCK_M), 3)
         assert (meta["BLOCK_M"], meta["BLOCK_K"]) == (cfg.BLOCK_M, cfg.BLOCK_K)
+        # with the device's SM count: the occupancy rule of the same config function
+        grid, meta = launcher._gemm_plan("fwd", rows, n, rank, key, 132)
+        cfg = configs.gemm_config("fwd", rows, dtype, rank, n, 132)
+        assert grid == (cdiv(rows, cfg.BLOCK_M) * cdiv(n, cfg.BLOCK_N),)
+        assert (meta["BLOCK_M"], meta["BLOCK_N"]) == (cfg.BLOCK_M, cfg.BLOCK_N)
     # and the launcher's forward runs end to end with no-op launches (allocations, strides)
     x, ws, a, bs, _, _ = _inputs()
     with noop_triton_launches() as mod:

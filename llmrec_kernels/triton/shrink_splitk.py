@@ -1,0 +1,108 @@
+"""Split-K shrink ``S = s * x A``: the decode shrink that fills the GPU (issue 16).
+
+The plain shrink (:func:`llmrec_kernels.triton.kernels._cora_shrink_kernel`) gives each
+program one row tile of one sample and walks all of ``K``: at decode (``L = 1``) that is one
+program per sample streaming ``K * R`` elements of ``A_b`` through a short cp.async ring, a
+latency-bound stream of about 15 GB/s per SM, and ``B`` programs for ``B`` samples (32 of
+132 SMs at ``B = 32``). Splitting ``K`` over ``SPLIT`` programs multiplies the bytes in
+flight by ``SPLIT``; see :mod:`llmrec_kernels.triton.dispatch` for when it pays.
+
+Two launches, no atomics, so the result is bitwise reproducible:
+
+* :func:`_cora_shrink_splitk_kernel`: program ``(m, j, b)`` reduces rows ``m`` of sample ``b``
+  over the ``j``-th slice of ``K`` (``K_SPLIT`` elements, a multiple of ``BLOCK_K``) into an
+  fp32 workspace ``ws[j, b * L + l, :]`` of shape ``(SPLIT, M, R)``;
+* :func:`_cora_splitk_reduce_kernel`: ``S = scaling * (ws[0] + ws[1] + ...)`` summed in the
+  fixed order ``j = 0, 1, ...`` by one program per element block, whatever ``M`` is. A
+  row's bits therefore depend only on ``K``, ``K_SPLIT`` and the tile config, never on the
+  other rows: the property the batch-invariant mode relies on.
+
+Addressing follows :mod:`llmrec_kernels.triton.kernels`: strides are widened to int64 on
+entry, so every index-times-stride product is 64-bit (``aot.int64_addressing_violations``).
+``A`` has ``BLOCK_R`` columns in memory (zero beyond ``R``), as for the plain shrink.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _wide(v):
+    """``v`` as int64 (a stride, before any product with an index)."""
+    return tl.cast(v, tl.int64)
+
+
+@triton.jit
+def _cora_shrink_splitk_kernel(
+    x_ptr, a_ptr, ws_ptr,
+    L, K, R, K_SPLIT,
+    stride_xb, stride_xl, stride_xk,
+    stride_ab, stride_ak, stride_ar,
+    stride_wss, stride_wsm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``ws[j, b*L + l, :] = x[b, l, kj] @ A[b, kj, :]`` over ``kj = [j*K_SPLIT, (j+1)*K_SPLIT)``.
+
+    Grid: ``(cdiv(L, BLOCK_M), SPLIT, B)``; a shared A is passed with ``stride_ab = 0``. The
+    partials are unscaled fp32; :func:`_cora_splitk_reduce_kernel` sums and scales them.
+    """
+    stride_xb, stride_xl, stride_xk = _wide(stride_xb), _wide(stride_xl), _wide(stride_xk)
+    stride_ab, stride_ak, stride_ar = _wide(stride_ab), _wide(stride_ak), _wide(stride_ar)
+    stride_wss, stride_wsm = _wide(stride_wss), _wide(stride_wsm)
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    k_lo = pid_s * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < L
+    r_mask = offs_r < R
+    x_ptrs = (
+        x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xl
+        + (k_lo + offs_k[None, :]) * stride_xk
+    )  # fmt: skip
+    a_ptrs = (
+        a_ptr + pid_b * stride_ab + (k_lo + offs_k[:, None]) * stride_ak
+        + offs_r[None, :] * stride_ar
+    )  # fmt: skip
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_mask = (k0 + offs_k) < k_hi
+        xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = tl.dot(xt, at.to(xt.dtype), acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    ws_ptrs = (
+        ws_ptr + pid_s.to(tl.int64) * stride_wss
+        + (pid_b * L + offs_m[:, None]) * stride_wsm + offs_r[None, :]
+    )  # fmt: skip
+    tl.store(ws_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _cora_splitk_reduce_kernel(
+    ws_ptr, s_ptr,
+    NUMEL, SPLIT,
+    stride_wss,
+    scaling,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``S.flat[i] = scaling * sum_j ws[j].flat[i]``, ``j`` ascending; S contiguous ``(M, R)``.
+
+    Grid: ``(cdiv(M * R, BLOCK),)``. ``ws[j]`` is contiguous ``(M, R)`` at ``j * stride_wss``.
+    """
+    stride_wss = _wide(stride_wss)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NUMEL
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in range(0, SPLIT):
+        acc += tl.load(ws_ptr + j * stride_wss + offs, mask=mask, other=0.0)
+    tl.store(s_ptr + offs, acc * scaling, mask=mask)
