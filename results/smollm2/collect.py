@@ -94,7 +94,8 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
             "warm_auc": m["warm"]["auc"], "warm_uauc": m["warm"]["uauc"],
             "cold_auc": m["cold"]["auc"], "cold_uauc": m["cold"]["uauc"],
             "warm_rows": int(m["warm"]["rows"]), "cold_rows": int(m["cold"]["rows"]),
-            "train_rows": train.get("rows"),
+            # MF fits the whole train split (the CF embeddings every LLM method reads)
+            "train_rows": train.get("rows") if name != "mf" else int(len(data["train"])),
             "train_time_s": train.get("train_time_s"),
             "wall_time_s": r["metrics"].get("wall_time_s"),
             "llm": cfg.get("llm"), "llm_dtype": cfg.get("llm_dtype"),
@@ -109,19 +110,23 @@ def _f(v, spec=".4f"):
     return format(v, spec)
 
 
+def _minutes(seconds) -> str:
+    return "-" if not seconds else f"{seconds / 60:.1f} min"
+
+
 def markdown(res: dict) -> str:
     lines = [
         "| method | AUC | UAUC | warm AUC | cold AUC | cold UAUC | train rows | train time | "
-        "paper AUC (Vicuna-7B) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "wall time | paper AUC (Vicuna-7B) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in res["methods"].values():
-        t = m["train_time_s"]
+        trained = bool(m["train_rows"])
         lines.append(
             f"| {m['label']} | {_f(m['auc'])} | {_f(m['uauc'])} | {_f(m['warm_auc'])} | "
             f"{_f(m['cold_auc'])} | {_f(m['cold_uauc'])} | {m['train_rows'] or '-'} | "
-            f"{_f(t / 60, '.0f') + ' min' if t else '-'} | "
-            f"{_f(m['published_vicuna7b_auc'])} |"
+            f"{_minutes(m['train_time_s']) if trained else '-'} | "
+            f"{_minutes(m['wall_time_s'])} | {_f(m['published_vicuna7b_auc'])} |"
         )
     any_m = next(iter(res["methods"].values()), None)
     if any_m:
