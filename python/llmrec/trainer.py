@@ -421,12 +421,14 @@ class Trainer:
         n = len(self.train_data)
         g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
         perm = torch.randperm(n, generator=g).numpy()
-        per_rank = n // self.env.world_size
-        mine = perm[self.env.rank :: self.env.world_size][:per_rank]
         lengths = getattr(self.train_data, "lengths", None)
+        world = self.env.world_size
         if self.cfg.group_by_length and callable(lengths):
-            mine = group_by_length(mine, lengths(), self.cfg.batch_size, g)
-        return mine
+            # grouped by the global batch (every rank's batch b together), before the ranks
+            # take their rows: DDP then trains on the batches one process would
+            perm = group_by_length(perm, lengths(), self.cfg.batch_size * world, g)
+        per_rank = n // world
+        return perm[self.env.rank :: world][:per_rank]
 
     # -- prediction --------------------------------------------------------------------------
     @torch.no_grad()

@@ -95,7 +95,7 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
             "cold_auc": m["cold"]["auc"], "cold_uauc": m["cold"]["uauc"],
             "warm_rows": int(m["warm"]["rows"]), "cold_rows": int(m["cold"]["rows"]),
             # MF fits the whole train split (the CF embeddings every LLM method reads)
-            "train_rows": train.get("rows") if name != "mf" else int(len(data["train"])),
+            "train_rows": train.get("rows") if name != "mf" else len(data["train"]),
             "train_time_s": train.get("train_time_s"),
             "wall_time_s": r["metrics"].get("wall_time_s"),
             "llm": cfg.get("llm"), "llm_dtype": cfg.get("llm_dtype"),
