@@ -4,17 +4,27 @@
 ``S = s * dropout(x) A_b`` with ``dropout(x) = x * keep / (1 - p)``. ``keep`` is a pure
 function of ``(seed, offset + element index)`` so the backward regenerates it instead of
 storing a ``(B, L, d_in)`` mask (as flash-attention does): element ``(b, l, k)`` of the
-logical ``(B, L, K)`` ``x`` has index ``(b * L + l) * K + k`` whatever x's strides, and is
-kept when the top 31 bits of Triton's ``tl.randint(seed, offset + index)`` (Philox4x32-10, first
-output word; counter ``(index_lo, index_hi, 0, 0)``, key ``(seed_lo, seed_hi)``) are at least
-:func:`keep_threshold`. :func:`philox_randint` computes the same numbers in plain PyTorch
-(int64 arithmetic on uint32 values), so the torch and Triton backends drop the same elements
-bit for bit; ``tests/ops/test_cora_dropout.py`` checks it against ``tl.randint``.
+logical ``(B, L, K)`` ``x`` has index ``g = offset + (b * L + l) * K + k`` whatever x's
+strides.
+
+One Philox4x32-10 call (Triton's ``tl.randint4x(seed, g >> 3)``: counter
+``(c_lo, c_hi, 0, 0)``, key ``(seed_lo, seed_hi)``) gives four 32-bit words, that is eight
+16-bit values; element ``g`` reads half ``g & 1`` (low first) of word ``(g >> 1) & 3`` and is
+kept when that value is at least :func:`keep_threshold` ``= round(p * 2**16)``. Eight
+elements per call make the mask 8x cheaper than one call per element, which matters on the
+CPU (the torch path computes Philox with int64 tensor arithmetic); 16 bits quantise ``p`` to
+``2**-16`` (flash-attention uses 8 bits), and the kept elements are scaled by ``1 / (1 - p)``
+of the nominal ``p`` (a relative bias below ``2**-17 / (1 - p)``).
+:func:`philox4x` computes the same words in plain PyTorch (int64 arithmetic on uint32
+values), so the torch and Triton backends drop the same elements bit for bit;
+``tests/ops/test_cora_dropout.py`` checks it against ``tl.randint4x``.
 
 The comparison is on integers, not on ``tl.rand``'s float, so both sides agree exactly.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -24,8 +34,12 @@ __all__ = [
     "dropout_mask",
     "keep_scale",
     "keep_threshold",
+    "philox4x",
     "philox_randint",
 ]
+
+#: dropout elements per Philox call (4 words of 32 bits, 16 bits per element)
+ELEMENTS_PER_CALL = 8
 
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -46,32 +60,42 @@ def _mulhilo(const: int, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.randint(seed, offsets)`` for int64 ``offsets >= 0``: uint32 values in int64.
+def philox4x(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tl.randint4x(seed, counters)`` for int64 ``counters >= 0``: four uint32 words.
 
     Args:
         seed: ``0 <= seed < 2**63``.
-        offsets: int64 tensor of any shape and device.
+        counters: int64 tensor of any shape and device.
 
     Returns:
-        int64 tensor of ``offsets``' shape, values in ``[0, 2**32)``.
+        four int64 tensors of ``counters``' shape, values in ``[0, 2**32)``.
     """
     k0, k1 = seed & _M32, (seed >> 32) & _M32
-    c0 = offsets & _M32
-    c1 = (offsets >> 32) & _M32
+    c0 = counters & _M32
+    c1 = (counters >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = c2
     for _ in range(10):
         hi_b, lo_b = _mulhilo(_ROUND_B, c2)
         hi_a, lo_a = _mulhilo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        c0, c1, c2, c3 = (
+            hi_b.bitwise_xor_(c1).bitwise_xor_(k0),
+            lo_b,
+            hi_a.bitwise_xor_(c3).bitwise_xor_(k1),
+            lo_a,
+        )
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.randint(seed, offsets)``: the first word of :func:`philox4x`."""
+    return philox4x(seed, offsets)[0]
 
 
 def keep_threshold(p: float) -> int:
-    """Elements whose 31-bit random value is below this are dropped: ``round(p * 2**31)``."""
-    return min(round(p * 2**31), 2**31 - 1)
+    """Elements whose 16-bit random value is below this are dropped: ``round(p * 2**16)``."""
+    return min(round(p * 2**16), 2**16 - 1)
 
 
 def keep_scale(p: float) -> float:
@@ -79,13 +103,50 @@ def keep_scale(p: float) -> float:
     return 1.0 / (1.0 - p)
 
 
+#: CPU masks kept between a forward and its backward (bytes): the torch path's Philox costs
+#: about as much as the projection's GEMM on a CPU, so the backward looks its mask up here
+#: instead of computing it again (same numbers either way); the GPU kernels regenerate.
+CPU_MASK_CACHE_BYTES = 256 * 2**20
+_cpu_masks: OrderedDict = OrderedDict()
+
+
 def dropout_mask(
     shape: tuple[int, int, int], p: float, seed: int, offset: int, device: torch.device
 ) -> torch.Tensor:
-    """The keep mask, bool ``shape = (B, L, K)``, of ``dropout(x)`` for a ``(B, L, K)`` x."""
+    """The keep mask, bool ``shape = (B, L, K)``, of ``dropout(x)`` for a ``(B, L, K)`` x.
+
+    On the CPU the most recent masks (up to :data:`CPU_MASK_CACHE_BYTES`) are cached by
+    ``(shape, p, seed, offset)``; treat the result as read-only.
+    """
+    device = torch.device(device)
+    if device.type != "cpu":
+        return _compute_mask(shape, p, seed, offset, device)
+    key = (tuple(shape), p, seed, offset)
+    mask = _cpu_masks.get(key)
+    if mask is not None:
+        _cpu_masks.move_to_end(key)
+        return mask
+    mask = _compute_mask(shape, p, seed, offset, device)
+    _cpu_masks[key] = mask
+    total = sum(m.numel() for m in _cpu_masks.values())
+    while total > CPU_MASK_CACHE_BYTES and len(_cpu_masks) > 1:
+        total -= _cpu_masks.popitem(last=False)[1].numel()
+    return mask
+
+
+def _compute_mask(
+    shape: tuple[int, int, int], p: float, seed: int, offset: int, device: torch.device
+) -> torch.Tensor:
     numel = shape[0] * shape[1] * shape[2]
-    idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    return ((philox_randint(seed, idx) >> 1) >= keep_threshold(p)).view(shape)
+    if numel == 0:
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    first, last = offset // ELEMENTS_PER_CALL, (offset + numel - 1) // ELEMENTS_PER_CALL
+    counters = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    words = torch.stack(philox4x(seed, counters), dim=1)  # (calls, 4)
+    # element g: word (g >> 1) & 3, half g & 1 (low 16 bits first): the flat order below
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=2).view(-1)
+    start = offset - first * ELEMENTS_PER_CALL
+    return (halves[start : start + numel] >= keep_threshold(p)).view(shape)
 
 
 def draw_seed() -> int:

@@ -123,8 +123,14 @@ def _row_offsets(offs_m, L, stride_b, stride_l):
 
 @triton.jit
 def _keep(seed, elem, threshold):
-    """Dropout keep mask of int64 element indices ``elem``: ``randint(seed, elem) >> 1 >= thr``."""
-    return (tl.randint(seed, elem) >> 1).to(tl.int32, bitcast=True) >= threshold
+    """Dropout keep mask of int64 element indices ``elem`` (:mod:`llmrec_kernels.dropout`):
+    the 16-bit half ``elem & 1`` of word ``(elem >> 1) & 3`` of ``randint4x(seed, elem >> 3)``
+    is at least ``threshold``."""
+    r0, r1, r2, r3 = tl.randint4x(seed, elem >> 3)
+    word = (elem >> 1) & 3
+    r = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    shift = ((elem & 1) * 16).to(tl.uint32)
+    return ((r >> shift) & 0xFFFF).to(tl.int32) >= threshold
 
 
 @triton.jit

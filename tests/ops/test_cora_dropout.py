@@ -27,7 +27,7 @@ from tolerance import assert_close_to_oracle
 import llmrec_kernels.cora_linear as cl
 from llmrec_kernels import fused_cora_linear
 from llmrec_kernels.cora_linear import fused_cora_linear_multi
-from llmrec_kernels.dropout import dropout_mask, keep_threshold, philox_randint
+from llmrec_kernels.dropout import dropout_mask, keep_threshold, philox4x, philox_randint
 from llmrec_kernels.reference import cora_linear_factored
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -68,21 +68,37 @@ def _grads(fn, tensors, dy):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (GPU or interpreter)")
-def test_torch_philox_equals_triton_randint():
+def test_torch_philox_equals_triton_randint4x():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def randint_kernel(out_ptr, seed, base, BLOCK: tl.constexpr):
+    def randint4x_kernel(out_ptr, seed, base, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
-        r = tl.randint(seed, base + offs.to(tl.int64))
-        tl.store(out_ptr + offs, r.to(tl.int64) & 0xFFFFFFFF)
+        r0, r1, r2, r3 = tl.randint4x(seed, base + offs.to(tl.int64))
+        tl.store(out_ptr + offs * 4, r0.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + offs * 4 + 1, r1.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + offs * 4 + 2, r2.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + offs * 4 + 3, r3.to(tl.int64) & 0xFFFFFFFF)
 
     for seed, base in ((0, 0), (12345, 3), (2**40 + 7, 2**33 - 5), (2**63 - 1, 17)):
-        got = torch.empty(128, dtype=torch.int64, device=DEV)
-        randint_kernel[(1,)](got, seed, base, BLOCK=128)
-        want = philox_randint(seed, torch.arange(base, base + 128, device=DEV))
+        got = torch.empty(128, 4, dtype=torch.int64, device=DEV)
+        randint4x_kernel[(1,)](got, seed, base, BLOCK=128)
+        want = torch.stack(philox4x(seed, torch.arange(base, base + 128, device=DEV)), dim=1)
         assert torch.equal(got, want), (seed, base)
+        assert torch.equal(philox_randint(seed, torch.arange(base, base + 128, device=DEV)),
+                           want[:, 0])  # fmt: skip
+
+
+def test_mask_reads_eight_16_bit_values_per_philox_call():
+    """The documented layout, element by element, from an offset inside a call's 8."""
+    seed, offset, p = 77, 13, 0.3
+    keep = dropout_mask((1, 3, 11), p, seed, offset, torch.device("cpu")).reshape(-1)
+    for i in range(keep.numel()):
+        g = offset + i
+        word = philox4x(seed, torch.tensor([g >> 3]))[(g >> 1) & 3].item()
+        value = (word >> (16 * (g & 1))) & 0xFFFF
+        assert bool(keep[i]) == (value >= keep_threshold(p)), i
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -120,8 +136,8 @@ def test_mask_statistics():
     assert (per_col - q).abs().max() < 5 * math.sqrt(q * (1 - q) / flat.shape[0])
     per_row = flat.mean(1)
     assert (per_row - q).abs().max() < 5 * math.sqrt(q * (1 - q) / flat.shape[1])
-    # the integer threshold is p to 2**-31
-    assert keep_threshold(p) == round(p * 2**31) and keep_threshold(0.0) == 0
+    # the integer threshold is p to 2**-16
+    assert keep_threshold(p) == round(p * 2**16) and keep_threshold(0.0) == 0
 
 
 # ------------------------------------------------------------------------- numbers vs oracle
@@ -285,3 +301,16 @@ def test_opcheck_with_dropout_arguments():
     x, w, a, lb, bias, _ = _inputs(2, 3, 8, 6, 3, False, dtype=torch.float64)
     args = (x, w, a.requires_grad_(True), lb.requires_grad_(True), bias, 2.0, "torch", 0.3, 5, 2)
     torch.library.opcheck(cl._cora_linear_forward, args)
+
+
+def test_cpu_mask_cache_returns_the_same_numbers_and_stays_in_budget(monkeypatch):
+    import llmrec_kernels.dropout as drop
+
+    cpu = torch.device("cpu")
+    first = dropout_mask((2, 3, 40), 0.2, 5, 0, cpu)
+    assert dropout_mask((2, 3, 40), 0.2, 5, 0, cpu) is first  # the backward's lookup
+    assert torch.equal(first, drop._compute_mask((2, 3, 40), 0.2, 5, 0, cpu))
+    monkeypatch.setattr(drop, "CPU_MASK_CACHE_BYTES", 1000)
+    for seed in range(10):
+        dropout_mask((2, 3, 40), 0.2, seed, 0, cpu)  # 240 bytes each
+    assert sum(m.numel() for m in drop._cpu_masks.values()) <= 1000
