@@ -3,8 +3,9 @@
 What is compiled is what the JIT would launch. The real launchers
 (:mod:`llmrec_kernels.triton.cora_linear`) run on CPU tensors of the shapes the dispatcher sees
 (:func:`workloads`: LLaMA-7B and SmolLM2-135M projections, ranks 4 to 128, decode and prefill,
-every dtype, per-sample and shared ``A``, forward and backward) with each kernel's ``run``
-replaced by a recorder. The recorder specialises the arguments with Triton's own binder for the
+every dtype, per-sample and shared ``A``, forward and backward; the training shapes once more
+with LoRA dropout, whose launches specialise the shrink, dx and dA kernels with ``DROPOUT``)
+with each kernel's ``run`` replaced by a recorder. The recorder specialises the arguments with Triton's own binder for the
 target (``create_function_from_signature`` + ``JITFunction._pack_args``, the code
 ``JITFunction.run`` calls): integers divisible by 16 and equal to 1, 16-byte-aligned pointers,
 constexprs, options. Each distinct specialisation is then compiled with ``triton.compile`` for
@@ -33,6 +34,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -118,13 +120,14 @@ class Workload:
     batch: int
     length: int
     shared_a: bool
+    dropout: bool = False  # a training step with LoRA dropout (:data:`TRAINING_DROPOUT`)
 
     @property
     def name(self) -> str:
         a = "sharedA" if self.shared_a else "perSampleA"
         return (
             f"{self.model}.{self.proj} r{self.rank} {_TL_DTYPE[self.dtype]}/{self.precision} "
-            f"B{self.batch}xL{self.length} {a}"
+            f"B{self.batch}xL{self.length} {a}" + (" dropout" if self.dropout else "")
         )
 
 
@@ -138,6 +141,16 @@ RANKS = (4, 8, 12, 16, 32, 64, 128)
 # (B, L): decode at M = 1, 32 and 64 (every row class of the tile tables), prefill at M = 2048
 # as one sequence and as 8 samples.
 BATCH_SHAPES = ((1, 1), (32, 1), (64, 1), (1, 2048), (8, 256))
+# The prefill shapes are the training ones: LoRA dropout is traced there only (a decode step is
+# inference, no dropout). The mask adds no shape of its own: the dropout launches differ from
+# the plain ones by ``DROPOUT`` and the three scalars of :data:`TRAINING_DROPOUT`.
+TRAINING_SHAPES = ((1, 2048), (8, 256))
+# ``(p, seed, offset)`` as a training step passes them: p 0.05 (a common LoRA dropout), a seed
+# as :func:`llmrec_kernels.dropout.draw_seed` draws them (64-bit; not a multiple of 16, as 15
+# in 16 draws are not), offset 0 (the default). The JIT specialises the scalars like any int,
+# so a seed that is a multiple of 16, or below 2**31, compiles once more, to the same code but
+# for the alignment hint or the width of the seed register.
+TRAINING_DROPOUT = (0.05, 0x2C1B_3C6D_5E7F_8A9B, 0)
 
 
 def workloads(
@@ -145,15 +158,23 @@ def workloads(
     dtypes: Iterable[tuple[torch.dtype, str]] = DTYPE_PRECISIONS,
     batch_shapes: Iterable[tuple[int, int]] = BATCH_SHAPES,
     models: Iterable[str] = tuple(MODEL_PROJECTIONS),
+    dropout_shapes: Iterable[tuple[int, int]] = TRAINING_SHAPES,
 ) -> list[Workload]:
-    """Every combination of the given models' projections, ranks, dtypes, shapes, A layouts."""
+    """Every combination of the given models' projections, ranks, dtypes, shapes, A layouts.
+
+    A shape of ``batch_shapes`` also in ``dropout_shapes`` is traced twice: without and with
+    LoRA dropout (``Workload.dropout``).
+    """
+    batch_shapes = tuple(batch_shapes)
+    dropout_shapes = set(dropout_shapes)
     return [
-        Workload(model, proj, d_in, d_out, rank, dtype, prec, b, seq, shared)
+        Workload(model, proj, d_in, d_out, rank, dtype, prec, b, seq, shared, drop)
         for model in models
         for proj, d_in, d_out in MODEL_PROJECTIONS[model]
         for rank in ranks
         for dtype, prec in dtypes
         for b, seq in batch_shapes
+        for drop in ((False, True) if (b, seq) in dropout_shapes else (False,))
         for shared in (False, True)
     ]
 
@@ -219,6 +240,11 @@ class Launch:
             (*tiles, self.options["num_warps"], self.options["num_stages"]),
         )  # fmt: skip
 
+    @property
+    def dropout(self) -> bool:
+        """Whether the launch applies LoRA dropout (``DROPOUT=True``)."""
+        return "DROPOUT" in self.fn.arg_names and self.value("DROPOUT") is True
+
     def precision(self) -> str:
         """The dots' input precision; ``"-"`` for a kernel without dots."""
         return "-" if self.kind in NO_DOT_KERNELS else self.value("INPUT_PRECISION")
@@ -243,11 +269,15 @@ class Launch:
     def int_spec(self) -> str:
         """Integer arguments as specialised: ``1`` (constant), ``d`` (divisible by 16), ``.``.
 
-        Sizes by name, then the strides in argument order.
+        Sizes by name, then the strides in argument order; the dropout scalars only when the
+        launch applies dropout (without it their defaults are dead arguments).
         """
         sizes, strides = [], []
+        dropout = self.dropout
         for kp in self.fn.params:
             if kp.is_constexpr or kp.name.endswith("_ptr") or kp.name == "scaling":
+                continue
+            if kp.name.startswith("drop_") and not dropout:
                 continue
             spec = self.value(kp.name)
             sym = "1" if spec == 1 else "d" if spec == "d16" else "."
@@ -269,14 +299,21 @@ def _mirror_run_kwargs(kwargs: dict) -> dict:
     return kwargs
 
 
+@functools.cache
+def _binder(fn, arch: int):
+    """``(backend, binder)`` of ``fn`` for ``sm_{arch}``: generating the binder's code took half
+    of a trace's time when it was rebuilt per launch."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    return backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
 def specialise(fn, kind: str, arch: int, *args, **kwargs) -> Launch:
     """The specialisation ``fn[grid](*args, **kwargs)`` compiles to on ``sm_{arch}``.
 
     Triton's own binder and argument packing (what ``JITFunction.run`` calls before
     ``_do_compile``), with the target's backend instead of the current device's.
     """
-    backend = make_backend(GPUTarget("cuda", arch, 32))
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    backend, binder = _binder(fn, arch)
     kwargs = _mirror_run_kwargs(kwargs)
     bound, specialization, opts = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(
@@ -328,7 +365,10 @@ def _recording(arch: int) -> Iterator[list[Launch]]:
 
 
 def _run_workload(w: Workload) -> None:
-    """Forward, then backward with dx needed and not needed (a first layer's frozen input)."""
+    """Forward, then backward with dx needed and not needed (a first layer's frozen input).
+
+    With ``w.dropout`` both pass :data:`TRAINING_DROPOUT`, as a training step does.
+    """
 
     def make(*shape):
         # Meta tensors: no memory, no arithmetic, and data_ptr() is the storage offset in bytes
@@ -341,13 +381,16 @@ def _run_workload(w: Workload) -> None:
     lora_a = make(w.d_in, w.rank) if w.shared_a else make(w.batch, w.d_in, w.rank)
     lora_b = make(w.d_out, w.rank)
     bias = make(w.d_out)
+    drop = TRAINING_DROPOUT if w.dropout else None
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = w.precision == "tf32"
     try:
-        _, s = cora_linear.forward(x, weight, lora_a, lora_b, bias, 0.5)
+        _, s = cora_linear.forward(x, weight, lora_a, lora_b, bias, 0.5, dropout=drop)
         dy = make(w.batch, w.length, w.d_out)
         for need_dx in (True, False):
-            cora_linear.backward(dy, x, weight, lora_a, lora_b, s, 0.5, need_dx, True, True)
+            cora_linear.backward(
+                dy, x, weight, lora_a, lora_b, s, 0.5, need_dx, True, True, dropout=drop
+            )
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
 
@@ -721,6 +764,7 @@ def compile_launch(launch: Launch, arch: int, cache_dir: Path | None = None) -> 
         "dtype": dtype,
         "precision": precision,
         "block_r": launch.value("BLOCK_R") if "BLOCK_R" in fn.arg_names else None,
+        "dropout": launch.dropout,
         "config": _config_text(launch),
         "spec": launch.int_spec(),
         "num_warps": num_warps,
@@ -745,7 +789,8 @@ _TILE_NAMES = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_ROWS", "BLOCK"
 
 def _config_text(launch: Launch) -> str:
     """Tiles in argument order (``BLOCK_M x BLOCK_N x BLOCK_K`` and so on), group, rank chunk,
-    warps and stages; ``ds`` when the dx kernel computes dS in its loop."""
+    warps and stages; ``ds`` when the dx kernel computes dS in its loop, ``drop`` with LoRA
+    dropout."""
     v = launch.value
     names = launch.fn.arg_names
     text = "x".join(str(v(n)) for n in names if n in _TILE_NAMES)
@@ -756,6 +801,8 @@ def _config_text(launch: Launch) -> str:
     text += f" w{launch.options['num_warps']}s{launch.options['num_stages']}"
     if launch.kind == "bwd_dx" and v("COMPUTE_DS"):
         text += " ds"
+    if launch.dropout:
+        text += " drop"
     return text
 
 
@@ -811,8 +858,9 @@ def compile_launches(todo: list[tuple[Launch, int, Path | None]], jobs: int = 1)
 _LEGEND = """\
 Legend: R = BLOCK_R (padded rank tile). config = tiles (fwd/dx: BLOCK_M x BLOCK_N x BLOCK_K,
 shrink and shrink_splitk: BLOCK_M x BLOCK_K, reduce: BLOCK_P x BLOCK_ROWS, splitk_reduce:
-BLOCK), g = GROUP_M, rc = R_CHUNK, w = warps,
-s = stages, ds = dS computed in the dx loop. smem = Triton's shared memory per CTA. CTA/SM =
+BLOCK), g = GROUP_M, rc = R_CHUNK, w = warps, s = stages, ds = dS computed in the dx loop,
+drop = LoRA dropout (DROPOUT: shrink, dx and dA (reduce) of a training step; the specialised
+ints then include the seed, offset and threshold). smem = Triton's shared memory per CTA. CTA/SM =
 resident CTAs per SM from registers (allocated 256 per warp), shared memory (+1 KB reserved per
 CTA) and threads (2048 per SM), with the limiting resource. A/B load = how the PTX lines of the
 tl.load of A (lora_a; Bm in the dS shrink) and of Bm are issued: cp.asyncN = N-byte cp.async
@@ -859,8 +907,9 @@ def headline(records: list[dict]) -> str:
     """Summary lines: counts, failures, occupancy range and pipelining of A and B."""
     lines = []
     n_fail = sum(bool(failures(r)) for r in records)
+    n_drop = sum(bool(r.get("dropout")) for r in records)
     lines.append(
-        f"{len(records)} specialisations compiled; {n_fail} fail "
+        f"{len(records)} specialisations compiled ({n_drop} with LoRA dropout); {n_fail} fail "
         "(spills, missing tensor cores, shared memory over the limit, or i32 offsets)"
     )
     for arch in sorted({r["arch"] for r in records}):

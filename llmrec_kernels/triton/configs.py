@@ -117,13 +117,21 @@ def _gemm_table(
 
     fp32 dots without TF32 run on FMA units, whose operands live in registers: fp32 gets
     smaller tiles and more warps per tile (the sizes are the largest that ptxas assembles
-    without spills for sm_80 and sm_90 at every rank). The dx kernel carries ``dS`` and per-sample ``A`` tiles beside its
-    accumulator, so at ranks of 64 and more its widest tile is halved; with LoRA dropout too
-    (its Philox mask over the whole output tile spilled 100-700 bytes at 128 x 128).
+    without spills for sm_80 and sm_90 at every rank). The dx kernel carries ``dS`` and
+    per-sample ``A`` tiles beside its accumulator, so at ranks of 64 and more its widest tile is
+    halved; with LoRA dropout too (its Philox mask over the whole output tile spilled 100-700
+    bytes at 128 x 128), and in fp32 its only tile has half the output columns.
     """
     if dtype == torch.float32:
         small = (16, GemmConfig(16, 64, 32, 1, 4, 2))
         mid = GemmConfig(32, 64, 32, 1, 8, 2)
+        if kernel == "bwd_dx" and dropout:
+            # With the mask, 32 x 64 spilled 4-12 bytes (sm_80 at every rank, sm_90 at rank <= 16
+            # decode), and so did 16 x 64 and 32 x 64 x 16 (sm_80) and 32 x 64 on 4 warps (sm_90);
+            # 32 x 32 (4 output elements per thread) is spill-free on both at every rank and
+            # shape of the AOT grid, decode included. Without the mask 32 x 32 spills 4 bytes
+            # (IEEE, sm_80, rank >= 64), so each keeps its own tile.
+            return ((1 << 62, GemmConfig(32, 32, 32, 1, 8, 1)),)
         if kernel == "bwd_dx":
             # 4 warps spill a few bytes on sm_80 for some specialisations (per-sample A, L = 1).
             return ((1 << 62, GemmConfig(32, 64, 32, 1, 8, 1)),)
@@ -211,15 +219,16 @@ def _shrink_table(dtype: torch.dtype) -> tuple[tuple[int, ShrinkConfig], ...]:
     return ((16, ShrinkConfig(16, block_k, 4, 3)), (1 << 62, ShrinkConfig(64, block_k // 2, 4, 3)))
 
 
-def _reduce_gpu_config(dtype: torch.dtype, block_rank: int) -> ReduceConfig:
+def _reduce_gpu_config(dtype: torch.dtype, block_rank: int, dropout: bool = False) -> ReduceConfig:
     """Spill-free on sm_80 and sm_90 at every specialisation the AOT check traces.
 
     IEEE fp32 at ``BLOCK_P`` 64 spilled up to 448 bytes on sm_80 (one row per group, L = 1);
-    16-bit at rank 128 needs 8 warps over a 32 x 32 tile.
+    16-bit at rank 128 needs 8 warps over a 32 x 32 tile, and so does rank 64 with LoRA
+    dropout (the mask of the 64 x 64 tile of ``x`` spilled 12-216 bytes on sm_80).
     """
     if dtype == torch.float32:
         return ReduceConfig(32, 32, 4, 3)
-    if block_rank <= 64:
+    if block_rank <= 32 or (block_rank == 64 and not dropout):
         return ReduceConfig(64, 64, 4, 3)
     return ReduceConfig(32, 32, 8, 3)
 
@@ -249,28 +258,34 @@ def split_reduce_config() -> SplitReduceConfig:
     return _SPLIT_REDUCE
 
 
-def reduce_config(dtype: torch.dtype, rank: int) -> ReduceConfig:
-    """Tile config of the row reductions ``x^T dS`` and ``dy^T S``."""
+def reduce_config(dtype: torch.dtype, rank: int, dropout: bool = False) -> ReduceConfig:
+    """Tile config of the row reductions ``x^T dS`` and ``dy^T S``.
+
+    ``dropout``: the launch masks ``x`` with LoRA dropout (dA of a training step).
+    """
     if interpreter_enabled():
         return _INTERPRETER_REDUCE
-    return _reduce_gpu_config(dtype, block_r(rank))
+    return _reduce_gpu_config(dtype, block_r(rank), dropout)
 
 
 def all_configs() -> Iterator[tuple[str, torch.dtype, str, int, object]]:
     """Every ``(kernel, dtype, input precision, BLOCK_R, config)`` the dispatcher can choose.
 
-    fp32 appears twice: IEEE dots (PyTorch's default) and TF32 (``allow_tf32``). The split-K
+    fp32 appears twice: IEEE dots (PyTorch's default) and TF32 (``allow_tf32``); the dx
+    tiles of a launch with LoRA dropout are included (some repeat). The split-K
     partials' reduction (``"splitk_reduce"``) appears once, with precision ``"-"`` and no
     ``BLOCK_R``.
     """
     for dtype, precision in DTYPE_PRECISIONS:
         for rank_block in _RANK_BLOCKS:
-            for kernel in ("fwd", "bwd_dx"):
-                for _, cfg in _gemm_table(kernel, dtype, rank_block):
+            for kernel, dropout in (("fwd", False), ("bwd_dx", False), ("bwd_dx", True)):
+                for _, cfg in _gemm_table(kernel, dtype, rank_block, dropout):
                     yield kernel, dtype, precision, rank_block, cfg
             for _, cfg in _shrink_table(dtype):
                 yield "shrink", dtype, precision, rank_block, cfg
                 yield "shrink_splitk", dtype, precision, rank_block, cfg
-            yield "reduce", dtype, precision, rank_block, _reduce_gpu_config(dtype, rank_block)
+            for dropout in (False, True):
+                cfg = _reduce_gpu_config(dtype, rank_block, dropout)
+                yield "reduce", dtype, precision, rank_block, cfg
     # The partials are fp32 whatever the input dtype; no dot, so no input precision.
     yield "splitk_reduce", torch.float32, "-", None, _SPLIT_REDUCE

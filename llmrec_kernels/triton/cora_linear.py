@@ -362,7 +362,7 @@ def _rows_transpose_matmul(
     """
     _, length, p = lhs.shape
     rank = rhs.shape[-1]
-    cfg = reduce_config(lhs.dtype, rank)
+    cfg = reduce_config(lhs.dtype, rank, drop is not None)
     p_tiles = _cdiv(p, cfg.BLOCK_P)
     max_splits = max(1, _cdiv(rows_per_group, cfg.BLOCK_ROWS))
     splits = min(max_splits, max(1, _cdiv(_target_programs(lhs.device), p_tiles * groups)))

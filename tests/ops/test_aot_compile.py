@@ -6,6 +6,8 @@ script, :func:`_emit`) traces the real launchers (:func:`aot.trace_launches`) an
 * a representative subset of the specialisations for sm_80 and sm_90 (LLaMA-7B shapes at
   decode (M 1) and prefill (8 x 256), ranks 4 and 128, fp16 and IEEE fp32, both A layouts; the CLI
   ``python -m llmrec_kernels.triton.aot`` compiles all of them, every rank, dtype and model);
+* a training step with LoRA dropout (the ``DROPOUT`` shrink, dx and dA kernels) at the
+  prefill shape, rank 128, fp16 and IEEE fp32, both A layouts (:data:`DROPOUT_SUBSET`);
 * the split-K shrink and its reduction (issue 16) at decode, with their occupancy;
 * the shrink kernel as it was before the int64 fix (:func:`_old_shrink_kernel`, verbatim), to
   show that the PTX int64 check flags its 32-bit row offset, and that its R-masked loads of A at
@@ -41,6 +43,11 @@ SUBSET = dict(
     batch_shapes=((1, 1), (8, 256)),
     models=("llama-7b",),
 )
+# Dropout is traced at the training (prefill) shape only. Rank 128 alone: the mask code is the
+# same at every rank, and 128 is where the dx kernel's registers peak (its IEEE fp32 tile
+# spilled there on sm_80); rank 4 adds four compiles per arch for no new code path.
+DROPOUT_SUBSET = dict(SUBSET, ranks=(128,), batch_shapes=((8, 256),))
+DROPOUT_KERNELS = {"shrink", "bwd_dx", "reduce"}
 
 
 @triton.jit
@@ -112,7 +119,9 @@ def _emit(out: Path) -> None:
             for kind, dtype, prec, _, cfg in all_configs()
         }
     )
-    subset = aot.compile_all(ARCHS, aot.workloads(**SUBSET), jobs=jobs)
+    work = aot.workloads(**SUBSET, dropout_shapes=())
+    work += [w for w in aot.workloads(**DROPOUT_SUBSET) if w.dropout]
+    subset = aot.compile_all(ARCHS, work, jobs=jobs)
     probes = {}
     for arch in ARCHS:
         for name, fn, kind, rank, shared in (
@@ -180,6 +189,26 @@ def test_workloads_reach_every_table_config(results):
 def test_subset_covers_every_kernel_and_arch(results):
     seen = {(r["kernel"], r["arch"]) for r in results["subset"]}
     assert seen == {(k, a) for k in aot.KERNELS for a in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dropout_launches_are_traced_and_compiled(results, arch):
+    """A training step's dropout launches (``DROPOUT=True``) are among those compiled.
+
+    The shrink, dx and dA (reduce) kernels each with the mask, for both dtypes, launched only
+    by the dropout workloads; the forward GEMM and the split-K shrink take no mask.
+    """
+    recs = [r for r in results["subset"] if r["arch"] == arch]
+    drop = [r for r in recs if r["dropout"]]
+    assert {(r["kernel"], r["dtype"]) for r in drop} == {
+        (k, d) for k in DROPOUT_KERNELS for d in ("fp16", "fp32")
+    }
+    assert all(u.endswith(" dropout") for r in drop for u in r["users"])
+    assert all("DROPOUT" in aot.KERNELS[r["kernel"]].arg_names for r in drop)
+    # The mask's scalars are specialised as a training step passes them (64-bit seed).
+    assert all("drop_seed=." in r["spec"] and "drop_offset=d" in r["spec"] for r in drop)
+    # Dropout needs dS precomputed: the dx kernel never fuses it then.
+    assert not any(r["config"].endswith(" ds drop") for r in drop)
 
 
 def test_compiled_kernels_pass_every_check(results):
