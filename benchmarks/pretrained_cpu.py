@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.suite import _cpu_model
 from benchmarks.timing import time_cpu_interleaved
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-1m"
@@ -150,7 +151,7 @@ def run(llm_spec: str, data_dir, batch: int, budget_s: float, min_rounds: int) -
         "llm": llm_spec,
         "batch": batch,
         "machine": {
-            "cpu": _cpu(),
+            "cpu": _cpu_model(),
             "cores": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "loadavg": list(os.getloadavg()),
@@ -159,16 +160,6 @@ def run(llm_spec: str, data_dir, batch: int, budget_s: float, min_rounds: int) -
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "results": results,
     }
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def _md_row(by: dict, dtype: str, attn: str) -> str:
