@@ -119,8 +119,9 @@ def attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> 
     """``--llm-attn`` as Hugging Face's ``attn_implementation`` (None: its default).
 
     ``auto`` picks eager attention for a bf16 LLM on the CPU: there PyTorch's SDPA has no
-    fast bf16 kernel and the eager path's bf16 matmuls are about 1.5x faster in a training
-    step (SmolLM2, ``python -m benchmarks --ops pretrained``).
+    fast bf16 kernel, and a training step of SmolLM2 ran 1.25-1.45x faster with eager
+    attention (2-core AMD EPYC with AVX512-BF16; ``python -m benchmarks.pretrained_cpu``,
+    ``benchmarks/results/pretrained-cpu-*.md``).
     """
     from llmrec.runs import RunConfigError
 
