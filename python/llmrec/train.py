@@ -139,9 +139,12 @@ def prepare_context(
         device = torch.device("cuda", env.local_rank)
     dtype = torch_dtype(cfg.llm_dtype, device)
     resolve_precision(cfg.train.precision, device)
+    llm_source = cfg.llm
     if cfg.llm != "tiny":
-        # a named or GGUF model is fetched/converted here, once: before any data is read
-        check_tokenizer_files(resolve_llm(cfg.llm, log))
+        # a named or GGUF model is fetched/converted (and a GGUF file hashed) here, once,
+        # before any data is read; the LLM is then loaded from the resolved directory
+        llm_source = str(resolve_llm(cfg.llm, log))
+        check_tokenizer_files(llm_source)
     data = data if data is not None else load_run_data(cfg.data)
     for split in (cfg.valid_split or data.validation_split(), cfg.test_split):
         if split not in data:
@@ -154,7 +157,7 @@ def prepare_context(
     if cfg.init_from is not None and not Path(cfg.init_from).exists():
         raise CheckpointError(f"{cfg.init_from}: --init-from checkpoint not found")
     llm, tokenizer = load_run_llm(
-        cfg.llm, cfg.out, data=data, template=method.template, max_his=cfg.max_his,
+        llm_source, cfg.out, data=data, template=method.template, max_his=cfg.max_his,
         tiny=cfg.tiny, tiny_seed=cfg.tiny_seed, env=env, device=device, dtype=dtype,
         attn_implementation=attn_implementation(cfg.llm_attn, device, dtype), log=log,
     )  # fmt: skip
