@@ -199,17 +199,28 @@ def main(argv=None) -> int:
         cfg.cpu_min_rounds = 2
         cfg.gpu_warmup_ms, cfg.gpu_rep_ms = 5.0, 10.0
 
-    started = time.perf_counter()
-    results = run_suite(cfg)
     label = machine_label(device)
     date = _dt.date.today().isoformat()
     preset = "-tiny" if args.tiny else ("-quick" if args.quick else "")
     out = args.out or RESULTS_DIR / f"{label}-{date}{preset}.json"
+    # Each record is appended here as soon as it is measured, so a run that is killed (a time
+    # limit, a lost GPU lease) keeps what it timed; removed once the full JSON is written.
+    partial = out.with_suffix(".partial.jsonl")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text("")
+
+    def keep(record: dict) -> None:
+        with partial.open("a") as fh:
+            fh.write(json.dumps(record, default=str) + "\n")
+
+    started = time.perf_counter()
+    results = run_suite(cfg, on_record=keep)
     plot = args.plot or out.with_suffix(".png")
     written = plot_results(results, plot)
     results["meta"]["plot"] = None if written is None else plot.name
     results["meta"]["wall_s"] = round(time.perf_counter() - started, 1)
     write_json(results, out)
+    partial.unlink(missing_ok=True)
     if args.markdown:
         args.markdown.write_text(_markdown(results, summary_markdown, markdown_table))
     print_table(results, console)
