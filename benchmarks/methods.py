@@ -11,7 +11,7 @@ Methods (in table order):
 * ``factored``: the unfused factored PyTorch form
   (:func:`llmrec_kernels.reference.cora_linear_factored`).
 * ``ours[triton]``, ``ours[cuda]``, ``ours[torch]``: :func:`llmrec_kernels.fused_cora_linear`
-  with each backend forced (``auto`` resolves to ``triton`` on a GPU and ``torch`` on a CPU);
+  with each backend forced (``auto`` resolves to ``torch`` on a GPU and on a CPU);
   on the q/k/v workload one call over the concatenated ``[W_q; W_k; W_v]`` with one shared
   shrink, split afterwards.
 * ``base``: the base GEMM alone, ``x W^T`` (the floor the delta should cost little above).

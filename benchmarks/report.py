@@ -282,11 +282,11 @@ def summary_markdown(results: dict, rank: int = 16) -> str:
     """A compact Markdown pivot: one row per workload (rank ``rank``), median ms per method.
 
     Columns: every method present, then ``ours / base`` and ``naive / ours`` (``ours`` being
-    the backend ``auto`` resolves to on the device: ``triton`` on a GPU, ``torch`` on a CPU;
-    ``ours[fused_qkv]`` for the model workloads). Skipped methods show "skip".
+    the backend ``auto`` resolves to: ``torch`` on a GPU and on a CPU, see
+    :mod:`llmrec_kernels.backends`; ``ours[fused_qkv]`` for the model workloads). Skipped
+    methods show "skip".
     """
-    meta = results["meta"]
-    ours = "ours[triton]" if meta.get("device_type") == "cuda" else "ours[torch]"
+    ours = "ours[torch]"
     rows: dict[tuple, dict[str, dict]] = {}
     for rec in results["records"]:
         if rec["op"] in ("proj", "qkv") and rec["r"] != rank:

@@ -3,11 +3,16 @@
 Policy for ``backend="auto"`` (the default), after the ``LLMREC_KERNELS_BACKEND`` environment
 variable, which replaces ``"auto"`` when set:
 
-* CUDA tensors run the Triton kernels when Triton is installed, the dtype is fp16, bf16 or
-  fp32 and the rank is at most :data:`MAX_TRITON_RANK`; otherwise the factored PyTorch path.
-* CPU tensors run the factored PyTorch path (``x W^T + (x A) B^T``; never a dense delta),
-  except under ``TRITON_INTERPRET=1``, where the Triton kernels run on the CPU through
-  Triton's interpreter (how the kernels are tested without a GPU).
+* CUDA tensors run the factored PyTorch path (cuBLAS: ``x W^T + (x A) B^T``, never a dense
+  delta). Measured on an H200 (bf16, ``benchmarks/results/gpu-check-h200-2026-11-30``), it
+  beat the Triton kernels in 57 of 60 projection workloads, by 1.0-3.2x (median 1.3x):
+  cuBLAS's GEMM outran the Triton GEMM mainloop at prefill and training shapes, and at decode
+  Triton's Python launcher cost more host time than the three cuBLAS calls. The Triton
+  kernels (``backend="triton"`` or ``LLMREC_KERNELS_BACKEND=triton``) stay available and
+  tested; ``python -m benchmarks.tile_sweep`` times their tiles against cuBLAS on a GPU.
+* CPU tensors run the factored PyTorch path too, except under ``TRITON_INTERPRET=1``, where
+  ``auto`` runs the Triton kernels on the CPU through Triton's interpreter (fp16, bf16 or
+  fp32, rank at most :data:`MAX_TRITON_RANK`): how the kernels are tested without a GPU.
 * ``"cuda"`` (hand-written CUDA kernels from ``csrc/``) is used only when asked for.
 
 An explicit ``backend=`` argument always wins over the environment variable.
@@ -148,8 +153,10 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, rank: int) 
         backend = _requested()
     on_triton_device = device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
     if backend == "auto":
+        # On a GPU cuBLAS wins (module docstring); the interpreter's auto stays Triton.
         if (
-            on_triton_device
+            device.type == "cpu"
+            and interpreter_enabled()
             and triton_available()
             and dtype in TRITON_DTYPES
             and rank <= MAX_TRITON_RANK

@@ -34,18 +34,20 @@ def test_gpu_matches_fp64(shape, dtype, shared, backend):
     check_all(y, grads, *reference_and_oracle(*inputs[:5], 2.0, inputs[5]))
 
 
-def test_gpu_auto_backend_is_triton_and_no_dense_memory():
-    """At B=64 decode the naive dense weights would need 64 * d^2 elements; the op must not."""
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_gpu_no_dense_memory(backend):
+    """At B=64 decode the naive dense weights would need 64 * d^2 elements; no backend may."""
     from llmrec_kernels import fused_cora_linear
     from llmrec_kernels.backends import resolve_backend
 
     d, b, r = 2048, 64, 16
-    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16, r) == "triton"
+    expected = "torch" if backend == "auto" else "triton"  # auto takes cuBLAS on a GPU
+    assert resolve_backend(backend, torch.device("cuda"), torch.bfloat16, r) == expected
     x, weight, lora_a, lora_b, bias, _ = make_inputs(b, 1, d, d, r, torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    fused_cora_linear(x, weight, lora_a, lora_b, bias, 2.0)
+    fused_cora_linear(x, weight, lora_a, lora_b, bias, 2.0, backend=backend)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < b * d * d * 2 / 16, f"{extra} bytes allocated: a dense per-sample weight?"

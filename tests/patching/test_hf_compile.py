@@ -221,10 +221,11 @@ def test_fused_qkv_training_step_uses_no_more_memory_than_unfused():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decode_with_static_lora_a(dtype):
+def test_cuda_graph_decode_with_static_lora_a(dtype, backend):
     """mode="reduce-overhead" (CUDA graphs) with A copied into one static buffer per batch."""
-    model = patched_model(backend="auto").to("cuda", dtype)
+    model = patched_model(backend=backend).to("cuda", dtype)
     eager = copy.deepcopy(model)
     batch = 3
     a_buf = hf.static_lora_a(model, batch, device="cuda")

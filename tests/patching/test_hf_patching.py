@@ -567,14 +567,15 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_patched_forward_on_gpu_matches_dense_oracle(dtype):
-    """The Triton kernels for real (bf16 tensor cores); the dense oracle in the same dtype on the
-    GPU is the reference, in fp64 on the CPU the oracle."""
+def test_patched_forward_on_gpu_matches_dense_oracle(dtype, backend):
+    """The patched model on a GPU (auto: cuBLAS; triton: the kernels on bf16 tensor cores); the
+    dense oracle in the same dtype on the GPU is the reference, in fp64 on the CPU the oracle."""
     model = make_model("llama", "sdpa")
     ref = copy.deepcopy(model)
     ref64 = copy.deepcopy(model).double()
-    bs = patch_random(model)
+    bs = patch_random(model, backend=backend)
     model, ref = model.to("cuda", dtype), ref.to("cuda", dtype)
     ids = torch.randint(0, 100, (3, 6), generator=torch.Generator().manual_seed(5)).cuda()
     a = random_a(3).cuda()
