@@ -5,7 +5,8 @@ variable, which replaces ``"auto"`` when set:
 
 * CUDA tensors run the factored PyTorch path (cuBLAS: ``x W^T + (x A) B^T``, never a dense
   delta). Measured on an H200 (bf16, ``benchmarks/results/gpu-check-h200-2026-11-30``), it
-  beat the Triton kernels in 57 of 60 projection workloads, by 1.0-3.2x (median 1.3x):
+  beat the Triton kernels in 53 of 60 projection workloads (Triton / torch 0.90-3.2x, median
+  1.3x; the 7 others within 11%, at host-bound decode and small-prefill shapes):
   cuBLAS's GEMM outran the Triton GEMM mainloop at prefill and training shapes, and at decode
   Triton's Python launcher cost more host time than the three cuBLAS calls. The Triton
   kernels (``backend="triton"`` or ``LLMREC_KERNELS_BACKEND=triton``) stay available and

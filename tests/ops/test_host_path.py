@@ -68,7 +68,18 @@ def test_direct_call_only_when_nothing_observes_the_op(monkeypatch):
         fused_cora_linear(x, ws[0], a, bs[0], None, 2.0, backend="torch")
     fused_cora_linear(x, ws[0], a, bs[0], None, 2.0, backend="torch")  # nothing requires grad
     assert calls == []
-    fused_cora_linear(x, ws[0], a.requires_grad_(True), bs[0], None, 2.0, backend="torch")
+    # Autograd records it: eagerly through the autograd.Function over the same backend
+    # functions (no dispatcher), under a __torch_function__ mode through the op.
+    a.requires_grad_(True)
+    y = fused_cora_linear(x, ws[0], a, bs[0], None, 2.0, backend="torch")
+    assert calls == [] and type(y.grad_fn).__name__ == "_CoraLinearEagerBackward"
+
+    class Observer(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Observer():
+        fused_cora_linear(x, ws[0], a, bs[0], None, 2.0, backend="torch")
     assert calls == [1]
 
 
@@ -278,3 +289,19 @@ def test_triton_launch_plans_equal_the_config_tables(monkeypatch):
         y, s = mod.forward(x, ws[0], a, bs[0], None, 2.0)
     assert y.shape == (2, 3, 16) and s.shape == (2, 3, 4)
     launcher.clear_config_cache()
+
+
+def test_fp32_precision_follows_the_tf32_flag_on_every_call():
+    """The Triton path reads cuBLAS's TF32 flag through its C getter (host cost): a change of
+    ``torch.backends.cuda.matmul.allow_tf32`` must still reach the next call's precision."""
+    from llmrec_kernels.triton import cora_linear as triton_impl
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for flag, want in ((True, "tf32"), (False, "ieee")):
+            torch.backends.cuda.matmul.allow_tf32 = flag
+            assert triton_impl._input_precision(torch.float32) == want
+            assert triton_impl._key(torch.float32)[1] == want
+            assert triton_impl._input_precision(torch.bfloat16) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

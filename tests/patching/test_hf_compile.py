@@ -230,6 +230,7 @@ def test_cuda_graph_decode_with_static_lora_a(dtype, backend):
     batch = 3
     a_buf = hf.static_lora_a(model, batch, device="cuda")
     ref64 = copy.deepcopy(model).double()
+    getattr(ref64, hf._STATE_ATTR).backend = "torch"  # fp64: no Triton kernel takes it
     torch._dynamo.reset()
     step = torch.compile(lambda i: logits(model, i), mode="reduce-overhead", fullgraph=True)
     g = torch.Generator().manual_seed(5)
