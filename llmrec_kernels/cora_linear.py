@@ -56,6 +56,12 @@ def _impl(backend: str):
 
 _is_compiling = torch.compiler.is_compiling
 _has_torch_function = torch._C._has_torch_function
+# One cheap test per call; the public functions handle autocast themselves (_autocast_cast).
+_any_autocast = getattr(
+    torch._C,
+    "_is_any_autocast_enabled",
+    lambda: torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled(),
+)
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
@@ -263,6 +269,7 @@ class _CoraLinearEager(torch.autograd.Function):
         return y, s_scaled
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # as the op: no double backward (Triton)
     def backward(ctx, dy, _ds_unused):
         return _input_grads(ctx, dy, _backend_backward)
 
@@ -278,6 +285,23 @@ def _cora_linear_autograd(x, weight, lora_a, lora_b, bias, scaling, backend, *dr
     ):
         return _cora_linear_forward(x, weight, lora_a, lora_b, bias, scaling, backend, *dropout)
     return _CoraLinearEager.apply(x, weight, lora_a, lora_b, bias, scaling, backend, *dropout)
+
+
+def _autocast_cast(x: torch.Tensor):
+    """Under ``torch.autocast`` for ``x``'s device: a function casting a floating tensor to
+    the autocast dtype (``None`` passes through); else ``None``.
+
+    The op then behaves as ``F.linear`` does under autocast: ``x``, ``W`` and the bias are
+    cast to the autocast dtype and the op runs in it with autocast off inside (which would
+    otherwise reach the backends' own matmuls and mix dtypes); ``A`` and ``B`` keep their
+    dtype (the op computes them in ``x``'s). The casts are differentiable, so gradients
+    reach fp32 leaves in fp32.
+    """
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t
 
 
 def fused_cora_linear(
@@ -324,6 +348,14 @@ def fused_cora_linear(
         ValueError: mismatched shapes, tensors on different devices, an unknown backend,
             ``dropout_p`` outside ``[0, 1)``, a missing seed, dropout on the CUDA backend.
     """
+    if _any_autocast() and isinstance(x, torch.Tensor):
+        cast = _autocast_cast(x)
+        if cast is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                return fused_cora_linear(
+                    cast(x), cast(weight), lora_a, lora_b, cast(bias), scaling, backend,
+                    dropout_p, dropout_seed, dropout_offset,
+                )  # fmt: skip
     check_cora_linear_args(x, weight, lora_a, lora_b, bias, scaling)
     if backend == "torch":  # the common explicit choice needs no resolution
         concrete = backend
@@ -473,6 +505,16 @@ def fused_cora_linear_multi(
     Raises:
         TypeError, ValueError: as :func:`fused_cora_linear`, and for mismatched list lengths.
     """
+    if _any_autocast() and isinstance(x, torch.Tensor):
+        cast = _autocast_cast(x)
+        if cast is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                return fused_cora_linear_multi(
+                    cast(x), [cast(w) for w in weights], lora_a, lora_bs,
+                    None if biases is None else [cast(b) for b in biases], scaling, backend,
+                    None if fused_weight is None else cast(fused_weight), fused_lora_b,
+                    dropout_p, dropout_seed, dropout_offset,
+                )  # fmt: skip
     n = len(weights)
     if n == 0 or len(lora_bs) != n or (biases is not None and len(biases) != n):
         raise ValueError(

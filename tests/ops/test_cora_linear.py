@@ -570,6 +570,61 @@ def test_eager_autograd_is_the_custom_op_bit_for_bit(wanted, dropout_p, backend,
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_no_double_backward_on_either_path(backend, device):
+    """Neither the op nor the eager autograd.Function defines a second derivative (the Triton
+    kernels are not differentiable): both refuse it instead of returning a silent wrong one."""
+    import llmrec_kernels.cora_linear as cl
+
+    x, weight, lora_a, lora_b, bias, _ = make_inputs(2, 3, 20, 12, 5, torch.float32, device=device)
+    a, b = lora_a.requires_grad_(), lora_b.requires_grad_()
+    for y in (
+        fused_cora_linear(x, weight, a, b, bias, 1.5, backend),
+        cl._cora_linear_forward(x, weight, a, b, bias, 1.5, backend)[0],
+    ):
+        (ga,) = torch.autograd.grad(y.sum(), (a,), create_graph=True)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(ga.sum(), (b,))
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_autocast_casts_like_linear(backend, grad, device):
+    """Under ``torch.autocast`` the op (single and multi) behaves as ``F.linear`` does: x, W
+    and the bias computed in the autocast dtype, A and B as given, gradients back to the fp32
+    leaves in fp32; bit for bit the op called on the cast inputs outside autocast. Before,
+    autocast reached the backend's own matmuls and the call failed on mixed dtypes."""
+    from llmrec_kernels.cora_linear import fused_cora_linear_multi
+
+    # the interpreter's bf16 tl.dot is wrong (README): fp16 on the Triton path
+    low = torch.float16 if backend == "triton" else torch.bfloat16
+    x, weight, lora_a, lora_b, bias, grad_out = make_inputs(
+        2, 3, 20, 12, 5, torch.float32, device=device, seed=9
+    )
+    leaves = [t.detach().clone().requires_grad_(grad) for t in (x, lora_a, lora_b)]
+    with torch.set_grad_enabled(grad):
+        with torch.autocast(device.type, dtype=low):
+            y = fused_cora_linear(leaves[0], weight, leaves[1], leaves[2], bias, 1.5, backend)
+            multi = fused_cora_linear_multi(
+                leaves[0], [weight, weight], leaves[1], [leaves[2], leaves[2]], [bias, bias],
+                1.5, backend,
+            )  # fmt: skip
+        want_leaves = [t.detach().clone().requires_grad_(grad) for t in (x, lora_a, lora_b)]
+        want = fused_cora_linear(
+            want_leaves[0].to(low), weight.to(low), want_leaves[1], want_leaves[2],
+            bias.to(low), 1.5, backend,
+        )  # fmt: skip
+    assert y.dtype == low and all(m.dtype == low for m in multi)
+    assert torch.equal(y, want)
+    assert torch.equal(multi[0], multi[1])
+    if grad:
+        got = torch.autograd.grad(y, leaves, grad_out.to(low))
+        expected = torch.autograd.grad(want, want_leaves, grad_out.to(low))
+        for g, e, leaf in zip(got, expected, leaves):
+            assert g.dtype == leaf.dtype == torch.float32
+            assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_zero_output_features(backend, device):
     """``d_out = 0`` (an empty projection) gives an empty output and zero-free gradients."""
     x, weight, lora_a, lora_b, _, _ = make_inputs(2, 3, 8, 0, 2, torch.float32, device=device)
