@@ -235,10 +235,10 @@ class Launch:
         else:
             tiles = (v("BLOCK_P"), v("BLOCK_ROWS"))
         dtype = self.signature[self.fn.arg_names[0]].lstrip("*")
-        return (
-            self.kind, dtype, self.precision(),
-            (*tiles, self.options["num_warps"], self.options["num_stages"]),
-        )  # fmt: skip
+        fields = (*tiles, self.options["num_warps"], self.options["num_stages"])
+        if self.kind in ("fwd", "bwd_dx"):  # GemmConfig.R_CHUNK, as the launch caps it at R
+            fields += (v("R_CHUNK"),)
+        return self.kind, dtype, self.precision(), fields
 
     @property
     def dropout(self) -> bool:

@@ -68,6 +68,8 @@ class GemmConfig:
     GROUP_M: int
     num_warps: int
     num_stages: int
+    # Ranks per step of the low-rank epilogue that reads S (or dS) from memory.
+    R_CHUNK: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +130,17 @@ def _gemm_table(
         if kernel == "bwd_dx" and dropout:
             # With the mask, 32 x 64 spilled 4-12 bytes (sm_80 at every rank, sm_90 at rank <= 16
             # decode), and so did 16 x 64 and 32 x 64 x 16 (sm_80) and 32 x 64 on 4 warps (sm_90);
-            # 32 x 32 (4 output elements per thread) is spill-free on both at every rank and
-            # shape of the AOT grid, decode included. Without the mask 32 x 32 spills 4 bytes
-            # (IEEE, sm_80, rank >= 64), so each keeps its own tile.
-            return ((1 << 62, GemmConfig(32, 32, 32, 1, 8, 1)),)
+            # 32 x 32 (4 output elements per thread) with 32 ranks per epilogue step still
+            # spilled 4 bytes on sm_90 (TF32, 3 specialisations), and on 4 warps or with
+            # BLOCK_K 16 on sm_80; 16 ranks per step is spill-free on both, IEEE and TF32.
+            # Without the mask 32 x 32 spills 4 bytes (IEEE, sm_80, rank >= 64).
+            return ((1 << 62, GemmConfig(32, 32, 32, 1, 8, 1, R_CHUNK=16)),)
         if kernel == "bwd_dx":
-            # 4 warps spill a few bytes on sm_80 for some specialisations (per-sample A, L = 1).
-            return ((1 << 62, GemmConfig(32, 64, 32, 1, 8, 1)),)
+            # 4 warps spill a few bytes on sm_80 for some specialisations (per-sample A, L = 1),
+            # and so did BLOCK_K 32 with shared A at ranks 64/128 (TF32, sm_80, M 32/64). There
+            # BLOCK_K 16 is spill-free on sm_80 and sm_90, IEEE and TF32; at ranks up to 32 it
+            # would narrow the fused dS pass's loads of Bm to 4 bytes, so they keep 32.
+            return ((1 << 62, GemmConfig(32, 64, 16 if block_rank >= 64 else 32, 1, 8, 1)),)
         # BLOCK_K 32 spills 8 bytes on sm_90 at R_CHUNK 16 (IEEE fp32, ranks <= 16).
         return (small, (32, mid), (1 << 62, GemmConfig(64, 64, 16, 4, 8, 2)))
     big = GemmConfig(128, 128, 64, 8, 8, 3)
@@ -213,10 +219,21 @@ def gemm_gpu_config(
     return cfg
 
 
-def _shrink_table(dtype: torch.dtype) -> tuple[tuple[int, ShrinkConfig], ...]:
-    """``(max rows per sample, config)`` pairs, smallest first."""
+def _shrink_table(
+    dtype: torch.dtype, dropout: bool = False
+) -> tuple[tuple[int, ShrinkConfig], ...]:
+    """``(max rows per sample, config)`` pairs, smallest first.
+
+    With LoRA dropout the 16-bit 64-row tile takes 8 warps: on 4 its Philox mask spilled
+    8 bytes on sm_80 at rank 16 (128 registers); 8 warps are spill-free on sm_80 and sm_90 at
+    every rank (BLOCK_K 32 on 4 warps was too, with one more loop step per K).
+    """
     block_k = 32 if dtype == torch.float32 else 128
-    return ((16, ShrinkConfig(16, block_k, 4, 3)), (1 << 62, ShrinkConfig(64, block_k // 2, 4, 3)))
+    warps = 8 if dropout and dtype != torch.float32 else 4
+    return (
+        (16, ShrinkConfig(16, block_k, 4, 3)),
+        (1 << 62, ShrinkConfig(64, block_k // 2, warps, 3)),
+    )
 
 
 def _reduce_gpu_config(dtype: torch.dtype, block_rank: int, dropout: bool = False) -> ReduceConfig:
@@ -234,23 +251,24 @@ def _reduce_gpu_config(dtype: torch.dtype, block_rank: int, dropout: bool = Fals
 
 
 def shrink_config(
-    rows_per_sample: int, dtype: torch.dtype, batch_invariant: bool = False
+    rows_per_sample: int, dtype: torch.dtype, batch_invariant: bool = False, dropout: bool = False
 ) -> ShrinkConfig:
     """Tile config of the shrink ``x A`` (plain or split-K) for samples of ``rows_per_sample`` rows.
 
     Batch-invariant mode always takes the decode tile (16 rows), whatever the rows.
+    ``dropout``: the launch applies LoRA dropout (plain shrink only).
     """
     if interpreter_enabled():
         return _INTERPRETER_SHRINK
-    return shrink_gpu_config(rows_per_sample, dtype, batch_invariant)
+    return shrink_gpu_config(rows_per_sample, dtype, batch_invariant, dropout)
 
 
 def shrink_gpu_config(
-    rows_per_sample: int, dtype: torch.dtype, batch_invariant: bool = False
+    rows_per_sample: int, dtype: torch.dtype, batch_invariant: bool = False, dropout: bool = False
 ) -> ShrinkConfig:
     """:func:`shrink_config` for a GPU, whatever the interpreter setting."""
     rows = 1 if batch_invariant else rows_per_sample
-    return next(cfg for max_rows, cfg in _shrink_table(dtype) if rows <= max_rows)
+    return next(cfg for max_rows, cfg in _shrink_table(dtype, dropout) if rows <= max_rows)
 
 
 def split_reduce_config() -> SplitReduceConfig:
@@ -272,7 +290,7 @@ def all_configs() -> Iterator[tuple[str, torch.dtype, str, int, object]]:
     """Every ``(kernel, dtype, input precision, BLOCK_R, config)`` the dispatcher can choose.
 
     fp32 appears twice: IEEE dots (PyTorch's default) and TF32 (``allow_tf32``); the dx
-    tiles of a launch with LoRA dropout are included (some repeat). The split-K
+    and shrink tiles of a launch with LoRA dropout are included (some repeat). The split-K
     partials' reduction (``"splitk_reduce"``) appears once, with precision ``"-"`` and no
     ``BLOCK_R``.
     """
@@ -284,6 +302,8 @@ def all_configs() -> Iterator[tuple[str, torch.dtype, str, int, object]]:
             for _, cfg in _shrink_table(dtype):
                 yield "shrink", dtype, precision, rank_block, cfg
                 yield "shrink_splitk", dtype, precision, rank_block, cfg
+            for _, cfg in _shrink_table(dtype, dropout=True):  # the masked plain shrink
+                yield "shrink", dtype, precision, rank_block, cfg
             for dropout in (False, True):
                 cfg = _reduce_gpu_config(dtype, rank_block, dropout)
                 yield "reduce", dtype, precision, rank_block, cfg

@@ -52,8 +52,6 @@ __all__ = ["backward", "clear_config_cache", "forward"]
 # The dx kernel recomputes dS = s dy Bm in every column tile; beyond this padded rank that
 # costs more than a separate pass over dy (R / BLOCK_N extra MMA work per tile).
 MAX_FUSED_DS_RANK_BLOCK = 32
-# Ranks per step of the low-rank epilogues that read S or dS from memory.
-R_CHUNK = 32
 
 
 _CACHE_SIZE = 4096
@@ -117,10 +115,10 @@ def _gpu_spec(t: torch.Tensor) -> Optional[dispatch.GpuSpec]:
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _shrink_plan(batch: int, length: int, rank: int, key: tuple) -> tuple:
-    """``(grid, compile-time kwargs)`` of one shrink launch."""
+def _shrink_plan(batch: int, length: int, rank: int, key: tuple, dropout: bool = False) -> tuple:
+    """``(grid, compile-time kwargs)`` of one shrink launch (``dropout``: it applies the mask)."""
     dtype, precision, _, invariant = key
-    cfg = shrink_config(length, dtype, invariant)
+    cfg = shrink_config(length, dtype, invariant, dropout)
     grid = (_cdiv(length, cfg.BLOCK_M), batch)
     meta = dict(
         BLOCK_M=cfg.BLOCK_M,
@@ -187,7 +185,7 @@ def _forward_plan(
     kernel applies no mask; dropout is a training feature, split-K a decode one).
     """
     split = None if dropout else _splitk_plan(batch, length, k, rank, key, gpu)
-    plain = None if split is not None else _shrink_plan(batch, length, rank, key)
+    plain = None if split is not None else _shrink_plan(batch, length, rank, key, dropout)
     gemm = _gemm_plan("fwd", batch * length, n, rank, key, gpu.sm_count if gpu else None)
     return split, plain, gemm
 
@@ -215,7 +213,7 @@ def _gemm_plan(
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_N=cfg.BLOCK_N if kernel == "fwd" else cfg.BLOCK_K,
         BLOCK_K=cfg.BLOCK_K if kernel == "fwd" else cfg.BLOCK_N,
-        R_CHUNK=min(block_r(rank), R_CHUNK),
+        R_CHUNK=min(block_r(rank), cfg.R_CHUNK),
         GROUP_M=cfg.GROUP_M,
         INPUT_PRECISION=precision,
         SPLIT_LOWRANK=dtype != torch.float32,

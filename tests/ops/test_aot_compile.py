@@ -107,16 +107,22 @@ def _shrink_launch(fn, kind: str, arch: int, batch: int, length: int, k: int, ra
 def _emit(out: Path) -> None:
     """Run in a subprocess with ``TRITON_INTERPRET`` unset: trace, compile, dump JSON."""
     from llmrec_kernels.triton import kernels
-    from llmrec_kernels.triton.configs import all_configs
+    from llmrec_kernels.triton.configs import GemmConfig, all_configs
 
     jobs = min(2, os.cpu_count() or 1)
     launches = aot.trace_launches(90, aot.workloads())
     traced = {"90": [launch.int_args() for launch in launches]}
     table = sorted({json.dumps(launch.table_entry()) for launch in launches})
+
+    def effective(cfg, rank_block):  # a launch steps min(R_CHUNK, padded rank) ranks
+        if isinstance(cfg, GemmConfig):
+            return dataclasses.replace(cfg, R_CHUNK=min(cfg.R_CHUNK, rank_block))
+        return cfg
+
     dispatchable = sorted(
         {
-            json.dumps((kind, aot._TL_DTYPE[dtype], prec, dataclasses.astuple(cfg)))
-            for kind, dtype, prec, _, cfg in all_configs()
+            json.dumps((kind, aot._TL_DTYPE[dtype], prec, dataclasses.astuple(effective(cfg, rb))))
+            for kind, dtype, prec, rb, cfg in all_configs()
         }
     )
     work = aot.workloads(**SUBSET, dropout_shapes=())
