@@ -14,7 +14,11 @@ Host cost: the custom-op dispatcher costs tens of microseconds per call, more th
 of a decode step on the torch backend. When nothing can observe the op (no input needs a
 gradient, not under ``torch.compile``/``torch.export``, no ``torch.func`` transform, no
 ``__torch_function__`` subclass) the backend's forward is called directly: the same function
-the op would run, so the result is identical. :func:`fused_cora_linear_multi` computes several
+the op would run, so the result is identical. Eager calls that need a gradient skip the
+dispatcher too, through :class:`_CoraLinearEager`, an ``autograd.Function`` over the same
+backend functions (bit for bit the op's results; about 150 us less per forward + backward
+on a CPU). Under ``torch.autocast`` the op behaves as ``F.linear`` does: ``x``, ``W`` and the
+bias are cast to the autocast dtype and the op runs in it (:func:`_autocast_cast`). :func:`fused_cora_linear_multi` computes several
 projections that share ``x`` and ``A`` (fused q/k/v) in one call and gives each output its own
 gradient, so the backward never concatenates the outputs' gradients.
 
@@ -253,8 +257,8 @@ class _CoraLinearEager(torch.autograd.Function):
 
     The dispatcher and ``register_autograd``'s wrapper cost more host time than the maths of a
     small step (measured on a CPU: about 390 us against 240 us for the factored PyTorch
-    form, forward and backward at B 8, d 256; on an H200 the op's forward+backward took 0.6
-    ms more than the factored form at B 8 x L 256). Eager calls that need a gradient run the
+    form, forward and backward at B 8, d 256; on an H200 the op's forward+backward took about
+    0.5 ms more than the factored form at B 8 x L 256). Eager calls that need a gradient run the
     same backend functions through this ``autograd.Function``; compiled, ``torch.func`` and
     ``__torch_function__`` calls keep the custom op (:func:`_cora_linear_autograd`).
     """
