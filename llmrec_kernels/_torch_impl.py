@@ -179,3 +179,74 @@ def backward(
             lora_b.dtype
         )
     return dx, da, db
+
+
+def backward_multi(
+    dys: tuple[torch.Tensor, ...],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s_scaled: torch.Tensor,
+    scaling: float,
+    sizes: tuple[int, ...],
+    need_dx: bool,
+    need_da: bool,
+    need_dbs: tuple[bool, ...],
+    dropout: Optional[tuple] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], list[Optional[torch.Tensor]]]:
+    """Gradients of :func:`forward_multi`: ``(dx, dA, [dB_j])``, ``None`` where not needed.
+
+    ``dys[j]``: the gradient of output ``j`` (``(B, L, d_j)``); ``weight``/``lora_b`` hold the
+    outputs' rows stacked in ``sizes`` order. The outputs share ``x`` and ``A``, so their
+    low-rank gradients are summed before they meet ``A``: one ``dS = s/(1-p) sum_j dy_j B_j``,
+    then one ``dS A^T`` for dx and one ``x^T dS`` for dA, where a backward per output would
+    cast A, multiply by it and add its dx and dA once per output. ``dy_j W_j`` accumulates
+    into one dx buffer (no concatenation of the ``dy_j``).
+    """
+    dt = x.dtype
+    rows = x.shape[0] * x.shape[1]
+    keep = None
+    if dropout is not None and (need_dx or need_da):
+        keep = dropout_mask(tuple(x.shape), dropout[0], dropout[1], dropout[2], x.device)
+        scaling = scaling * keep_scale(dropout[0])
+    b = lora_b if lora_b.dtype == dt else lora_b.to(dt)
+    ds = dx = da = None
+    dbs: list[Optional[torch.Tensor]] = [None] * len(sizes)
+    start = 0
+    for j, (dy, size) in enumerate(zip(dys, sizes)):
+        stop = start + size
+        dy2 = dy.reshape(rows, size)
+        if need_dx or need_da:
+            part = dy2 @ b[start:stop]  # (rows, r)
+            ds = part if ds is None else ds.add_(part)
+        if need_dx:
+            if dx is None:
+                dx = dy2 @ weight[start:stop]
+            else:
+                dx.addmm_(dy2, weight[start:stop])
+        if need_dbs[j]:
+            s2 = s_scaled.reshape(rows, s_scaled.shape[-1]).to(dt)
+            dbs[j] = (dy2.transpose(0, 1) @ s2).to(lora_b.dtype)
+        start = stop
+    if ds is not None:
+        ds = ds.mul_(scaling).view(*x.shape[:2], ds.shape[-1])
+    a = lora_a if lora_a.dtype == dt else lora_a.to(dt)
+    if need_dx:
+        dx = dx.view(x.shape)
+        a_t = a.transpose(-1, -2)
+        if keep is not None:
+            low = torch.matmul(ds, a_t)
+            dx.add_(torch.where(keep, low, low.new_zeros(())))
+        elif a_t.dim() == 3:
+            dx.baddbmm_(ds, a_t)
+        else:
+            dx.view(rows, dx.shape[-1]).addmm_(ds.reshape(rows, ds.shape[-1]), a_t)
+    if need_da:
+        xs = x if keep is None else torch.where(keep, x, x.new_zeros(()))
+        if lora_a.dim() == 3:
+            da = torch.bmm(xs.transpose(1, 2), ds)
+        else:
+            da = xs.reshape(rows, xs.shape[-1]).transpose(0, 1) @ ds.reshape(rows, ds.shape[-1])
+        da = da.to(lora_a.dtype)
+    return dx, da, dbs

@@ -444,10 +444,17 @@ class _MultiCoRALinear(torch.autograd.Function):
         )
         dx = da = None
         dws, dbs, dbiases = [None] * n, [None] * n, [None] * n
+        torch_sum = ctx.backend == "torch"
+        if torch_sum and (need_dx or need_da or any(need_db)):
+            # One dS for every output: one product with A for dx and one for dA.
+            dx, da, dbs = _torch_impl.backward_multi(
+                grads, x, fused_w, lora_a, fused_b, s, ctx.scaling, sizes, need_dx, need_da,
+                tuple(need_db), ctx.dropout or None,
+            )  # fmt: skip
         start = 0
         for j, (dy, size) in enumerate(zip(grads, sizes)):
             stop = start + size
-            if need_dx or need_da or need_db[j]:
+            if not torch_sum and (need_dx or need_da or need_db[j]):
                 gx, ga, gb = (_cora_linear_backward if _is_compiling() else _backend_backward)(
                     dy, x, fused_w[start:stop], lora_a, fused_b[start:stop], s, ctx.scaling,
                     ctx.backend, need_dx, need_da, need_db[j], *ctx.dropout,

@@ -218,6 +218,46 @@ def test_multi_forward_and_gradients_against_fp64(backend, needs):
         assert_close_to_oracle(got[n], ref_g[n], ora_g[n], f"d{n}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_multi_backward_with_shared_a_and_strided_grads(backend, dropout_p):
+    """The multi backward sums the outputs' low-rank gradients before they meet A (torch
+    backend): checked with one shared 2-D A (plain LoRA), odd sizes, non-contiguous output
+    gradients and dropout, against per-projection fused_cora_linear calls and fp64."""
+    x, ws, a3, bs, biases, _ = _inputs(3, 5, 21, (13, 7, 7), 5, seed=4)
+    a = a3[0]  # (d_in, r): one A for every sample
+    g = torch.Generator().manual_seed(8)
+    # each output gradient a transposed view: not contiguous
+    dys = [torch.randn(n, 5, 3, generator=g).permute(2, 1, 0) for n in (13, 7, 7)]
+    assert not dys[0].is_contiguous()
+    kw = {"dropout_p": dropout_p, "dropout_seed": 5} if dropout_p else {}
+
+    def run(dtype, fused):
+        xl = x.to(dtype).requires_grad_(True)
+        al = a.to(dtype).requires_grad_(True)
+        bl = [b.to(dtype).requires_grad_(True) for b in bs]
+        wl = [w.to(dtype) for w in ws]
+        bias = [b.to(dtype) for b in biases]
+        be = backend if dtype != torch.float64 else "torch"
+        if fused:
+            outs = fused_cora_linear_multi(xl, wl, al, bl, bias, 1.5, be, **kw)
+        else:  # one call per projection: the same mask (same seed), each its own backward
+            outs = [
+                fused_cora_linear(xl, w, al, b, c, 1.5, be, **kw) for w, b, c in zip(wl, bl, bias)
+            ]
+        grads = torch.autograd.grad(outs, (xl, al, *bl), [d.to(dtype) for d in dys])
+        return (*outs, *grads)
+
+    got, want, oracle = (
+        run(torch.float32, True),
+        run(torch.float32, False),
+        run(torch.float64, False),
+    )
+    names = ("y0", "y1", "y2", "dx", "dA", "dB0", "dB1", "dB2")
+    for name, u, v, o in zip(names, got, want, oracle):
+        assert_close_to_oracle(u, v, o, f"{backend} shared-A multi {name}")
+
+
 def test_multi_outputs_are_separate_tensors_in_training():
     """A slice of one buffer would keep every projection's output alive (see the op's doc)."""
     x, ws, a, bs, _, _ = _inputs()
