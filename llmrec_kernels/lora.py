@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +24,14 @@ from llmrec_kernels.cora_linear import fused_cora_linear
 from llmrec_kernels.dropout import draw_seed
 from llmrec_kernels.hf import find_linear_modules
 
-__all__ = ["DEFAULT_LORA_TARGETS", "LoRALinear", "apply_lora", "lora_modules", "remove_lora"]
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "LoRALinear",
+    "apply_lora",
+    "lora_modules",
+    "lora_parameters",
+    "remove_lora",
+]
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
@@ -136,6 +143,19 @@ def apply_lora(
 def lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:
     """``{path: LoRALinear}`` of every module :func:`apply_lora` patched."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(
+    modules: Mapping[str, LoRALinear], prefix: str = "llm."
+) -> Dict[str, nn.Parameter]:
+    """``{prefix + path + ".lora_A.weight" / ".lora_B.weight": parameter}`` of ``modules``
+    (as :func:`apply_lora` returns them): the state-dict names a model holding the LLM as
+    ``llm`` saves its LoRA factors under."""
+    out: Dict[str, nn.Parameter] = {}
+    for path, m in modules.items():
+        out[f"{prefix}{path}.lora_A.weight"] = m.lora_A.weight
+        out[f"{prefix}{path}.lora_B.weight"] = m.lora_B.weight
+    return out
 
 
 def remove_lora(model: nn.Module) -> nn.Module:

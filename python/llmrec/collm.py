@@ -40,6 +40,7 @@ from llmrec_kernels.lora import (
     LoRALinear,
     apply_lora,
     lora_modules,
+    lora_parameters,
     remove_lora,
 )
 
@@ -316,11 +317,7 @@ class CoLLMRecommender(nn.Module):
         self.cie.requires_grad_(stage in ("cie", "joint"))
 
     def lora_state(self) -> Dict[str, nn.Parameter]:
-        out = {}
-        for path, m in self.lora.items():
-            out[f"llm.{path}.lora_A.weight"] = m.lora_A.weight
-            out[f"llm.{path}.lora_B.weight"] = m.lora_B.weight
-        return out
+        return lora_parameters(self.lora)
 
     def trainable_state(self) -> Dict[str, torch.Tensor]:
         state = {f"cie.{k}": v for k, v in self.cie.named_parameters()}

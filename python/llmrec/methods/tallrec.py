@@ -17,7 +17,7 @@ from torch import nn
 
 from llmrec.llm import answer_logit, answer_token_ids, decoder_body
 from llmrec.method import Method, RunContext, register
-from llmrec_kernels.lora import DEFAULT_LORA_TARGETS, apply_lora
+from llmrec_kernels.lora import DEFAULT_LORA_TARGETS, apply_lora, lora_parameters
 
 
 class TALLRecRecommender(nn.Module):
@@ -49,11 +49,7 @@ class TALLRecRecommender(nn.Module):
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
 
     def trainable_state(self) -> dict:
-        out = {}
-        for path, m in self.lora.items():
-            out[f"llm.{path}.lora_A.weight"] = m.lora_A.weight
-            out[f"llm.{path}.lora_B.weight"] = m.lora_B.weight
-        return out
+        return lora_parameters(self.lora)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.trainable_state().values()
