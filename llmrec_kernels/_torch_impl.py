@@ -27,6 +27,31 @@ def _dropped(x: torch.Tensor, dropout: tuple) -> tuple[torch.Tensor, float]:
     return torch.where(keep, x, x.new_zeros(())), keep_scale(p)
 
 
+def _add_lowrank_dx(dx, ds, lora_a, keep) -> None:
+    """``dx += keep * (dS A^T)`` in dx's own storage (one ``(B, L, d_in)`` tensor, not three)."""
+    a_t = lora_a.to(dx.dtype).transpose(-1, -2)
+    if keep is not None:
+        low = torch.matmul(ds, a_t)
+        dx.add_(torch.where(keep, low, low.new_zeros(())))
+    elif a_t.dim() == 3:
+        dx.baddbmm_(ds, a_t)
+    else:
+        rows = dx.shape[0] * dx.shape[1]
+        dx.view(rows, dx.shape[-1]).addmm_(ds.reshape(rows, ds.shape[-1]), a_t)
+
+
+def _lora_a_grad(x, ds, lora_a, keep) -> torch.Tensor:
+    """``dA = x_d^T dS`` (per sample for a 3-D A), ``x_d = keep * x``, in A's dtype."""
+    if keep is not None:
+        x = torch.where(keep, x, x.new_zeros(()))
+    if lora_a.dim() == 3:
+        da = torch.bmm(x.transpose(1, 2), ds)
+    else:
+        rows = x.shape[0] * x.shape[1]
+        da = x.reshape(rows, x.shape[-1]).transpose(0, 1) @ ds.reshape(rows, ds.shape[-1])
+    return da.to(lora_a.dtype)
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -153,26 +178,12 @@ def backward(
     if need_dx or need_da:
         ds = torch.matmul(dy, lora_b.to(dt)) * scaling  # (B, L, R)
     if need_dx:
-        a_t = lora_a.to(dt).transpose(-1, -2)
         dx = torch.matmul(dy, weight)
         if not dx.is_contiguous():
             dx = dx.contiguous()
-        if keep is not None:
-            low = torch.matmul(ds, a_t)
-            dx.add_(torch.where(keep, low, low.new_zeros(())))
-        # The low-rank term goes into dx's own storage: one (B, L, d_in) tensor, not three.
-        elif a_t.dim() == 3:
-            dx.baddbmm_(ds, a_t)
-        else:
-            dx.view(rows, dx.shape[-1]).addmm_(ds.reshape(rows, ds.shape[-1]), a_t)
+        _add_lowrank_dx(dx, ds, lora_a, keep)
     if need_da:
-        if keep is not None:
-            x = torch.where(keep, x, x.new_zeros(()))
-        if lora_a.dim() == 3:
-            da = torch.bmm(x.transpose(1, 2), ds)
-        else:
-            da = x.reshape(rows, x.shape[-1]).transpose(0, 1) @ ds.reshape(rows, ds.shape[-1])
-        da = da.to(lora_a.dtype)
+        da = _lora_a_grad(x, ds, lora_a, keep)
     if need_db:
         dy2 = dy.reshape(rows, dy.shape[-1])
         db = (dy2.transpose(0, 1) @ s_scaled.reshape(rows, s_scaled.shape[-1]).to(dt)).to(
@@ -231,22 +242,9 @@ def backward_multi(
         start = stop
     if ds is not None:
         ds = ds.mul_(scaling).view(*x.shape[:2], ds.shape[-1])
-    a = lora_a if lora_a.dtype == dt else lora_a.to(dt)
     if need_dx:
         dx = dx.view(x.shape)
-        a_t = a.transpose(-1, -2)
-        if keep is not None:
-            low = torch.matmul(ds, a_t)
-            dx.add_(torch.where(keep, low, low.new_zeros(())))
-        elif a_t.dim() == 3:
-            dx.baddbmm_(ds, a_t)
-        else:
-            dx.view(rows, dx.shape[-1]).addmm_(ds.reshape(rows, ds.shape[-1]), a_t)
+        _add_lowrank_dx(dx, ds, lora_a, keep)
     if need_da:
-        xs = x if keep is None else torch.where(keep, x, x.new_zeros(()))
-        if lora_a.dim() == 3:
-            da = torch.bmm(xs.transpose(1, 2), ds)
-        else:
-            da = xs.reshape(rows, xs.shape[-1]).transpose(0, 1) @ ds.reshape(rows, ds.shape[-1])
-        da = da.to(lora_a.dtype)
+        da = _lora_a_grad(x, ds, lora_a, keep)
     return dx, da, dbs
