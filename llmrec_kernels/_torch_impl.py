@@ -164,32 +164,18 @@ def backward(
 
     ``dropout``: the forward's ``(p, seed, offset)``; the mask is regenerated. With
     ``x_d = x * keep`` and ``dS = s/(1-p) dy B``: ``dx = dy W + keep * (dS A^T)``,
-    ``dA = x_d^T dS``.
+    ``dA = x_d^T dS``. One output of :func:`backward_multi`.
     """
-    dt = x.dtype
-    keep = None
-    if dropout is not None and (need_dx or need_da):
-        keep = dropout_mask(tuple(x.shape), dropout[0], dropout[1], dropout[2], x.device)
-        scaling = scaling * keep_scale(dropout[0])
-    rows = x.shape[0] * x.shape[1]  # explicit: reshape(-1, 0) is ambiguous when d_out is 0
+    dx, da, dbs = backward_multi(
+        (dy,), x, weight, lora_a, lora_b, s_scaled, scaling, (weight.shape[0],),
+        need_dx, need_da, (need_db,), dropout,
+    )  # fmt: skip
     empty = x.new_empty(0)
-    dx = da = db = empty
-    ds = None
-    if need_dx or need_da:
-        ds = torch.matmul(dy, lora_b.to(dt)) * scaling  # (B, L, R)
-    if need_dx:
-        dx = torch.matmul(dy, weight)
-        if not dx.is_contiguous():
-            dx = dx.contiguous()
-        _add_lowrank_dx(dx, ds, lora_a, keep)
-    if need_da:
-        da = _lora_a_grad(x, ds, lora_a, keep)
-    if need_db:
-        dy2 = dy.reshape(rows, dy.shape[-1])
-        db = (dy2.transpose(0, 1) @ s_scaled.reshape(rows, s_scaled.shape[-1]).to(dt)).to(
-            lora_b.dtype
-        )
-    return dx, da, db
+    return (
+        dx if need_dx else empty,
+        da if need_da else empty,
+        dbs[0] if need_db else empty,
+    )
 
 
 def backward_multi(
@@ -224,6 +210,7 @@ def backward_multi(
     b = lora_b if lora_b.dtype == dt else lora_b.to(dt)
     ds = dx = da = None
     dbs: list[Optional[torch.Tensor]] = [None] * len(sizes)
+    s2 = s_scaled.reshape(rows, s_scaled.shape[-1]).to(dt) if any(need_dbs) else None
     start = 0
     for j, (dy, size) in enumerate(zip(dys, sizes)):
         stop = start + size
@@ -237,7 +224,6 @@ def backward_multi(
             else:
                 dx.addmm_(dy2, weight[start:stop])
         if need_dbs[j]:
-            s2 = s_scaled.reshape(rows, s_scaled.shape[-1]).to(dt)
             dbs[j] = (dy2.transpose(0, 1) @ s2).to(lora_b.dtype)
         start = stop
     if ds is not None:

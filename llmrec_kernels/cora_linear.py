@@ -18,9 +18,12 @@ the op would run, so the result is identical. Eager calls that need a gradient s
 dispatcher too, through :class:`_CoraLinearEager`, an ``autograd.Function`` over the same
 backend functions (bit for bit the op's results; about 150 us less per forward + backward
 on a CPU). Under ``torch.autocast`` the op behaves as ``F.linear`` does: ``x``, ``W`` and the
-bias are cast to the autocast dtype and the op runs in it (:func:`_autocast_cast`). :func:`fused_cora_linear_multi` computes several
-projections that share ``x`` and ``A`` (fused q/k/v) in one call and gives each output its own
-gradient, so the backward never concatenates the outputs' gradients.
+bias are cast to the autocast dtype and the op runs in it (:func:`_autocast_cast`).
+
+:func:`fused_cora_linear_multi` computes several projections that share ``x`` and ``A``
+(fused q/k/v) in one call and gives each output its own gradient, so the backward never
+concatenates the outputs' gradients; on the torch backend their low-rank gradients are summed
+before they meet ``A`` (:func:`llmrec_kernels._torch_impl.backward_multi`).
 
 LoRA dropout: ``dropout_p > 0`` makes the shrink read ``dropout(x)`` (``S = s dropout(x) A``;
 the base GEMM still reads ``x``) with a counter-based mask that the backward regenerates from
