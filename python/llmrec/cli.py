@@ -293,6 +293,9 @@ def _add_train_budget(p) -> None:
     g.add_argument(
         "--save-every", type=_nonneg_int, default=0, help="also checkpoint every N steps"
     )
+    g.add_argument("--keep-checkpoints", type=_nonneg_int, default=2, metavar="N",
+                   help="checkpoints kept, the newest (2; 0: all, e.g. to score each with "
+                   "evaluate --state for a learning curve)")  # fmt: skip
     g.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
@@ -344,12 +347,19 @@ def _add_evaluate_recommend(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="score a split with a finished run (CF or LLM) and write its metrics",
-        description="Rebuild a run from RUN/run.json, load its best state and score a split; "
+        description="Rebuild a run from RUN/run.json, load its best state (or --state) and score "
+        "the rows it used for a split (--rows all: the whole split); "
         "writes RUN/eval_<split>.json (or --metrics).",
     )
     p.add_argument("--run", required=True, help="run directory written by train or train-cf")
     p.add_argument("--data", default=None, help="dataset directory (default: the run's data)")
     p.add_argument("--split", choices=SPLITS, default="test", help="split to score (test)")
+    p.add_argument("--rows", choices=["run", "all"], default="run",
+                   help="run: the rows the run scored for this split (its --max-*-rows "
+                   "subsample, so its metrics are reproduced); all: the whole split")  # fmt: skip
+    p.add_argument("--state", default=None, metavar="PATH",
+                   help="score this trainable state instead of RUN/best.safetensors: a "
+                   ".safetensors file or a checkpoint directory (RUN/checkpoints/ckpt-...)")  # fmt: skip
     p.add_argument("--metrics", default=None, type=_output_file,
                    help="metrics JSON path (RUN/eval_<split>.json)")  # fmt: skip
     p.add_argument("--predictions", default=None, type=_output_file, metavar="PATH",
@@ -562,6 +572,7 @@ def _cmd_train(args) -> int:
             grad_clip=args.grad_clip,
             eval_every=args.eval_every,
             save_every=args.save_every,
+            keep_checkpoints=args.keep_checkpoints,
             precision=args.precision,
             seed=args.seed,
             progress=not args.no_progress,
@@ -635,6 +646,8 @@ def _cmd_evaluate(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         progress=not args.no_progress,
+        rows=args.rows,
+        state=_abs(args.state),
     )
     _log(_summary(metrics, args.split) + f" | {metrics['wall_time_s']:.1f}s")
     return 0

@@ -188,8 +188,18 @@ class Method:
         scores = predict(self.source(ctx, df), "test" if full else "valid")
         return split_metrics(scores, df), scores
 
-    def eval_rows(self, ctx: RunContext, split: str):
-        """The rows ``llmrec evaluate`` scores: the whole split."""
+    def eval_rows(self, ctx: RunContext, split: str, rows: str = "run"):
+        """The rows ``llmrec evaluate`` scores.
+
+        ``rows="run"``: the rows the run itself used for ``split`` (its ``--max-train-rows``,
+        ``--max-valid-rows`` or ``--max-test-rows`` subsample, the same seeded rows), so the
+        run's own metrics are reproduced; a split the run never scored is taken whole.
+        ``rows="all"``: the whole split.
+        """
+        if rows not in ("run", "all"):
+            raise ValueError(f"rows must be 'run' or 'all', got {rows!r}")
+        if rows == "run" and split in ("train", ctx.valid_split, "test"):
+            return ctx.rows(split)
         return ctx.data[split]
 
     def train_summary(self, opts) -> Dict[str, Any]:

@@ -650,7 +650,8 @@ def write_checkpoint(out_dir: PathLike, name: str, fill, keep: int = 2) -> Path:
 
     ``fill(tmp_dir)`` writes the files into a temporary directory, which is renamed into
     place only when complete; the pointer is replaced after that, so an interrupted run always
-    finds a complete checkpoint. The oldest checkpoints beyond ``keep`` are removed.
+    finds a complete checkpoint. The oldest checkpoints beyond ``keep`` are removed
+    (``keep`` 0: none are, e.g. for a learning curve from one run's states).
     """
     import shutil
 
@@ -676,7 +677,7 @@ def write_checkpoint(out_dir: PathLike, name: str, fill, keep: int = 2) -> Path:
     atomic_write_text(ck / LATEST, name + "\n")
     kill_point("checkpoint:latest")
     old = sorted(p for p in ck.glob("ckpt-*") if p.is_dir())
-    for p in old[: -max(1, keep)]:
+    for p in old[:-keep] if keep > 0 else ():
         shutil.rmtree(p, ignore_errors=True)
     return path
 

@@ -323,9 +323,21 @@ class OpenRun:
 
 
 def reopen_run(
-    run_dir, *, data_path=None, device="auto", progress=True, batch_size=None, env=None, data=None
+    run_dir,
+    *,
+    data_path=None,
+    device="auto",
+    progress=True,
+    batch_size=None,
+    env=None,
+    data=None,
+    state=None,
 ) -> OpenRun:
-    """Rebuild a finished LLM run from its ``run.json`` with its own LLM and best state."""
+    """Rebuild a finished LLM run from its ``run.json`` with its own LLM and best state.
+
+    ``state``: another trainable state of the same run to load instead of ``RUN/best``: a
+    ``.safetensors`` file or a checkpoint directory holding ``trainable.safetensors``.
+    """
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
     cfg = reopen_config(run_dir, info, data_path=data_path, device=device, progress=progress)
@@ -333,12 +345,31 @@ def reopen_run(
         cfg.train.eval_batch_size = batch_size
     method = get_method(cfg.method)
     opts = parse_options(type(method), cfg)
+    if not method.trains and state is not None:
+        raise RunConfigError(f"{run_dir}: method {cfg.method!r} trains nothing; --state has no use")
+    path = _state_file(run_dir, state) if method.trains else None  # checked before the LLM loads
     ctx = prepare_context(cfg, method, env, data=data)
     model = build_model(ctx, method, opts)
-    if method.trains:
-        check_trainable_compatible(model, run_dir / BEST)
-        model.load_trainable(str(run_dir / BEST))
+    if path is not None:
+        check_trainable_compatible(model, path)
+        model.load_trainable(str(path))
     return OpenRun(ctx, method, opts, model)
+
+
+def _state_file(run_dir: Path, state) -> Path:
+    """``RUN/best.safetensors``, or the file ``state`` names (a checkpoint directory: its
+    ``trainable.safetensors``)."""
+    if state is None:
+        return run_dir / BEST
+    path = Path(state)
+    if path.is_dir():
+        path = path / "trainable.safetensors"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{state}: no trainable state there (a .safetensors file or a "
+            "checkpoint directory with trainable.safetensors)"
+        )
+    return path
 
 
 def run_evaluation(
@@ -352,8 +383,15 @@ def run_evaluation(
     device: str = "auto",
     env: Optional[DistEnv] = None,
     progress: bool = True,
+    rows: str = "run",
+    state: Optional[str] = None,
 ) -> dict:
-    """Score ``split`` with a finished run (LLM method or CF model) and write its metrics."""
+    """Score ``split`` with a finished run (LLM method or CF model) and write its metrics.
+
+    ``rows``: ``"run"`` scores the rows the run used for the split (its subsample, so its own
+    metrics are reproduced), ``"all"`` the whole split (see :meth:`Method.eval_rows`).
+    ``state``: a trainable state to score instead of the run's best (a checkpoint).
+    """
     env = env or DistEnv()
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
@@ -362,7 +400,7 @@ def run_evaluation(
     try:
         return _evaluate_locked(
             run_dir, info, data_path, split, predictions, metrics_path, batch_size, device,
-            env, progress,
+            env, progress, rows, state,
         )  # fmt: skip
     finally:
         if lock is not None:
@@ -370,11 +408,25 @@ def run_evaluation(
 
 
 def _evaluate_locked(
-    run_dir, info, data_path, split, predictions, metrics_path, batch_size, device, env, progress
+    run_dir,
+    info,
+    data_path,
+    split,
+    predictions,
+    metrics_path,
+    batch_size,
+    device,
+    env,
+    progress,
+    rows="run",
+    state=None,
 ) -> dict:
     start = time.perf_counter()
     if info.get("kind") == "cf":
         from llmrec.cf.run import evaluate_cf_run
+
+        if state is not None:
+            raise RunConfigError(f"{run_dir}: a CF run has one model file; --state is for LLM runs")
 
         return evaluate_cf_run(
             run_dir, info, data_path=data_path, split=split, predictions=predictions,
@@ -382,19 +434,21 @@ def _evaluate_locked(
         )  # fmt: skip
     run = reopen_run(
         run_dir, data_path=data_path, device=device, progress=progress,
-        batch_size=batch_size, env=env,
+        batch_size=batch_size, env=env, state=state,
     )  # fmt: skip
     ctx = run.ctx
     if split not in ctx.data:
         raise RunConfigError(
             f"{ctx.data.source}: no {split!r} split (has {sorted(ctx.data.splits)})"
         )
-    df = run.method.eval_rows(ctx, split)
+    df = run.method.eval_rows(ctx, split, rows)
     block, scores = run.method.evaluate(ctx, run.model, run.opts, df, run.predict)
     metrics = {
         "method": ctx.cfg.method,
         "run": str(run_dir),
         split: block,
+        "rows": {"which": rows, "count": len(df)},
+        "state": str(_state_file(run_dir, state)) if run.method.trains else None,
         "config": ctx.cfg.to_dict(),
         "data": ctx.data.summary(),
         "wall_time_s": time.perf_counter() - start,

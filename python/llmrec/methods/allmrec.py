@@ -141,10 +141,6 @@ class ALLMRecMethod(Method):
         )
         return [align, prompt]
 
-    def eval_rows(self, ctx: RunContext, split: str):
-        # the ranking evaluation generates text: the run's test budget applies
-        return ctx.rows(split)
-
     def evaluate(self, ctx: RunContext, model: ALLMRec, opts: Options, df, predict, full=True):
         """AUC / UAUC of every row (its title's log-likelihood among the user's rows of the
         split, in chunks of ``candidates``); with ``full``, the ranking metrics of episodes."""

@@ -1,0 +1,111 @@
+"""``llmrec evaluate --rows`` and ``--state``: which rows and which trainable state are scored.
+
+A run trained with ``--max-test-rows`` is evaluated again on exactly the rows it scored, so
+its metrics are reproduced; ``--rows all`` scores the whole split; ``--state`` scores one of
+the run's checkpoints instead of its best state (a learning curve from one run).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+TINY = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-kv-heads", "1",
+        "--tiny-vocab", "400", "--backend", "torch", "--no-progress"]  # fmt: skip
+TEST_ROWS = 20
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A TALLRec run (no CF needed) of 3 steps, a checkpoint after every step, all kept."""
+    from llmrec.cli import main
+    from llmrec.data import make_synthetic, write_data
+
+    root = tmp_path_factory.mktemp("evalrows")
+    data = write_data(make_synthetic(n_users=30, n_items=25, per_user=10, seed=3), root / "d")
+    out = root / "run"
+    rc = main(["train", "--method", "tallrec", "--data", str(data), "--out", str(out),
+               "--epochs", "1", "--batch-size", "4", "--max-train-rows", "12", "--lr", "0.05",
+               "--max-valid-rows", "8", "--max-test-rows", str(TEST_ROWS), "--save-every", "1",
+               "--keep-checkpoints", "0", "--predictions", str(out / "train_pred.csv"), *TINY])  # fmt: skip
+    assert rc == 0
+    return data, out
+
+
+def _evaluate(out, *extra):
+    from llmrec.cli import main
+
+    metrics = out / f"eval{len(extra)}.json"
+    pred = out / f"eval{len(extra)}.csv"
+    rc = main(["evaluate", "--run", str(out), "--metrics", str(metrics), "--predictions",
+               str(pred), "--no-progress", *extra])  # fmt: skip
+    assert rc == 0
+    return json.loads(metrics.read_text()), pd.read_csv(pred)
+
+
+def test_default_rows_are_the_runs_own_and_reproduce_its_metrics(run):
+    _, out = run
+    trained = json.loads((out / "metrics.json").read_text())
+    ev, pred = _evaluate(out)
+    assert ev["rows"] == {"which": "run", "count": TEST_ROWS}
+    assert ev["test"]["auc"] == pytest.approx(trained["test"]["auc"], abs=1e-6)
+    assert ev["test"]["uauc"] == pytest.approx(trained["test"]["uauc"], abs=1e-6)
+    train_pred = pd.read_csv(out / "train_pred.csv")
+    assert pred[["uid", "iid", "label"]].equals(train_pred[["uid", "iid", "label"]])
+    assert pred["score"].to_numpy() == pytest.approx(train_pred["score"].to_numpy(), abs=1e-5)
+
+
+def test_rows_all_scores_the_whole_split(run):
+    data, out = run
+    ev, pred = _evaluate(out, "--rows", "all")
+    from llmrec.data import load_run_data
+
+    whole = load_run_data(str(data))["test"]
+    assert len(whole) > TEST_ROWS
+    assert ev["rows"] == {"which": "all", "count": len(whole)} and len(pred) == len(whole)
+
+
+def _checkpoints(out):
+    """``{step: checkpoint dir}``; the epoch's end adds a second one at its last step."""
+    ckpts = sorted((out / "checkpoints").glob("ckpt-*"))
+    return {int(p.name.split("step")[1]): p for p in ckpts}
+
+
+def test_keep_checkpoints_0_keeps_every_one(run):
+    _, out = run
+    ckpts = sorted((out / "checkpoints").glob("ckpt-*"))
+    assert sorted(_checkpoints(out)) == [1, 2, 3] and len(ckpts) == 4, ckpts
+
+
+def test_state_scores_a_checkpoint_instead_of_the_best(run):
+    _, out = run
+    _, best_pred = _evaluate(out)
+    last, before = _checkpoints(out)[3], _checkpoints(out)[1]
+    # one epoch, validated at its end: the best state is the last step's
+    ev_last, pred_last = _evaluate(out, "--state", str(last))
+    assert ev_last["state"].endswith("trainable.safetensors")
+    assert pred_last["score"].to_numpy() == pytest.approx(best_pred["score"].to_numpy(), abs=1e-6)
+    # a file works as a directory does, and an earlier step scores differently
+    _, pred_before = _evaluate(out, "--state", str(before / "trainable.safetensors"))
+    assert abs(pred_before["score"] - best_pred["score"]).max() > 1e-4
+
+
+def test_state_errors_are_one_clear_line(run, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from llmrec.cli import main
+
+    _, out = run
+    assert main(["evaluate", "--run", str(out), "--state", str(tmp_path / "nope")]) == 2
+    assert "no trainable state there" in capsys.readouterr().err
+    other = tmp_path / "other.safetensors"
+    save_file({"generator.w": torch.zeros(2, 2)}, str(other))
+    assert main(["evaluate", "--run", str(out), "--state", str(other), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and str(other) in err
