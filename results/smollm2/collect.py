@@ -101,7 +101,84 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
             "llm": cfg.get("llm"), "llm_dtype": cfg.get("llm_dtype"),
             "published_vicuna7b_auc": PUBLISHED.get(name),
         }  # fmt: skip
+    out["curve"] = _curve(runs_dir, test, keys)
     return out
+
+
+#: (learning-curve series, run directory of its full-budget point, curve run prefix)
+CURVES = [("SmolLM2", "cora", "cora_"), ("tiny random LLM", "cora_tiny", "cora_tiny_")]
+
+
+def _curve(runs_dir: Path, test, keys) -> list:
+    """CoRA's test metrics against its training rows, per LLM (runs/curve/<prefix><rows>)."""
+    points = []
+    for series, full, prefix in CURVES:
+        dirs = [runs_dir / full, *sorted((runs_dir / "curve").glob(prefix + "[0-9]*"))]
+        for d in dirs:
+            pred_path, metrics_path = d / "test_predictions.csv", d / "metrics.json"
+            if not (pred_path.exists() and metrics_path.exists()):
+                continue
+            metrics = json.loads(metrics_path.read_text())
+            pred = pd.read_csv(pred_path).merge(test, on=["uid", "iid", "label"], how="inner")
+            if keys is not None and set(zip(pred["uid"], pred["iid"])) != keys:
+                raise SystemExit(f"{d}: its test rows differ from the other LLM runs'")
+            m = evaluate_predictions(
+                pred["uid"].to_numpy(), pred["label"].to_numpy(), pred["score"].to_numpy(),
+                pred["not_cold"].to_numpy(),
+            )  # fmt: skip
+            train = metrics.get("train", {})
+            points.append({
+                "llm": series, "run": d.name, "train_rows": train.get("rows"),
+                "auc": m["auc"], "uauc": m["uauc"],
+                "warm_auc": m["warm"]["auc"], "cold_auc": m["cold"]["auc"],
+                "train_time_s": train.get("train_time_s"),
+            })  # fmt: skip
+    return sorted(points, key=lambda p: (p["llm"], p["train_rows"] or 0))
+
+
+def curve_markdown(res: dict) -> str:
+    if not res.get("curve"):
+        return ""
+    lines = [
+        "| LLM | train rows | AUC | UAUC | warm AUC | cold AUC | train time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in res["curve"]:
+        lines.append(
+            f"| {p['llm']} | {p['train_rows']} | {_f(p['auc'])} | {_f(p['uauc'])} | "
+            f"{_f(p['warm_auc'])} | {_f(p['cold_auc'])} | {_minutes(p['train_time_s'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(res: dict, path: Path) -> bool:
+    """AUC (all / warm / cold) against training rows, one colour per LLM; False if no points."""
+    if not res.get("curve"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    for ax, key, title in zip(axes, ("auc", "warm_auc", "cold_auc"), ("all", "warm", "cold")):
+        for series, colour in zip([c[0] for c in CURVES], ("tab:blue", "tab:orange")):
+            pts = [p for p in res["curve"] if p["llm"] == series and p["train_rows"]]
+            if pts:
+                ax.plot([p["train_rows"] for p in pts], [p[key] for p in pts], "o-",
+                        color=colour, label=f"CoRA on {series}")  # fmt: skip
+        mf = res["methods"].get("mf")
+        if mf:
+            ax.axhline(mf[key], color="grey", ls="--", lw=1, label="MF")
+        ax.set_xscale("log")
+        ax.set_title(f"test AUC, {title} rows")
+        ax.set_xlabel("training rows")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def _f(v, spec=".4f"):
@@ -145,8 +222,12 @@ def main() -> None:
     args = p.parse_args()
     res = collect(args.runs, args.data)
     (HERE / "results.json").write_text(json.dumps(res, indent=2) + "\n")
-    (HERE / "results.md").write_text(markdown(res))
-    print(markdown(res))
+    text = markdown(res)
+    if res["curve"]:
+        text += "\nLearning curve (CoRA, same test rows):\n\n" + curve_markdown(res)
+        plot_curve(res, HERE / "learning_curve.png")
+    (HERE / "results.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
