@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrec.collm import ITEM_SLOT, USER_SLOT, Slot, encode_slotted, slot_marker
+from llmrec.errors import LLMRecError
 from llmrec.llm import decoder_body
 from llmrec.trainer import Metric
 
@@ -394,7 +395,17 @@ class Episode:
 
 
 def _catalogue_sampler(catalogue: np.ndarray, rng: np.random.Generator):
+    items = set(catalogue.tolist())
+
     def sample(n: int, exclude: set) -> List[int]:
+        # rejection sampling never ends when fewer than n items are left: say so instead
+        left = len(items) - sum(1 for i in exclude if i in items)
+        if left < n:
+            raise LLMRecError(
+                f"{n} negative candidates are needed but only {left} of the {len(items)} "
+                "catalogue items are left after the user's rated items; lower "
+                "--allmrec-train-candidates / --allmrec-candidates"
+            )
         out: List[int] = []
         while len(out) < n:
             for i in rng.choice(catalogue, size=2 * (n - len(out)) + 4).tolist():

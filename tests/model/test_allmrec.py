@@ -270,3 +270,18 @@ def test_sbert_title_embeddings_offline_and_cached(tmp_path, monkeypatch):
     files = list(tmp_path.glob("sbert-minilm-*.safetensors"))
     assert len(files) == 1
     torch.testing.assert_close(sbert_embeddings(titles, cache_dir=str(tmp_path)), emb)
+
+
+def test_episodes_on_a_catalogue_too_small_for_the_candidates_fail_clearly():
+    """A user who rated all but 2 of 5 items cannot get 3 unrated negatives: an error that
+    names the option, not an endless rejection loop."""
+    import pandas as pd
+
+    from llmrec.errors import LLMRecError
+
+    df = pd.DataFrame({"uid": [0], "iid": [0], "label": [1], "his": [[1, 2]], "not_cold": [1]})
+    seen = {0: {0, 1, 2}}
+    eps = make_episodes(df, range(5), 3, seen=seen, seed=0)  # 2 negatives: the last two items
+    assert sorted(eps[0].candidates) == [0, 3, 4]
+    with pytest.raises(LLMRecError, match="--allmrec-candidates"):
+        make_episodes(df, range(5), 4, seen=seen, seed=0)
