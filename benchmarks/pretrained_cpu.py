@@ -11,6 +11,9 @@ one batch of real ML-1M prompts (left-padded, as training batches them):
   to the input embeddings (what any soft-prompt method, CoLLM, A-LLMRec, pays at least);
 * ``cora score`` / ``base score``: the same forwards without gradients.
 
+``--configs bf16-eager-compile`` (any ``<dtype>-<attention>-compile``) times the same steps
+with every model's decoder layers compiled, as ``llmrec train --compile`` runs them.
+
 The methods of one configuration are timed interleaved, round by round, so their ratio is
 measured side by side; tokens/s counts the prompts' real (non-pad) tokens. The padding cost
 of a random batch against a length-grouped one (``--group-by-length``, the trainer's
@@ -79,10 +82,17 @@ def _base_score(llm, batch, yes_id):
     return answer_logit(llm, out.last_hidden_state[:, -1], yes_id)
 
 
-def _measure_config(path, dtype_name, dtype, attn, data_dir, batch, budget_s, min_rounds):
-    """The records of one (dtype, attention) configuration, its steps timed interleaved."""
+def _measure_config(
+    path, dtype_name, dtype, attn, data_dir, batch, budget_s, min_rounds, compile_layers=False
+):
+    """The records of one (dtype, attention) configuration, its steps timed interleaved.
+
+    ``compile_layers``: every model's decoder layers are compiled first
+    (:func:`llmrec.llm.compile_decoder_layers`, as ``llmrec train --compile``); the compile
+    happens in the warm-up call, outside the timed rounds.
+    """
     from llmrec.cora import CoRARecommender
-    from llmrec.llm import answer_token_ids
+    from llmrec.llm import answer_token_ids, compile_decoder_layers
     from llmrec.tiny_llm import load_llm
 
     cf_dim = 256
@@ -102,6 +112,10 @@ def _measure_config(path, dtype_name, dtype, attn, data_dir, batch, budget_s, mi
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
+    if compile_layers:
+        torch._dynamo.reset()
+        for llm in (base, cora.llm, cora_drop.llm):
+            compile_decoder_layers(llm)
 
     def cora_train(b=grouped, model=cora):
         model.loss(b).backward()
@@ -135,7 +149,8 @@ def _measure_config(path, dtype_name, dtype, attn, data_dir, batch, budget_s, mi
         mask = batches["random" if "random" in name else "grouped"]["attention_mask"]
         real = int(mask.sum())
         out.append({
-            "dtype": dtype_name, "attn": attn, "step": name, "median_ms": s.median_ms,
+            "dtype": dtype_name, "attn": attn + ("+compile" if compile_layers else ""),
+            "compiled": compile_layers, "step": name, "median_ms": s.median_ms,
             "reps": s.reps, "tokens": real, "padded_tokens": int(mask.numel()),
             "tokens_per_s": real / (s.median_ms / 1e3),
         })  # fmt: skip
@@ -152,11 +167,14 @@ def run(
     results = []
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for attn in ("sdpa", "eager"):
-            if configs and f"{dtype_name}-{attn}" not in configs:
-                continue
-            print(f"timing {dtype_name} {attn} ...", file=sys.stderr, flush=True)
-            results += _measure_config(path, dtype_name, dtype, attn, data_dir, batch,
-                                       budget_s, min_rounds)  # fmt: skip
+            for compiled in (False, True):
+                name = f"{dtype_name}-{attn}" + ("-compile" if compiled else "")
+                # the compiled configurations only when asked for (each compiles 3 models)
+                if (configs and name not in configs) or (not configs and compiled):
+                    continue
+                print(f"timing {name} ...", file=sys.stderr, flush=True)
+                results += _measure_config(path, dtype_name, dtype, attn, data_dir, batch,
+                                           budget_s, min_rounds, compiled)  # fmt: skip
     return {
         "llm": llm_spec,
         "batch": batch,
@@ -201,7 +219,7 @@ def markdown(res: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dtype in ("fp32", "bf16"):
-        for attn in ("sdpa", "eager"):
+        for attn in ("sdpa", "eager", "sdpa+compile", "eager+compile"):
             if (dtype, attn, "base train") in by:
                 lines.append(_md_row(by, dtype, attn))
     return "\n".join(lines) + "\n"
@@ -216,7 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=20.0, help="seconds of rounds per config")
     p.add_argument("--min-rounds", type=int, default=3)
     p.add_argument("--configs", default=None,
-                   help="subset, e.g. bf16-eager,fp32-sdpa (default: all four)")  # fmt: skip
+                   help="subset, e.g. bf16-eager,fp32-sdpa,bf16-eager-compile (default: the "
+                   "four without -compile)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="JSON (default: benchmarks/results/)")
     args = p.parse_args(argv)
     configs = set(args.configs.split(",")) if args.configs else None

@@ -155,7 +155,8 @@ def draw_seed() -> int:
     Drawn per call by the patched modules (not a per-module counter): it follows
     ``torch.manual_seed`` and a restored RNG state (resume), and activation checkpointing,
     which restores the CPU RNG state before it recomputes a forward, replays the same seed,
-    hence the same mask. Under ``torch.compile`` the draw is a graph break.
+    hence the same mask. Under ``torch.compile`` a patched projection with dropout runs
+    eagerly for this reason (:class:`llmrec_kernels.hf.CoRALinear`).
     """
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 

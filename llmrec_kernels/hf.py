@@ -338,6 +338,15 @@ class CoRALinear(nn.Module):
                 "batch (with generate(num_beams=n) or num_return_sequences=n pass "
                 "lora_a.repeat_interleave(n, dim=0))"
             )
+        if self._state.lora_dropout and self.training and torch.compiler.is_compiling():
+            # Each call draws a fresh dropout seed on the host, which torch.compile cannot
+            # trace (a graph break inside the op's argument checks, or a recompile per seed):
+            # the projection runs eagerly, with the same draws in the same order as without
+            # compile; the rest of the layer stays compiled.
+            return _project_eagerly(self, x, lora_a)
+        return self._project(x, lora_a)
+
+    def _project(self, x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
         if self._group is not None:
             return self._group.output(self, x, lora_a)
         return fused_cora_linear(
@@ -350,6 +359,11 @@ class CoRALinear(nn.Module):
             backend=self._state.backend,
             **self._state.dropout_args(self),
         )
+
+
+@torch.compiler.disable
+def _project_eagerly(module: CoRALinear, x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    return module._project(x, lora_a)
 
 
 def _get_state(model: nn.Module) -> Optional[_CoRAState]:

@@ -316,6 +316,12 @@ def _add_train_budget(p) -> None:
         default="auto",
         help="attention implementation (auto: eager for a bf16 LLM on the CPU, else sdpa)",
     )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the LLM's decoder layers (one layer's compile time, about 20 s "
+        "for SmolLM2 on 2 CPU cores; then faster steps, see benchmarks.pretrained_cpu)",
+    )
     g = p.add_argument_group("budget (subsampling, for small machines)")
     g.add_argument(
         "--max-steps", type=_positive_int, default=None, help="stop after N optimizer steps"
@@ -616,6 +622,7 @@ def _cmd_train(args) -> int:
             device=args.device,
             llm_dtype=args.llm_dtype,
             llm_attn=args.llm_attn,
+            compile=args.compile,
             resume=args.resume,
             force=args.force,
             init_from=_abs(args.init_from),

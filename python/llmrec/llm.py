@@ -34,6 +34,7 @@ __all__ = [
     "answer_token_ids",
     "attn_implementation",
     "check_tokenizer_files",
+    "compile_decoder_layers",
     "decoder_body",
     "load_llm",
     "load_run_llm",
@@ -55,6 +56,25 @@ def decoder_body(llm: nn.Module) -> nn.Module:
     if body is None:
         raise ValueError("cannot find the decoder body of the llm (get_decoder() / .model)")
     return body
+
+
+def compile_decoder_layers(llm: nn.Module, mode: Optional[str] = None) -> int:
+    """``torch.compile`` every decoder layer in place (regional compilation); returns how many.
+
+    The layers share one code path and, with parameters traced as inputs, one compiled graph
+    per (grad mode, train mode, shape family): compiling the layers rather than the whole
+    model costs one layer's compile time, and the code outside them (embedding, the score
+    head, the CoRA generator) stays eager. Patch the model (CoRA, LoRA) before calling this;
+    the CoRA op is a custom op with a registered fake, so a patched layer is one graph.
+    Shapes that change between batches (prompt lengths) are compiled as dynamic after the
+    first change, by ``torch.compile``'s automatic dynamic shapes.
+    """
+    layers = getattr(decoder_body(llm), "layers", None)
+    if layers is None or len(layers) == 0:
+        raise ValueError("cannot find the decoder layers of the llm (decoder_body(llm).layers)")
+    for layer in layers:
+        layer.compile(mode=mode)
+    return len(layers)
 
 
 def answer_token_ids(

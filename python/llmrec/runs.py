@@ -192,6 +192,8 @@ class RunConfig:
     llm_dtype: str = "auto"
     # auto: eager attention for a bf16 LLM on the CPU (faster than SDPA there), else HF's
     llm_attn: str = "auto"
+    # torch.compile the LLM's decoder layers (llmrec.llm.compile_decoder_layers)
+    compile: bool = False
     resume: bool = False
     force: bool = False  # move an existing run in ``out`` aside instead of refusing
     init_from: Optional[str] = None

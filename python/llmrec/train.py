@@ -22,6 +22,7 @@ from llmrec.data import load_run_data
 from llmrec.llm import (
     attn_implementation,
     check_tokenizer_files,
+    compile_decoder_layers,
     load_run_llm,
     resolve_llm,
     torch_dtype,
@@ -170,6 +171,8 @@ def build_model(ctx: RunContext, method: Method, opts):
     torch.manual_seed(cfg.train.seed)  # the trainable initialisation depends on the seed only
     model = method.build(ctx, opts)
     model.to(ctx.device)
+    if cfg.compile:  # after the method patched the LLM's layers
+        compile_decoder_layers(ctx.llm)
     if cfg.init_from is not None:
         check_trainable_compatible(model, cfg.init_from)
         model.load_trainable(cfg.init_from)

@@ -245,3 +245,39 @@ def test_cuda_graph_decode_with_static_lora_a(dtype, backend):
             with cora_weights(ref64, a_new.double()):
                 oracle = logits(ref64, ids)
             assert_close_to_oracle(got, want, oracle, "CUDA-graph decode logits")
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused_qkv", "unfused"])
+def test_dropout_under_compile_draws_the_eager_masks(fuse):
+    """LoRA dropout in training mode: each projection runs eagerly inside the compiled
+    layer (its seed is a host draw), with the same draws in the same order, so the compiled
+    forward and gradients are the eager ones; without the dropout the graph has no break."""
+    model = make_model("llama", "sdpa", 0)
+    patch_random(model, 1, fuse_qkv=fuse, lora_dropout=0.3)
+    model.train()
+    ids, a = inputs()
+    target = torch.randn(2, 5, 100, generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i: logits(model, i), backend="aot_eager")
+    torch.manual_seed(7)
+    out_c, grads_c = _run(compiled, model, ids, a, target)
+    torch.manual_seed(7)
+    out_e, grads_e = _run(lambda i: logits(model, i), model, ids, a, target)
+    torch.manual_seed(7)
+    out_o, grads_o = _oracle(model, ids, a, target)
+    assert_close_to_oracle(out_c, out_e, out_o, "compiled logits with dropout")
+    for i, (gc, ge, go) in enumerate(zip(grads_c, grads_e, grads_o)):
+        assert_close_to_oracle(gc, ge, go, f"compiled gradient {i} with dropout")
+    # the masks are real: another seed gives other logits
+    torch.manual_seed(8)
+    other, _ = _run(compiled, model, ids, a, target)
+    assert (other - out_c).abs().max() > 1e-3
+    # the eager projections are the only breaks; in eval mode (no dropout) there are none
+    torch._dynamo.reset()
+    with cora_weights(model, a.detach().requires_grad_(True)):
+        explained = torch._dynamo.explain(lambda i: logits(model, i))(ids)
+    reasons = {str(r.reason).splitlines()[0] for r in explained.break_reasons}
+    assert explained.graph_break_count > 0
+    assert reasons == {"Skip calling `torch.compiler.disable()`d function"}, reasons
+    model.eval()
+    assert graph_breaks(model, ids, a.detach().requires_grad_(True), grad=True)[0] == 0
