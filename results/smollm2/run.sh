@@ -22,7 +22,7 @@ COMMON=(--data "$DATA" --seed 0 --preset paper
         --max-train-rows "$TRAIN_ROWS" --max-valid-rows 400 --max-test-rows "$TEST_ROWS"
         --epochs 1 --eval-every 250 --save-every 50 --no-progress --resume)
 # --compile: the decoder layers compiled (1.1-1.2x faster steps on this CPU, the same masks
-# and arithmetic up to rounding); MF, zero-shot and the first half of CoRA ran without it
+# and arithmetic up to rounding); MF, zero-shot and CoRA ran without it
 SMOL=(--llm smollm2 --llm-dtype bf16 --compile)
 
 done_run() { [[ -f "$1/metrics.json" ]]; }
