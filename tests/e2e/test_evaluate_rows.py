@@ -15,25 +15,20 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-TINY = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-kv-heads", "1",
-        "--tiny-vocab", "400", "--backend", "torch", "--no-progress"]  # fmt: skip
+from tiny_cli import synthetic_data, train_tiny
+
 TEST_ROWS = 20
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A TALLRec run (no CF needed) of 3 steps, a checkpoint after every step, all kept."""
-    from llmrec.cli import main
-    from llmrec.data import make_synthetic, write_data
-
     root = tmp_path_factory.mktemp("evalrows")
-    data = write_data(make_synthetic(n_users=30, n_items=25, per_user=10, seed=3), root / "d")
-    out = root / "run"
-    rc = main(["train", "--method", "tallrec", "--data", str(data), "--out", str(out),
-               "--epochs", "1", "--batch-size", "4", "--max-train-rows", "12", "--lr", "0.05",
-               "--max-valid-rows", "8", "--max-test-rows", str(TEST_ROWS), "--save-every", "1",
-               "--keep-checkpoints", "0", "--predictions", str(out / "train_pred.csv"), *TINY])  # fmt: skip
-    assert rc == 0
+    data = synthetic_data(root, seed=3)
+    out = train_tiny("tallrec", data, root / "run", "--batch-size", "4", "--lr", "0.05",
+                     "--max-train-rows", "12", "--max-valid-rows", "8", "--max-test-rows",
+                     str(TEST_ROWS), "--save-every", "1", "--keep-checkpoints", "0",
+                     "--predictions", str(root / "run" / "train_pred.csv"))  # fmt: skip
     return data, out
 
 

@@ -14,9 +14,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-TINY = ["--tiny-hidden", "32", "--tiny-layers", "2", "--tiny-heads", "2", "--tiny-kv-heads", "1",
-        "--tiny-vocab", "400", "--backend", "torch", "--no-progress", "--rank", "4",
-        "--generator", "mlp"]  # fmt: skip
+from tiny_cli import synthetic_data, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +23,17 @@ def runs(tmp_path_factory):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from llmrec.cli import main
-    from llmrec.data import make_synthetic, write_data
-
     root = tmp_path_factory.mktemp("compile")
-    data = write_data(make_synthetic(n_users=30, n_items=40, per_user=10, seed=4), root / "d")
+    data = synthetic_data(root, items=40, seed=4)
     graphs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         torch._dynamo.reset()
         counters.clear()
         out = root / name
-        rc = main(["train", "--method", "cora", "--data", str(data), "--out", str(out),
-                   "--epochs", "1", "--batch-size", "8", "--max-train-rows", "16", "--lr", "1e-5",
-                   "--max-valid-rows", "8", "--max-test-rows", "24", "--predictions",
-                   str(out / "pred.csv"), *TINY, *extra])  # fmt: skip
-        assert rc == 0
+        train_tiny("cora", data, out, "--batch-size", "8", "--max-train-rows", "16",
+                   "--lr", "1e-5", "--max-valid-rows", "8", "--max-test-rows", "24",
+                   "--predictions", str(out / "pred.csv"), "--rank", "4", "--generator",
+                   "mlp", *extra, layers=2)  # fmt: skip
         graphs[name] = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     return root, graphs

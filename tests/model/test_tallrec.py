@@ -15,24 +15,15 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-TINY = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-kv-heads", "1",
-        "--tiny-vocab", "400", "--backend", "torch", "--no-progress"]  # fmt: skip
+from tiny_cli import synthetic_data, train_tiny
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """``llmrec train --method tallrec`` on a small synthetic dataset."""
-    from llmrec.cli import main
-    from llmrec.data import make_synthetic, write_data
-
     root = tmp_path_factory.mktemp("tallrec")
-    data = write_data(make_synthetic(n_users=30, n_items=25, per_user=10, seed=2), root / "d")
-    out = root / "run"
-    rc = main(["train", "--method", "tallrec", "--data", str(data), "--out", str(out),
-               "--epochs", "1", "--batch-size", "8", "--max-train-rows", "24",
-               "--max-valid-rows", "16", *TINY])  # fmt: skip
-    assert rc == 0
-    return out
+    return train_tiny("tallrec", synthetic_data(root), root / "run", "--batch-size", "8",
+                      "--max-train-rows", "24", "--max-valid-rows", "16")  # fmt: skip
 
 
 def test_cli_trains_and_evaluation_reproduces_the_metrics(run_dir):
