@@ -94,6 +94,13 @@ class LoRALinear(nn.Module):
             lead = x.shape[:-1]
             y = self.forward(x.reshape(-1, x.shape[-1]))
             return y.reshape(*lead, self.out_features)
+        if self.training and self.dropout_p > 0 and torch.compiler.is_compiling():
+            # the per-call seed is a host draw torch.compile cannot trace: run this
+            # projection eagerly (same draws, same order), the rest of the graph compiled
+            return _project_eagerly(self, x)
+        return self._project(x)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
         return fused_cora_linear(
             x,
             self.weight,
@@ -108,6 +115,11 @@ class LoRALinear(nn.Module):
                 else {}
             ),
         )
+
+
+@torch.compiler.disable
+def _project_eagerly(module: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    return module._project(x)
 
 
 def apply_lora(

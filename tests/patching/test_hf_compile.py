@@ -281,3 +281,43 @@ def test_dropout_under_compile_draws_the_eager_masks(fuse):
     assert reasons == {"Skip calling `torch.compiler.disable()`d function"}, reasons
     model.eval()
     assert graph_breaks(model, ids, a.detach().requires_grad_(True), grad=True)[0] == 0
+
+
+def test_plain_lora_dropout_under_compile_draws_the_eager_masks():
+    """The same for TALLRec's / CoLLM's LoRA layers (llmrec_kernels.lora): compiled training
+    forward and LoRA gradients equal the eager ones, and the only breaks are the eager
+    projections."""
+    from llmrec_kernels.lora import apply_lora
+
+    model = make_model("llama", "sdpa", 0)
+    layers = apply_lora(model, rank=4, alpha=8, dropout=0.3, backend="torch", seed=1)
+    with torch.no_grad():
+        for m in layers.values():
+            m.lora_B.weight.normal_(0, 0.5)
+    model.train()
+    ids, _ = inputs()
+    params = [p for m in layers.values() for p in (m.lora_A.weight, m.lora_B.weight)]
+    target = torch.randn(2, 5, 100, generator=torch.Generator().manual_seed(4))
+
+    def run(fn, m):
+        out = fn(ids)
+        return out.detach(), torch.autograd.grad((out * target).sum(), params)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i: logits(model, i), backend="aot_eager")
+    torch.manual_seed(7)
+    out_c, grads_c = run(compiled, model)
+    torch.manual_seed(7)
+    out_e, grads_e = run(lambda i: logits(model, i), model)
+    m64 = copy.deepcopy(model).double()
+    params64 = [p for n, p in m64.named_parameters() if "lora_" in n]
+    torch.manual_seed(7)
+    out64 = logits(m64, ids)
+    grads64 = torch.autograd.grad((out64 * target.double()).sum(), params64)
+    assert_close_to_oracle(out_c, out_e, out64.detach(), "compiled LoRA logits with dropout")
+    for i, (gc, ge, go) in enumerate(zip(grads_c, grads_e, grads64)):
+        assert_close_to_oracle(gc, ge, go, f"compiled LoRA gradient {i} with dropout")
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda i: logits(model, i))(ids)
+    reasons = {str(r.reason).splitlines()[0] for r in explained.break_reasons}
+    assert reasons == {"Skip calling `torch.compiler.disable()`d function"}, reasons
