@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrec_kernels.cora_linear import fused_cora_linear, fused_cora_linear_multi
-from llmrec_kernels.dropout import draw_seed
+from llmrec_kernels.dropout import draw_seed, run_eagerly
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -339,11 +339,7 @@ class CoRALinear(nn.Module):
                 "lora_a.repeat_interleave(n, dim=0))"
             )
         if self._state.lora_dropout and self.training and torch.compiler.is_compiling():
-            # Each call draws a fresh dropout seed on the host, which torch.compile cannot
-            # trace (a graph break inside the op's argument checks, or a recompile per seed):
-            # the projection runs eagerly, with the same draws in the same order as without
-            # compile; the rest of the layer stays compiled.
-            return _project_eagerly(self, x, lora_a)
+            return run_eagerly(self._project, x, lora_a)  # a host seed draw per call
         return self._project(x, lora_a)
 
     def _project(self, x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
@@ -359,11 +355,6 @@ class CoRALinear(nn.Module):
             backend=self._state.backend,
             **self._state.dropout_args(self),
         )
-
-
-@torch.compiler.disable
-def _project_eagerly(module: CoRALinear, x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
-    return module._project(x, lora_a)
 
 
 def _get_state(model: nn.Module) -> Optional[_CoRAState]:

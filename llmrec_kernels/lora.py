@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from llmrec_kernels.cora_linear import fused_cora_linear
-from llmrec_kernels.dropout import draw_seed
+from llmrec_kernels.dropout import draw_seed, run_eagerly
 from llmrec_kernels.hf import find_linear_modules
 
 __all__ = [
@@ -95,9 +95,7 @@ class LoRALinear(nn.Module):
             y = self.forward(x.reshape(-1, x.shape[-1]))
             return y.reshape(*lead, self.out_features)
         if self.training and self.dropout_p > 0 and torch.compiler.is_compiling():
-            # the per-call seed is a host draw torch.compile cannot trace: run this
-            # projection eagerly (same draws, same order), the rest of the graph compiled
-            return _project_eagerly(self, x)
+            return run_eagerly(self._project, x)  # a host seed draw per call
         return self._project(x)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,11 +113,6 @@ class LoRALinear(nn.Module):
                 else {}
             ),
         )
-
-
-@torch.compiler.disable
-def _project_eagerly(module: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    return module._project(x)
 
 
 def apply_lora(
