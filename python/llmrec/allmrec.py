@@ -399,7 +399,11 @@ def _catalogue_sampler(catalogue: np.ndarray, rng: np.random.Generator):
 
     def sample(n: int, exclude: set) -> List[int]:
         # rejection sampling never ends when fewer than n items are left: say so instead
-        left = len(items) - sum(1 for i in exclude if i in items)
+        # (counted only when the exclusions alone could leave too few: a walk over the
+        # user's rated items per positive row otherwise)
+        left = len(items) - len(exclude)
+        if left < n:
+            left = len(items) - sum(1 for i in exclude if i in items)
         if left < n:
             raise LLMRecError(
                 f"{n} negative candidates are needed but only {left} of the {len(items)} "

@@ -285,3 +285,6 @@ def test_episodes_on_a_catalogue_too_small_for_the_candidates_fail_clearly():
     assert sorted(eps[0].candidates) == [0, 3, 4]
     with pytest.raises(LLMRecError, match="--allmrec-candidates"):
         make_episodes(df, range(5), 4, seen=seen, seed=0)
+    # rated items outside the catalogue take nothing from it
+    eps = make_episodes(df, range(5), 3, seen={0: {0, 1, 2, 7, 8, 9}}, seed=0)
+    assert sorted(eps[0].candidates) == [0, 3, 4]
