@@ -310,12 +310,14 @@ def _train_and_evaluate(cfg: RunConfig, method, opts, env: DistEnv, log, callbac
 
 @dataclass
 class OpenRun:
-    """A finished LLM run, reopened: its context, method, options and model (best state)."""
+    """A finished LLM run, reopened: its context, method, options and model (best state, or
+    ``state``: the trainable file loaded, ``None`` for a method that trains nothing)."""
 
     ctx: RunContext
     method: Method
     opts: Any
     model: Any
+    state: Optional[Path] = None
 
     def predict(self, source, desc: str = "predict"):
         trainer = Trainer(
@@ -356,7 +358,7 @@ def reopen_run(
     if path is not None:
         check_trainable_compatible(model, path)
         model.load_trainable(str(path))
-    return OpenRun(ctx, method, opts, model)
+    return OpenRun(ctx, method, opts, model, path)
 
 
 def _state_file(run_dir: Path, state) -> Path:
@@ -451,7 +453,7 @@ def _evaluate_locked(
         "run": str(run_dir),
         split: block,
         "rows": {"which": rows, "count": len(df)},
-        "state": str(_state_file(run_dir, state)) if run.method.trains else None,
+        "state": None if run.state is None else str(run.state),
         "config": ctx.cfg.to_dict(),
         "data": ctx.data.summary(),
         "wall_time_s": time.perf_counter() - start,
