@@ -78,13 +78,7 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
     out = {"machine": {"cpu": _cpu(), "cores": __import__("os").cpu_count()},
            "commit": _commit(), "methods": {}}  # fmt: skip
     for name, r in rows.items():
-        pred = r["pred"].merge(test, on=["uid", "iid", "label"], how="inner")
-        if keys is not None:
-            pred = pred[[k in keys for k in zip(pred["uid"], pred["iid"])]]
-        m = evaluate_predictions(
-            pred["uid"].to_numpy(), pred["label"].to_numpy(), pred["score"].to_numpy(),
-            pred["not_cold"].to_numpy(),
-        )  # fmt: skip
+        m = _test_metrics(r["pred"], test, keys)
         train = r["metrics"].get("train", {})
         cfg = r["metrics"].get("config", {})
         out["methods"][name] = {
@@ -101,32 +95,48 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
             "llm": cfg.get("llm"), "llm_dtype": cfg.get("llm_dtype"),
             "published_vicuna7b_auc": PUBLISHED.get(name),
         }  # fmt: skip
-    out["curve"] = _curve(runs_dir, test, keys)
+    out["curve"] = _curve(runs_dir, test, keys, out["methods"])
     return out
+
+
+def _test_metrics(pred, test, keys) -> dict:
+    """AUC / UAUC (all, warm, cold) of ``pred``'s scores on the experiment's test rows:
+    ``test``'s rows (for ``not_cold``), cut to the LLM runs' ``keys`` (``(uid, iid)`` pairs)."""
+    pred = pred.merge(test, on=["uid", "iid", "label"], how="inner")
+    if keys is not None:
+        pred = pred[[k in keys for k in zip(pred["uid"], pred["iid"])]]
+    return evaluate_predictions(
+        pred["uid"].to_numpy(), pred["label"].to_numpy(), pred["score"].to_numpy(),
+        pred["not_cold"].to_numpy(),
+    )  # fmt: skip
 
 
 #: (learning-curve series, run directory of its full-budget point, curve run prefix)
 CURVES = [("SmolLM2", "cora", "cora_"), ("tiny random LLM", "cora_tiny", "cora_tiny_")]
 
 
-def _curve(runs_dir: Path, test, keys) -> list:
-    """CoRA's test metrics against its training rows, per LLM (runs/curve/<prefix><rows>)."""
+def _curve(runs_dir: Path, test, keys, methods: dict) -> list:
+    """CoRA's test metrics against its training rows, per LLM: the full-budget run from
+    ``methods`` (the table's rows), the smaller budgets from runs/curve/<prefix><rows>."""
     points = []
     for series, full, prefix in CURVES:
-        dirs = [runs_dir / full, *sorted((runs_dir / "curve").glob(prefix + "[0-9]*"))]
-        for d in dirs:
+        if full in methods:
+            m = methods[full]
+            points.append({
+                "llm": series, "run": full, "train_rows": m["train_rows"],
+                "auc": m["auc"], "uauc": m["uauc"],
+                "warm_auc": m["warm_auc"], "cold_auc": m["cold_auc"],
+                "train_time_s": m["train_time_s"],
+            })  # fmt: skip
+        for d in sorted((runs_dir / "curve").glob(prefix + "[0-9]*")):
             pred_path, metrics_path = d / "test_predictions.csv", d / "metrics.json"
             if not (pred_path.exists() and metrics_path.exists()):
                 continue
-            metrics = json.loads(metrics_path.read_text())
-            pred = pd.read_csv(pred_path).merge(test, on=["uid", "iid", "label"], how="inner")
+            pred = pd.read_csv(pred_path)
             if keys is not None and set(zip(pred["uid"], pred["iid"])) != keys:
                 raise SystemExit(f"{d}: its test rows differ from the other LLM runs'")
-            m = evaluate_predictions(
-                pred["uid"].to_numpy(), pred["label"].to_numpy(), pred["score"].to_numpy(),
-                pred["not_cold"].to_numpy(),
-            )  # fmt: skip
-            train = metrics.get("train", {})
+            m = _test_metrics(pred, test, keys)
+            train = json.loads(metrics_path.read_text()).get("train", {})
             points.append({
                 "llm": series, "run": d.name, "train_rows": train.get("rows"),
                 "auc": m["auc"], "uauc": m["uauc"],
