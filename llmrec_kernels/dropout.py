@@ -25,7 +25,6 @@ The comparison is on integers, not on ``tl.rand``'s float, so both sides agree e
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
 
 import torch
 
@@ -37,7 +36,6 @@ __all__ = [
     "keep_threshold",
     "philox4x",
     "philox_randint",
-    "run_eagerly",
 ]
 
 #: dropout elements per Philox call (4 words of 32 bits, 16 bits per element)
@@ -158,22 +156,9 @@ def draw_seed() -> int:
     ``torch.manual_seed`` and a restored RNG state (resume), and activation checkpointing,
     which restores the CPU RNG state before it recomputes a forward, replays the same seed,
     hence the same mask. Under ``torch.compile`` a patched projection with dropout runs
-    eagerly for this reason (:func:`run_eagerly`).
+    eagerly for this reason (:func:`llmrec_kernels.hf.run_eagerly`).
     """
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
-
-
-@torch.compiler.disable
-def run_eagerly(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """``fn(*args)`` outside any ``torch.compile`` graph (one graph break; eager: a call).
-
-    A projection with dropout in training mode calls :func:`draw_seed` per call, which
-    ``torch.compile`` cannot trace (a graph break inside the op's argument checks, or a
-    recompile per seed): the patched modules (:class:`llmrec_kernels.hf.CoRALinear`,
-    :class:`llmrec_kernels.lora.LoRALinear`) run such a projection through this, with the
-    same draws in the same order as without compile; the rest of the graph stays compiled.
-    """
-    return fn(*args)
 
 
 def check_dropout_args(p: object, seed: object, offset: object) -> None:

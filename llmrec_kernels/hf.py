@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrec_kernels.cora_linear import fused_cora_linear, fused_cora_linear_multi
-from llmrec_kernels.dropout import draw_seed, run_eagerly
+from llmrec_kernels.dropout import draw_seed
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -355,6 +355,22 @@ class CoRALinear(nn.Module):
             backend=self._state.backend,
             **self._state.dropout_args(self),
         )
+
+
+@torch.compiler.disable
+def run_eagerly(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """``fn(*args)`` outside any ``torch.compile`` graph (one graph break; eager: a call).
+
+    A projection with dropout in training mode calls
+    :func:`~llmrec_kernels.dropout.draw_seed` per call, which ``torch.compile`` cannot trace
+    (a graph break inside the op's argument checks, or a recompile per seed): the patched
+    modules (:class:`CoRALinear`, :class:`llmrec_kernels.lora.LoRALinear`) run such a
+    projection through this, with the same draws in the same order as without compile; the
+    rest of the graph stays compiled. Defined here, not in :mod:`llmrec_kernels.dropout`:
+    the decorator imports ``torch._dynamo`` (and Triton), which ``import llmrec_kernels``
+    must not.
+    """
+    return fn(*args)
 
 
 def _get_state(model: nn.Module) -> Optional[_CoRAState]:

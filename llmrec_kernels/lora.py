@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from llmrec_kernels.cora_linear import fused_cora_linear
-from llmrec_kernels.dropout import draw_seed, run_eagerly
-from llmrec_kernels.hf import find_linear_modules
+from llmrec_kernels.dropout import draw_seed
+from llmrec_kernels.hf import find_linear_modules, run_eagerly
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
