@@ -41,6 +41,7 @@ random items the user never rated):
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -554,6 +555,32 @@ class EpisodeCollator:
             "labels": labels,
         }
 
+    def candidates(
+        self, episodes: Sequence[Episode], pairs: Sequence[tuple[int, int]]
+    ) -> Dict[str, torch.Tensor]:
+        """A batch of (episode, candidate) pairs whose prompts are encoded once.
+
+        ``pairs``: ``(j, item)``, ``episodes[j]``'s prompt followed by ``item``'s title. The
+        batch is the ``"prompt"``-mode batch of the episodes the pairs use (``U`` rows), plus
+        ``cand_ids`` ``(P, S)`` int64, each pair's title ids + EOS, right-padded;
+        ``cand_mask`` ``(P, S)``; ``cand_prompt`` ``(P,)``, the row of the pair's prompt.
+        :meth:`ALLMRec.candidate_logprob` scores it; ``"target"`` batches of the same pairs
+        give the same log-likelihoods, with every prompt run once per pair.
+        """
+        used = sorted({j for j, _ in pairs})
+        row = {j: r for r, j in enumerate(used)}
+        batch = self([episodes[j] for j in used], "prompt")
+        titles = [self.target_ids(item) for _, item in pairs]
+        width = max(len(t) for t in titles)
+        ids = torch.full((len(pairs), width), self.pad, dtype=torch.long)
+        cmask = torch.zeros((len(pairs), width), dtype=torch.long)
+        for r, t in enumerate(titles):
+            ids[r, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+            cmask[r, : len(t)] = 1
+        batch["cand_ids"], batch["cand_mask"] = ids, cmask
+        batch["cand_prompt"] = torch.as_tensor([row[j] for j, _ in pairs], dtype=torch.long)
+        return batch
+
 
 # =============================================================================================
 # stage 2 model
@@ -693,12 +720,55 @@ class ALLMRec(nn.Module):
         if self.stage == "align":
             item_hat = self.aligner.item_dec(self.aligner.item_enc(batch["item_emb"]))
             return self.aligner.rec_logit(batch["user_emb"], item_hat)
+        if "cand_ids" in batch:
+            return self.candidate_logprob(batch)
         return self.sequence_logprob(batch)
 
     def sequence_logprob(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``(B,)`` total log-likelihood of each row's target title (EOS included)."""
         lp, rows = self.target_logprobs(batch)
         return torch.zeros(batch["labels"].shape[0], device=lp.device).index_add(0, rows, lp)
+
+    @torch.no_grad()
+    def candidate_logprob(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``(P,)`` total log-likelihood of each pair's title (EOS included) for a
+        :meth:`EpisodeCollator.candidates` batch.
+
+        Each distinct prompt runs once and leaves its keys and values in a cache; the cache
+        rows are repeated per pair and only the titles run on top of them. The ranking
+        evaluation's 20 candidates per episode thus cost one prompt and 20 short titles
+        instead of 20 prompts. Positions continue from the left-padded prompt, so every
+        title token keeps its distance to every prompt token (RoPE sees what the full
+        ``"target"`` sequence would give).
+        """
+        from transformers import DynamicCache
+
+        body = decoder_body(self.llm)
+        # transformers 5.x names the argument ``cache``; 4.x ``past_key_values``
+        params = inspect.signature(body.forward).parameters
+        cache_arg = "cache" if "cache" in params else "past_key_values"
+        mask = batch["attention_mask"]
+        cache = DynamicCache()
+        out = body(
+            inputs_embeds=self.embed(batch), attention_mask=mask, use_cache=True,
+            **{cache_arg: cache},
+        )  # fmt: skip
+        pick = batch["cand_prompt"]
+        cache.batch_select_indices(pick)
+        cand_mask = batch["cand_mask"]
+        tail = body(
+            input_ids=batch["cand_ids"],
+            attention_mask=torch.cat([mask[pick], cand_mask], dim=1),
+            use_cache=True,
+            **{cache_arg: cache},
+        ).last_hidden_state
+        # the prompt's last position predicts a title's first token; title token t, token t + 1
+        hidden = torch.cat([out.last_hidden_state[pick, -1:], tail[:, :-1]], dim=1)
+        sel = cand_mask.bool()
+        logits = self.llm.get_output_embeddings()(hidden[sel]).float()
+        lp = torch.log_softmax(logits, dim=-1).gather(1, batch["cand_ids"][sel][:, None])[:, 0]
+        rows = sel.nonzero(as_tuple=True)[0]
+        return torch.zeros(pick.shape[0], device=lp.device).index_add(0, rows, lp)
 
     @torch.no_grad()
     def generate(self, batch: Mapping[str, torch.Tensor], max_new_tokens: int = 40) -> List[str]:
@@ -774,22 +844,18 @@ def score_episodes(
     progress=False,
     desc="score",
 ) -> np.ndarray:
-    """``(E, C)`` title log-likelihood of every candidate of every episode."""
+    """``(E, C)`` title log-likelihood of every candidate of every episode (``-inf`` where an
+    episode has fewer candidates); ``batch_size`` pairs per forward, each prompt run once."""
     from tqdm.auto import tqdm
 
     model.eval()
-    pairs = [(e, c) for e, ep in enumerate(episodes) for c in range(len(ep.candidates))]
-    C = max((len(ep.candidates) for ep in episodes), default=0)
-    out = np.full((len(episodes), C), -np.inf)
-    for s in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress, leave=False):
-        chunk = pairs[s : s + batch_size]
-        eps = [episodes[e] for e, _ in chunk]
-        batch = coll(eps, "target", [episodes[e].candidates[c] for e, c in chunk])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        lp = model.sequence_logprob(batch).cpu().numpy()
-        for (e, c), v in zip(chunk, lp):
-            out[e, c] = v
-    return out
+    source = CandidatePairs(coll, episodes)
+    scores = np.empty(len(source))
+    for s in tqdm(range(0, len(source), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = range(s, min(s + batch_size, len(source)))
+        batch = {k: v.to(device) for k, v in source(idx).items()}
+        scores[s : s + len(idx)] = model.score(batch).float().cpu().numpy()
+    return source.grid(scores)
 
 
 @torch.no_grad()
@@ -926,8 +992,8 @@ class CandidatePairs:
         return len(self.pairs)
 
     def __call__(self, indices) -> Dict[str, torch.Tensor]:
-        chunk = [self.pairs[int(j)] for j in indices]
-        return self.coll([self.episodes[e] for e, _ in chunk], "target", [c for _, c in chunk])
+        """The pairs at ``indices`` (:meth:`EpisodeCollator.candidates`: each prompt once)."""
+        return self.coll.candidates(self.episodes, [self.pairs[int(j)] for j in indices])
 
     def grid(self, scores: np.ndarray) -> np.ndarray:
         """``(E, C)`` scores, ``-inf`` where an episode has fewer candidates."""

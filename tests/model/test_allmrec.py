@@ -142,6 +142,45 @@ def test_embed_equals_hand_built_sequence_and_logprob_equals_full_forward(world)
         assert_close_to_oracle(model.sequence_logprob(b), ref, ref64, "sequence log-probability")
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_candidate_batches_score_as_the_full_sequences(world, attn):
+    """Shared-prompt candidate scoring (each prompt once, its cache repeated per title) gives
+    the log-likelihoods of the full prompt + title sequences: prompts of different lengths
+    (left padding), titles of different lengths (right padding), a chunk that cuts episodes."""
+    from llmrec.allmrec import CandidatePairs, score_episodes
+
+    _, titles, user, _, _, tok = world
+    model = make_model(world)
+    model.llm.config._attn_implementation = attn
+    coll = EpisodeCollator(tok, titles, user)
+    eps = [Episode(3, [0, 2], [4, 5, 12], 5), Episode(4, [0, 6, 7, 8, 9, 13], [9, 10, 11, 30], 11),
+           Episode(5, [], [1, 20, 21], 21)]  # fmt: skip
+    assert len({len(coll.target_ids(i)) for ep in eps for i in ep.candidates}) > 1
+    pairs = CandidatePairs(coll, eps)
+    for idx in (range(len(pairs)), range(2, 8)):
+        batch = pairs(idx)
+        assert batch["input_ids"].shape[0] == len({pairs.pairs[j][0] for j in idx})
+        full = coll(
+            [eps[pairs.pairs[j][0]] for j in idx], "target", [pairs.pairs[j][1] for j in idx]
+        )
+        model64, full64 = fp64_copy(model, full)
+        # the oracle: SDPA (eager attention in fp64 turns the padded rows' fully masked
+        # softmax into NaN, which reaches real rows through 0 * NaN)
+        model64.llm.config._attn_implementation = "sdpa"
+        with torch.no_grad():
+            got = model.score(batch)
+            assert got.shape == (len(idx),)
+            assert_close_to_oracle(
+                got, model.sequence_logprob(full), model64.sequence_logprob(full64),
+                f"{attn} shared-prompt log-likelihood of pairs {idx}",
+            )  # fmt: skip
+    grid = score_episodes(model, coll, eps, batch_size=5, device="cpu")
+    assert grid.shape == (3, 4) and np.isneginf(grid[[0, 2], 3]).all()
+    with torch.no_grad():
+        want = model.score(pairs(range(len(pairs)))).numpy()
+    np.testing.assert_allclose(grid[np.isfinite(grid)], want, rtol=1e-5, atol=1e-5)
+
+
 def test_training_step_moves_only_the_projections(world):
     data, titles, user, _, _, tok = world
     model = make_model(world)
