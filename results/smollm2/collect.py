@@ -95,8 +95,27 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
             "llm": cfg.get("llm"), "llm_dtype": cfg.get("llm_dtype"),
             "published_vicuna7b_auc": PUBLISHED.get(name),
         }  # fmt: skip
+        _count_reused_step(out["methods"][name], train, runs_dir, rows)
     out["curve"] = _curve(runs_dir, test, keys, out["methods"])
     return out
+
+
+def _count_reused_step(entry: dict, train: dict, runs_dir: Path, rows: dict) -> None:
+    """A CoLLM run whose step 1 is another run's LoRA (``--collm-lora-from``): name that run
+    and add its training time, so the table's train time is the method's whole cost."""
+    for stage in train.get("stages", []):
+        src = stage.get("lora_from")
+        if not src:
+            continue
+        run = Path(src["path"]).resolve().parent
+        name = next((n for n in rows if (runs_dir / n).resolve() == run), None)
+        if name is None:
+            raise SystemExit(f"{entry['label']}: its step 1 ({src['path']}) is not a run here")
+        entry["step1_run"] = name
+        step1 = rows[name]["metrics"].get("train", {}).get("train_time_s")
+        if entry["train_time_s"] is not None and step1 is not None:
+            entry["train_time_s"] += step1
+        entry["label"] += f", step 1 from the `{name}` run"
 
 
 def _test_metrics(pred, test, keys) -> dict:
