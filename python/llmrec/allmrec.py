@@ -75,6 +75,7 @@ __all__ = [
     "row_episodes",
     "sbert_embeddings",
     "score_episodes",
+    "score_pairs",
     "score_rows",
     "text_table",
     "train_stage1",
@@ -835,6 +836,31 @@ def hit_ndcg(scores: np.ndarray, target_pos: np.ndarray, ks: Sequence[int]) -> d
 
 
 @torch.no_grad()
+def score_pairs(
+    model: ALLMRec,
+    coll: EpisodeCollator,
+    prompts: Sequence[Episode],
+    pairs: Sequence[tuple[int, int]],
+    batch_size: int,
+    device,
+    progress=False,
+    desc="score",
+) -> np.ndarray:
+    """``(P,)`` log-likelihood of each pair's title: ``(j, item)`` is ``prompts[j]``'s prompt
+    followed by ``item``'s title. ``batch_size`` pairs per forward; the distinct prompts of a
+    batch run once each (:meth:`EpisodeCollator.candidates`), so list pairs of one prompt
+    together."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    out = np.empty(len(pairs))
+    for s in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = pairs[s : s + batch_size]
+        batch = {k: v.to(device) for k, v in coll.candidates(prompts, chunk).items()}
+        out[s : s + len(chunk)] = model.score(batch).float().cpu().numpy()
+    return out
+
+
 def score_episodes(
     model: ALLMRec,
     coll: EpisodeCollator,
@@ -845,20 +871,13 @@ def score_episodes(
     desc="score",
 ) -> np.ndarray:
     """``(E, C)`` title log-likelihood of every candidate of every episode (``-inf`` where an
-    episode has fewer candidates); ``batch_size`` pairs per forward, each prompt run once."""
-    from tqdm.auto import tqdm
-
-    model.eval()
+    episode has fewer candidates)."""
     source = CandidatePairs(coll, episodes)
-    scores = np.empty(len(source))
-    for s in tqdm(range(0, len(source), batch_size), desc=desc, disable=not progress, leave=False):
-        idx = range(s, min(s + batch_size, len(source)))
-        batch = {k: v.to(device) for k, v in source(idx).items()}
-        scores[s : s + len(idx)] = model.score(batch).float().cpu().numpy()
+    scores = score_pairs(model, coll, source.episodes, source.pairs, batch_size, device,
+                         progress, desc)  # fmt: skip
     return source.grid(scores)
 
 
-@torch.no_grad()
 def score_rows(
     model: ALLMRec,
     coll: EpisodeCollator,
@@ -868,17 +887,18 @@ def score_rows(
     progress=False,
     desc="rows",
 ) -> np.ndarray:
-    """Title log-likelihood of each episode's own target (pointwise row scores)."""
-    from tqdm.auto import tqdm
-
-    model.eval()
-    out = np.empty(len(episodes))
-    for s in tqdm(
-        range(0, len(episodes), batch_size), desc=desc, disable=not progress, leave=False
-    ):
-        batch = {k: v.to(device) for k, v in coll(episodes[s : s + batch_size], "target").items()}
-        out[s : s + batch_size] = model.sequence_logprob(batch).cpu().numpy()
-    return out
+    """Title log-likelihood of each episode's own target (pointwise row scores). Episodes with
+    the same prompt (a user's rows in one candidate chunk, :func:`row_episodes`) share it."""
+    index: Dict[tuple, int] = {}
+    prompts: List[Episode] = []
+    pairs = []
+    for ep in episodes:
+        key = (ep.uid, tuple(ep.his), tuple(ep.candidates))
+        if key not in index:
+            index[key] = len(prompts)
+            prompts.append(ep)
+        pairs.append((index[key], ep.target))
+    return score_pairs(model, coll, prompts, pairs, batch_size, device, progress, desc)
 
 
 @torch.no_grad()

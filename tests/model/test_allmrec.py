@@ -143,7 +143,7 @@ def test_embed_equals_hand_built_sequence_and_logprob_equals_full_forward(world)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_candidate_batches_score_as_the_full_sequences(world, attn):
+def test_candidate_batches_score_as_the_full_sequences(world, attn, monkeypatch):
     """Shared-prompt candidate scoring (each prompt once, its cache repeated per title) gives
     the log-likelihoods of the full prompt + title sequences: prompts of different lengths
     (left padding), titles of different lengths (right padding), a chunk that cuts episodes."""
@@ -151,7 +151,8 @@ def test_candidate_batches_score_as_the_full_sequences(world, attn):
 
     _, titles, user, _, _, tok = world
     model = make_model(world)
-    model.llm.config._attn_implementation = attn
+    # the LLM is the module's shared one: the attention choice must not outlive the test
+    monkeypatch.setattr(model.llm.config, "_attn_implementation", attn)
     coll = EpisodeCollator(tok, titles, user)
     eps = [Episode(3, [0, 2], [4, 5, 12], 5), Episode(4, [0, 6, 7, 8, 9, 13], [9, 10, 11, 30], 11),
            Episode(5, [], [1, 20, 21], 21)]  # fmt: skip
@@ -179,6 +180,32 @@ def test_candidate_batches_score_as_the_full_sequences(world, attn):
     with torch.no_grad():
         want = model.score(pairs(range(len(pairs)))).numpy()
     np.testing.assert_allclose(grid[np.isfinite(grid)], want, rtol=1e-5, atol=1e-5)
+
+
+def test_row_scores_share_a_users_prompt_and_equal_the_full_sequences(world):
+    from llmrec.allmrec import score_rows
+
+    data, titles, user, _, _, tok = world
+    model = make_model(world)
+    coll = EpisodeCollator(tok, titles, user)
+    df = data["test"].iloc[:40]
+    eps, _ = row_episodes(df, 4, seed=0)
+    calls = []
+    real = coll.candidates
+    coll.candidates = lambda prompts, pairs: (
+        calls.append(len({j for j, _ in pairs})) or real(prompts, pairs)
+    )
+    got = score_rows(model, coll, eps, batch_size=7, device="cpu")
+    # fewer prompts than rows were run: the rows of one user's chunk share theirs
+    assert sum(calls) < len(eps)
+    full = coll(eps, "target")
+    model64, full64 = fp64_copy(model, full)
+    model64.llm.config._attn_implementation = "sdpa"  # see the test above
+    with torch.no_grad():
+        assert_close_to_oracle(
+            torch.as_tensor(got, dtype=torch.float32), model.sequence_logprob(full),
+            model64.sequence_logprob(full64), "row scores",
+        )  # fmt: skip
 
 
 def test_training_step_moves_only_the_projections(world):
