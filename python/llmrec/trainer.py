@@ -344,6 +344,9 @@ class LoopState:
     done: bool = False
     stopped_early: bool = False
     history: List[dict] = field(default_factory=list)
+    # seconds spent in fit() to reach this state, summed over the resumed segments (the work
+    # a kill threw away, redone after the resume, counts once)
+    train_time_s: float = 0.0
 
 
 class Trainer:
@@ -473,7 +476,15 @@ class Trainer:
         return self.metric(self.predict(data, desc), data)
 
     # -- checkpoints -----------------------------------------------------------------------
+    def _tick(self) -> None:
+        """Bring ``state.train_time_s`` up to now (fit() set the clock)."""
+        clock = getattr(self, "_clock", None)
+        if clock is not None:
+            start, before = clock
+            self.state.train_time_s = before + time.perf_counter() - start
+
     def _state_json(self) -> str:
+        self._tick()
         st = dataclasses.asdict(self.state)
         st["best_auc"] = st["best_auc"] if math.isfinite(st["best_auc"]) else -1.0
         st["scaler"] = self.scaler.state_dict() if self.scaler is not None else None
@@ -629,6 +640,7 @@ class Trainer:
                 self.state.done = False
         if self.env.is_main:  # the log is the checkpoint's history: no torn or repeated line
             rewrite_jsonl(self.out / TRAIN_LOG, self.state.history)
+        self._clock = (time.perf_counter(), self.state.train_time_s)
         _broadcast(self.params, self.env)
         st = self.state
         if not self.params or self.train_data is None or self.cfg.epochs <= 0:
@@ -696,6 +708,7 @@ class Trainer:
         elif self.env.is_main:
             save_trainable_atomic(self.model, self.out / BEST)
         self.env.barrier()
+        self._tick()
         return st
 
 

@@ -9,6 +9,7 @@ Triton interpreter).
 import json
 import math
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -132,8 +133,15 @@ def test_resume_after_interruption_matches_uninterrupted_run(signal, llm_dir, tm
         _cfg(root, ref_out, train={"save_every": 3, "epochs": 2}, **small), data=data
     )
 
+    seconds_at = {}
+
     def crash(event, state):
-        if event == "checkpoint" and state.global_step == 12:  # mid-epoch 2 (10 steps/epoch)
+        if event != "checkpoint":
+            return
+        seconds_at[state.global_step] = state.train_time_s
+        if state.global_step == 3:
+            time.sleep(1.0)  # a slow first segment: the resumed run's train time must hold it
+        if state.global_step == 12:  # mid-epoch 2 (10 steps/epoch)
             raise KeyboardInterrupt("simulated interruption")
 
     out = tmp_path / "run"
@@ -147,12 +155,20 @@ def test_resume_after_interruption_matches_uninterrupted_run(signal, llm_dir, tm
     # a half-written checkpoint from a crash is ignored
     (out / "checkpoints" / ".tmp-ckpt-999999-step00000099-1").mkdir()
     resumed_steps = []
+    start = time.perf_counter()
     done = run_training(
         replace(cfg, resume=True),
         data=data,
         callback=lambda e, s: resumed_steps.append(s.global_step),
     )
+    resumed_wall = time.perf_counter() - start
     assert min(resumed_steps) > 12, "finished steps are not repeated"
+    # the train time spans both segments: the checkpoint's seconds (the sleep included) plus
+    # at most the resumed call's wall time
+    assert seconds_at[12] > seconds_at[6] >= seconds_at[3] + 1.0
+    spent = done["train"]["train_time_s"]
+    assert seconds_at[12] < spent < seconds_at[12] + resumed_wall
+    assert done["train"]["stages"][0]["train_time_s"] == spent
     assert done["train"]["steps"] == ref["train"]["steps"] == 20
     assert done["train"]["best_valid_auc"] == pytest.approx(
         ref["train"]["best_valid_auc"], abs=1e-6
