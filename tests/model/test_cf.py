@@ -85,3 +85,26 @@ def test_embedding_file_roundtrip_and_mismatch(tmp_path):
         load_cf_embeddings(path, n_users=10, n_items=30)
     with pytest.raises(CFEmbeddingError, match="no CF embedding file"):
         load_cf_embeddings(tmp_path / "nothing")
+
+
+def test_resumed_training_time_sums_the_segments(data, tmp_path, monkeypatch):
+    """A clock that ticks 100 s per reading: one epoch, then a resume to three. The result's
+    time is the first segment's (100 s to its state file) plus the second's, not the
+    second's alone."""
+    from types import SimpleNamespace
+
+    from llmrec.cf import train as cf_train
+
+    ticks = iter(range(0, 10_000, 100))
+    monkeypatch.setattr(cf_train, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    state = tmp_path / "state.safetensors"
+
+    def run(epochs, resume):
+        model = build_cf_model("mf", data.n_users, data.n_items, dim=4)
+        cfg = CFConfig(epochs=epochs, patience=10, batch_size=512)
+        return train_cf(model, data, cfg, progress=False, state_path=state, resume=resume)
+
+    first = run(1, False)  # reads: start 0, state 100, end 200
+    assert first.wall_time_s == 200
+    again = run(3, True)  # reads: start 300, states 400 and 500, end 600; 100 carried over
+    assert len(again.history) == 3 and again.wall_time_s == 100 + 300

@@ -60,6 +60,7 @@ class CFResult:
     best_valid_auc: float
     epochs_run: int
     history: List[dict] = field(default_factory=list)
+    # seconds of training, summed over the resumed segments (redone work counts once)
     wall_time_s: float = 0.0
 
 
@@ -93,7 +94,9 @@ def predict_cf(model, df: pd.DataFrame, batch_size: int = 4096, his_len: int = 5
     return torch.cat(outs).numpy()
 
 
-def _save_state(path: Path, model, opt, gen, best, bad: int, history: List[dict], stop: bool):
+def _save_state(
+    path: Path, model, opt, gen, best, bad: int, history: List[dict], stop: bool, seconds: float
+):
     """Everything the loop needs to continue after the epoch just finished (one file)."""
     import json
 
@@ -105,13 +108,14 @@ def _save_state(path: Path, model, opt, gen, best, bad: int, history: List[dict]
             tensors[f"optim.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.torch"], tensors["rng.gen"] = torch.get_rng_state(), gen.get_state()
     meta = {"loop": json.dumps({"best_auc": best[0], "best_epoch": best[1], "bad": bad,
-                                "history": history, "stop": stop}),
+                                "history": history, "stop": stop, "seconds": seconds}),
             "param_groups": json.dumps(sd["param_groups"])}  # fmt: skip
     save_safetensors(path, tensors, metadata=meta)
 
 
 def _load_state(path: Path, model, opt, gen, device):
-    """``(best, bad, history, stop)`` of :func:`_save_state`'s file, model/opt/RNGs restored."""
+    """``(best, bad, history, stop, seconds)`` of :func:`_save_state`'s file, model/opt/RNGs
+    restored (``seconds`` 0 in a file of an older version)."""
     import json
 
     verify_safetensors(path, CFEmbeddingError)
@@ -130,7 +134,7 @@ def _load_state(path: Path, model, opt, gen, device):
     gen.set_state(tensors["rng.gen"])
     best_sd = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
     best = (loop["best_auc"], loop["best_epoch"], best_sd)
-    return best, loop["bad"], loop["history"], loop["stop"]
+    return best, loop["bad"], loop["history"], loop["stop"], float(loop.get("seconds", 0.0))
 
 
 def train_cf(
@@ -163,9 +167,9 @@ def train_cf(
     n = len(data["train"])
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))
     history: List[dict] = []
-    bad, stop = 0, False
+    bad, stop, before = 0, False, 0.0
     if resume and state_path is not None and Path(state_path).exists():
-        best, bad, history, stop = _load_state(Path(state_path), model, opt, gen, device)
+        best, bad, history, stop, before = _load_state(Path(state_path), model, opt, gen, device)
         if log is not None:
             log(f"resumed the CF training after epoch {len(history)}")
     start_time = time.perf_counter()
@@ -200,7 +204,8 @@ def train_cf(
             bad += 1
             stop = bad >= cfg.patience
         if state_path is not None:
-            _save_state(Path(state_path), model, opt, gen, best, bad, history, stop)
+            seconds = before + time.perf_counter() - start_time
+            _save_state(Path(state_path), model, opt, gen, best, bad, history, stop, seconds)
         if stop:
             break
     model.load_state_dict(best[2])
@@ -209,7 +214,7 @@ def train_cf(
         best_valid_auc=best[0],
         epochs_run=epoch,
         history=history,
-        wall_time_s=time.perf_counter() - start_time,
+        wall_time_s=before + time.perf_counter() - start_time,
     )
 
 
