@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -142,8 +144,12 @@ def test_embed_equals_hand_built_sequence_and_logprob_equals_full_forward(world)
         assert_close_to_oracle(model.sequence_logprob(b), ref, ref64, "sequence log-probability")
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_candidate_batches_score_as_the_full_sequences(world, attn, monkeypatch):
+@pytest.mark.parametrize(
+    "attn, dtype",
+    [("sdpa", torch.float32), ("eager", torch.float32), ("sdpa", torch.bfloat16),
+     ("eager", torch.bfloat16)],
+)  # fmt: skip
+def test_candidate_batches_score_as_the_full_sequences(world, attn, dtype, monkeypatch):
     """Shared-prompt candidate scoring (each prompt once, its cache repeated per title) gives
     the log-likelihoods of the full prompt + title sequences: prompts of different lengths
     (left padding), titles of different lengths (right padding), a chunk that cuts episodes."""
@@ -151,7 +157,10 @@ def test_candidate_batches_score_as_the_full_sequences(world, attn, monkeypatch)
 
     _, titles, user, _, _, tok = world
     model = make_model(world)
-    # the LLM is the module's shared one: the attention choice must not outlive the test
+    if dtype != torch.float32:  # --llm-dtype bf16: the LLM in bf16, the projections fp32
+        model = copy.deepcopy(model)
+        model.llm.to(dtype)
+    # the LLM may be the module's shared one: the attention choice must not outlive the test
     monkeypatch.setattr(model.llm.config, "_attn_implementation", attn)
     coll = EpisodeCollator(tok, titles, user)
     eps = [Episode(3, [0, 2], [4, 5, 12], 5), Episode(4, [0, 6, 7, 8, 9, 13], [9, 10, 11, 30], 11),
@@ -173,8 +182,11 @@ def test_candidate_batches_score_as_the_full_sequences(world, attn, monkeypatch)
             assert got.shape == (len(idx),)
             assert_close_to_oracle(
                 got, model.sequence_logprob(full), model64.sequence_logprob(full64),
-                f"{attn} shared-prompt log-likelihood of pairs {idx}",
+                f"{attn} {dtype} shared-prompt log-likelihood of pairs {idx}",
             )  # fmt: skip
+    if dtype != torch.float32:
+        return
+    # the grid's layout: batches of 5 pairs give each episode's row, -inf past its candidates
     grid = score_episodes(model, coll, eps, batch_size=5, device="cpu")
     assert grid.shape == (3, 4) and np.isneginf(grid[[0, 2], 3]).all()
     with torch.no_grad():
