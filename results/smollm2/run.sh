@@ -55,17 +55,21 @@ step_cora_nocf() {
 # learning curve: CoRA on SmolLM2 and on the tiny LLM with smaller training budgets (the same
 # test rows; the TRAIN_ROWS runs above are the last point). The paper preset's 200 warm-up
 # steps scale with the budget, so every point has the same schedule shape.
-step_curve() {
+step_curve_tiny() {
   local n
   for n in ${CURVE_ROWS:-1000 2000 4000}; do
     local w=$(( 200 * n / TRAIN_ROWS ))
     llm_run "curve/cora_tiny_$n" cora --llm tiny --max-train-rows "$n" --warmup-steps "$w"
   done
+}
+step_curve_smollm2() {
+  local n
   for n in ${CURVE_ROWS:-1000 2000 4000}; do
     local w=$(( 200 * n / TRAIN_ROWS ))
     llm_run "curve/cora_$n" cora "${SMOL[@]}" --max-train-rows "$n" --warmup-steps "$w"
   done
 }
+step_curve() { step_curve_tiny; step_curve_smollm2; }
 
 STEPS=("$@")
 [[ ${#STEPS[@]} -gt 0 ]] || STEPS=(mf zeroshot tallrec cora cora_tiny collm allmrec cora_nocf curve)
