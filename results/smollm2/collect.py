@@ -97,6 +97,7 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
         }  # fmt: skip
         _count_reused_step(out["methods"][name], train, runs_dir, rows)
     out["curve"] = _curve(runs_dir, test, keys, out["methods"])
+    out["tiny_draws"] = _tiny_draws(runs_dir, test, keys, out["curve"])
     return out
 
 
@@ -165,6 +166,56 @@ def _curve(runs_dir: Path, test, keys, methods: dict) -> list:
     return sorted(points, key=lambda p: (p["llm"], p["train_rows"] or 0))
 
 
+def _tiny_draws(runs_dir: Path, test, keys, curve: list) -> list:
+    """CoRA on other random tiny LLMs (``--tiny-seed``; runs/tiny_draws/cora_tiny_<rows>_s<seed>)
+    beside draw 0, the curve's own tiny runs at the same rows."""
+    points = [dict(p, draw=0) for p in curve if p["llm"] == "tiny random LLM"]
+    for d in sorted((runs_dir / "tiny_draws").glob("cora_tiny_*_s*")):
+        pred_path, metrics_path = d / "test_predictions.csv", d / "metrics.json"
+        if not (pred_path.exists() and metrics_path.exists()):
+            continue
+        pred = pd.read_csv(pred_path)
+        if keys is not None and set(zip(pred["uid"], pred["iid"])) != keys:
+            raise SystemExit(f"{d}: its test rows differ from the other LLM runs'")
+        m = _test_metrics(pred, test, keys)
+        train = json.loads(metrics_path.read_text()).get("train", {})
+        points.append({
+            "llm": "tiny random LLM", "run": d.name, "draw": int(d.name.rsplit("_s", 1)[1]),
+            "train_rows": train.get("rows"), "auc": m["auc"], "uauc": m["uauc"],
+            "warm_auc": m["warm"]["auc"], "cold_auc": m["cold"]["auc"],
+            "train_time_s": train.get("train_time_s"),
+        })  # fmt: skip
+    rows_with_draws = {p["train_rows"] for p in points if p["draw"] != 0}
+    return sorted(
+        (p for p in points if p["train_rows"] in rows_with_draws),
+        key=lambda p: (p["train_rows"], p["draw"]),
+    )
+
+
+def tiny_draws_markdown(res: dict) -> str:
+    draws = res.get("tiny_draws") or []
+    if not draws:
+        return ""
+    lines = [
+        "| train rows | tiny LLM draw (--tiny-seed) | AUC | UAUC | warm AUC | cold AUC |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in draws:
+        lines.append(
+            f"| {p['train_rows']} | {p['draw']} | {_f(p['auc'])} | {_f(p['uauc'])} | "
+            f"{_f(p['warm_auc'])} | {_f(p['cold_auc'])} |"
+        )
+    for rows in sorted({p["train_rows"] for p in draws}):
+        aucs = np.array([p["auc"] for p in draws if p["train_rows"] == rows])
+        lines.append(
+            f"| {rows} | mean +- sd of {len(aucs)} | {aucs.mean():.4f} +- {aucs.std(ddof=1):.4f}"
+            " | | | |"
+            if len(aucs) > 1
+            else f"| {rows} | 1 draw | {aucs[0]:.4f} | | | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def curve_markdown(res: dict) -> str:
     if not res.get("curve"):
         return ""
@@ -196,6 +247,10 @@ def plot_curve(res: dict, path: Path) -> bool:
             if pts:
                 ax.plot([p["train_rows"] for p in pts], [p[key] for p in pts], "o-",
                         color=colour, label=f"CoRA on {series}")  # fmt: skip
+            others = [p for p in res.get("tiny_draws") or [] if p["llm"] == series and p["draw"]]
+            if others:
+                ax.plot([p["train_rows"] for p in others], [p[key] for p in others], "x",
+                        color=colour, label="other tiny LLM draws")  # fmt: skip
         mf = res["methods"].get("mf")
         if mf:
             ax.axhline(mf[key], color="grey", ls="--", lw=1, label="MF")
@@ -255,6 +310,8 @@ def main() -> None:
     if res["curve"]:
         text += "\nLearning curve (CoRA, same test rows):\n\n" + curve_markdown(res)
         plot_curve(res, HERE / "learning_curve.png")
+    if res["tiny_draws"]:
+        text += "\nCoRA on other random tiny LLMs (same rows):\n\n" + tiny_draws_markdown(res)
     (HERE / "results.md").write_text(text)
     print(text)
 

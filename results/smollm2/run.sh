@@ -70,6 +70,16 @@ step_curve_smollm2() {
   done
 }
 step_curve() { step_curve_tiny; step_curve_smollm2; }
+# the spread between random tiny LLMs (--tiny-seed: another draw of its weights; the rows,
+# CF table and training order stay those of every other run), at 4,000 and 8,000 rows
+step_tiny_draws() {
+  local s
+  for s in ${TINY_SEEDS:-1 2}; do
+    llm_run "tiny_draws/cora_tiny_4000_s$s" cora --llm tiny --tiny-seed "$s" \
+      --max-train-rows 4000 --warmup-steps 100
+    llm_run "tiny_draws/cora_tiny_8000_s$s" cora --llm tiny --tiny-seed "$s"
+  done
+}
 
 STEPS=("$@")
 [[ ${#STEPS[@]} -gt 0 ]] || STEPS=(mf zeroshot tallrec cora cora_tiny collm allmrec cora_nocf curve)
