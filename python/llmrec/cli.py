@@ -267,6 +267,11 @@ def _add_train_budget(p) -> None:
     g.add_argument("--tiny-heads", type=_positive_int, default=4, help="attention heads (4)")
     g.add_argument("--tiny-kv-heads", type=_positive_int, default=2, help="KV heads (2)")
     g.add_argument("--tiny-vocab", type=_positive_int, default=2048, help="BPE vocab size (2048)")
+    g.add_argument(
+        "--tiny-seed", type=_nonneg_int, default=None,
+        help="seed of the tiny LLM's random weights (default: --seed); another value draws "
+        "another LLM with the same rows and training order",
+    )  # fmt: skip
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_positive_int, default=3, help="max epochs (3)")
     g.add_argument("--batch-size", type=_positive_int, default=8, help="per-process batch (8)")
@@ -611,7 +616,7 @@ def _cmd_train(args) -> int:
                 "num_key_value_heads": args.tiny_kv_heads,
                 "vocab_size": args.tiny_vocab,
             },
-            tiny_seed=args.seed,
+            tiny_seed=args.seed if args.tiny_seed is None else args.tiny_seed,
             max_train_rows=args.max_train_rows,
             max_valid_rows=args.max_valid_rows,
             max_test_rows=args.max_test_rows,

@@ -173,3 +173,30 @@ def test_input_errors_exit_2_before_training(cf_run, tmp_path, capsys):
     rc = main(["train-cf", "--data", str(tmp_path / "bad"), "--out", str(out), "--no-progress"])
     assert rc == 2
     assert "valid.csv: row 2 (file line 4): uid id -1 is out of range" in capsys.readouterr().err
+
+
+def test_tiny_seed_draws_another_llm_on_the_same_rows(tmp_path):
+    """``--tiny-seed`` changes the random tiny LLM and nothing else; by default it is --seed."""
+    from safetensors.torch import load_file
+    from tiny_cli import TINY_LLM, synthetic_data
+
+    data = synthetic_data(tmp_path)
+    common = ["train", "--method", "frozen", "--data", str(data), "--max-test-rows", "12",
+              "--max-valid-rows", "8", "--tiny-layers", "1", *TINY_LLM]  # fmt: skip
+    draws = {
+        "default": ([], 0),
+        "zero": (["--tiny-seed", "0"], 0),
+        "one": (["--tiny-seed", "1"], 1),
+    }
+    weights, tests = {}, {}
+    for name, (extra, seed) in draws.items():
+        out = tmp_path / name
+        assert main([*common, "--out", str(out), *extra]) == 0
+        assert json.loads((out / "run.json").read_text())["config"]["tiny_seed"] == seed
+        weights[name] = load_file(str(out / "llm" / "model.safetensors"))
+        tests[name] = json.loads((out / "metrics.json").read_text())["test"]
+    assert all(torch.equal(weights["default"][k], weights["zero"][k]) for k in weights["zero"])
+    assert any(not torch.equal(weights["default"][k], weights["one"][k]) for k in weights["one"])
+    # the same rows scored, by another LLM
+    assert tests["default"]["rows"] == tests["one"]["rows"] == 12
+    assert tests["default"]["auc"] == tests["zero"]["auc"] != tests["one"]["auc"]
