@@ -246,7 +246,7 @@ def plot_curve(res: dict, path: Path) -> bool:
             pts = [p for p in res["curve"] if p["llm"] == series and p["train_rows"]]
             if pts:
                 ax.plot([p["train_rows"] for p in pts], [p[key] for p in pts], "o-",
-                        color=colour, label=f"CoRA on {series}")  # fmt: skip
+                        color=colour, label=f"CoRA on {series}", zorder=3)  # fmt: skip
             others = [p for p in res.get("tiny_draws") or [] if p["llm"] == series and p["draw"]]
             if others:
                 ax.plot([p["train_rows"] for p in others], [p[key] for p in others], "x",
@@ -255,6 +255,9 @@ def plot_curve(res: dict, path: Path) -> bool:
         if mf:
             ax.axhline(mf[key], color="grey", ls="--", lw=1, label="MF")
         ax.set_xscale("log")
+        ticks = sorted({p["train_rows"] for p in res["curve"] if p["train_rows"]})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_title(f"test AUC, {title} rows")
         ax.set_xlabel("training rows")
         ax.grid(alpha=0.3)
