@@ -336,6 +336,17 @@ def _read_header(path: Path, error) -> tuple[int, dict]:
     return n, header
 
 
+def state_file_in(source: PathLike, name: str, error, hint: str) -> Path:
+    """``source`` if it is a file, else the file ``name`` in the directory ``source``;
+    ``error`` (an exception class) with ``hint`` appended when there is none."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / name
+    if not path.is_file():
+        raise error(f"{source}: no state file there ({path}); {hint}")
+    return path
+
+
 def file_sha256(path: PathLike) -> str:
     """The sha256 hex digest of a whole file."""
     return _data_sha256(Path(path), 0)[0]

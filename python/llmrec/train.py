@@ -53,6 +53,7 @@ from llmrec.runs import (
     read_run_info,
     read_stage_done,
     reopen_config,
+    state_file_in,
     verify_safetensors,
     write_metrics,
     write_run_info,
@@ -366,15 +367,10 @@ def _state_file(run_dir: Path, state) -> Path:
     ``trainable.safetensors``)."""
     if state is None:
         return run_dir / BEST
-    path = Path(state)
-    if path.is_dir():
-        path = path / "trainable.safetensors"
-    if not path.is_file():
-        raise CheckpointError(
-            f"{state}: no trainable state there (a .safetensors file or a "
-            "checkpoint directory with trainable.safetensors)"
-        )
-    return path
+    return state_file_in(
+        state, TRAINABLE, CheckpointError,
+        "give a .safetensors file or a checkpoint directory with trainable.safetensors",
+    )  # fmt: skip
 
 
 def run_evaluation(

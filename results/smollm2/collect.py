@@ -149,21 +149,27 @@ def _curve(runs_dir: Path, test, keys, methods: dict) -> list:
                 "train_time_s": m["train_time_s"],
             })  # fmt: skip
         for d in sorted((runs_dir / "curve").glob(prefix + "[0-9]*")):
-            pred_path, metrics_path = d / "test_predictions.csv", d / "metrics.json"
-            if not (pred_path.exists() and metrics_path.exists()):
-                continue
-            pred = pd.read_csv(pred_path)
-            if keys is not None and set(zip(pred["uid"], pred["iid"])) != keys:
-                raise SystemExit(f"{d}: its test rows differ from the other LLM runs'")
-            m = _test_metrics(pred, test, keys)
-            train = json.loads(metrics_path.read_text()).get("train", {})
-            points.append({
-                "llm": series, "run": d.name, "train_rows": train.get("rows"),
-                "auc": m["auc"], "uauc": m["uauc"],
-                "warm_auc": m["warm"]["auc"], "cold_auc": m["cold"]["auc"],
-                "train_time_s": train.get("train_time_s"),
-            })  # fmt: skip
+            point = _run_point(d, test, keys)
+            if point is not None:
+                points.append({"llm": series, **point})
     return sorted(points, key=lambda p: (p["llm"], p["train_rows"] or 0))
+
+
+def _run_point(run: Path, test, keys) -> dict | None:
+    """A finished run's test metrics on the experiment's rows (None while it runs)."""
+    pred_path, metrics_path = run / "test_predictions.csv", run / "metrics.json"
+    if not (pred_path.exists() and metrics_path.exists()):
+        return None
+    pred = pd.read_csv(pred_path)
+    if keys is not None and set(zip(pred["uid"], pred["iid"])) != keys:
+        raise SystemExit(f"{run}: its test rows differ from the other LLM runs'")
+    m = _test_metrics(pred, test, keys)
+    train = json.loads(metrics_path.read_text()).get("train", {})
+    return {
+        "run": run.name, "train_rows": train.get("rows"), "auc": m["auc"], "uauc": m["uauc"],
+        "warm_auc": m["warm"]["auc"], "cold_auc": m["cold"]["auc"],
+        "train_time_s": train.get("train_time_s"),
+    }  # fmt: skip
 
 
 def _tiny_draws(runs_dir: Path, test, keys, curve: list) -> list:
@@ -171,20 +177,10 @@ def _tiny_draws(runs_dir: Path, test, keys, curve: list) -> list:
     beside draw 0, the curve's own tiny runs at the same rows."""
     points = [dict(p, draw=0) for p in curve if p["llm"] == "tiny random LLM"]
     for d in sorted((runs_dir / "tiny_draws").glob("cora_tiny_*_s*")):
-        pred_path, metrics_path = d / "test_predictions.csv", d / "metrics.json"
-        if not (pred_path.exists() and metrics_path.exists()):
-            continue
-        pred = pd.read_csv(pred_path)
-        if keys is not None and set(zip(pred["uid"], pred["iid"])) != keys:
-            raise SystemExit(f"{d}: its test rows differ from the other LLM runs'")
-        m = _test_metrics(pred, test, keys)
-        train = json.loads(metrics_path.read_text()).get("train", {})
-        points.append({
-            "llm": "tiny random LLM", "run": d.name, "draw": int(d.name.rsplit("_s", 1)[1]),
-            "train_rows": train.get("rows"), "auc": m["auc"], "uauc": m["uauc"],
-            "warm_auc": m["warm"]["auc"], "cold_auc": m["cold"]["auc"],
-            "train_time_s": train.get("train_time_s"),
-        })  # fmt: skip
+        point = _run_point(d, test, keys)
+        if point is not None:
+            draw = int(d.name.rsplit("_s", 1)[1])
+            points.append({"llm": "tiny random LLM", "draw": draw, **point})
     rows_with_draws = {p["train_rows"] for p in points if p["draw"] != 0}
     return sorted(
         (p for p in points if p["train_rows"] in rows_with_draws),

@@ -98,7 +98,7 @@ def test_state_errors_are_one_clear_line(run, tmp_path, capsys):
 
     _, out = run
     assert main(["evaluate", "--run", str(out), "--state", str(tmp_path / "nope")]) == 2
-    assert "no trainable state there" in capsys.readouterr().err
+    assert "no state file there" in capsys.readouterr().err
     other = tmp_path / "other.safetensors"
     save_file({"generator.w": torch.zeros(2, 2)}, str(other))
     assert main(["evaluate", "--run", str(out), "--state", str(other), "--no-progress"]) == 2

@@ -18,7 +18,7 @@ from typing import List, Optional
 from llmrec.collm import COLLM_DEFAULT_TARGETS, TUNINGS, CoLLMRecommender, make_collm_examples
 from llmrec.data.batching import RecCollator, pad_id_of
 from llmrec.method import Method, RunContext, Stage, register
-from llmrec.runs import RunConfigError, file_sha256, verify_safetensors
+from llmrec.runs import BEST, RunConfigError, file_sha256, state_file_in, verify_safetensors
 
 
 @register
@@ -127,13 +127,10 @@ class CoLLM(Method):
 def lora_state_file(source: str) -> Path:
     """The state file ``--collm-lora-from`` names: ``source`` itself, or a run directory's
     ``best.safetensors``."""
-    path = Path(source)
-    if path.is_dir():
-        path = path / "best.safetensors"
-    if not path.is_file():
-        raise RunConfigError(
-            f"--collm-lora-from {source}: no such state file ({path}); give a finished run's "
-            "directory (TALLRec, or a CoLLM run's step1) or a .safetensors file"
-        )
+    path = state_file_in(
+        source, BEST, RunConfigError,
+        "--collm-lora-from takes a finished run's directory (TALLRec, or a CoLLM run's step1) "
+        "or a .safetensors file",
+    )  # fmt: skip
     verify_safetensors(path, RunConfigError)  # truncated or corrupt: refused before training
     return path
