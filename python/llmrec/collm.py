@@ -398,21 +398,14 @@ class CoLLMRecommender(nn.Module):
 
         loaded = load_file(str(path))
         own = self.trainable_state()
-        bad = [
-            f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(own[k].shape)}"
-            for k in sorted(set(own) & set(loaded))
-            if tuple(loaded[k].shape) != tuple(own[k].shape)
-        ]
+        bad = _shape_mismatches(own, loaded)
         missing, unexpected = sorted(set(own) - set(loaded)), sorted(set(loaded) - set(own))
         if bad or (strict and (missing or unexpected)):
             raise ValueError(
                 f"cannot load CoLLM trainable state from {path}: mismatched {bad}, "
                 f"missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
-        with torch.no_grad():
-            for k, v in loaded.items():
-                if k in own:
-                    own[k].copy_(v.to(device=own[k].device, dtype=own[k].dtype))
+        _copy_into(own, loaded)
 
     def load_lora(self, path) -> None:
         """Copy the LoRA tensors of ``path`` into this model; the CIE is left as it is.
@@ -440,10 +433,24 @@ class CoLLMRecommender(nn.Module):
                     f"{len(own)} LoRA tensors (first: {missing[0]}); is it another model's?"
                 )
             loaded = {k: f.get_tensor(k) for k in own}
-        bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in loaded.items()
-               if v.shape != own[k].shape]  # fmt: skip
+        bad = _shape_mismatches(own, loaded)
         if bad:
             raise ValueError(f"cannot load the LoRA of {path}: shapes differ ({bad[0]}, ...)")
-        with torch.no_grad():
-            for k, v in loaded.items():
-                own[k].copy_(v.to(device=own[k].device, dtype=own[k].dtype))
+        _copy_into(own, loaded)
+
+
+def _shape_mismatches(own: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor]):
+    """``"name: file (..) vs model (..)"`` for every tensor both hold with another shape."""
+    return [
+        f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(loaded))
+        if tuple(loaded[k].shape) != tuple(own[k].shape)
+    ]
+
+
+@torch.no_grad()
+def _copy_into(own: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor]) -> None:
+    """Copy every tensor of ``loaded`` that ``own`` holds, to its device and dtype."""
+    for k, v in loaded.items():
+        if k in own:
+            own[k].copy_(v.to(device=own[k].device, dtype=own[k].dtype))

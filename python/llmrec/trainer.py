@@ -387,6 +387,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.state = LoopState()
         self._loss_sum, self._loss_n = 0.0, 0  # training loss since the last evaluation
+        # (perf_counter at fit()'s start, state.train_time_s then); None outside fit()
+        self._clock: Optional[tuple] = None
         self.optimizer = (
             torch.optim.AdamW(param_groups(self.params, cfg), lr=cfg.lr) if self.params else None
         )
@@ -478,9 +480,8 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------
     def _tick(self) -> None:
         """Bring ``state.train_time_s`` up to now (fit() set the clock)."""
-        clock = getattr(self, "_clock", None)
-        if clock is not None:
-            start, before = clock
+        if self._clock is not None:
+            start, before = self._clock
             self.state.train_time_s = before + time.perf_counter() - start
 
     def _state_json(self) -> str:
