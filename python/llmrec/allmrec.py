@@ -40,6 +40,7 @@ random items the user never rated):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import os
@@ -94,6 +95,13 @@ ALIGNERS = ("reference", "mlp")
 #: LeakyReLU (user) / GELU (item) -> Linear, Xavier-normal weights, hidden = d_model);
 #: ``mlp``: this project's earlier Linear -> GELU -> Linear bottleneck
 PROJECTIONS = ("reference", "mlp")
+
+
+@functools.cache
+def _cache_argument(forward: Callable) -> str:
+    """The name a decoder body's ``forward`` gives its KV cache: transformers 5.x ``cache``,
+    4.x ``past_key_values`` (looked up once per class, not per scored batch)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _mlp(
@@ -745,9 +753,7 @@ class ALLMRec(nn.Module):
         from transformers import DynamicCache
 
         body = decoder_body(self.llm)
-        # transformers 5.x names the argument ``cache``; 4.x ``past_key_values``
-        params = inspect.signature(body.forward).parameters
-        cache_arg = "cache" if "cache" in params else "past_key_values"
+        cache_arg = _cache_argument(type(body).forward)
         mask = batch["attention_mask"]
         cache = DynamicCache()
         out = body(

@@ -35,6 +35,11 @@ RUNS = [
     ("cora_tiny", "ablation: CoRA on the random tiny LLM"),
     ("cora_nocf", "ablation: CoRA on SmolLM2, CF embeddings zeroed"),
 ]
+#: A-LLMRec's own test metrics, copied from its metrics.json: the target among ``candidates``
+#: titles (the target and unseen random items) ranked by their log-likelihood, and the
+#: generated title matched to the target (``hit@1_generated``, A-LLMRec's own measure)
+RANKING_KEYS = ("hit@1", "hit@5", "hit@10", "ndcg@5", "ndcg@10", "hit@1_generated",
+                "hit@1_generated_exact", "episodes", "candidates")  # fmt: skip
 #: ML-1M test AUC of each method on Vicuna-7B as the CoRA paper reports it (Table 2)
 PUBLISHED = {"mf": 0.6482, "tallrec": 0.7097, "collm": 0.7295, "cora": 0.7361}
 
@@ -96,6 +101,9 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
             "published_vicuna7b_auc": PUBLISHED.get(name),
         }  # fmt: skip
         _count_reused_step(out["methods"][name], train, runs_dir, rows)
+        ranking = {k: v for k, v in r["metrics"].get("test", {}).items() if k in RANKING_KEYS}
+        if ranking:
+            out["methods"][name]["ranking"] = ranking
     out["curve"] = _curve(runs_dir, test, keys, out["methods"])
     out["tiny_draws"] = _tiny_draws(runs_dir, test, keys, out["curve"])
     return out
@@ -298,6 +306,24 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ranking_markdown(res: dict) -> str:
+    lines = []
+    for m in res["methods"].values():
+        r = m.get("ranking")
+        if not r:
+            continue
+        cols = [k for k in RANKING_KEYS[:-2] if k in r]
+        if not lines:
+            lines = ["| method | episodes | candidates | " + " | ".join(cols) + " |",
+                     "|---|---|---|" + "---|" * len(cols)]  # fmt: skip
+        lines.append(
+            f"| {m['label']} | {r.get('episodes', '-')} | {r.get('candidates', '-')} | "
+            + " | ".join(_f(r[k]) for k in cols)
+            + " |"
+        )
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="?", default="runs/smollm2", type=Path)
@@ -306,6 +332,9 @@ def main() -> None:
     res = collect(args.runs, args.data)
     (HERE / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     text = markdown(res)
+    if ranking_markdown(res):
+        text += "\nRanking (the test target among its candidates' titles):\n\n"
+        text += ranking_markdown(res)
     if res["curve"]:
         text += "\nLearning curve (CoRA, same test rows):\n\n" + curve_markdown(res)
         plot_curve(res, HERE / "learning_curve.png")
