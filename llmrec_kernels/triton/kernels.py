@@ -245,6 +245,37 @@ def _cora_linear_fwd_kernel(
 
 
 @triton.jit
+def _add_stored_ds_at(
+    acc, ds_ptr, a_ptr, offs_m, offs_k, m_mask, k_mask, row_group, group_first, group_last,
+    R, stride_ab, stride_ak, stride_ar, compute_dtype: tl.constexpr,
+    R_CHUNK: tl.constexpr, SPLIT_LOWRANK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``acc + dS A_g^T`` for a ``(BLOCK_M, BLOCK_K)`` tile, ``dS`` read from memory (fp32,
+    ``(M, R)``) and each row's own ``A_g`` (the rows of group ``g`` only).
+
+    The rank is walked ``R_CHUNK`` columns at a time: at large ``r`` a whole ``(BLOCK_M, R)``
+    slice of dS beside the accumulator would not fit in registers.
+    """
+    offs_c = tl.arange(0, R_CHUNK)
+    a_g_ptrs = (
+        a_ptr + group_first.to(tl.int64) * stride_ab + offs_c[:, None] * stride_ar
+        + offs_k[None, :] * stride_ak
+    )  # fmt: skip
+    for _g in range(group_first, group_last + 1):
+        row_mask = m_mask & (row_group == _g)
+        for r0 in range(0, R, R_CHUNK):
+            ds_c = tl.load(
+                ds_ptr + offs_m[:, None].to(tl.int64) * R + (r0 + offs_c)[None, :],
+                mask=row_mask[:, None] & ((r0 + offs_c) < R)[None, :],
+                other=0.0,
+            )
+            a_t = tl.load(a_g_ptrs + r0 * stride_ar, mask=k_mask[None, :], other=0.0)
+            acc = _dot_fp32_lhs(ds_c, a_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION)
+        a_g_ptrs += stride_ab
+    return acc
+
+
+@triton.jit
 def _cora_linear_bwd_dx_kernel(
     dy_ptr, w_ptr, a_ptr, lb_ptr, ds_ptr, dx_ptr,
     M, N, K, R, L, ROWS_PER_A,
@@ -306,24 +337,11 @@ def _cora_linear_bwd_dx_kernel(
         # The mask before the accumulator is live: Philox's state then has the registers.
         elem = drop_offset + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
         keep = _keep(drop_seed, elem, drop_threshold)
-        offs_c = tl.arange(0, R_CHUNK)
-        a_g_ptrs = (
-            a_ptr + group_first.to(tl.int64) * stride_ab + offs_c[:, None] * stride_ar
-            + offs_k[None, :] * stride_ak
+        acc = _add_stored_ds_at(
+            acc, ds_ptr, a_ptr, offs_m, offs_k, m_mask, k_mask, row_group, group_first,
+            group_last, R, stride_ab, stride_ak, stride_ar, compute_dtype,
+            R_CHUNK, SPLIT_LOWRANK, INPUT_PRECISION,
         )  # fmt: skip
-        for _g in range(group_first, group_last + 1):
-            row_mask = m_mask & (row_group == _g)
-            for r0 in range(0, R, R_CHUNK):
-                ds_c = tl.load(
-                    ds_ptr + offs_m[:, None].to(tl.int64) * R + (r0 + offs_c)[None, :],
-                    mask=row_mask[:, None] & ((r0 + offs_c) < R)[None, :],
-                    other=0.0,
-                )
-                a_t = tl.load(a_g_ptrs + r0 * stride_ar, mask=k_mask[None, :], other=0.0)
-                acc = _dot_fp32_lhs(
-                    ds_c, a_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION
-                )
-            a_g_ptrs += stride_ab
         acc = tl.where(keep, acc, tl.zeros_like(acc))
     for n0 in range(0, N, BLOCK_N):
         n_mask = (n0 + offs_n) < N
@@ -355,26 +373,11 @@ def _cora_linear_bwd_dx_kernel(
             acc = _dot_fp32_lhs(ds_g, a_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION)
             a_t_ptrs += stride_ab
     elif not DROPOUT:
-        # dS precomputed in memory: walk the rank in chunks to bound register use at large r.
-        offs_c = tl.arange(0, R_CHUNK)
-        a_g_ptrs = (
-            a_ptr + group_first.to(tl.int64) * stride_ab + offs_c[:, None] * stride_ar
-            + offs_k[None, :] * stride_ak
+        acc = _add_stored_ds_at(
+            acc, ds_ptr, a_ptr, offs_m, offs_k, m_mask, k_mask, row_group, group_first,
+            group_last, R, stride_ab, stride_ak, stride_ar, compute_dtype,
+            R_CHUNK, SPLIT_LOWRANK, INPUT_PRECISION,
         )  # fmt: skip
-        for _g in range(group_first, group_last + 1):
-            row_mask = m_mask & (row_group == _g)
-            for r0 in range(0, R, R_CHUNK):
-                c_mask = (r0 + offs_c) < R
-                ds_c = tl.load(
-                    ds_ptr + offs_m[:, None].to(tl.int64) * R + (r0 + offs_c)[None, :],
-                    mask=row_mask[:, None] & c_mask[None, :],
-                    other=0.0,
-                )
-                a_t = tl.load(a_g_ptrs + r0 * stride_ar, mask=k_mask[None, :], other=0.0)
-                acc = _dot_fp32_lhs(
-                    ds_c, a_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION
-                )
-            a_g_ptrs += stride_ab
     dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
     tl.store(dx_ptrs, acc.to(compute_dtype), mask=m_mask[:, None] & k_mask[None, :])
 
