@@ -287,6 +287,14 @@ def _add_train_budget(p) -> None:
     )
     g.add_argument("--weight-decay", type=_nonneg_float, default=1e-3)
     g.add_argument(
+        "--adam-betas",
+        type=_float_in(0.0, 1.0, hi_open=True),
+        nargs=2,
+        metavar=("BETA1", "BETA2"),
+        default=[0.9, 0.999],
+        help="AdamW's moment decay rates (0.9 0.999)",
+    )
+    g.add_argument(
         "--warmup-ratio", type=_float_in(0, 1), default=0.05, help="warm-up share of steps"
     )
     g.add_argument(
@@ -576,6 +584,7 @@ def _cmd_train(args) -> int:
             eval_batch_size=args.eval_batch_size,
             lr=args.lr,
             weight_decay=args.weight_decay,
+            adam_betas=list(args.adam_betas),
             warmup_ratio=args.warmup_ratio,
             warmup_steps=args.warmup_steps,
             max_steps=args.max_steps,

@@ -24,9 +24,12 @@ The sources abbreviated below:
   ``rec_config.embedding_size`` 256);
 * ``LAVIS runner``: ``minigpt4/runners/runner_base.py`` and ``common/optims.py`` of both
   repositories (validation after every ``iters_per_epoch`` iterations, AdamW with no weight
-  decay on ``ndim < 2`` parameters, no gradient clipping, ``LinearWarmupCosineLRScheduler``);
+  decay on ``ndim < 2`` parameters, betas ``(0.9, run_cfg.get("beta2", 0.999))``, no
+  gradient clipping, ``LinearWarmupCosineLRScheduler``);
 * ``A-LLMRec main``: ghdtjr/A-LLMRec ``main.py`` (``--stage2_lr`` 1e-4, ``--batch_size2`` 2,
-  ``--stage1_lr`` 1e-4, ``--batch_size1`` 16; plain Adam, no schedule).
+  ``--stage1_lr`` 1e-4, ``--batch_size1`` 16; plain Adam, no schedule);
+* ``A-LLMRec train_model``: its ``train_model.py`` (both stages ``torch.optim.Adam(...,
+  betas=(0.9, 0.98))``; ``inference_`` loads stage 1's epoch 10 and stage 2's epoch 5).
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ PAPER = Preset(
         "patience": Value(20, f"{_LAVIS}: stop after 20 validations without gain (CoRA)"),
         "grad_clip": Value(0.0, f"{_LAVIS}: no gradient clipping"),
         "weight_decay": Value(1e-3, "CoRA cfg / CoLLM cfg weight_decay (not on 1-D params)"),
+        "adam_betas": Value([0.9, 0.999], f"{_LAVIS}: AdamW betas (0.9, run_cfg beta2 0.999)"),
         # CoRA's ML-1M batch is not in its public configs; CoRA reuses CoLLM's ML-1M set-up
         "batch_size": Value(16, "CoLLM cfg batch_size_train 16"),
         "cf_dim": Value(256, "CoLLM cfg rec_config.embedding_size 256 (MF d 256)"),
@@ -106,11 +110,14 @@ PAPER = Preset(
             "lr": Value(1e-4, "A-LLMRec main --stage2_lr 1e-4"),
             "batch_size": Value(2, "A-LLMRec main --batch_size2 2"),
             "weight_decay": Value(0.0, "A-LLMRec main: Adam, no weight decay"),
+            "adam_betas": Value([0.9, 0.98], "A-LLMRec train_model: Adam betas=(0.9, 0.98)"),
             "warmup_steps": Value(0, "A-LLMRec main: no schedule"),
             "warmup_start_ratio": Value(None, "A-LLMRec main: no schedule"),
             "min_lr_ratio": Value(1.0, "A-LLMRec main: constant lr"),
             "max_steps": Value(None, "A-LLMRec main: fixed epochs"),
-            "epochs": Value(10, "this project (stage-2 epochs of the reference not checked)"),
+            # train_model.py's loop runs main's --num_epochs (100), but inference_ loads the
+            # stage-2 checkpoint of epoch 5 (phase2_epoch = 5): the one its results come from
+            "epochs": Value(5, "A-LLMRec train_model inference_: phase2_epoch = 5"),
             "eval_every": Value(0, "A-LLMRec main: no validation; here one per epoch"),
             "patience": Value(10, "A-LLMRec main: no early stopping"),
         },
@@ -132,6 +139,7 @@ FAST = Preset(
         "patience": Value(2, "this project"),
         "grad_clip": Value(1.0, "this project"),
         "weight_decay": Value(1e-3, "this project"),
+        "adam_betas": Value([0.9, 0.999], "this project (torch's AdamW default)"),
         "batch_size": Value(8, "this project"),
         "cf_dim": Value(64, "this project"),
     },

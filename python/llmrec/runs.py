@@ -122,7 +122,7 @@ class TrainConfig:
     """One training stage's optimisation settings (:class:`llmrec.trainer.Trainer`).
 
     ``min_lr_ratio`` 1 with ``warmup_steps`` 0 gives a constant learning rate;
-    ``weight_decay`` 0 makes AdamW plain Adam.
+    ``weight_decay`` 0 makes AdamW plain Adam; ``adam_betas`` are its ``(beta1, beta2)``.
     """
 
     epochs: int = 3
@@ -130,6 +130,8 @@ class TrainConfig:
     eval_batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 1e-3
+    # a list, not a tuple: run.json stores it as one, and a resumed config must compare equal
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_ratio: float = 0.05
     warmup_steps: Optional[int] = None
     min_lr_ratio: float = 0.0

@@ -390,7 +390,11 @@ class Trainer:
         # (perf_counter at fit()'s start, state.train_time_s then); None outside fit()
         self._clock: Optional[tuple] = None
         self.optimizer = (
-            torch.optim.AdamW(param_groups(self.params, cfg), lr=cfg.lr) if self.params else None
+            torch.optim.AdamW(
+                param_groups(self.params, cfg), lr=cfg.lr, betas=tuple(cfg.adam_betas)
+            )
+            if self.params
+            else None
         )
 
     # -- helpers ---------------------------------------------------------------------------

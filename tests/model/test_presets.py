@@ -268,3 +268,42 @@ def test_default_ivf_index_returns_95_percent_of_the_exact_top_k():
         want, got = exact.search(queries, k)[1], ivf.search(queries, k)[1]
         recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(got, want)])
         assert recall >= 0.95, (k, recall)
+
+
+def test_adam_betas_follow_each_reference():
+    # LAVIS runner (CoRA, CoLLM): AdamW betas (0.9, run_cfg beta2 default 0.999);
+    # A-LLMRec train_model.py: Adam betas (0.9, 0.98) in both stages, stage 2 evaluated at
+    # its epoch-5 checkpoint
+    for method in ("cora", "collm", "tallrec", "frozen"):
+        assert _train_args("--method", method).adam_betas == [0.9, 0.999], method
+    allmrec = _train_args("--method", "allmrec")
+    assert allmrec.adam_betas == [0.9, 0.98]
+    assert allmrec.epochs == 5 and allmrec.lr == 1e-4 and allmrec.weight_decay == 0.0
+    assert _train_args("--method", "allmrec", "--adam-betas", "0.8", "0.9").adam_betas == [
+        0.8,
+        0.9,
+    ]
+    assert TrainConfig().adam_betas == preset_defaults("fast", "cora")["adam_betas"]
+
+
+@pytest.mark.parametrize("betas", [("1.0", "0.9"), ("0.9", "1.5"), ("-0.1", "0.9"), ("0.9",)])
+def test_adam_betas_outside_zero_one_are_refused(betas, capsys):
+    with pytest.raises(SystemExit):
+        _train_args("--adam-betas", *betas)
+    assert "--adam-betas" in capsys.readouterr().err
+
+
+def test_trainer_optimizer_uses_the_configured_betas(tmp_path):
+    from llmrec.trainer import Trainer
+
+    class _Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3, 2))
+
+        def trainable_parameters(self):
+            return [self.w]
+
+    cfg = TrainConfig(adam_betas=[0.8, 0.95])
+    trainer = Trainer(_Model(), None, None, cfg, tmp_path, device="cpu")
+    assert {g["betas"] for g in trainer.optimizer.param_groups} == {(0.8, 0.95)}
