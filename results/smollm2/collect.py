@@ -7,11 +7,17 @@ subsample; the MF run's predictions over the whole test split are cut to those r
 the metrics are recomputed here from ``test_predictions.csv`` with one function rather than
 copied from each run's ``metrics.json``. Writes ``results/smollm2/results.json`` and
 ``results.md`` (the README's table) beside this file.
+
+Runs live on one machine's disk and are git-ignored, so a later machine may hold only the
+runs it re-ran: an entry of the committed ``results.json`` whose run directory is absent
+here is kept (marked with the commit it was collected at), as long as it was scored on the
+same test rows; ``--fresh`` drops them.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import subprocess
@@ -80,8 +86,13 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
             if keys is not None and k != keys:
                 raise SystemExit(f"{name}: its test rows differ from the other LLM runs'")
             keys = k
+    if keys is None:  # only MF in the table's runs: the learning-curve runs name the rows
+        for pred_path in sorted(runs_dir.glob("*/*/test_predictions.csv")):
+            pred = pd.read_csv(pred_path, usecols=["uid", "iid"])
+            keys = set(zip(pred["uid"], pred["iid"]))
+            break
     out = {"machine": {"cpu": _cpu(), "cores": __import__("os").cpu_count()},
-           "commit": _commit(), "methods": {}}  # fmt: skip
+           "commit": _commit(), "test_rows_sha256": _rows_digest(keys), "methods": {}}  # fmt: skip
     for name, r in rows.items():
         m = _test_metrics(r["pred"], test, keys)
         train = r["metrics"].get("train", {})
@@ -107,6 +118,53 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
     out["curve"] = _curve(runs_dir, test, keys, out["methods"])
     out["tiny_draws"] = _tiny_draws(runs_dir, test, keys, out["curve"])
     return out
+
+
+def _rows_digest(keys) -> str | None:
+    """A digest of the LLM runs' test rows (sorted ``(uid, iid)`` pairs), to tell whether two
+    collections scored the same rows."""
+    if keys is None:
+        return None
+    text = ";".join(f"{u},{i}" for u, i in sorted(keys))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def merge_earlier(res: dict, earlier: dict) -> dict:
+    """``res`` plus the entries of an ``earlier`` collection whose runs ``res`` lacks (a run
+    re-run here replaces its earlier entry). Each kept entry names the commit it was
+    collected at; a kept entry scored on other test rows stops the merge."""
+    digest, old_digest = res.get("test_rows_sha256"), earlier.get("test_rows_sha256")
+    if digest and old_digest and digest != old_digest:
+        raise SystemExit("results.json was scored on other test rows; rerun with --fresh")
+    if earlier.get("methods") and not res.get("test_rows_sha256"):
+        raise SystemExit("no LLM run here names the test rows to cut MF's predictions to")
+    counts = {(m["rows"], m["warm_rows"], m["cold_rows"]) for m in res["methods"].values()}
+    commit = earlier.get("commit", "unknown")
+    methods = {}
+    for name, _ in RUNS:
+        if name in res["methods"]:
+            methods[name] = res["methods"][name]
+        elif name in earlier.get("methods", {}):
+            old = dict(earlier["methods"][name])
+            if counts and (old["rows"], old["warm_rows"], old["cold_rows"]) not in counts:
+                raise SystemExit(f"results.json's {name} was scored on other test rows")
+            old.setdefault("collected_at_commit", commit)
+            methods[name] = old
+    merged = dict(res, methods=methods)
+    merged["test_rows_sha256"] = digest or old_digest
+
+    def union(new: list, old: list, key) -> list:
+        have = {key(p) for p in new}
+        kept = [dict(p, collected_at_commit=p.get("collected_at_commit", commit))
+                for p in old if key(p) not in have]  # fmt: skip
+        return new + kept
+
+    curve = union(res["curve"], earlier.get("curve", []), lambda p: (p["llm"], p["train_rows"]))
+    merged["curve"] = sorted(curve, key=lambda p: (p["llm"], p["train_rows"] or 0))
+    draws = earlier.get("tiny_draws", [])
+    draws = union(res["tiny_draws"], draws, lambda p: (p["train_rows"], p["draw"]))
+    merged["tiny_draws"] = sorted(draws, key=lambda p: (p["train_rows"], p["draw"]))
+    return merged
 
 
 def _count_reused_step(entry: dict, train: dict, runs_dir: Path, rows: dict) -> None:
@@ -299,9 +357,13 @@ def markdown(res: dict) -> str:
     any_m = next(iter(res["methods"].values()), None)
     if any_m:
         lines.append("")
+        kept = sorted({m["collected_at_commit"] for m in res["methods"].values()
+                       if "collected_at_commit" in m})  # fmt: skip
+        earlier = f" (rows marked in results.json collected at {', '.join(kept)})" if kept else ""
         lines.append(
             f"{any_m['rows']} test rows ({any_m['warm_rows']} warm, {any_m['cold_rows']} cold); "
-            f"{res['machine']['cpu']}, {res['machine']['cores']} cores; commit {res['commit']}."
+            f"{res['machine']['cpu']}, {res['machine']['cores']} cores; "
+            f"commit {res['commit']}{earlier}."
         )
     return "\n".join(lines) + "\n"
 
@@ -328,8 +390,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="?", default="runs/smollm2", type=Path)
     p.add_argument("--data", default=str(HERE.parents[1].parent / "shared" / "data" / "ml-1m"))
+    p.add_argument("--fresh", action="store_true",
+                   help="drop results.json's entries whose runs are not in RUNS")  # fmt: skip
     args = p.parse_args()
     res = collect(args.runs, args.data)
+    if not args.fresh and (HERE / "results.json").exists():
+        res = merge_earlier(res, json.loads((HERE / "results.json").read_text()))
     (HERE / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     text = markdown(res)
     if ranking_markdown(res):
