@@ -337,7 +337,9 @@ def _f(v, spec=".4f"):
 
 
 def _minutes(seconds) -> str:
-    return "-" if not seconds else f"{seconds / 60:.1f} min"
+    if not seconds:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def markdown(res: dict) -> str:
