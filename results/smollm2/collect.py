@@ -86,11 +86,10 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
             if keys is not None and k != keys:
                 raise SystemExit(f"{name}: its test rows differ from the other LLM runs'")
             keys = k
-    if keys is None:  # only MF in the table's runs: the learning-curve runs name the rows
-        for pred_path in sorted(runs_dir.glob("*/*/test_predictions.csv")):
-            pred = pd.read_csv(pred_path, usecols=["uid", "iid"])
-            keys = set(zip(pred["uid"], pred["iid"]))
-            break
+    curve_pred = next(iter(sorted(runs_dir.glob("*/*/test_predictions.csv"))), None)
+    if keys is None and curve_pred is not None:  # only MF in the table: a curve run's rows
+        pred = pd.read_csv(curve_pred, usecols=["uid", "iid"])
+        keys = set(zip(pred["uid"], pred["iid"]))
     out = {"machine": {"cpu": _cpu(), "cores": __import__("os").cpu_count()},
            "commit": _commit(), "test_rows_sha256": _rows_digest(keys), "methods": {}}  # fmt: skip
     for name, r in rows.items():
@@ -136,7 +135,7 @@ def merge_earlier(res: dict, earlier: dict) -> dict:
     digest, old_digest = res.get("test_rows_sha256"), earlier.get("test_rows_sha256")
     if digest and old_digest and digest != old_digest:
         raise SystemExit("results.json was scored on other test rows; rerun with --fresh")
-    if earlier.get("methods") and not res.get("test_rows_sha256"):
+    if earlier.get("methods") and not digest:
         raise SystemExit("no LLM run here names the test rows to cut MF's predictions to")
     counts = {(m["rows"], m["warm_rows"], m["cold_rows"]) for m in res["methods"].values()}
     commit = earlier.get("commit", "unknown")
