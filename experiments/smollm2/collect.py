@@ -1,11 +1,11 @@
 """The SmolLM2 experiment's table, recomputed from every run's test predictions.
 
-    python results/smollm2/collect.py [RUNS_DIR] [--data DIR]
+    python experiments/smollm2/collect.py [RUNS_DIR] [--data DIR]
 
 Every method is scored on the same seeded test rows (the LLM runs' --max-test-rows
 subsample; the MF run's predictions over the whole test split are cut to those rows), so
 the metrics are recomputed here from ``test_predictions.csv`` with one function rather than
-copied from each run's ``metrics.json``. Writes ``results/smollm2/results.json`` and
+copied from each run's ``metrics.json``. Writes ``experiments/smollm2/results.json`` and
 ``results.md`` (the README's table) beside this file.
 
 Runs live on one machine's disk and are git-ignored, so a later machine may hold only the

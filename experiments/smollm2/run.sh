@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The SmolLM2-135M experiment of issue #15: six methods on one fixed ML-1M subsample.
 #
-#   bash results/smollm2/run.sh [STEP...]      # default: every step, in order
+#   bash experiments/smollm2/run.sh [STEP...]      # default: every step, in order
 #
 # Every step resumes (llmrec train --resume), so the script may be killed at any point and
 # run again: finished runs are skipped, a run in progress continues from its last
 # checkpoint (--save-every 50 steps). Runs go to $RUNS (default runs/smollm2); the table is
-# written by results/smollm2/collect.py into results/smollm2/.
+# written by experiments/smollm2/collect.py into experiments/smollm2/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/ml-1m}
@@ -48,7 +48,7 @@ step_allmrec() { llm_run allmrec allmrec "${SMOL[@]}"; }
 # ablations: the same CoRA on the random tiny LLM; CoRA on SmolLM2 with the CF zeroed
 step_cora_tiny() { llm_run cora_tiny cora --llm tiny; }
 step_cora_nocf() {
-  python results/smollm2/zero_cf.py "$RUNS/mf" "$RUNS/mf_zero"
+  python experiments/smollm2/zero_cf.py "$RUNS/mf" "$RUNS/mf_zero"
   CF="$RUNS/mf_zero" llm_run cora_nocf cora "${SMOL[@]}"
 }
 
@@ -87,4 +87,4 @@ for s in "${STEPS[@]}"; do
   echo "=== $s ($(date -u +%FT%TZ))"
   "step_$s"
 done
-python results/smollm2/collect.py "$RUNS"
+python experiments/smollm2/collect.py "$RUNS"
