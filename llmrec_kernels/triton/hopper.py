@@ -86,6 +86,18 @@ __all__ = [
 # Read once: the selection runs on every call of the Triton backend (host cost at decode).
 ENABLED = os.environ.get("LLMREC_KERNELS_HOPPER", "1") != "0"
 _16BIT = (torch.float16, torch.bfloat16)
+# Up to this padded rank the low-rank term is one K step whose operands are loaded before the
+# mainloop and held in registers across it. Beyond it, steps of LARGE_RANK_CHUNK ranks loaded
+# after the mainloop: the whole (128, BLOCK_R) fp32 slice of dS held across it spilled ~300
+# bytes on sm_80 at rank 64 and ~200 on sm_90 at rank 128.
+MAX_PRELOAD_RANK_BLOCK = 32
+LARGE_RANK_CHUNK = 16
+
+
+def _rank_chunk(rank: int) -> int:
+    """Ranks per low-rank K step (``R_CHUNK``) of the kernels at ``rank``."""
+    padded = block_r(rank)
+    return padded if padded <= MAX_PRELOAD_RANK_BLOCK else LARGE_RANK_CHUNK
 
 
 def tma_available() -> bool:
@@ -142,12 +154,52 @@ def _store_tile(
 
 
 @triton.jit
-def _element_type(src, USE_TMA: tl.constexpr):
-    """The element dtype behind a descriptor (``USE_TMA``) or a pointer."""
-    if USE_TMA:
-        return src.dtype
-    else:
-        return src.dtype.element_ty
+def _as_element_type(v, src, USE_TMA: tl.constexpr):
+    """``v`` cast to the element dtype behind a descriptor (``USE_TMA``) or a pointer."""
+    return v.to(src.dtype) if USE_TMA else v.to(src.dtype.element_ty)
+
+
+@triton.jit
+def _lowrank_operands(
+    rows_ptr, cols_ptr, r0, offs_m, offs_c, row_mask, c_mask, R, stride_c, stride_r,
+    R_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Operands of one low-rank K step, ranks ``[r0, r0 + R_CHUNK)``: rows ``offs_m`` of an
+    fp32 contiguous ``(M, R)`` matrix (``S`` or ``dS``; zero outside ``row_mask``), and the
+    ``(R_CHUNK, BLOCK_COLS)`` tile ``cols_ptr[r * stride_r + c * stride_c]`` (``Bm^T`` or
+    ``A_g^T``, ``BLOCK_R`` ranks in memory; zero outside ``c_mask``)."""
+    offs_r = r0 + tl.arange(0, R_CHUNK)
+    rows = tl.load(
+        rows_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :],
+        mask=row_mask[:, None] & (offs_r < R)[None, :],
+        other=0.0,
+    )
+    cols = tl.load(
+        cols_ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
+        mask=c_mask[None, :],
+        other=0.0,
+    )
+    return rows, cols
+
+
+@triton.jit
+def _lowrank_steps(
+    acc, rows_ptr, cols_ptr, offs_m, offs_c, row_mask, c_mask, R, stride_c, stride_r, like,
+    USE_TMA: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+    SPLIT_LOWRANK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``acc + rows @ cols`` over ``BLOCK_R`` ranks, ``R_CHUNK`` per K step (operands as in
+    :func:`_lowrank_operands`; ``like``: the mainloop's source, for the compute dtype).
+
+    Not software-pipelined (one stage): at large ranks a ring of these tiles would cost
+    shared memory the mainloop's ring needs, for a handful of steps per tile.
+    """
+    for r0 in tl.range(0, BLOCK_R, R_CHUNK, num_stages=1):
+        rows, cols = _lowrank_operands(rows_ptr, cols_ptr, r0, offs_m, offs_c, row_mask, c_mask,
+                                       R, stride_c, stride_r, R_CHUNK)  # fmt: skip
+        cols = _as_element_type(cols, like, USE_TMA)
+        acc = _dot_fp32_lhs(rows, cols, acc, SPLIT_LOWRANK, INPUT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -168,6 +220,7 @@ def _hopper_fwd_kernel(
     NUM_PROGRAMS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SPLIT_LOWRANK: tl.constexpr,
+    R_CHUNK: tl.constexpr,
 ):  # fmt: skip
     """Persistent ``y = x W^T + bias + S Bm^T`` over flat rows; y contiguous ``(M, N)``.
 
@@ -183,26 +236,16 @@ def _hopper_fwd_kernel(
     stride_wn, stride_wk = _wide(stride_wn), _wide(stride_wk)
     stride_lbn, stride_lbr = _wide(stride_lbn), _wide(stride_lbr)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     offs_kb = tl.arange(0, BLOCK_K)
-    r_mask = offs_r < R
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
         n_mask = offs_n < N
-        # The low-rank operands, issued before the mainloop so it hides their latency.
-        s_tile = tl.load(
-            s_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :],
-            mask=m_mask[:, None] & r_mask[None, :],
-            other=0.0,
-        )
-        lb_t = tl.load(
-            lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn,
-            mask=n_mask[None, :],
-            other=0.0,
-        )
+        if R_CHUNK == BLOCK_R:  # one low-rank step: issued before the mainloop, hidden by it
+            s_tile, lb_t = _lowrank_operands(s_ptr, lb_ptr, 0, offs_m, offs_n, m_mask, n_mask,
+                                             R, stride_lbn, stride_lbr, R_CHUNK)  # fmt: skip
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
             for k0 in range(0, K, BLOCK_K):
@@ -220,9 +263,14 @@ def _hopper_fwd_kernel(
                 acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
-        # The expand: one more K step (of depth BLOCK_R) of the same fp32 accumulator.
-        compute_dtype = _element_type(x_src, USE_TMA)
-        acc = _dot_fp32_lhs(s_tile, lb_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION)
+        # The expand: more K steps (of depth R_CHUNK) of the same fp32 accumulator.
+        if R_CHUNK == BLOCK_R:
+            lb_t = _as_element_type(lb_t, x_src, USE_TMA)
+            acc = _dot_fp32_lhs(s_tile, lb_t, acc, SPLIT_LOWRANK, INPUT_PRECISION)
+        else:  # large ranks: loaded after the mainloop, not held in registers across it
+            acc = _lowrank_steps(acc, s_ptr, lb_ptr, offs_m, offs_n, m_mask, n_mask, R,
+                                 stride_lbn, stride_lbr, x_src, USE_TMA, BLOCK_R, R_CHUNK,
+                                 SPLIT_LOWRANK, INPUT_PRECISION)  # fmt: skip
         _store_tile(acc, y_dst, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
                     HAS_BIAS, USE_TMA, BLOCK_N, EPI_SPLIT)  # fmt: skip
 
@@ -244,6 +292,7 @@ def _hopper_dx_kernel(
     NUM_PROGRAMS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SPLIT_LOWRANK: tl.constexpr,
+    R_CHUNK: tl.constexpr,
 ):  # fmt: skip
     """Persistent ``dx = dy W + dS A_g^T``, ``g = m // ROWS_PER_A``; dx contiguous ``(M, K)``.
 
@@ -259,9 +308,7 @@ def _hopper_dx_kernel(
     stride_wn, stride_wk = _wide(stride_wn), _wide(stride_wk)
     stride_ab, stride_ak, stride_ar = _wide(stride_ab), _wide(stride_ak), _wide(stride_ar)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
     offs_nb = tl.arange(0, BLOCK_N)
-    r_mask = offs_r < R
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
         pid_m, pid_k = _grouped_tile(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -271,17 +318,10 @@ def _hopper_dx_kernel(
         row_group = offs_m // ROWS_PER_A
         group_first = (pid_m * BLOCK_M) // ROWS_PER_A
         group_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // ROWS_PER_A
-        # dS and the first group's A^T tile before the mainloop (their latency hides under it).
-        ds_tile = tl.load(
-            ds_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :],
-            mask=m_mask[:, None] & r_mask[None, :],
-            other=0.0,
-        )
-        a_t_ptrs = (
-            a_ptr + group_first.to(tl.int64) * stride_ab + offs_r[:, None] * stride_ar
-            + offs_k[None, :] * stride_ak
-        )  # fmt: skip
-        a_t = tl.load(a_t_ptrs, mask=k_mask[None, :], other=0.0)
+        a_first = a_ptr + group_first.to(tl.int64) * stride_ab
+        if R_CHUNK == BLOCK_R:  # dS and the first sample's A^T tile, hidden by the mainloop
+            ds_tile, a_t = _lowrank_operands(ds_ptr, a_first, 0, offs_m, offs_k, m_mask, k_mask,
+                                             R, stride_ak, stride_ar, R_CHUNK)  # fmt: skip
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         if USE_TMA:
             for n0 in range(0, N, BLOCK_N):
@@ -299,15 +339,19 @@ def _hopper_dx_kernel(
                 acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION)
                 dy_ptrs += BLOCK_N * stride_dyn
                 w_ptrs += BLOCK_N * stride_wn
-        # The low-rank term: one more K step per sample the row tile touches (one at prefill).
-        compute_dtype = _element_type(dy_src, USE_TMA)
-        ds_g = tl.where((row_group == group_first)[:, None], ds_tile, tl.zeros_like(ds_tile))
-        acc = _dot_fp32_lhs(ds_g, a_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION)
-        for g in range(group_first + 1, group_last + 1):
-            a_t_ptrs += stride_ab
-            a_t = tl.load(a_t_ptrs, mask=k_mask[None, :], other=0.0)
-            ds_g = tl.where((row_group == g)[:, None], ds_tile, tl.zeros_like(ds_tile))
-            acc = _dot_fp32_lhs(ds_g, a_t.to(compute_dtype), acc, SPLIT_LOWRANK, INPUT_PRECISION)
+        # The low-rank term: more K steps, for each sample the row tile touches (one at
+        # prefill, several at short sequences), on that sample's rows only.
+        g_next = group_first
+        if R_CHUNK == BLOCK_R:
+            ds_g = tl.where((row_group == group_first)[:, None], ds_tile, tl.zeros_like(ds_tile))
+            a_t = _as_element_type(a_t, dy_src, USE_TMA)
+            acc = _dot_fp32_lhs(ds_g, a_t, acc, SPLIT_LOWRANK, INPUT_PRECISION)
+            g_next += 1
+        for g in tl.range(g_next, group_last + 1, num_stages=1):
+            acc = _lowrank_steps(acc, ds_ptr, a_ptr + g * stride_ab, offs_m, offs_k,
+                                 m_mask & (row_group == g), k_mask, R, stride_ak, stride_ar,
+                                 dy_src, USE_TMA, BLOCK_R, R_CHUNK, SPLIT_LOWRANK,
+                                 INPUT_PRECISION)  # fmt: skip
         _store_tile(acc, dx_dst, dx_dst, pid_m * BLOCK_M, pid_k * BLOCK_K, M, K,
                     False, USE_TMA, BLOCK_K, EPI_SPLIT)  # fmt: skip
 
@@ -593,6 +637,7 @@ def forward(
         GROUP_M=cfg.GROUP_M, EPI_SPLIT=cfg.EPI_SPLIT, NUM_PROGRAMS=programs,
         INPUT_PRECISION=_input_precision(x.dtype),
         SPLIT_LOWRANK=x.dtype != torch.float32,
+        R_CHUNK=_rank_chunk(rank),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y, s
@@ -726,5 +771,6 @@ def _launch_dx(dy, weight, lora_a, ds, dx, rows, n, k, rank, length, rows_per_a,
         GROUP_M=cfg.GROUP_M, EPI_SPLIT=cfg.EPI_SPLIT, NUM_PROGRAMS=programs,
         INPUT_PRECISION=_input_precision(dx.dtype),
         SPLIT_LOWRANK=dx.dtype != torch.float32,
+        R_CHUNK=_rank_chunk(rank),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
