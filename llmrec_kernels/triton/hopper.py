@@ -626,7 +626,7 @@ def forward(
     tiles = _cdiv(rows, bm) * _cdiv(n, bn)
     programs = _programs(x, tiles, num_programs)
     _hopper_fwd_kernel[(programs,)](
-        x_src, w_src, y_dst, bias if bias is not None else y, s, lora_b,
+        x_src, w_src, y_dst, bias.contiguous() if bias is not None else y, s, lora_b,
         rows, n, k, rank, length,
         *x.stride(),
         *weight.stride(),
