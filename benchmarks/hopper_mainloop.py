@@ -8,7 +8,9 @@ setting: d 4096, r 16, prefill 8 x 256 and 32 x 512). Methods, per workload:
 
 * forward ``y = x W^T + b + s (x A_b) B^T``:
   ``base`` = ``F.linear(x, W, b)`` alone (cuBLAS, the floor); ``hopper`` = the persistent
-  TMA kernel with its shrink pass; ``torch`` = the torch backend's forward
+  TMA kernel with its shrink pass; ``hopper_flat`` = the same with the tile and K loops
+  flattened into one pipelined loop (``flatten=True``; which is faster decides the default);
+  ``torch`` = the torch backend's forward
   (``F.linear`` + ``bmm`` + ``addmm_``); ``triton`` = the Triton backend's kernels without
   the Hopper hook (the Ampere-style mainloop it replaces on sm_90);
 * dx ``dx = dy W + (s dy B) A_b^T``: ``base`` = ``dy @ W``; ``hopper`` = the dS pass and the

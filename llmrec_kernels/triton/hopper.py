@@ -221,6 +221,7 @@ def _hopper_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     SPLIT_LOWRANK: tl.constexpr,
     R_CHUNK: tl.constexpr,
+    FLATTEN: tl.constexpr = False,
 ):  # fmt: skip
     """Persistent ``y = x W^T + bias + S Bm^T`` over flat rows; y contiguous ``(M, N)``.
 
@@ -230,14 +231,15 @@ def _hopper_fwd_kernel(
     beyond ``R``). With ``USE_TMA``, ``x_src``, ``w_src`` and ``y_dst`` are descriptors over
     ``(M, K)``, ``(N, K)`` and ``(M, N)`` with blocks ``(BLOCK_M, BLOCK_K)``, ``(BLOCK_N,
     BLOCK_K)`` and ``(BLOCK_M, BLOCK_N // EPI_SPLIT)``; the strides then go unused.
-    Otherwise they are pointers, ``x`` a strided ``(B, L, K)`` tensor.
+    Otherwise they are pointers, ``x`` a strided ``(B, L, K)`` tensor. ``FLATTEN``: the tile
+    and K loops become one software-pipelined loop (see :func:`forward`).
     """
     stride_xb, stride_xl, stride_xk = _wide(stride_xb), _wide(stride_xl), _wide(stride_xk)
     stride_wn, stride_wk = _wide(stride_wn), _wide(stride_wk)
     stride_lbn, stride_lbr = _wide(stride_lbn), _wide(stride_lbr)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     offs_kb = tl.arange(0, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -579,6 +581,7 @@ def forward(
     num_programs: Optional[int] = None,
     use_tma: Optional[bool] = None,
     k_split: Optional[int] = None,
+    flatten: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, S)`` of the Triton backend's ``forward``, by the persistent TMA kernel.
 
@@ -592,6 +595,10 @@ def forward(
         use_tma: force the descriptor (True) or pointer (False) path; default: descriptors
             when the tensors allow them.
         k_split: K elements per slice of the shrink pass (tests), default by occupancy.
+        flatten: let Triton flatten the tile and K loops into one software-pipelined loop
+            (descriptor path only), so the next tile's loads overlap this tile's epilogue.
+            Off by default until a GPU run shows it faster: it compiles spill-free on sm_90
+            but with more registers and shared memory (the AOT test records both).
 
     Returns:
         y ``(B, L, d_out)`` in x's dtype, and ``S = scaling * x A`` fp32 ``(B, L, r)``.
@@ -638,6 +645,7 @@ def forward(
         INPUT_PRECISION=_input_precision(x.dtype),
         SPLIT_LOWRANK=x.dtype != torch.float32,
         R_CHUNK=_rank_chunk(rank),
+        FLATTEN=bool(flatten and tma),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y, s
