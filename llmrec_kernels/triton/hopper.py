@@ -380,18 +380,24 @@ class HopperConfig:
 
 
 # 16-bit on sm_90: 128 x 128 x 64 at 4 stages (about 150 KB of shared memory with the output
-# slice and the low-rank tiles), two warpgroups. fp32 (TF32 or IEEE) halves the depth.
+# slice and the low-rank tiles), two warpgroups. TF32 halves the depth. IEEE fp32 dots run on
+# the FMA units with their operands in registers: 128 x 128 spilled 12-16 KB there, 64 x 64 x 16
+# still spilled 28 bytes (dx, sm_80, rank 128); 32 x 64 x 32 is spill-free (AOT test).
 _GPU_16BIT = HopperConfig(128, 128, 64, 8, 2, 8, 4)
-_GPU_FP32 = HopperConfig(128, 128, 32, 8, 2, 8, 3)
+_GPU_TF32 = HopperConfig(128, 128, 32, 8, 2, 8, 3)
+_GPU_IEEE = HopperConfig(32, 64, 32, 4, 2, 8, 2)
 # Under the interpreter: small tiles (~0.5 ms per program instance), sub-tiled like the GPU's.
 _INTERPRETER = HopperConfig(16, 32, 16, 2, 2, 4, 1)
 
 
-def hopper_config(dtype: torch.dtype) -> HopperConfig:
-    """The tile config of both persistent GEMMs for ``dtype`` (the interpreter's under it)."""
+def hopper_config(dtype: torch.dtype, precision: str = "tf32") -> HopperConfig:
+    """The tile config of both persistent GEMMs for ``dtype`` and, for fp32, the dots'
+    ``precision`` (``"tf32"`` or ``"ieee"``); the interpreter's config under it."""
     if interpreter_enabled():
         return _INTERPRETER
-    return _GPU_FP32 if dtype == torch.float32 else _GPU_16BIT
+    if dtype != torch.float32:
+        return _GPU_16BIT
+    return _GPU_IEEE if precision == "ieee" else _GPU_TF32
 
 
 @functools.cache
@@ -614,7 +620,8 @@ def forward(
     _shrink_pass(x, lora_a, _a_strides(lora_a), s, scaling, k_split)
     if n == 0:
         return y, s
-    cfg = hopper_config(x.dtype)
+    precision = _input_precision(x.dtype)
+    cfg = hopper_config(x.dtype, precision)
     bm, bn, bk = cfg.BLOCK_M, cfg.BLOCK_COLS, cfg.BLOCK_RED
     x_row = _flat_row_stride(x)
     tma = (
@@ -642,7 +649,7 @@ def forward(
         USE_TMA=tma,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r(rank),
         GROUP_M=cfg.GROUP_M, EPI_SPLIT=cfg.EPI_SPLIT, NUM_PROGRAMS=programs,
-        INPUT_PRECISION=_input_precision(x.dtype),
+        INPUT_PRECISION=precision,
         SPLIT_LOWRANK=x.dtype != torch.float32,
         R_CHUNK=_rank_chunk(rank),
         FLATTEN=bool(flatten and tma),
@@ -750,7 +757,8 @@ def backward(
 
 def _launch_dx(dy, weight, lora_a, ds, dx, rows, n, k, rank, length, rows_per_a,
                num_programs, use_tma) -> None:  # fmt: skip
-    cfg = hopper_config(dx.dtype)
+    precision = _input_precision(dx.dtype)
+    cfg = hopper_config(dx.dtype, precision)
     bm, bk, bn = cfg.BLOCK_M, cfg.BLOCK_COLS, cfg.BLOCK_RED
     dy_row = _flat_row_stride(dy)
     tma = (
@@ -777,7 +785,7 @@ def _launch_dx(dy, weight, lora_a, ds, dx, rows, n, k, rank, length, rows_per_a,
         USE_TMA=tma,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=block_r(rank),
         GROUP_M=cfg.GROUP_M, EPI_SPLIT=cfg.EPI_SPLIT, NUM_PROGRAMS=programs,
-        INPUT_PRECISION=_input_precision(dx.dtype),
+        INPUT_PRECISION=precision,
         SPLIT_LOWRANK=dx.dtype != torch.float32,
         R_CHUNK=_rank_chunk(rank),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -52,10 +52,23 @@ CASES = [
     ("fwd-sm90-bf16-tma-r128", "fwd", 90, "bf16", True, 128),
     ("dx-sm90-bf16-tma-r128", "dx", 90, "bf16", True, 128),
     ("dx-sm80-bf16-ptr-r128", "dx", 80, "bf16", False, 128),
+    # fp32 (never selected by the backend's hook; callable directly): TF32 and IEEE tiles.
+    ("fwd-sm90-tf32-tma-r16", "fwd", 90, "tf32", True, 16),
+    ("dx-sm90-tf32-tma-r128", "dx", 90, "tf32", True, 128),
+    ("fwd-sm80-tf32-ptr-r16", "fwd", 80, "tf32", False, 16),
+    ("dx-sm80-tf32-ptr-r128", "dx", 80, "tf32", False, 128),
+    ("fwd-sm90-ieee-tma-r16", "fwd", 90, "ieee", True, 16),
+    ("dx-sm90-ieee-tma-r128", "dx", 90, "ieee", True, 128),
+    ("fwd-sm80-ieee-ptr-r128", "fwd", 80, "ieee", False, 128),
+    ("dx-sm80-ieee-ptr-r128", "dx", 80, "ieee", False, 128),
 ]
 BATCH, LENGTH, D_IN, D_OUT = 8, 256, 4096, 4096
 
-_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The CASES' dtype column: the tensors' dtype, and the dots' input precision.
+_TORCH_DTYPE = {
+    "bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "ieee": torch.float32,
+}  # fmt: skip
+_PRECISION = {"bf16": "tf32", "fp16": "tf32", "tf32": "tf32", "ieee": "ieee"}
 
 
 def _ptxas() -> Path | None:
@@ -86,14 +99,16 @@ def _specialise(fn, arch: int, *args, **kwargs):
     return fn._pack_args(backend, kwargs, bound, specialization, opts)
 
 
-def _launch_args(kernel: str, dtype: torch.dtype, tma: bool, rank: int, flatten: bool = False):
+def _launch_args(kernel: str, dtype: str, tma: bool, rank: int, flatten: bool = False):
     """The positional and keyword arguments the launcher passes (meta tensors, no memory)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from llmrec_kernels.triton import hopper
     from llmrec_kernels.triton.configs import block_r
 
-    cfg = hopper._GPU_16BIT
+    precision = _PRECISION[dtype]
+    dtype = _TORCH_DTYPE[dtype]
+    cfg = hopper.hopper_config(dtype, precision)
     rows, rb = BATCH * LENGTH, block_r(rank)
 
     def meta(*shape, dt=dtype):
@@ -105,8 +120,8 @@ def _launch_args(kernel: str, dtype: torch.dtype, tma: bool, rank: int, flatten:
     x, w = meta(rows, D_IN), meta(D_OUT, D_IN)
     common = dict(
         USE_TMA=tma, BLOCK_M=cfg.BLOCK_M, BLOCK_R=rb, GROUP_M=cfg.GROUP_M,
-        EPI_SPLIT=cfg.EPI_SPLIT, NUM_PROGRAMS=132, INPUT_PRECISION="tf32",
-        SPLIT_LOWRANK=True, R_CHUNK=hopper._rank_chunk(rank),
+        EPI_SPLIT=cfg.EPI_SPLIT, NUM_PROGRAMS=132, INPUT_PRECISION=precision,
+        SPLIT_LOWRANK=dtype != torch.float32, R_CHUNK=hopper._rank_chunk(rank),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     out_block = [cfg.BLOCK_M, cfg.BLOCK_COLS // cfg.EPI_SPLIT]
@@ -157,7 +172,7 @@ def _compile_case(name, kernel, arch, dtype, tma, rank, flatten=False) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, args, kwargs = _launch_args(kernel, _TORCH_DTYPE[dtype], tma, rank, flatten)
+    fn, args, kwargs = _launch_args(kernel, dtype, tma, rank, flatten)
     options, signature, constexprs, attrs = _specialise(fn, arch, *args, **kwargs)
     compiled = triton.compile(
         ASTSource(fn, signature, constexprs, attrs),
@@ -246,7 +261,10 @@ def test_every_case_compiled(records):
 @pytest.mark.parametrize("name", [c[0] for c in CASES if c[2] == 90 and c[4]])
 def test_sm90_descriptor_path_is_wgmma_fed_by_tma(records, name):
     r = records[name]
-    assert r["wgmma"] > 0 and r["mma_sync"] == 0, r
+    if r["dtype"] == "ieee":  # IEEE fp32 dots run on the FMA units: TMA-fed all the same
+        assert r["wgmma"] == 0 and r["mma_sync"] == 0, r
+    else:
+        assert r["wgmma"] > 0 and r["mma_sync"] == 0, r
     # Both mainloop operands by TMA into shared memory, waited on with mbarriers; the
     # epilogue's slices leave by TMA stores. No cp.async copies remain, except where the
     # flattened forward pipelines its rank-sized low-rank tiles
@@ -257,7 +275,9 @@ def test_sm90_descriptor_path_is_wgmma_fed_by_tma(records, name):
         assert r["cp_async"] == 0, r
 
 
-@pytest.mark.parametrize("name", [c[0] for c in CASES if c[2] == 90 and not c[4]])
+@pytest.mark.parametrize(
+    "name", [c[0] for c in CASES if c[2] == 90 and not c[4] and c[3] != "ieee"]
+)
 def test_sm90_pointer_path_still_uses_wgmma(records, name):
     r = records[name]
     assert r["wgmma"] > 0 and r["tma_loads"] == 0 and r["tma_stores"] == 0, r
@@ -266,7 +286,7 @@ def test_sm90_pointer_path_still_uses_wgmma(records, name):
 @pytest.mark.parametrize("name", [c[0] for c in CASES if c[2] == 80])
 def test_sm80_variant_is_mma_sync_with_cp_async(records, name):
     r = records[name]
-    assert r["mma_sync"] > 0 and r["wgmma"] == 0, r
+    assert (r["mma_sync"] > 0 or r["dtype"] == "ieee") and r["wgmma"] == 0, r
     assert r["tma_loads"] == 0 and r["cp_async"] > 0, r
 
 
