@@ -9,12 +9,14 @@ setting: d 4096, r 16, prefill 8 x 256 and 32 x 512). Methods, per workload:
 * forward ``y = x W^T + b + s (x A_b) B^T``:
   ``base`` = ``F.linear(x, W, b)`` alone (cuBLAS, the floor); ``hopper`` = the persistent
   TMA kernel with its shrink pass; ``hopper_flat`` = the same with the tile and K loops
-  flattened into one pipelined loop (``flatten=True``; which is faster decides the default);
+  flattened into one pipelined loop (``flatten=True``); ``hopper_wide`` = 128 x 256 tiles
+  (``hopper.WIDE_16BIT``); which is fastest decides the defaults;
   ``torch`` = the torch backend's forward
   (``F.linear`` + ``bmm`` + ``addmm_``); ``triton`` = the Triton backend's kernels without
   the Hopper hook (the Ampere-style mainloop it replaces on sm_90);
 * dx ``dx = dy W + (s dy B) A_b^T``: ``base`` = ``dy @ W``; ``hopper`` = the dS pass and the
-  persistent dx kernel; ``torch`` = the torch backend's backward asked for dx only.
+  persistent dx kernel (``hopper_wide``: 128 x 256 tiles); ``torch`` = the torch backend's
+  backward asked for dx only.
 
 Each method's time is :func:`benchmarks.timing.time_gpu`'s median (L2 flushed before every
 repetition); the methods are timed in turn, ``rounds`` times, and the median over rounds is
@@ -165,6 +167,20 @@ def _measure(batch, length, d, rank, dtype, rounds, device, scaling, sm90) -> li
         "base": lambda: torch.matmul(dy, weight),
         "hopper": lambda: hopper.backward(
             dy, x, weight, lora_a, lora_b, s, scaling, True, False, False, use_tma=use_tma
+        ),
+        "hopper_wide": lambda: hopper.backward(
+            dy,
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            s,
+            scaling,
+            True,
+            False,
+            False,
+            use_tma=use_tma,
+            config=hopper.WIDE_16BIT,
         ),
         "torch": lambda: _torch_impl.backward(
             dy, x, weight, lora_a, lora_b, s, scaling, True, False, False

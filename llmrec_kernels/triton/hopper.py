@@ -74,6 +74,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 __all__ = [
     "ENABLED",
+    "WIDE_16BIT",
     "HopperConfig",
     "backward",
     "forward",
@@ -378,6 +379,10 @@ class HopperConfig:
     num_warps: int
     num_stages: int
 
+    def __post_init__(self) -> None:
+        if self.EPI_SPLIT not in (1, 2):
+            raise ValueError(f"EPI_SPLIT must be 1 or 2, got {self.EPI_SPLIT}")
+
 
 # 16-bit on sm_90: 128 x 128 x 64 at 4 stages (about 150 KB of shared memory with the output
 # slice and the low-rank tiles), two warpgroups. TF32 halves the depth. IEEE fp32 dots run on
@@ -386,6 +391,9 @@ class HopperConfig:
 _GPU_16BIT = HopperConfig(128, 128, 64, 8, 2, 8, 4)
 _GPU_TF32 = HopperConfig(128, 128, 32, 8, 2, 8, 3)
 _GPU_IEEE = HopperConfig(32, 64, 32, 4, 2, 8, 2)
+# The candidate a GPU run weighs against _GPU_16BIT (benchmarks/hopper_mainloop.py): twice the
+# columns per tile (operand reuse of cuBLAS's usual sm_90 tile), 3 stages; ~188 KB, spill-free.
+WIDE_16BIT = HopperConfig(128, 256, 64, 8, 2, 8, 3)
 # Under the interpreter: small tiles (~0.5 ms per program instance), sub-tiled like the GPU's.
 _INTERPRETER = HopperConfig(16, 32, 16, 2, 2, 4, 1)
 
@@ -588,6 +596,7 @@ def forward(
     use_tma: Optional[bool] = None,
     k_split: Optional[int] = None,
     flatten: bool = False,
+    config: Optional[HopperConfig] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, S)`` of the Triton backend's ``forward``, by the persistent TMA kernel.
 
@@ -605,6 +614,8 @@ def forward(
             (descriptor path only), so the next tile's loads overlap this tile's epilogue.
             Off by default until a GPU run shows it faster: it compiles spill-free on sm_90
             but with more registers and shared memory (the AOT test records both).
+        config: the tiles, instead of :func:`hopper_config`'s (benchmarks: e.g.
+            :data:`WIDE_16BIT`).
 
     Returns:
         y ``(B, L, d_out)`` in x's dtype, and ``S = scaling * x A`` fp32 ``(B, L, r)``.
@@ -621,7 +632,7 @@ def forward(
     if n == 0:
         return y, s
     precision = _input_precision(x.dtype)
-    cfg = hopper_config(x.dtype, precision)
+    cfg = config or hopper_config(x.dtype, precision)
     bm, bn, bk = cfg.BLOCK_M, cfg.BLOCK_COLS, cfg.BLOCK_RED
     x_row = _flat_row_stride(x)
     tma = (
@@ -706,6 +717,7 @@ def backward(
     num_programs: Optional[int] = None,
     use_tma: Optional[bool] = None,
     k_split: Optional[int] = None,
+    config: Optional[HopperConfig] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dA, dB)`` of :func:`forward` (the Triton backend's ``backward``).
 
@@ -714,7 +726,7 @@ def backward(
             as in :func:`forward`; s_scaled: the forward's fp32 ``S`` ``(B, L, r)``.
         need_dx, need_da, need_db: which gradients to compute; one not asked for is an empty
             tensor.
-        dropout, num_programs, use_tma, k_split: as in :func:`forward` (``k_split`` splits
+        dropout, num_programs, use_tma, k_split, config: as in :func:`forward` (``k_split`` splits
             the ``dS = scaling * dy B`` pass over ``d_out``).
 
     Returns:
@@ -745,7 +757,7 @@ def backward(
         dx = torch.empty((batch, length, k), dtype=x.dtype, device=x.device)
         if k > 0:
             _launch_dx(dy, weight, lora_a, ds, dx, rows, n, k, rank, length,
-                       length if per_sample else rows, num_programs, use_tma)  # fmt: skip
+                       length if per_sample else rows, num_programs, use_tma, config)  # fmt: skip
     if need_da:
         groups, rows_per_group = (batch, length) if per_sample else (1, rows)
         da = _rows_transpose_matmul(x, ds, groups, rows_per_group)
@@ -756,9 +768,9 @@ def backward(
 
 
 def _launch_dx(dy, weight, lora_a, ds, dx, rows, n, k, rank, length, rows_per_a,
-               num_programs, use_tma) -> None:  # fmt: skip
+               num_programs, use_tma, config) -> None:  # fmt: skip
     precision = _input_precision(dx.dtype)
-    cfg = hopper_config(dx.dtype, precision)
+    cfg = config or hopper_config(dx.dtype, precision)
     bm, bk, bn = cfg.BLOCK_M, cfg.BLOCK_COLS, cfg.BLOCK_RED
     dy_row = _flat_row_stride(dy)
     tma = (

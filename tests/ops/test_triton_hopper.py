@@ -117,6 +117,19 @@ def test_flattened_forward(hopper, dtype):
     assert torch.equal(y, y_nested) and torch.equal(s, s_nested)
 
 
+def test_other_tiles_and_an_unsplit_epilogue(hopper):
+    """``config=``: other tiles (wider columns, deeper K steps) and one epilogue slice
+    (``EPI_SPLIT`` 1) give the same maths."""
+    inputs = make_inputs(2, 20, 40, 72, 5, torch.float16)
+    for cfg in (
+        hopper.HopperConfig(16, 32, 16, 2, 1, 4, 1),
+        hopper.HopperConfig(32, 64, 32, 1, 2, 4, 1),
+    ):
+        check_forward_and_backward(hopper, inputs, num_programs=2, config=cfg)
+    with pytest.raises(ValueError, match="EPI_SPLIT"):
+        hopper.HopperConfig(16, 32, 16, 2, 4, 4, 1)
+
+
 @pytest.mark.parametrize("shape", ODD, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shared", [False, True], ids=["per_sample_a", "shared_a"])

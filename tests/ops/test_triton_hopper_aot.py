@@ -36,9 +36,13 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not in
 
 # Opt-in maximum of dynamic shared memory per block (CUDA programming guide).
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-# (name, kernel, arch, dtype, descriptors, rank[, flatten]): prefill 8 x 256 at LLaMA-7B size.
+# (name, kernel, arch, dtype, descriptors, rank[, flatten[, wide]]): prefill 8 x 256 at
+# LLaMA-7B size; "wide" = the 128 x 256 candidate tile (hopper.WIDE_16BIT).
 CASES = [
     ("fwd-sm90-bf16-tma-r16-flat", "fwd", 90, "bf16", True, 16, True),
+    ("fwd-sm90-bf16-tma-r16-wide", "fwd", 90, "bf16", True, 16, False, True),
+    ("fwd-sm90-bf16-tma-r16-wide-flat", "fwd", 90, "bf16", True, 16, True, True),
+    ("dx-sm90-bf16-tma-r16-wide", "dx", 90, "bf16", True, 16, False, True),
     ("fwd-sm90-bf16-tma-r16", "fwd", 90, "bf16", True, 16),
     ("fwd-sm90-fp16-tma-r64", "fwd", 90, "fp16", True, 64),
     ("dx-sm90-bf16-tma-r16", "dx", 90, "bf16", True, 16),
@@ -99,7 +103,7 @@ def _specialise(fn, arch: int, *args, **kwargs):
     return fn._pack_args(backend, kwargs, bound, specialization, opts)
 
 
-def _launch_args(kernel: str, dtype: str, tma: bool, rank: int, flatten: bool = False):
+def _launch_args(kernel, dtype: str, tma: bool, rank: int, flatten=False, wide=False):
     """The positional and keyword arguments the launcher passes (meta tensors, no memory)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -108,7 +112,7 @@ def _launch_args(kernel: str, dtype: str, tma: bool, rank: int, flatten: bool = 
 
     precision = _PRECISION[dtype]
     dtype = _TORCH_DTYPE[dtype]
-    cfg = hopper.hopper_config(dtype, precision)
+    cfg = hopper.WIDE_16BIT if wide else hopper.hopper_config(dtype, precision)
     rows, rb = BATCH * LENGTH, block_r(rank)
 
     def meta(*shape, dt=dtype):
@@ -167,12 +171,12 @@ def _count(pattern: str, ptx: str) -> int:
     return len(re.findall(pattern, ptx, flags=re.MULTILINE))
 
 
-def _compile_case(name, kernel, arch, dtype, tma, rank, flatten=False) -> dict:
+def _compile_case(name, kernel, arch, dtype, tma, rank, flatten=False, wide=False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, args, kwargs = _launch_args(kernel, dtype, tma, rank, flatten)
+    fn, args, kwargs = _launch_args(kernel, dtype, tma, rank, flatten, wide)
     options, signature, constexprs, attrs = _specialise(fn, arch, *args, **kwargs)
     compiled = triton.compile(
         ASTSource(fn, signature, constexprs, attrs),
@@ -188,6 +192,7 @@ def _compile_case(name, kernel, arch, dtype, tma, rank, flatten=False) -> dict:
         "tma": tma,
         "rank": rank,
         "flatten": flatten,
+        "wide": wide,
         "shared": int(compiled.metadata.shared),
         "num_warps": int(compiled.metadata.num_warps),
         "wgmma": _count(r"^\s*wgmma\.mma_async", ptx),
@@ -241,7 +246,7 @@ def records() -> dict:
         recs = json.loads(out.read_text())
     for r in recs:  # the table the report quotes (pytest -s shows it)
         print(
-            f"{r['name']:27s} regs {r['registers']} spill {r['spill_stores']}/{r['spill_loads']} "
+            f"{r['name']:32s} regs {r['registers']} spill {r['spill_stores']}/{r['spill_loads']} "
             f"smem {r['shared']} wgmma {r['wgmma']} mma.sync {r['mma_sync']} "
             f"tma ld {r['tma_loads']} st {r['tma_stores']} cp.async {r['cp_async']} "
             f"mbar waits {r['mbarrier_waits']}"
