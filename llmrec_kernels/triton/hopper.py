@@ -5,34 +5,41 @@ Same maths and launcher interface as :mod:`llmrec_kernels.triton.cora_linear` (`
 
 * **TMA loads.** The mainloop operands (``x`` and ``W`` in the forward, ``dy`` and ``W`` in
   dx) and the stored output are read and written through host-built tensor descriptors
-  (``triton.tools.tensor_descriptor.TensorDescriptor``, Triton >= 3.4; the GPU machines run
-  3.6): one bulk copy per tile and stage instead of masked per-thread pointer loads with an
+  (``triton.tools.tensor_descriptor.TensorDescriptor``; the GPU machines' Triton 3.6 has
+  them): one bulk copy per tile and stage instead of masked per-thread pointer loads with an
   int64 row gather. Out-of-range rows and columns are zero-filled by the copy engine and
   clipped on store, so odd ``M``, ``N``, ``K`` need no masks. The same kernel body keeps a
   pointer-load path (``USE_TMA=False``): it runs where descriptors cannot (rows that do not
-  merge into one strided 2-D view, strides that are not 16-byte multiples, Triton < 3.4),
-  and it is the sm_80 (Ampere) variant, where it compiles to ``mma.sync`` with cp.async.
+  merge into one strided 2-D view, strides that are not 16-byte multiples, GPUs before
+  sm_90, a Triton without descriptors), and it is the sm_80 (Ampere) variant, where it
+  compiles to ``mma.sync`` fed by cp.async.
 * **Persistent grouped scheduler.** The grid is the number of SMs (:func:`_sm_count`, or
   what the caller passes); program ``p`` walks tiles ``p, p + P, p + 2P, ...`` in the
   grouped order of :func:`llmrec_kernels.triton.kernels._grouped_tile` (``GROUP_M`` row tiles
   share each column tile of ``W`` while it is in L2).
-* **Tiles that fit sm_90 shared memory.** 128 x 128 x 64 at 4 stages and 8 warps (two
-  warpgroups): 4 x 32 KB of operand ring, plus a 16 KB output sub-tile and the rank-sized
-  low-rank tiles, about 150 KB of the 227 KB a CTA may hold (the AOT test measures it).
+* **Tiles that fit sm_90 shared memory.** 16-bit: 128 x 128 x 64 at 4 stages and 8 warps
+  (two warpgroups): a 4 x 32 KB operand ring, a 16 KB output slice and the rank-sized
+  low-rank tiles, 148 KB of the 227 KB a CTA may hold (the AOT test measures it).
+  :data:`WIDE_16BIT` (128 x 256 x 64, 3 stages, 184 KB) is the candidate a GPU run weighs
+  against it; fp32 tiles depend on the dots' precision (:func:`hopper_config`).
 * **The expand as one extra K step.** ``s S_b B^T`` joins the same fp32 accumulator as a
   last K step of depth ``BLOCK_R`` (two for 16-bit inputs: fp32 ``S`` enters the tensor cores
-  as ``hi + lo`` halves, :func:`llmrec_kernels.triton.kernels._dot_fp32_lhs`). Its operands
-  are loaded *before* the mainloop, so their latency hides under it. ``S`` itself is
+  as ``hi + lo`` halves, :func:`llmrec_kernels.triton.kernels._dot_fp32_lhs`). Up to a padded
+  rank of 32 its operands are loaded *before* the mainloop, so their latency hides under
+  it; larger ranks take steps of 16 ranks loaded after it (registers). ``S`` itself is
   computed once per row, by a separate shrink pass (split over ``K`` when one pass per row
   tile would not fill the GPU), never once per column tile.
 * **Sub-tiled epilogue.** The accumulator is stored as ``EPI_SPLIT`` column slices (bias
   added per slice, rounded to the output dtype only there), so the staging buffer of the
   TMA store is a slice, not the whole tile.
+* **Optionally flattened** (``flatten=True``, forward, descriptor path): Triton fuses the
+  tile and K loops into one software-pipelined loop, so the next tile's loads overlap this
+  tile's epilogue; off until a GPU run shows it faster.
 
 dx: ``dx = dy W + dS A_b^T`` with ``dS = s dy B`` computed once by the same shrink pass (``B``
 as a shared "A"), stored for dA, and loaded by every column tile of dx. A row tile that spans
-several samples (short sequences) adds each sample's ``dS A_b^T`` to its own rows; the first
-sample's ``A_b`` tile is loaded before the mainloop.
+several samples (short sequences) adds each sample's ``dS A_b^T`` to its own rows; at small
+ranks the first sample's ``A_b`` tile is loaded before the mainloop.
 
 Selection: :func:`supports` says when the Triton backend takes this path (CUDA sm_90, 16-bit,
 no LoRA dropout, not batch-invariant mode, and at least one wave of 128 x 128 tiles); set
@@ -486,6 +493,13 @@ def _flat_row_stride(t: torch.Tensor) -> Optional[int]:
     return None
 
 
+def _tma_device(t: torch.Tensor) -> bool:
+    """Descriptors can feed ``t``'s kernels: sm_90 or newer (the interpreter emulates them)."""
+    if not tma_available():
+        return False
+    return _capability(t.get_device())[0] >= 9 if t.is_cuda else interpreter_enabled()
+
+
 def _tma_ok(t: torch.Tensor, row_stride: Optional[int]) -> bool:
     """A 2-D TMA view is possible: unit inner stride, 16-byte-aligned base and row pitch."""
     size = t.element_size()
@@ -636,11 +650,13 @@ def forward(
     bm, bn, bk = cfg.BLOCK_M, cfg.BLOCK_COLS, cfg.BLOCK_RED
     x_row = _flat_row_stride(x)
     tma = (
-        tma_available() and k > 0 and _tma_ok(x, x_row) and _tma_ok(weight, weight.stride(0))
+        _tma_device(x) and k > 0 and _tma_ok(x, x_row) and _tma_ok(weight, weight.stride(0))
         and (n * y.element_size()) % 16 == 0
     )  # fmt: skip
     if use_tma and not tma:
-        raise ValueError("use_tma=True, but these tensors (or this Triton) allow no TMA view")
+        raise ValueError(
+            "use_tma=True, but these tensors (or this device or Triton) allow no TMA view"
+        )
     tma = tma if use_tma is None else use_tma
     if tma:
         x_src = _descriptor(x, [rows, k], x_row, [bm, bk])
@@ -774,11 +790,13 @@ def _launch_dx(dy, weight, lora_a, ds, dx, rows, n, k, rank, length, rows_per_a,
     bm, bk, bn = cfg.BLOCK_M, cfg.BLOCK_COLS, cfg.BLOCK_RED
     dy_row = _flat_row_stride(dy)
     tma = (
-        tma_available() and n > 0 and _tma_ok(dy, dy_row) and _tma_ok(weight, weight.stride(0))
+        _tma_device(dy) and n > 0 and _tma_ok(dy, dy_row) and _tma_ok(weight, weight.stride(0))
         and (k * dx.element_size()) % 16 == 0
     )  # fmt: skip
     if use_tma and not tma:
-        raise ValueError("use_tma=True, but these tensors (or this Triton) allow no TMA view")
+        raise ValueError(
+            "use_tma=True, but these tensors (or this device or Triton) allow no TMA view"
+        )
     tma = tma if use_tma is None else use_tma
     if tma:
         dy_src = _descriptor(dy, [rows, n], dy_row, [bm, bn])
