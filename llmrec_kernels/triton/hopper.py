@@ -233,8 +233,9 @@ def _hopper_fwd_kernel(
 ):  # fmt: skip
     """Persistent ``y = x W^T + bias + S Bm^T`` over flat rows; y contiguous ``(M, N)``.
 
-    Grid: ``(NUM_PROGRAMS,)``; program ``p`` computes tiles ``p, p + NUM_PROGRAMS, ...`` of
-    the ``cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)`` output tiles, in grouped order. ``S`` is fp32
+    Grid: ``(min(NUM_PROGRAMS, tiles),)``; program ``p`` computes tiles ``p, p +
+    NUM_PROGRAMS, ...`` of the ``tiles = cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)`` output tiles,
+    in grouped order. ``S`` is fp32
     contiguous ``(M, R)``, already scaled; ``Bm`` has ``BLOCK_R`` columns in memory (zero
     beyond ``R``). With ``USE_TMA``, ``x_src``, ``w_src`` and ``y_dst`` are descriptors over
     ``(M, K)``, ``(N, K)`` and ``(M, N)`` with blocks ``(BLOCK_M, BLOCK_K)``, ``(BLOCK_N,
@@ -312,7 +313,7 @@ def _hopper_dx_kernel(
     stride 0 when shared. With ``USE_TMA``, ``dy_src``, ``w_src`` and ``dx_dst`` are
     descriptors over ``(M, N)``, ``(N, K)`` and ``(M, K)`` with blocks ``(BLOCK_M,
     BLOCK_N)``, ``(BLOCK_N, BLOCK_K)`` and ``(BLOCK_M, BLOCK_K // EPI_SPLIT)``.
-    Grid: ``(NUM_PROGRAMS,)``, as :func:`_hopper_fwd_kernel`.
+    Grid: ``(min(NUM_PROGRAMS, tiles),)``, as :func:`_hopper_fwd_kernel`.
     """
     stride_dyb, stride_dyl, stride_dyn = _wide(stride_dyb), _wide(stride_dyl), _wide(stride_dyn)
     stride_wn, stride_wk = _wide(stride_wn), _wide(stride_wk)
@@ -425,15 +426,21 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-def _programs(t: torch.Tensor, tiles: int, num_programs: Optional[int]) -> int:
-    """Persistent grid size: the caller's, else one program per SM (one under the interpreter)."""
+def _programs(t: torch.Tensor, tiles: int, num_programs: Optional[int]) -> tuple[int, int]:
+    """``(stride, grid)`` of a persistent launch: the caller's program count, else one per SM
+    (4 under the interpreter), and the grid, no larger than the tiles.
+
+    The stride (``NUM_PROGRAMS``, a compile-time constant) stays the SM count even when fewer
+    tiles launch fewer programs (each then takes one tile): one compile per device, not one
+    per small shape.
+    """
     if num_programs is not None:
         if num_programs < 1:
             raise ValueError(f"num_programs must be >= 1, got {num_programs}")
-        return min(num_programs, tiles)
-    if t.is_cuda:
-        return min(_sm_count(t.get_device()), tiles)
-    return min(4, tiles)
+        stride = num_programs
+    else:
+        stride = _sm_count(t.get_device()) if t.is_cuda else 4
+    return stride, min(stride, tiles)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -665,7 +672,7 @@ def forward(
     else:
         x_src, w_src, y_dst = x, weight, y
     tiles = _cdiv(rows, bm) * _cdiv(n, bn)
-    programs = _programs(x, tiles, num_programs)
+    stride, programs = _programs(x, tiles, num_programs)
     _hopper_fwd_kernel[(programs,)](
         x_src, w_src, y_dst, bias.contiguous() if bias is not None else y, s, lora_b,
         rows, n, k, rank, length,
@@ -675,7 +682,7 @@ def forward(
         HAS_BIAS=bias is not None,
         USE_TMA=tma,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r(rank),
-        GROUP_M=cfg.GROUP_M, EPI_SPLIT=cfg.EPI_SPLIT, NUM_PROGRAMS=programs,
+        GROUP_M=cfg.GROUP_M, EPI_SPLIT=cfg.EPI_SPLIT, NUM_PROGRAMS=stride,
         INPUT_PRECISION=precision,
         SPLIT_LOWRANK=x.dtype != torch.float32,
         R_CHUNK=_rank_chunk(rank),
@@ -805,7 +812,7 @@ def _launch_dx(dy, weight, lora_a, ds, dx, rows, n, k, rank, length, rows_per_a,
     else:
         dy_src, w_src, dx_dst = dy, weight, dx
     tiles = _cdiv(rows, bm) * _cdiv(k, bk)
-    programs = _programs(dx, tiles, num_programs)
+    stride, programs = _programs(dx, tiles, num_programs)
     _hopper_dx_kernel[(programs,)](
         dy_src, w_src, dx_dst, ds, lora_a,
         rows, n, k, rank, length, rows_per_a,
@@ -814,7 +821,7 @@ def _launch_dx(dy, weight, lora_a, ds, dx, rows, n, k, rank, length, rows_per_a,
         *_a_strides(lora_a),
         USE_TMA=tma,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=block_r(rank),
-        GROUP_M=cfg.GROUP_M, EPI_SPLIT=cfg.EPI_SPLIT, NUM_PROGRAMS=programs,
+        GROUP_M=cfg.GROUP_M, EPI_SPLIT=cfg.EPI_SPLIT, NUM_PROGRAMS=stride,
         INPUT_PRECISION=precision,
         SPLIT_LOWRANK=dx.dtype != torch.float32,
         R_CHUNK=_rank_chunk(rank),
