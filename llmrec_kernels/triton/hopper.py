@@ -235,9 +235,8 @@ def _hopper_fwd_kernel(
 
     Grid: ``(min(NUM_PROGRAMS, tiles),)``; program ``p`` computes tiles ``p, p +
     NUM_PROGRAMS, ...`` of the ``tiles = cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)`` output tiles,
-    in grouped order. ``S`` is fp32
-    contiguous ``(M, R)``, already scaled; ``Bm`` has ``BLOCK_R`` columns in memory (zero
-    beyond ``R``). With ``USE_TMA``, ``x_src``, ``w_src`` and ``y_dst`` are descriptors over
+    in grouped order. ``S`` is fp32 contiguous ``(M, R)``, already scaled; ``Bm`` has
+    ``BLOCK_R`` columns in memory (zero beyond ``R``). With ``USE_TMA``, ``x_src``, ``w_src`` and ``y_dst`` are descriptors over
     ``(M, K)``, ``(N, K)`` and ``(M, N)`` with blocks ``(BLOCK_M, BLOCK_K)``, ``(BLOCK_N,
     BLOCK_K)`` and ``(BLOCK_M, BLOCK_N // EPI_SPLIT)``; the strides then go unused.
     Otherwise they are pointers, ``x`` a strided ``(B, L, K)`` tensor. ``FLATTEN``: the tile
