@@ -29,6 +29,7 @@ import torch
 from llmrec_kernels.backends import batch_invariant_enabled, interpreter_enabled
 from llmrec_kernels.dropout import keep_scale, keep_threshold
 from llmrec_kernels.triton import dispatch
+from llmrec_kernels.triton import hopper as _hopper  # issue 25 item 3: the sm_90 mainloop
 from llmrec_kernels.triton.configs import (
     block_r,
     gemm_config,
@@ -406,6 +407,8 @@ def forward(
     ``dropout``: ``None`` or ``(p, seed, offset)``; then ``S = scaling * dropout(x) A``
     (:mod:`llmrec_kernels.dropout`), and the base GEMM still reads ``x``.
     """
+    if _hopper.supports(x, weight, dropout):  # sm_90 TMA/persistent path (triton/hopper.py)
+        return _hopper.forward(x, weight, lora_a, lora_b, bias, scaling)
     batch, length, k = x.shape
     n, rank, rows = weight.shape[0], lora_a.shape[-1], batch * length
     dt, dev = x.dtype, x.device
@@ -460,6 +463,9 @@ def backward(
     ``dropout``: the forward's; the mask is regenerated, and ``dS = scaling/(1-p) dy Bm``
     carries the ``1/(1-p)`` of ``dropout(x)`` into dx's low-rank term and into dA.
     """
+    if need_dx and _hopper.supports_dx(dy, x, weight, dropout):  # sm_90 (triton/hopper.py)
+        return _hopper.backward(dy, x, weight, lora_a, lora_b, s_scaled, scaling,
+                                need_dx, need_da, need_db)  # fmt: skip
     batch, length, k = x.shape
     n, rank, rows = weight.shape[0], lora_a.shape[-1], batch * length
     empty = x.new_empty(0)
