@@ -95,8 +95,8 @@ def fused_weight_keys(model) -> set:
 def assert_base_untouched(before, model, rename=lambda k: k, may_move=frozenset()):
     values, ptrs = before
 
-    def ours(k):
-        return k.endswith(".lora_B.weight")
+    def ours(k):  # the factors a patch adds (CoRA's B; plain LoRA's A and B)
+        return k.endswith((".lora_B.weight", ".lora_A.weight"))
 
     after = {rename(k): v for k, v in model.state_dict().items() if not ours(k)}
     assert set(after) == set(values)
@@ -448,3 +448,79 @@ def test_peft_model_refused_before_any_change(targets, error, message):
     assert [(name, type(m)) for name, m in model.named_modules()] == types
     assert [p.requires_grad for p in model.parameters()] == grads
     assert not any(isinstance(m, CoRALinear) for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------------
+# Plain LoRA (llmrec_kernels.lora) over a quantised base: QLoRA-style
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj")])
+def test_lora_over_fake_quantised_base(targets):
+    from llmrec_kernels.lora import apply_lora, lora_modules, remove_lora
+
+    model = with_projections(make_llama(), FakeInt8Linear)
+    ref = copy.deepcopy(model)
+    before = snapshot(model)
+    mods = apply_lora(
+        model, rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=targets, backend="torch", seed=0
+    )
+    assert len(mods) == 4 and all(m.wraps_module for m in mods.values())
+    assert_base_untouched(before, model, base_layer_key)
+    ids, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)  # B = 0: the base exactly
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in mods.values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.5)
+        got = model(ids).logits
+    lora = lora_modules(model)
+
+    def hooked(net, dtype):
+        handles = []
+        for path, m in lora.items():
+            a_t = m.lora_A.weight.detach().to(dtype).t()
+            b = m.lora_B.weight.detach().to(dtype)
+
+            def add(module, args, out, a_t=a_t, b=b):
+                return out + SCALING * (args[0] @ a_t) @ b.T
+
+            handles.append(net.get_submodule(path).register_forward_hook(add))
+        try:
+            with torch.no_grad():
+                return net(ids).logits
+        finally:
+            for h in handles:
+                h.remove()
+
+    same = hooked(ref, torch.float32)
+    wide = hooked(copy.deepcopy(ref).double(), torch.float64)
+    assert_close_to_oracle(got, same, wide, "LoRA over int8 projections")
+    remove_lora(model)
+    assert_base_untouched(before, model)
+
+
+def test_lora_over_bitsandbytes_4bit(saved_llama):
+    """QLoRA: plain LoRA over a 4-bit base, the base product through bitsandbytes."""
+    import bitsandbytes as bnb
+
+    from llmrec_kernels.lora import apply_lora
+
+    model = load_quantised(saved_llama, 4)
+    ref = load_quantised(saved_llama, 4)
+    mods = apply_lora(model, rank=RANK, alpha=ALPHA, dropout=0.0, backend="torch", seed=0)
+    assert all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in mods.values())
+    ids, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)  # B = 0
+    proj = model.model.layers[1].self_attn.v_proj
+    with torch.no_grad():
+        proj.lora_B.weight.copy_(torch.randn(proj.lora_B.weight.shape) * 0.5)
+    x = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        base = proj.base_layer(x)
+        y = proj(x)
+        a_t, b = proj.lora_A.weight.t(), proj.lora_B.weight
+        reference = base + SCALING * (x @ a_t) @ b.T
+        oracle = base.double() + SCALING * (x.double() @ a_t.double()) @ b.double().T
+    assert_close_to_oracle(y, reference, oracle, "QLoRA v_proj")
