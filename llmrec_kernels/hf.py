@@ -1,4 +1,4 @@
-"""Drop-in CoRA patching of Hugging Face decoder attention (LLaMA, Mistral, Qwen2, ...).
+"""Drop-in CoRA patching of Hugging Face decoder attention (LLaMA, Mistral, Qwen2/3, Gemma 2, Phi-3).
 
 Three calls::
 
@@ -7,8 +7,9 @@ Three calls::
         out = model(input_ids, attention_mask=mask)
     remove_cora(model)                              # the original modules come back
 
-Every target projection ``P`` (by default ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` of every
-decoder layer) is replaced by a :class:`CoRALinear` that keeps the original ``P.weight`` and
+Every target projection ``P`` (by default the attention projections ``q_proj``, ``k_proj``,
+``v_proj`` (or Phi-3's ``qkv_proj``) and ``o_proj`` of every decoder layer, those that read the
+hidden state) is replaced by a :class:`CoRALinear` that keeps the original ``P.weight`` and
 ``P.bias`` parameters (same objects, same state-dict keys) and adds one trainable factor,
 ``P.lora_B.weight`` of shape ``(out_features, rank)``, zero-initialised. Inside
 :func:`cora_weights` every patched projection computes::
@@ -24,7 +25,15 @@ contiguous ``(d_q + d_k + d_v, d_in)`` buffer and the original parameters become
 (no second copy); one ``fused_cora_linear`` call computes q, k and v with a single shared
 ``x A_b`` and the result is split. The attention code is not modified: whichever of q/k/v is
 called first computes all three, and the other two return the pending slices when they are
-called with the same input tensor.
+called with the same input tensor. Only plain float ``nn.Linear`` parameters that are the whole
+of their own storage are ever moved (:class:`_FusedQKV`): views into storage someone else
+manages (FSDP's flat parameters) are left where they are and concatenated per call instead.
+
+Quantised and wrapped projections (bitsandbytes ``Linear4bit``/``Linear8bitLt``, peft LoRA
+layers, anything that is not a plain float ``nn.Linear``) are patched too: the module is kept,
+untouched, as ``<path>.base_layer``, its own ``forward`` computes the base product and
+:func:`lowrank_delta` adds ``s (x A_b) B^T``. The targets are checked against the model before
+anything changes (:func:`find_target_modules`); a refused patch leaves the model as it was.
 
 Gradient checkpointing: :func:`cora_weights` wraps the ``_gradient_checkpointing_func`` of the
 model's checkpointed layers for the duration of the block so that ``lora_a`` is passed to every
