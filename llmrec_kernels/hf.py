@@ -248,10 +248,15 @@ class _FusedQKV:
     def operands(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The fused weight and ``B`` (``None``: concatenate the members for this call)."""
         if not torch.compiler.is_compiling():
-            self.ensure_fused()
+            # One read of the pointers per call when the layout holds (the decode path).
+            weights, lora_bs = self._weights(), self._lora_bs()
+            w_ok = self._in_place(weights, self._w_ptrs)
+            b_ok = self._in_place(lora_bs, self._b_ptrs)
+            if self.stale or not (w_ok and b_ok):
+                self.refuse(force=False)
+                w_ok = self._in_place(weights, self._w_ptrs)
+                b_ok = self._in_place(lora_bs, self._b_ptrs)
             # A part that is not (or no longer) fused is concatenated by the op.
-            w_ok = self._in_place(self._weights(), self._w_ptrs)
-            b_ok = self._in_place(self._lora_bs(), self._b_ptrs)
             return (self._w_fused if w_ok else None), (self._b_fused if b_ok else None)
         if self.stale:
             return None, None
