@@ -88,6 +88,7 @@ __all__ = [
     "find_target_modules",
     "is_cora_patched",
     "lora_b_parameters",
+    "lowrank_delta",
     "parameter_bytes",
     "remove_cora",
     "static_lora_a",
