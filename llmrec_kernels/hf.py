@@ -328,13 +328,20 @@ def _is_plain_linear(module: nn.Module) -> bool:
     parameters: its weight can be handed to the fused op as it is.
 
     Quantised linears (bitsandbytes ``Linear4bit``/``Linear8bitLt``: ``nn.Linear`` subclasses
-    with their own ``forward`` and packed parameter subclasses) and wrappers (peft's LoRA
-    layers) are not: their product is their own ``forward``.
+    with their own ``forward`` and packed parameter subclasses), wrappers (peft's LoRA layers)
+    and modules whose ``forward`` was replaced on the instance (accelerate's offloading hooks)
+    are not: their product is their own ``forward``.
     """
     if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
         return False
+    # accelerate's offloading hooks replace forward on the instance (and may leave the weight
+    # on the meta device until that forward runs): such a module computes through its own.
+    if "forward" in module.__dict__:
+        return False
     weight, bias = module.weight, module.bias
     if type(weight) is not nn.Parameter or not weight.is_floating_point():
+        return False
+    if weight.device.type == "meta":
         return False
     if tuple(weight.shape) != (module.out_features, module.in_features):
         return False

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import types
 
 import pytest
 import torch
@@ -524,3 +525,32 @@ def test_lora_over_bitsandbytes_4bit(saved_llama):
         reference = base + SCALING * (x @ a_t) @ b.T
         oracle = base.double() + SCALING * (x.double() @ a_t.double()) @ b.double().T
     assert_close_to_oracle(y, reference, oracle, "QLoRA v_proj")
+
+
+def test_instance_level_forward_is_kept():
+    """A projection whose ``forward`` was replaced on the instance (as accelerate's offloading
+    hooks do) keeps computing through it: the wrapped path, not the weight directly."""
+    model = make_llama()
+    calls = []
+
+    def counted(self, x):
+        calls.append(1)
+        return nn.Linear.forward(self, x)
+
+    for layer in model.model.layers:
+        proj = layer.self_attn.v_proj
+        # A bound method: deepcopy rebinds it to the copy (the fp64 reference below).
+        proj.forward = types.MethodType(counted, proj)
+    ref = copy.deepcopy(model)
+    apply_cora_to_llama(model, rank=RANK, alpha=ALPHA, backend="torch")
+    mods = cora_modules(model)
+    assert all(m.wraps_module == p.endswith("v_proj") for p, m in mods.items())
+    ids, a = batch()
+    calls.clear()
+    with torch.no_grad(), cora_weights(model, a):
+        got = model(ids).logits
+    assert len(calls) == 2  # v_proj of each layer ran its own forward
+    want64 = copy.deepcopy(ref).double()(ids).logits
+    with torch.no_grad():
+        want = ref(ids).logits
+    assert_close_to_oracle(got, want, want64, "logits with B = 0")
