@@ -7,8 +7,9 @@ Triton: the kernels are imported on first use.
 from llmrec_kernels import reference
 from llmrec_kernels._cuda import cuda_available
 from llmrec_kernels.backends import BACKENDS, batch_invariant, resolve_backend
-from llmrec_kernels.cora_linear import fused_cora_linear
+from llmrec_kernels.cora_linear import fused_cora_linear, fused_cora_linear_multi
 
+# The one version of the distribution: pyproject.toml reads it (tool.setuptools.dynamic).
 __version__ = "0.1.0"
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "batch_invariant",
     "cuda_available",
     "fused_cora_linear",
+    "fused_cora_linear_multi",
     "reference",
     "resolve_backend",
 ]

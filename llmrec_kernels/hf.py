@@ -1,4 +1,4 @@
-"""Drop-in CoRA patching of Hugging Face decoder attention (LLaMA, Mistral, Qwen2, ...).
+"""Drop-in CoRA patching of Hugging Face decoder attention (LLaMA, Mistral, Qwen2/3, Gemma 2, Phi-3).
 
 Three calls::
 
@@ -7,8 +7,9 @@ Three calls::
         out = model(input_ids, attention_mask=mask)
     remove_cora(model)                              # the original modules come back
 
-Every target projection ``P`` (by default ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` of every
-decoder layer) is replaced by a :class:`CoRALinear` that keeps the original ``P.weight`` and
+Every target projection ``P`` (by default the attention projections ``q_proj``, ``k_proj``,
+``v_proj`` (or Phi-3's ``qkv_proj``) and ``o_proj`` of every decoder layer, those that read the
+hidden state) is replaced by a :class:`CoRALinear` that keeps the original ``P.weight`` and
 ``P.bias`` parameters (same objects, same state-dict keys) and adds one trainable factor,
 ``P.lora_B.weight`` of shape ``(out_features, rank)``, zero-initialised. Inside
 :func:`cora_weights` every patched projection computes::
@@ -24,7 +25,15 @@ contiguous ``(d_q + d_k + d_v, d_in)`` buffer and the original parameters become
 (no second copy); one ``fused_cora_linear`` call computes q, k and v with a single shared
 ``x A_b`` and the result is split. The attention code is not modified: whichever of q/k/v is
 called first computes all three, and the other two return the pending slices when they are
-called with the same input tensor.
+called with the same input tensor. Only plain float ``nn.Linear`` parameters that are the whole
+of their own storage are ever moved (:class:`_FusedQKV`): views into storage someone else
+manages (FSDP's flat parameters) are left where they are and concatenated per call instead.
+
+Quantised and wrapped projections (bitsandbytes ``Linear4bit``/``Linear8bitLt``, peft LoRA
+layers, anything that is not a plain float ``nn.Linear``) are patched too: the module is kept,
+untouched, as ``<path>.base_layer``, its own ``forward`` computes the base product and
+:func:`lowrank_delta` adds ``s (x A_b) B^T``. The targets are checked against the model before
+anything changes (:func:`find_target_modules`); a refused patch leaves the model as it was.
 
 Gradient checkpointing: :func:`cora_weights` wraps the ``_gradient_checkpointing_func`` of the
 model's checkpointed layers for the duration of the block so that ``lora_a`` is passed to every
@@ -58,6 +67,7 @@ eagerly, outside the graph. ``tests/patching/test_hf_compile.py`` runs this on a
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -65,8 +75,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmrec_kernels._torch_impl import s_dtype
 from llmrec_kernels.cora_linear import fused_cora_linear, fused_cora_linear_multi
-from llmrec_kernels.dropout import draw_seed
+from llmrec_kernels.dropout import draw_seed, dropout_mask, keep_scale
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -74,14 +85,20 @@ __all__ = [
     "apply_cora_to_llama",
     "cora_modules",
     "cora_weights",
+    "find_target_modules",
     "is_cora_patched",
     "lora_b_parameters",
+    "lowrank_delta",
     "parameter_bytes",
     "remove_cora",
     "static_lora_a",
 ]
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+# What the default targets mean on a model: its attention projections that read the hidden
+# state (Phi-3's fused qkv_proj included; an o_proj reading heads x head_dim != hidden, as in
+# Gemma 2 and Qwen3, left out with a warning).
+_AUTO_TARGETS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 _QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 _STATE_ATTR = "_cora_state"
 _WRAPPER_FLAG = "_cora_checkpoint_inner"
@@ -138,21 +155,31 @@ def _version_of(t: torch.Tensor) -> Optional[int]:
 class _FusedQKV:
     """One fused ``fused_cora_linear`` call for the q/k/v projections of one attention block.
 
-    The members' weights are views into one contiguous ``(sum(sizes), d_in)`` buffer and their
-    ``lora_B.weight`` views into one ``(sum(sizes), rank)`` buffer, so the fused operands are
-    the buffers themselves: nothing is concatenated per call. An optimizer step updates the
-    ``lora_B`` views in place, hence the buffer: training ``B`` needs nothing more. The
-    gradients go to each member's own parameters (:func:`fused_cora_linear_multi`).
+    Only projections whose weights are plain float ``nn.Linear`` parameters are grouped (see
+    :func:`_is_plain_linear`). Where every member's weight (and, separately, every member's
+    ``lora_B.weight``) is *self-contained* (a plain ``nn.Parameter`` that is the whole of its
+    own storage, :func:`_self_contained`), the group moves them into one contiguous
+    ``(sum(sizes), d_in)`` (``(sum(sizes), rank)``) buffer and the members become views of it,
+    so the fused operands are the buffers themselves and nothing is concatenated per call (no
+    second copy of the weights either). An optimizer step updates the ``lora_B`` views in
+    place, hence the buffer: training ``B`` needs nothing more. The gradients go to each
+    member's own parameters (:func:`fused_cora_linear_multi`).
+
+    Parameters that are not self-contained are never re-pointed: views into storage someone
+    else manages (FSDP's flat parameters, a user's packed buffer, tensor subclasses such as
+    DTensor or quantised parameters). Such a part is concatenated per call instead (a copy,
+    the same values, so the same results), which is what ``fuse_qkv=False`` avoids.
 
     Layout checks: in eager mode every call compares the members' data pointers with the
     buffers' (integers, cached at fusion time; the buffers are held here, so their addresses
-    cannot be reused); a member that drifted apart (``model.to(...)``, ``.data =``, a replaced
-    parameter) makes the group re-fuse before the call. Under ``torch.compile`` pointers are
-    not traceable: :func:`cora_weights` runs the same check when its block is entered (outside
-    the compiled region), ``nn.Module._apply`` (``.to``, ``.half()``, ...) marks the group
-    stale, and a stale group computes with concatenated copies (correct, slower) until the
-    next eager call or block entry re-fuses it. Holds no activation between forwards except
-    the pending outputs of the current call.
+    cannot be reused); a part that drifted apart (``model.to(...)``, ``.data =``, a replaced
+    parameter) is re-fused before the call if it is self-contained again (as after
+    ``.to()``), else concatenated per call. Under ``torch.compile`` pointers are not
+    traceable: :func:`cora_weights` runs the same check when its block is entered (outside the
+    compiled region), ``nn.Module._apply`` (``.to``, ``.half()``, ...) marks the group stale,
+    and a stale group computes with concatenated copies (correct, slower) until the next eager
+    call or block entry re-fuses it. Holds no activation between forwards except the pending
+    outputs of the current call.
     """
 
     def __init__(self, members: Sequence[CoRALinear]):
@@ -162,6 +189,7 @@ class _FusedQKV:
             m._group = self
             m._group_index = i
         self._clear()
+        self._w_fused = self._w_ptrs = self._b_fused = self._b_ptrs = None
         self.refuse()
 
     def _clear(self) -> None:
@@ -171,7 +199,11 @@ class _FusedQKV:
         self._pending: dict[int, torch.Tensor] = {}
 
     @staticmethod
-    def _fuse(params: list, sizes: list) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def _fuse(params: list, sizes: list) -> tuple[Optional[torch.Tensor], Optional[tuple]]:
+        """``(buffer, data pointers)`` with ``params`` re-pointed into it, or ``(None, None)``
+        (left alone) unless every parameter is self-contained and they fit one buffer."""
+        if not (_compatible(params) and all(_self_contained(p) for p in params)):
+            return None, None
         fused = torch.cat([p.detach() for p in params], dim=0)
         offset = 0
         for p, n in zip(params, sizes):
@@ -179,36 +211,54 @@ class _FusedQKV:
             offset += n
         return fused, tuple(p.data_ptr() for p in params)
 
+    def _weights(self) -> list:
+        return [m.weight for m in self.members]
+
+    def _lora_bs(self) -> list:
+        return [m.lora_B.weight for m in self.members]
+
+    @staticmethod
+    def _in_place(params: list, ptrs: Optional[tuple]) -> bool:
+        return ptrs is not None and tuple(p.data_ptr() for p in params) == ptrs
+
     @torch.no_grad()
-    def refuse(self) -> None:
-        """Move the members' weights (and ``lora_B``) into contiguous buffers, as views."""
-        weights = [m.weight for m in self.members]
-        lora_bs = [m.lora_B.weight for m in self.members]
-        self._w_fused = self._w_ptrs = self._b_fused = self._b_ptrs = None
-        if _compatible(weights):
+    def refuse(self, force: bool = True) -> None:
+        """Fuse each part (weights, ``lora_B``) whose members are self-contained; a part
+        already in place is kept unless ``force``."""
+        weights, lora_bs = self._weights(), self._lora_bs()
+        if force or not self._in_place(weights, self._w_ptrs):
+            # Drop the old buffer first: a failed fusion must not keep a stale copy alive.
+            self._w_fused = self._w_ptrs = None
             self._w_fused, self._w_ptrs = self._fuse(weights, self.sizes)
-        if _compatible(lora_bs):
+        if force or not self._in_place(lora_bs, self._b_ptrs):
+            self._b_fused = self._b_ptrs = None
             self._b_fused, self._b_ptrs = self._fuse(lora_bs, self.sizes)
         self.stale = False
 
     def _layout_ok(self) -> bool:
         """Eager check: every member still a view at its place in the fused buffers."""
-        return (
-            self._w_ptrs is not None
-            and self._b_ptrs is not None
-            and tuple(m.weight.data_ptr() for m in self.members) == self._w_ptrs
-            and tuple(m.lora_B.weight.data_ptr() for m in self.members) == self._b_ptrs
+        return self._in_place(self._weights(), self._w_ptrs) and self._in_place(
+            self._lora_bs(), self._b_ptrs
         )
 
     def ensure_fused(self) -> None:
-        """Re-fuse if a member drifted apart (eager only: reads data pointers)."""
+        """Re-fuse the parts whose members drifted apart (eager only: reads data pointers)."""
         if self.stale or not self._layout_ok():
-            self.refuse()
+            self.refuse(force=False)
 
     def operands(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The fused weight and ``B`` (``None``: concatenate the members for this call)."""
         if not torch.compiler.is_compiling():
-            self.ensure_fused()
+            # One read of the pointers per call when the layout holds (the decode path).
+            weights, lora_bs = self._weights(), self._lora_bs()
+            w_ok = self._in_place(weights, self._w_ptrs)
+            b_ok = self._in_place(lora_bs, self._b_ptrs)
+            if self.stale or not (w_ok and b_ok):
+                self.refuse(force=False)
+                w_ok = self._in_place(weights, self._w_ptrs)
+                b_ok = self._in_place(lora_bs, self._b_ptrs)
+            # A part that is not (or no longer) fused is concatenated by the op.
+            return (self._w_fused if w_ok else None), (self._b_fused if b_ok else None)
         if self.stale:
             return None, None
         return self._w_fused, self._b_fused
@@ -258,38 +308,172 @@ def _compatible(params: list) -> bool:
     )
 
 
+def _self_contained(p: torch.Tensor) -> bool:
+    """A plain float ``nn.Parameter`` that is the whole of its own storage.
+
+    Only such a parameter may be re-pointed into a fused buffer: nothing else can be
+    looking at its storage through another tensor (FSDP's flat parameter, a packed buffer),
+    and it is not a tensor subclass (DTensor, bitsandbytes' ``Params4bit``/``Int8Params``)
+    whose data means more than its values.
+    """
+    if type(p) is not nn.Parameter or not p.is_floating_point() or p.device.type == "meta":
+        return False
+    if not p.is_contiguous() or p.storage_offset() != 0:
+        return False
+    return p.untyped_storage().nbytes() == p.numel() * p.element_size()
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose product is ``F.linear(x, weight, bias)`` with plain float
+    parameters: its weight can be handed to the fused op as it is.
+
+    Quantised linears (bitsandbytes ``Linear4bit``/``Linear8bitLt``: ``nn.Linear`` subclasses
+    with their own ``forward`` and packed parameter subclasses), wrappers (peft's LoRA layers)
+    and modules whose ``forward`` was replaced on the instance (accelerate's offloading hooks)
+    are not: their product is their own ``forward``.
+    """
+    if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+        return False
+    # accelerate's offloading hooks replace forward on the instance (and may leave the weight
+    # on the meta device until that forward runs): such a module computes through its own.
+    if "forward" in module.__dict__:
+        return False
+    weight, bias = module.weight, module.bias
+    if type(weight) is not nn.Parameter or not weight.is_floating_point():
+        return False
+    if weight.device.type == "meta":
+        return False
+    if tuple(weight.shape) != (module.out_features, module.in_features):
+        return False
+    return bias is None or (type(bias) is nn.Parameter and bias.is_floating_point())
+
+
+def _linear_shape(module: nn.Module) -> Optional[tuple[int, int]]:
+    """``(in_features, out_features)`` of a linear-like module (an ``nn.Linear``, a quantised
+    linear, a peft layer over one), or ``None`` when it declares none."""
+    seen = 0
+    while module is not None and seen < 8:
+        d_in = getattr(module, "in_features", None)
+        d_out = getattr(module, "out_features", None)
+        if isinstance(d_in, int) and isinstance(d_out, int) and d_in > 0 and d_out > 0:
+            return d_in, d_out
+        module = getattr(module, "base_layer", None)
+        seen += 1
+    return None
+
+
+def _float_dtype_of(module: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the first floating-point parameter of ``module`` (None if it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _device_of(module: nn.Module) -> Optional[torch.device]:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return None
+
+
+def lowrank_delta(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None,
+) -> torch.Tensor:
+    """The low-rank part of :func:`fused_cora_linear`, ``s (dropout(x) A_b) B^T``, alone.
+
+    For projections whose base product is not a plain weight (quantised, wrapped): the base
+    runs through the module's own ``forward`` and this is added to it. The same arithmetic
+    as the op's torch backend (``x A`` in ``x``'s dtype, scaled in fp32 or fp64, expanded in
+    ``x``'s dtype) and the same dropout mask for the same seed; differentiable in ``x``,
+    ``lora_a`` and ``lora_b`` through plain autograd.
+
+    Args:
+        x: ``(B, L, d_in)`` or ``(B, d_in)``, floating point.
+        lora_a: ``(B, d_in, r)`` (one A per sample) or ``(d_in, r)`` (shared).
+        lora_b: ``(d_out, r)``.
+        scaling: ``s``.
+        dropout_p, dropout_seed: as :func:`fused_cora_linear` (offset 0).
+
+    Returns:
+        ``(B, L, d_out)`` (``(B, d_out)`` for 2-D ``x``) in the dtype of ``x``.
+    """
+    one_token = x.dim() == 2
+    x3 = x.unsqueeze(1) if one_token else x
+    dt = x3.dtype
+    a = lora_a if lora_a.dtype == dt else lora_a.to(dt)
+    if dropout_p:
+        keep = dropout_mask(tuple(x3.shape), dropout_p, dropout_seed, 0, x3.device)
+        x3 = torch.where(keep, x3, x3.new_zeros(()))
+        scaling = scaling * keep_scale(dropout_p)
+    shrunk = torch.bmm(x3, a) if a.dim() == 3 else torch.matmul(x3, a)
+    if dt != torch.float32:
+        shrunk = shrunk.to(s_dtype(dt))
+    shrunk = shrunk * scaling
+    b = lora_b if lora_b.dtype == dt else lora_b.to(dt)
+    y = torch.matmul(shrunk.to(dt), b.t())
+    return y.squeeze(1) if one_token else y
+
+
 class CoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a per-sample low-rank delta ``s (x A_b) B^T``.
+    """A frozen linear projection plus a per-sample low-rank delta ``s (x A_b) B^T``.
+
+    Two kinds of base, chosen by :func:`_is_plain_linear`:
+
+    * a plain float ``nn.Linear``: its parameters become this module's ``weight`` and
+      ``bias`` (the same objects, the same state-dict keys) and the whole projection is one
+      :func:`fused_cora_linear` call;
+    * any other linear-like module (a bitsandbytes ``Linear4bit``/``Linear8bitLt``, a peft
+      LoRA layer, ...): it is kept, unchanged, as the child ``base_layer`` (its state-dict
+      keys gain a ``base_layer.`` segment), its own ``forward`` computes the base product and
+      :func:`lowrank_delta` adds the per-sample term. Nothing of it is re-pointed or copied.
 
     Attributes:
-        weight: the original ``(out_features, in_features)`` parameter (the same object; with
-            q/k/v fusion a view into the fused buffer), frozen.
-        bias: the original ``(out_features,)`` parameter or ``None``, frozen.
+        weight: (plain base) the original ``(out_features, in_features)`` parameter (the same
+            object; with q/k/v fusion a view into the fused buffer), frozen.
+        bias: (plain base) the original ``(out_features,)`` parameter or ``None``, frozen.
+        base_layer: (other bases) the original module.
         lora_B: ``nn.Linear(rank, out_features, bias=False)``; ``lora_B.weight`` is
             ``(out_features, rank)``, zero-initialised, trainable.
 
-    ``forward(x)``: ``x`` is ``(B, L, in_features)`` or ``(B, in_features)`` in the dtype of
-    ``weight``. Inside :func:`cora_weights` the result is ``x W^T + bias + s (x A_b) B^T``
-    with ``A_b = lora_a[b]``; outside, ``F.linear(x, weight, bias)`` exactly.
+    ``forward(x)``: ``x`` is ``(B, L, in_features)`` or ``(B, in_features)`` in the dtype the
+    base takes. Inside :func:`cora_weights` the result is ``base(x) + s (x A_b) B^T`` with
+    ``A_b = lora_a[b]``; outside, exactly the base's result (``F.linear(x, weight, bias)``
+    for a plain base, ``base_layer(x)`` otherwise).
     """
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Module,
         state: _CoRAState,
         path: str,
         lora_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
+        shape = _linear_shape(base)
+        if shape is None:
+            raise TypeError(
+                f"{path}: {type(base).__name__} is not a linear projection (it declares no "
+                "in_features/out_features)"
+            )
+        self.in_features, self.out_features = shape
+        self.wraps_module = not _is_plain_linear(base)
+        if self.wraps_module:
+            self.base_layer = base
+        else:
+            self.weight = base.weight
+            self.bias = base.bias
         if lora_dtype is None:
-            w_dtype = base.weight.dtype
+            w_dtype = _float_dtype_of(base)
             lora_dtype = w_dtype if w_dtype in (torch.float32, torch.float64) else torch.float32
         self.lora_B = nn.Linear(
-            state.rank, base.out_features, bias=False, device=base.weight.device, dtype=lora_dtype
+            state.rank, self.out_features, bias=False, device=_device_of(base), dtype=lora_dtype
         )
         nn.init.zeros_(self.lora_B.weight)
         # Plain attributes (not submodules): no duplicate parameters or state-dict keys.
@@ -317,14 +501,17 @@ class CoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         fused = ", fused_qkv" if self._group is not None else ""
+        bias = "" if self.wraps_module else f"bias={self.bias is not None}, "
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, rank={self.rank}, scaling={self.scaling:g}{fused}"
+            f"{bias}rank={self.rank}, scaling={self.scaling:g}{fused}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora_a = self._state.lora_a
         if lora_a is None:
+            if self.wraps_module:
+                return self.base_layer(x)
             return F.linear(x, self.weight, self.bias)
         if x.dim() not in (2, 3):
             raise ValueError(
@@ -343,6 +530,17 @@ class CoRALinear(nn.Module):
         return self._project(x, lora_a)
 
     def _project(self, x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+        if self.wraps_module:
+            # The base's own product (dequantising, or with its own LoRA), then our term.
+            y = self.base_layer(x)
+            delta = lowrank_delta(
+                x,
+                _on_device(lora_a, x.device),
+                self.lora_B.weight,
+                self._state.scaling,
+                **self._state.dropout_args(self),
+            )
+            return y + delta.to(y.dtype)
         if self._group is not None:
             return self._group.output(self, x, lora_a)
         return fused_cora_linear(
@@ -403,7 +601,7 @@ def _hidden_size(model: nn.Module, candidates: list) -> int:
     hidden = getattr(config, "hidden_size", None) if config is not None else None
     if isinstance(hidden, int):
         return hidden
-    sizes = {m.in_features for _, _, m in candidates}
+    sizes = {_linear_shape(m)[0] for _, _, m, _ in candidates}
     if len(sizes) != 1:
         raise ValueError(
             f"cannot infer the hidden size: the target modules have in_features {sorted(sizes)} "
@@ -412,31 +610,122 @@ def _hidden_size(model: nn.Module, candidates: list) -> int:
     return sizes.pop()
 
 
-def find_linear_modules(model: nn.Module, target_modules: Sequence[str]) -> list:
-    """``[(parent, child name, nn.Linear, path)]`` of every ``nn.Linear`` whose last path
-    component is in ``target_modules``; ``ValueError`` (listing the linear names) if none."""
-    candidates = []
-    linear_names = set()
+def _modules_named(model: nn.Module, names: Sequence[str]) -> tuple[list, list]:
+    """``([(parent, child name, child, path)] of every module named one of names,
+    sorted names of the model's linear-like modules)``; never descends into a target."""
+    found, linear_names = [], set()
     for path, module in model.named_modules():
         for child_name, child in module.named_children():
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) or _linear_shape(child) is not None:
                 linear_names.add(child_name)
-                if child_name in target_modules:
-                    full = f"{path}.{child_name}" if path else child_name
-                    candidates.append((module, child_name, child, full))
-    if not candidates:
+            if child_name in names:
+                full = f"{path}.{child_name}" if path else child_name
+                found.append((module, child_name, child, full))
+    # A target inside another target (peft's q_proj.base_layer is not one, but a user's
+    # wrapper could reuse a name): only the outermost is a target.
+    paths = {f for _, _, _, f in found}
+    found = [e for e in found if not any(e[3].startswith(p + ".") for p in paths)]
+    return found, sorted(linear_names)
+
+
+def find_linear_modules(model: nn.Module, target_modules: Sequence[str]) -> list:
+    """``[(parent, child name, module, path)]`` of every linear projection whose last path
+    component is in ``target_modules``: ``nn.Linear`` modules and linear-like ones (quantised
+    linears, peft LoRA layers; anything declaring ``in_features``/``out_features``).
+
+    Raises:
+        ValueError: no module is named one of ``target_modules`` (the message lists the
+            model's linear module names).
+        TypeError: a module with a target name is not a linear projection.
+    """
+    found, linear_names = _modules_named(model, tuple(target_modules))
+    if not found:
         raise ValueError(
-            f"no nn.Linear module of the model is named one of {list(target_modules)}; "
-            f"its linear modules are named {sorted(linear_names) or 'nothing'}"
+            f"no linear module of the model is named one of {list(target_modules)}; "
+            f"its linear modules are named {linear_names or 'nothing'}"
         )
-    return candidates
+    not_linear = [
+        f"{full} ({type(child).__name__})"
+        for _, _, child, full in found
+        if _linear_shape(child) is None
+    ]
+    if not_linear:
+        raise TypeError(
+            f"target_modules name modules that are not linear projections: "
+            f"{', '.join(not_linear[:4])}{' ...' if len(not_linear) > 4 else ''}"
+        )
+    return found
+
+
+def find_target_modules(
+    model: nn.Module, target_modules: Union[str, Sequence[str], None] = None
+) -> list:
+    """The projections :func:`apply_cora_to_llama` would patch, checked against the model.
+
+    Args:
+        model: the model to patch.
+        target_modules: last path components (every one must name a module of the model, and
+            every such module must read the hidden state); ``None`` (or the
+            :data:`DEFAULT_TARGET_MODULES` object itself): the model's attention projections
+            ``q_proj``, ``k_proj``, ``v_proj``, ``qkv_proj`` (Phi-3), ``o_proj`` that read
+            the hidden state, with a warning naming any left out (Gemma 2's and Qwen3's
+            ``o_proj`` read ``heads x head_dim`` features).
+
+    Returns:
+        ``[(parent, child name, module, path)]`` in model order.
+
+    Raises:
+        ValueError: a named target absent from the model, a target whose ``in_features`` is
+            not the hidden size (one shared ``A_b`` of shape ``(hidden_size, rank)`` reads
+            every target's input; e.g. ``down_proj``), or nothing to patch.
+        TypeError: malformed ``target_modules`` or a target that is not a linear projection.
+    """
+    auto = target_modules is None or target_modules is DEFAULT_TARGET_MODULES
+    if isinstance(target_modules, str):
+        target_modules = (target_modules,)
+    names = _AUTO_TARGETS if auto else tuple(target_modules)
+    if not names or not all(isinstance(t, str) for t in names):
+        raise TypeError(
+            f"target_modules must be a non-empty sequence of str, got {target_modules!r}"
+        )
+    found = find_linear_modules(model, names)
+    present = {name for _, name, _, _ in found}
+    missing = [n for n in names if n not in present]
+    if missing and not auto:
+        _, linear_names = _modules_named(model, ())
+        raise ValueError(
+            f"target_modules {missing} match no module of the model; its linear modules are "
+            f"named {linear_names}"
+        )
+    hidden = _hidden_size(model, found)
+    misfit: dict[str, str] = {}
+    for _, name, child, full in found:
+        d_in = _linear_shape(child)[0]
+        if d_in != hidden and name not in misfit:
+            misfit[name] = f"{full} reads {d_in} features"
+    if misfit and not auto:
+        raise ValueError(
+            f"{'; '.join(misfit.values())}, not the hidden size {hidden}: CoRA shares one A_b "
+            f"of shape (hidden_size, rank) across the targets, so every target must read the "
+            f"hidden state; leave {sorted(misfit)} out of target_modules"
+        )
+    if misfit:
+        warnings.warn(
+            f"CoRA leaves {sorted(misfit)} unpatched: {'; '.join(misfit.values())}, not the "
+            f"hidden size {hidden} that the shared A_b reads",
+            stacklevel=3,
+        )
+        found = [e for e in found if e[1] not in misfit]
+        if not found:
+            raise ValueError("no attention projection of the model reads the hidden state")
+    return found
 
 
 def apply_cora_to_llama(
     model: nn.Module,
     rank: int = 16,
     alpha: float = 32,
-    target_modules: Union[str, Sequence[str]] = DEFAULT_TARGET_MODULES,
+    target_modules: Union[str, Sequence[str], None] = DEFAULT_TARGET_MODULES,
     fuse_qkv: bool = True,
     backend: str = "auto",
     lora_dtype: Optional[torch.dtype] = None,
@@ -445,22 +734,29 @@ def apply_cora_to_llama(
     """Patch the attention projections of a decoder model with CoRA, in place.
 
     Args:
-        model: a transformers ``LlamaForCausalLM`` / ``LlamaModel`` or any decoder whose target
-            projections are ``nn.Linear`` modules named by ``target_modules`` (Mistral, Qwen2,
-            ...; GQA is fine). Every target must read the hidden state: ``in_features ==
-            config.hidden_size`` (one ``A_b`` of shape ``(hidden_size, rank)`` per sample is
-            shared by all of them, as in CoRA).
+        model: a transformers causal LM or decoder body (LLaMA, Mistral, Qwen2, Qwen3, Gemma 2,
+            Phi-3, ...; GQA is fine), possibly with quantised projections (bitsandbytes 4-bit
+            or 8-bit) or inside peft (``PeftModel`` / ``LoraModel``). Every target must read
+            the hidden state: ``in_features == config.hidden_size`` (one ``A_b`` of shape
+            ``(hidden_size, rank)`` per sample is shared by all of them, as in CoRA).
+            A plain float ``nn.Linear`` target runs the whole projection in the fused op; any
+            other (quantised, peft) keeps its own ``forward`` for the base product (peft's
+            LoRA included) and gets the per-sample term added (:class:`CoRALinear`).
         rank: ``r >= 1``, the width of ``A_b`` and ``B``.
         alpha: LoRA alpha; the delta is scaled by ``alpha / rank``.
-        target_modules: last path components to patch (``"q_proj"``, ...). A single string is
-            one name.
+        target_modules: last path components to patch (``"q_proj"``, ...; a single string is
+            one name), each present in the model and reading the hidden state. The default
+            (``None`` or :data:`DEFAULT_TARGET_MODULES` itself) is the model's attention
+            projections that read the hidden state, :func:`find_target_modules`.
         fuse_qkv: compute the patched q/k/v projections of each attention block with one
-            fused call over ``[W_q; W_k; W_v]`` and one shared ``x A_b`` (the original weights
-            become views into the concatenated buffer: no extra memory).
+            fused call over ``[W_q; W_k; W_v]`` and one shared ``x A_b``. Only plain float
+            ``nn.Linear`` weights are fused; self-contained ones are moved into one buffer
+            (views: no extra memory), others are concatenated per call (see
+            :class:`_FusedQKV`). Quantised and peft projections are never fused.
         backend: passed to :func:`fused_cora_linear` (``"auto"``, ``"triton"``, ``"cuda"``,
             ``"torch"``).
         lora_dtype: dtype of the ``lora_B`` factors; default: the weights' dtype for fp32/fp64
-            models, fp32 for fp16/bf16 models.
+            models, fp32 for fp16/bf16 and quantised models.
         lora_dropout: ``0 <= p < 1``, dropout on ``x`` before ``x A_b`` while a patched module
             is in training mode (inside the fused op; the reference uses 0.05). The fused q/k/v
             projections share one mask. Not with ``backend="cuda"``.
@@ -471,9 +767,11 @@ def apply_cora_to_llama(
         unchanged until :func:`cora_weights` supplies per-sample A.
 
     Raises:
-        ValueError: rank < 1, an already patched model, no module matching ``target_modules``,
-            or a target whose ``in_features`` is not the hidden size.
-        TypeError: a ``model`` that is not an ``nn.Module`` or malformed ``target_modules``.
+        ValueError: rank < 1, an already patched model, a named target absent from the model,
+            or a target whose ``in_features`` is not the hidden size (e.g. ``down_proj``).
+        TypeError: a ``model`` that is not an ``nn.Module``, malformed ``target_modules`` or a
+            target that is not a linear projection.
+        Every check runs before the model is changed: a refused patch leaves it as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -487,25 +785,11 @@ def apply_cora_to_llama(
         or not 0.0 <= lora_dropout < 1.0
     ):
         raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
-    if isinstance(target_modules, str):
-        target_modules = (target_modules,)
-    target_modules = tuple(target_modules)
-    if not target_modules or not all(isinstance(t, str) for t in target_modules):
-        raise TypeError(
-            f"target_modules must be a non-empty sequence of str, got {target_modules!r}"
-        )
     if is_cora_patched(model):
         raise ValueError("model is already patched with CoRA; call remove_cora(model) first")
 
-    candidates = find_linear_modules(model, target_modules)
-    hidden = _hidden_size(model, [(p, n, c) for p, n, c, _ in candidates])
-    for _, _, child, full in candidates:
-        if child.in_features != hidden:
-            raise ValueError(
-                f"{full} has in_features={child.in_features} but CoRA shares one A_b of shape "
-                f"(hidden_size={hidden}, rank) across the targets; leave it out of target_modules"
-            )
-
+    candidates = find_target_modules(model, target_modules)
+    hidden = _hidden_size(model, candidates)
     state = _CoRAState(
         hidden_size=hidden,
         rank=rank,
@@ -513,16 +797,21 @@ def apply_cora_to_llama(
         backend=backend,
         lora_dropout=float(lora_dropout),
     )
+    # Built before the model is touched: a module CoRALinear refuses changes nothing.
+    replacements = [
+        (parent, child_name, CoRALinear(child, state, full, lora_dtype=lora_dtype))
+        for parent, child_name, child, full in candidates
+    ]
+
     state.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
 
     by_parent: dict[int, list[CoRALinear]] = {}
-    for parent, child_name, child, full in candidates:
-        patched = CoRALinear(child, state, full, lora_dtype=lora_dtype)
+    for parent, child_name, patched in replacements:
         setattr(parent, child_name, patched)
         state.patched.append((parent, child_name, patched))
-        if child_name in _QKV_NAMES:
+        if child_name in _QKV_NAMES and not patched.wraps_module:
             by_parent.setdefault(id(parent), []).append(patched)
 
     if fuse_qkv:
@@ -530,8 +819,7 @@ def apply_cora_to_llama(
             if len(members) < 2:
                 continue
             members.sort(key=lambda m: _QKV_NAMES.index(m.path.rsplit(".", 1)[-1]))
-            w = members[0].weight
-            if all(m.weight.dtype == w.dtype and m.weight.device == w.device for m in members):
+            if _compatible([m.weight for m in members]):
                 _FusedQKV(members)
 
     model.__dict__[_STATE_ATTR] = state
@@ -539,9 +827,10 @@ def apply_cora_to_llama(
 
 
 def remove_cora(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_cora_to_llama`: put the original ``nn.Linear`` modules back.
+    """Undo :func:`apply_cora_to_llama`: put the original modules back.
 
-    The original module objects return with the current weight and bias parameters (after
+    The original module objects return (a quantised or peft module exactly as it was; a plain
+    ``nn.Linear`` with the current weight and bias parameters: after
     q/k/v fusion the weights stay views into the shared buffer: same values, no extra memory),
     the ``lora_B`` factors are dropped and every parameter gets back the ``requires_grad`` it
     had before patching. Returns ``model``; raises ``ValueError`` if it is not patched.
@@ -554,9 +843,15 @@ def remove_cora(model: nn.Module) -> nn.Module:
             )
         raise ValueError("model is not patched with CoRA (apply_cora_to_llama was not applied)")
     for parent, child_name, patched in state.patched:
-        base: nn.Linear = patched._base
-        base.weight = patched.weight
-        base.bias = patched.bias
+        if patched.wraps_module:
+            base = patched.base_layer
+        else:
+            base = patched._base
+            # The same objects unless .to() with module-parameter overwriting replaced them.
+            if base.weight is not patched.weight:
+                base.weight = patched.weight
+            if base.bias is not patched.bias:
+                base.bias = patched.bias
         setattr(parent, child_name, base)
         if patched._group is not None:
             patched._group._clear()

@@ -9,6 +9,11 @@ dropout > 0 the op's own LoRA dropout (``dropout_p``) makes the low-rank branch 
 ``dropout(x)`` and the base GEMM ``x``, as peft's unfused layer does (a different, counter-based
 mask stream than ``nn.Dropout``'s). The modules to patch are found as :func:`llmrec_kernels.hf.apply_cora_to_llama` finds them
 (:func:`llmrec_kernels.hf.find_linear_modules`).
+
+A quantised base (bitsandbytes ``Linear4bit``/``Linear8bitLt``, QLoRA-style) or any other
+linear-like module that is not a plain float ``nn.Linear`` keeps its own ``forward`` for the
+base product, as the child ``base_layer``, and the LoRA term is added to it
+(:func:`llmrec_kernels.hf.lowrank_delta`); its weights are never touched.
 """
 
 from __future__ import annotations
@@ -22,7 +27,15 @@ from torch import nn
 
 from llmrec_kernels.cora_linear import fused_cora_linear
 from llmrec_kernels.dropout import draw_seed
-from llmrec_kernels.hf import find_linear_modules, run_eagerly
+from llmrec_kernels.hf import (
+    _device_of,
+    _float_dtype_of,
+    _is_plain_linear,
+    _linear_shape,
+    find_linear_modules,
+    lowrank_delta,
+    run_eagerly,
+)
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
@@ -39,7 +52,9 @@ DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus LoRA, ``x W^T + b + s B A dropout(x)``, s = alpha / r.
 
-    ``weight`` / ``bias`` are the original parameters (same objects); ``lora_A.weight``
+    For a plain float ``nn.Linear`` base, ``weight`` / ``bias`` are the original parameters
+    (same objects); any other linear-like base (quantised, wrapped) is kept as the child
+    ``base_layer`` and computes ``base_layer(x) + s B A dropout(x)``. ``lora_A.weight``
     ``(r, d_in)`` (Kaiming-uniform, as peft) and ``lora_B.weight`` ``(d_out, r)`` (zeros)
     train. The call is ``fused_cora_linear(x, W, A^T, B, b, s)`` with A shared by every
     sample; in training mode with ``dropout > 0`` it passes ``dropout_p`` and one seed per
@@ -49,7 +64,7 @@ class LoRALinear(nn.Module):
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Module,
         rank: int = 8,
         alpha: float = 16,
         dropout: float = 0.05,
@@ -59,16 +74,25 @@ class LoRALinear(nn.Module):
         super().__init__()
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        w = base.weight
-        lora_dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-        self.lora_A = nn.Linear(
-            base.in_features, rank, bias=False, device=w.device, dtype=lora_dtype
-        )
+        shape = _linear_shape(base)
+        if shape is None:
+            raise TypeError(
+                f"{path or 'LoRA target'}: {type(base).__name__} is not a linear projection "
+                "(it declares no in_features/out_features)"
+            )
+        self.in_features, self.out_features = shape
+        self.wraps_module = not _is_plain_linear(base)
+        if self.wraps_module:
+            self.base_layer = base
+        else:
+            self.weight = base.weight
+            self.bias = base.bias
+        w_dtype = _float_dtype_of(base)
+        lora_dtype = w_dtype if w_dtype in (torch.float32, torch.float64) else torch.float32
+        device = _device_of(base)
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=lora_dtype)
         self.lora_B = nn.Linear(
-            rank, base.out_features, bias=False, device=w.device, dtype=lora_dtype
+            rank, self.out_features, bias=False, device=device, dtype=lora_dtype
         )
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
@@ -80,8 +104,9 @@ class LoRALinear(nn.Module):
         self.scaling = float(alpha) / rank
         self.backend = backend
         self.path = path
-        # the original module, kept out of the module tree (its parameters are ours already)
-        self.__dict__["base_layer"] = base
+        if not self.wraps_module:
+            # the original module, kept out of the module tree (its parameters are ours already)
+            self.__dict__["base_layer"] = base
 
     def extra_repr(self) -> str:
         return (
@@ -99,6 +124,17 @@ class LoRALinear(nn.Module):
         return self._project(x)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
+        dropout = (
+            {"dropout_p": self.dropout_p, "dropout_seed": draw_seed()}
+            if self.training and self.dropout_p > 0
+            else {}
+        )
+        if self.wraps_module:
+            y = self.base_layer(x)
+            delta = lowrank_delta(
+                x, self.lora_A.weight.t(), self.lora_B.weight, self.scaling, **dropout
+            )
+            return y + delta.to(y.dtype)
         return fused_cora_linear(
             x,
             self.weight,
@@ -107,11 +143,7 @@ class LoRALinear(nn.Module):
             self.bias,
             scaling=self.scaling,
             backend=self.backend,
-            **(
-                {"dropout_p": self.dropout_p, "dropout_seed": draw_seed()}
-                if self.training and self.dropout_p > 0
-                else {}
-            ),
+            **dropout,
         )
 
 
@@ -124,24 +156,30 @@ def apply_lora(
     backend: str = "auto",
     seed: Optional[int] = None,
 ) -> Dict[str, LoRALinear]:
-    """Replace every ``nn.Linear`` named in ``target_modules`` by a :class:`LoRALinear`.
+    """Replace every linear projection named in ``target_modules`` by a :class:`LoRALinear`.
 
-    Freezes every parameter of ``model`` first; returns ``{path: LoRALinear}``. ``seed``
+    ``nn.Linear`` targets and linear-like ones (a bitsandbytes quantised linear: QLoRA) are
+    accepted; every target is checked, and its LoRA module built, before ``model`` is changed.
+    Then freezes every parameter of ``model``; returns ``{path: LoRALinear}``. ``seed``
     makes the ``lora_A`` initialisation reproducible without touching the global RNG.
+
+    Raises:
+        ValueError: no module named one of ``target_modules``, or a bad rank/dropout.
+        TypeError: a target that is not a linear projection.
     """
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     targets = find_linear_modules(model, tuple(target_modules))
-    model.requires_grad_(False)
     out: Dict[str, LoRALinear] = {}
     ctx = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with ctx:
         if seed is not None:
             torch.manual_seed(seed)
-        for parent, name, child, full in targets:
-            lora = LoRALinear(child, rank, alpha, dropout, backend, full)
-            setattr(parent, name, lora)
-            out[full] = lora
+        for _, _, child, full in targets:
+            out[full] = LoRALinear(child, rank, alpha, dropout, backend, full)
+    model.requires_grad_(False)
+    for parent, name, _, full in targets:
+        setattr(parent, name, out[full])
     return out
 
 

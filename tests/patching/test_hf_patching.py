@@ -526,8 +526,12 @@ def test_bad_inputs_raise_clear_errors():
     model = make_model()
     with pytest.raises(ValueError, match="rank"):
         apply_cora_to_llama(model, rank=0)
-    with pytest.raises(ValueError, match=r"no nn\.Linear module .* named"):
+    with pytest.raises(ValueError, match=r"no linear module .* named"):
         apply_cora_to_llama(model, target_modules=("query_key_value",))
+    with pytest.raises(ValueError, match=r"\['qkv_proj'\] match no module"):
+        apply_cora_to_llama(model, target_modules=("q_proj", "qkv_proj"))
+    with pytest.raises(ValueError, match=r"down_proj reads 128 features, not the hidden size 64"):
+        apply_cora_to_llama(model, target_modules=("q_proj", "down_proj"))
     with pytest.raises(ValueError, match="not patched"), cora_weights(model, random_a(2)):
         pass
     with pytest.raises(ValueError, match="not patched"):
@@ -562,8 +566,13 @@ def test_bad_inputs_raise_clear_errors():
     assert hf._get_state(model).lora_a is None
 
     odd = make_model(head_dim=8)  # o_proj reads 4 * 8 = 32 features, not hidden_size 64
-    with pytest.raises(ValueError, match="o_proj has in_features=32"):
+    with pytest.raises(ValueError, match="o_proj reads 32 features"):
+        apply_cora_to_llama(odd, target_modules=("q_proj", "o_proj"))
+    assert all(p.requires_grad for p in odd.parameters())
+    # The default targets leave such an o_proj out, and say so.
+    with pytest.warns(UserWarning, match=r"leaves \['o_proj'\] unpatched"):
         apply_cora_to_llama(odd)
+    assert {p.rsplit(".", 1)[-1] for p in cora_modules(odd)} == {"q_proj", "k_proj", "v_proj"}
 
 
 @pytest.mark.gpu
