@@ -56,7 +56,7 @@ from torch import nn
 from llmrec.collm import ITEM_SLOT, USER_SLOT, Slot, encode_slotted, slot_marker
 from llmrec.errors import LLMRecError
 from llmrec.llm import decoder_body
-from llmrec.trainer import Metric
+from llmrec.training_loop import Metric
 
 __all__ = [
     "HIT_AT_1",
@@ -255,15 +255,15 @@ def train_stage1(
     device="cpu",
     log: Optional[Callable[[str], None]] = None,
 ) -> List[dict]:
-    """Stage 1 alone, through :class:`llmrec.trainer.Trainer` (Adam at a constant ``lr``)
+    """Stage 1 alone, through :class:`llmrec.training_loop.Trainer` (Adam at a constant ``lr``)
     over interaction ``rows`` (``uid``, ``iid``, ``label`` arrays).
 
     Returns every loss over all rows per epoch, epoch 0 being the untrained aligner.
     """
     import tempfile
 
-    from llmrec.runs import TrainConfig
-    from llmrec.trainer import Trainer
+    from llmrec.config import TrainConfig
+    from llmrec.training_loop import Trainer
 
     device = torch.device(device)
     objective = AlignerObjective(aligner.to(device), weights)

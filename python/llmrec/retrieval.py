@@ -33,7 +33,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmrec.runs import RunLock, atomic_write_json, write_csv
+from llmrec.run_store import RunLock
+from llmrec.safe_files import atomic_write_json, write_csv
 
 __all__ = [
     "INDEX_KINDS",
@@ -412,8 +413,9 @@ def load_pair_scorer(
     """``(PairScorer, data)`` for a run written by ``llmrec train`` or ``llmrec train-cf``."""
     from llmrec.cf import load_cf_embeddings
     from llmrec.data import load_run_data
-    from llmrec.runs import RunConfigError, read_run_info
-    from llmrec.train import reopen_run
+    from llmrec.errors import RunConfigError
+    from llmrec.llm_training import reopen_run
+    from llmrec.run_store import read_run_info
 
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)

@@ -274,7 +274,7 @@ def test_episodes_and_hit_ndcg_by_hand(world):
 def test_run_allmrec_end_to_end(tmp_path, world):
     import json
 
-    from llmrec import train as T
+    from llmrec import llm_training as T
 
     data = world[0]
     kw = {"text_encoder": "random", "stage1_epochs": 2, "candidates": 5, "train_candidates": 4,

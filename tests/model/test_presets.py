@@ -12,18 +12,20 @@ import math
 import pytest
 import torch
 
-from llmrec.cli import build_parser
+from llmrec.cli import build_parser, train_config
+from llmrec.config import TrainConfig
 from llmrec.data.prompts import ANSWER_SEPARATOR, build_prompt
 from llmrec.generator import QFormerGenerator
-from llmrec.presets import PRESETS, apply_preset, preset_defaults
-from llmrec.runs import TrainConfig
-from llmrec.trainer import lr_factor, param_groups
+from llmrec.presets import PRESETS, preset_defaults
+from llmrec.training_loop import lr_factor, param_groups
 
 
 def _train_args(*extra):
-    parser = build_parser()
-    argv = ["train", "--out", "x", *extra]
-    return apply_preset(parser, argv, parser.parse_args(argv))
+    """The flat values ``llmrec train`` would train with: the run's and its stage's."""
+    import types
+
+    cfg = train_config(build_parser("train").parse_args(["train", "--out", "x", *extra]))
+    return types.SimpleNamespace(**{**vars(cfg), **vars(cfg.train)})
 
 
 def test_paper_preset_is_the_default_of_llmrec_train():
@@ -76,8 +78,11 @@ def test_every_preset_value_names_its_source():
 
 
 def test_train_cf_dim_default_is_256():
-    args = build_parser().parse_args(["train-cf", "--out", "x"])
-    assert args.dim == 256  # CoLLM cfg rec_config.embedding_size
+    from llmrec.cf.run import CFRunConfig
+    from llmrec.cli_options import given_fields
+
+    args = build_parser("train-cf").parse_args(["train-cf", "--out", "x"])
+    assert given_fields(args, CFRunConfig, "cf.")["dim"] == 256  # CoLLM cfg embedding_size
 
 
 def test_lavis_warmup_cosine_schedule():
@@ -294,7 +299,7 @@ def test_adam_betas_outside_zero_one_are_refused(betas, capsys):
 
 
 def test_trainer_optimizer_uses_the_configured_betas(tmp_path):
-    from llmrec.trainer import Trainer
+    from llmrec.training_loop import Trainer
 
     class _Model(torch.nn.Module):
         def __init__(self):

@@ -17,8 +17,11 @@ from typing import List, Optional
 
 from llmrec.collm import COLLM_DEFAULT_TARGETS, TUNINGS, CoLLMRecommender, make_collm_examples
 from llmrec.data.batching import RecCollator, pad_id_of
+from llmrec.errors import RunConfigError
 from llmrec.method import Method, RunContext, Stage, register
-from llmrec.runs import BEST, RunConfigError, file_sha256, state_file_in, verify_safetensors
+from llmrec.methods.common import backend_option
+from llmrec.run_store import BEST
+from llmrec.safe_files import file_sha256, state_file_in, verify_safetensors
 
 
 @register
@@ -46,7 +49,7 @@ class CoLLM(Method):
         # a finished run's directory (its best.safetensors) or a .safetensors file: its LoRA
         # replaces step 1 (cfg ckpt, the step-1 checkpoint the reference's step 2 loads)
         lora_from: Optional[str] = None
-        backend: str = "auto"
+        backend: str = backend_option()
 
         def __post_init__(self) -> None:
             if self.lora_from is not None and self.tuning != "two-step":

@@ -17,6 +17,7 @@ from torch import nn
 
 from llmrec.llm import answer_logit, answer_token_ids, decoder_body
 from llmrec.method import Method, RunContext, register
+from llmrec.methods.common import backend_option
 from llmrec_kernels.lora import DEFAULT_LORA_TARGETS, apply_lora, lora_parameters
 
 
@@ -104,7 +105,7 @@ class TALLRec(Method):
         lora_alpha: float = 16.0
         lora_dropout: float = 0.05
         lora_targets: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-        backend: str = "auto"
+        backend: str = backend_option()
 
     def build(self, ctx: RunContext, opts: Options) -> TALLRecRecommender:
         return TALLRecRecommender(
