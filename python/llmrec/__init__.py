@@ -7,10 +7,10 @@ does not import torch.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "CoRARecommender": "llmrec.cora",
-    "MLPGenerator": "llmrec.generator",
-    "QFormerGenerator": "llmrec.generator",
-    "build_generator": "llmrec.generator",
+    "CoRARecommender": "llmrec.methods.cora.model",
+    "MLPGenerator": "llmrec.methods.cora.generator",
+    "QFormerGenerator": "llmrec.methods.cora.generator",
+    "build_generator": "llmrec.methods.cora.generator",
 }
 
 __all__ = ["CoRARecommender", "MLPGenerator", "QFormerGenerator", "build_generator"]

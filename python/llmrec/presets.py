@@ -12,7 +12,7 @@ fields of :class:`~llmrec.config.TrainConfig` (``lr``, ...) and ``cf_dim`` of
 is given. Method internals that the seed systems fix (the Q-Former's LayerNorm / FFN /
 dropout / init, CoRA's LoRA dropout, A-LLMRec's losses, encoders, projections, candidates,
 the prompt bytes) are the defaults of the methods' ``Options`` and of
-:mod:`llmrec.generator` / :mod:`llmrec.data.prompts` in every preset; README.md ("Paper vs
+:mod:`llmrec.methods.cora.generator` / :mod:`llmrec.data.prompts` in every preset; README.md ("Paper vs
 this project") lists them all with their sources, and the deliberate departures.
 
 The sources abbreviated below:

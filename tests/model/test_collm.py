@@ -1,4 +1,4 @@
-"""CoLLM (``llmrec.collm``) on a tiny random LLaMA and synthetic data.
+"""CoLLM (``llmrec.methods.collm``) on a tiny random LLaMA and synthetic data.
 
 Slots are checked against a hand-built embedding sequence, LoRA against peft, the stages
 against what must and must not train, and the two-step runner end to end.
@@ -12,14 +12,11 @@ import pytest
 import torch
 from tolerance import assert_close_to_oracle, fp64_copy
 
-from llmrec.collm import (
-    ITEM_SLOT,
-    USER_SLOT,
+from llmrec.data.slots import ITEM_SLOT, USER_SLOT, Slot, encode_slotted
+from llmrec.methods.collm.model import (
     CoLLMRecommender,
-    Slot,
     apply_lora,
     build_collm_pieces,
-    encode_slotted,
     lora_modules,
     make_collm_examples,
     remove_lora,

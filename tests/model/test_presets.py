@@ -15,7 +15,7 @@ import torch
 from llmrec.cli import build_parser, train_config
 from llmrec.config import TrainConfig
 from llmrec.data.prompts import ANSWER_SEPARATOR, build_prompt
-from llmrec.generator import QFormerGenerator
+from llmrec.methods.cora.generator import QFormerGenerator
 from llmrec.presets import PRESETS, preset_defaults
 from llmrec.training_loop import lr_factor, param_groups
 
@@ -159,7 +159,7 @@ def test_cora_lora_dropout_option(monkeypatch):
 
 
 def test_allmrec_stage1_reference_losses_and_modules():
-    from llmrec.allmrec import DEFAULT_STAGE1_WEIGHTS, Aligner
+    from llmrec.methods.allmrec.stage1_align import DEFAULT_STAGE1_WEIGHTS, Aligner
 
     assert DEFAULT_STAGE1_WEIGHTS == {
         "rec": 1.0,
@@ -188,8 +188,8 @@ def test_allmrec_stage1_reference_losses_and_modules():
 
 
 def test_allmrec_reference_projection_and_options():
-    from llmrec.allmrec import _reference_projection
     from llmrec.methods.allmrec import ALLMRecMethod
+    from llmrec.methods.allmrec.stage2_prompt import _reference_projection
 
     proj = _reference_projection(128, 64, torch.nn.GELU)
     kinds = [type(m) for m in proj]
@@ -214,7 +214,7 @@ def test_allmrec_reference_projection_and_options():
     ],
 )
 def test_allmrec_hit_at_1_follows_the_reference_rule(title, generated, hit):
-    from llmrec.allmrec import reference_hit
+    from llmrec.methods.allmrec.generation import reference_hit
 
     assert reference_hit(title, generated) is hit
 

@@ -1,4 +1,4 @@
-"""A-LLMRec (:mod:`llmrec.allmrec`): stage 1 aligns CF item embeddings with title
+"""A-LLMRec (:mod:`.stage1_align`, :mod:`.stage2_prompt`, :mod:`.generation`): stage 1 aligns CF item embeddings with title
 embeddings, stage 2 trains the soft-prompt projections of a frozen LLM (selected on the
 validation Hit@1 of the scored candidates). Evaluation adds the ranking metrics (Hit@K,
 NDCG@K, generated Hit@1) to the pointwise AUC / UAUC.
@@ -12,24 +12,20 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from llmrec.allmrec import (
+from llmrec.data.catalogue import seen_items, title_map
+from llmrec.method import Method, RunContext, Stage, register, split_metrics
+from llmrec.methods.allmrec.generation import generate_hits, score_episodes, score_rows
+from llmrec.methods.allmrec.stage1_align import SBERT_DIM, AlignRows, text_table
+from llmrec.methods.allmrec.stage2_prompt import (
     HIT_AT_1,
-    SBERT_DIM,
-    AlignRows,
     ALLMRec,
     CandidatePairs,
     EpisodeBatches,
     EpisodeCollator,
-    generate_hits,
     hit_ndcg,
     make_episodes,
     row_episodes,
-    score_episodes,
-    score_rows,
-    text_table,
 )
-from llmrec.method import Method, RunContext, Stage, register, split_metrics
-from llmrec.retrieval import seen_items, title_map
 
 ALL_SPLITS = ("train", "valid", "valid_small", "test")
 

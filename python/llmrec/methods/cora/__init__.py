@@ -1,4 +1,4 @@
-"""CoRA: a per-(user, item) LoRA generated from the CF embeddings (:mod:`llmrec.cora`)."""
+"""CoRA: a per-(user, item) LoRA generated from the CF embeddings (:mod:`llmrec.methods.cora.model`)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any, Dict, List
 
 from llmrec.config import finite_float, float_in, json_object, option, positive_int, projection_list
-from llmrec.cora import CoRARecommender
 from llmrec.errors import RunConfigError
-from llmrec.generator import GENERATORS
 from llmrec.method import Method, RunContext, register
 from llmrec.methods.common import backend_option
+from llmrec.methods.cora.generator import GENERATORS
+from llmrec.methods.cora.model import CoRARecommender
 
 
 @register

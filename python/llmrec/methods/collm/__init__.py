@@ -1,4 +1,4 @@
-"""CoLLM: CF embeddings in ``<UserID>`` / ``<TargetItemID>`` slots + LoRA (:mod:`llmrec.collm`).
+"""CoLLM: CF embeddings in ``<UserID>`` / ``<TargetItemID>`` slots + LoRA (:mod:`llmrec.methods.collm.model`).
 
 ``two-step`` tuning (CoLLM's recipe) is two stages: LoRA on text-only prompts (the CoRA
 template, no slots) in ``<out>/step1``, then the CIE on CoLLM prompts with LoRA frozen;
@@ -15,10 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from llmrec.collm import COLLM_DEFAULT_TARGETS, TUNINGS, CoLLMRecommender, make_collm_examples
 from llmrec.data.batching import RecCollator, pad_id_of
 from llmrec.errors import RunConfigError
 from llmrec.method import Method, RunContext, Stage, register
+from llmrec.methods.collm.model import (
+    COLLM_DEFAULT_TARGETS,
+    TUNINGS,
+    CoLLMRecommender,
+    make_collm_examples,
+)
 from llmrec.methods.common import backend_option
 from llmrec.run_store import BEST
 from llmrec.safe_files import file_sha256, state_file_in, verify_safetensors
