@@ -38,7 +38,7 @@ _HELP = {
 
 
 def _add_train_cf(sub) -> None:
-    from llmrec.cf.run import CFRunConfig
+    from llmrec.cf.cf_run import CFRunConfig
     from llmrec.cli_options import add_field_flags
 
     p = sub.add_parser(
@@ -228,7 +228,7 @@ def _summary(metrics: dict, split: str = "test") -> str:
 
 
 def _cmd_train_cf(args) -> int:
-    from llmrec.cf.run import CFRunConfig, train_cf_run
+    from llmrec.cf.cf_run import CFRunConfig, train_cf_run
     from llmrec.cli_options import given_fields
     from llmrec.errors import RunConfigError
 

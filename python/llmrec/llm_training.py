@@ -424,7 +424,7 @@ def _evaluate_locked(
 ) -> dict:
     start = time.perf_counter()
     if info.get("kind") == "cf":
-        from llmrec.cf.run import evaluate_cf_run
+        from llmrec.cf.cf_run import evaluate_cf_run
 
         if state is not None:
             raise RunConfigError(f"{run_dir}: a CF run has one model file; --state is for LLM runs")

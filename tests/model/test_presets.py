@@ -78,7 +78,7 @@ def test_every_preset_value_names_its_source():
 
 
 def test_train_cf_dim_default_is_256():
-    from llmrec.cf.run import CFRunConfig
+    from llmrec.cf.cf_run import CFRunConfig
     from llmrec.cli_options import given_fields
 
     args = build_parser("train-cf").parse_args(["train-cf", "--out", "x"])

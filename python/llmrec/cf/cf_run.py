@@ -23,8 +23,14 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
+from llmrec.cf.cf_training import (
+    CFConfig,
+    CFEmbeddingError,
+    predict_cf,
+    save_cf_embeddings,
+    train_cf,
+)
 from llmrec.cf.models import build_cf_model
-from llmrec.cf.train import CFConfig, CFEmbeddingError, predict_cf, save_cf_embeddings, train_cf
 from llmrec.config import (
     absolute_path,
     device_name,
