@@ -53,7 +53,7 @@ def _add_train_cf(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    from llmrec.cli_options import add_field_flags, add_method_flags
+    from llmrec.cli_options import add_field_flags, add_method_flags, show_value
     from llmrec.config import RunConfig, TinyLLMOptions, TrainConfig
     from llmrec.method import available_methods
     from llmrec.presets import DEFAULT_PRESET, PRESETS, preset_help
@@ -87,7 +87,7 @@ def _add_train(sub) -> None:
         return groups[title]
 
     def shown(name, default):
-        return preset_help(name, default) or f"default {_show(default)}"
+        return preset_help(name, default) or f"default {show_value(default)}"
 
     add_field_flags(group, RunConfig, "run.", defaults=shown)
     add_field_flags(group, TrainConfig, "train.", defaults=shown)
@@ -97,12 +97,6 @@ def _add_train(sub) -> None:
             p, registry, lambda m, name, default: preset_help(name, default, method=m)
         )
     )
-
-
-def _show(value) -> str:
-    from llmrec.cli_options import show_value
-
-    return show_value(value)
 
 
 def _add_evaluate(sub) -> None:

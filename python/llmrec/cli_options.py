@@ -98,7 +98,8 @@ def _declared(f: dataclasses.Field) -> bool:
 
 
 def _is_switch(f: dataclasses.Field, tp) -> bool:
-    return _declared(f) and _base_type(tp) is bool
+    """A bool option without a ``parse`` is a switch (``--compile``, ``--no-progress``)."""
+    return _declared(f) and _base_type(tp) is bool and f.metadata.get("parse") is None
 
 
 def flag_of(f: dataclasses.Field, tp, prefix: str = "") -> str:
@@ -125,7 +126,10 @@ def _switch_text(default: bool) -> str:
 def _add_one(group, f, tp, flag: str, dest: str, default_text: str, extra: str = "") -> None:
     meta = f.metadata
     help_text = meta.get("help") or ""
-    help_text = f"{help_text} ({default_text}){extra}".strip()
+    if meta.get("required") or ("default" in help_text and not default_text.startswith("preset")):
+        default_text = ""  # the help says it already
+    help_text = (f"{help_text} ({default_text})" if default_text else help_text) + extra
+    help_text = help_text.strip()
     kw: Dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
     if _is_switch(f, tp):
         kw.update(action="store_const", const=not field_default(f))

@@ -90,6 +90,13 @@ nonneg_float = float_in(0.0)
 finite_float = float_in(float("-inf"))
 
 
+def parse_bool(text: str) -> bool:
+    """``true``/``false`` (also ``1``/``0``, ``yes``/``no``)."""
+    if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
 def json_object(text: str) -> dict:
     """A JSON object, e.g. ``'{"num_layers": 2}'``."""
     try:
@@ -382,6 +389,7 @@ class RunConfig:
         "schema); default: the embedded synthetic dataset",
         resume=True,
         convert=absolute_path,
+        metavar="DIR",
         group=RUN,
     )
     cf: Optional[str] = option(
@@ -389,13 +397,20 @@ class RunConfig:
         help="CF embeddings (a `train-cf` run directory or its embeddings.safetensors); "
         "default: train an MF first into OUT/cf",
         convert=absolute_path,
+        metavar="PATH",
         group=RUN,
     )
-    llm: str = option("tiny", help=_LLM_HELP, resume=True, convert=_llm_arg, group=RUN)
+    llm: str = option(
+        "tiny", help=_LLM_HELP, resume=True, convert=_llm_arg, metavar="LLM", group=RUN
+    )
     out: str = option(
-        "runs/cora", help="run directory to write", convert=absolute_path, required=True,
+        "runs/cora",
+        help="run directory to write",
+        convert=absolute_path,
+        required=True,
+        metavar="OUT",
         group=RUN,
-    )  # fmt: skip
+    )
     max_his: int = option(
         10, help="history titles in a prompt", parse=nonneg_int, resume=True, group=PROMPTS
     )
@@ -442,7 +457,9 @@ class RunConfig:
     cf_dim: int = option(
         64, help="size of the MF trained when no --cf is given", parse=positive_int, group=RUN
     )
-    device: str = option("auto", help="auto, cpu, cuda or cuda:N", parse=device_name, group=OPTIM)
+    device: str = option(
+        "auto", help="auto, cpu, cuda or cuda:N", parse=device_name, metavar="DEVICE", group=OPTIM
+    )
     llm_dtype: str = option(
         "auto",
         help="dtype of the frozen LLM's weights (auto: bf16 on a GPU, fp32 on a CPU; bf16 "

@@ -11,9 +11,10 @@ with typed :class:`Method.Options` (a dataclass; every field becomes a CLI flag 
   run by the method-agnostic :class:`llmrec.training_loop.Trainer`;
 * :meth:`Method.evaluate` a split (default: AUC / UAUC over all, warm and cold rows).
 
-Built-in methods live in the :mod:`llmrec.methods` package, one module each, and are found
-by importing that package's modules; a method defined anywhere else only needs to call
-:func:`register` before the CLI runs.
+Built-in methods live in the :mod:`llmrec.methods` package, one folder or module each, and
+are found by importing that package's modules: adding a method is adding one there
+(docs/architecture.md). A method defined anywhere else only needs to call :func:`register`
+before the CLI runs.
 """
 
 from __future__ import annotations

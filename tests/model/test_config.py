@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,28 @@ def test_llmrec_help_imports_neither_torch_nor_sklearn():
     out = subprocess.run([sys.executable, "-c", "import json\n" + code], env=env,
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # README quickstart and tutorial command lines (flags only; nothing trains)
+        ["--method", "cora", "--cf", "runs/mf", "--llm", "tiny", "--data", "D", "--out", "o",
+         "--max-train-rows", "4000", "--max-valid-rows", "1000", "--epochs", "1",
+         "--batch-size", "16", "--lr", "1e-3"],
+        ["--method", "collm", "--cf", "runs/mf", "--data", "D", "--out", "o", "--epochs", "1",
+         "--batch-size", "16", "--lr", "1e-3", "--method-kwargs", '{"tuning": "two-step"}'],
+        ["--method", "allmrec", "--cf", "runs/mf", "--data", "D", "--out", "o",
+         "--method-kwargs", '{"valid_episodes": 50}', "--allmrec-generate", "false"],
+        ["--method", "cora", "--preset", "fast", "--rank", "4", "--alpha", "8", "--generator",
+         "mlp", "--generator-kwargs", '{"mlp_hidden": 32}', "--target-modules",
+         "q_proj,v_proj", "--no-fuse-qkv", "--backend", "torch", "--cora-lora-dropout", "0.1",
+         "--tiny-hidden", "16", "--tiny-heads", "2", "--tiny-kv-heads", "1", "--out", "o"],
+        ["--method", "collm", "--collm-lora-from", "runs/t", "--collm-lora-rank", "4",
+         "--backend", "torch", "--out", "o"],
+    ],
+)  # fmt: skip
+def test_existing_command_lines_still_parse(argv):
+    cfg = train_config(build_parser("train").parse_args(["train", *argv]))
+    parse_options(available_methods()[cfg.method], cfg)  # and the method reads its options
+    assert cfg.method == argv[1] and cfg.out == os.path.abspath("o")

@@ -80,10 +80,16 @@ class CFRunConfig:
         "schema); default: the embedded synthetic dataset",
         convert=absolute_path,
         resume=True,
+        metavar="DIR",
         group=_R,
     )
     out: str = option(
-        "runs/cf", help="run directory to write", convert=absolute_path, required=True, group=_R
+        "runs/cf",
+        help="run directory to write",
+        convert=absolute_path,
+        required=True,
+        metavar="OUT",
+        group=_R,
     )
     # 256 on the command line: CoLLM's ML-1M MF (collm_pretrain_mf_ood.yaml embedding_size)
     dim: int = option(
@@ -105,7 +111,7 @@ class CFRunConfig:
     patience: int = option(10, help="early-stopping patience", parse=positive_int, resume=True)
     seed: int = option(0, help="random seed", parse=int, resume=True, group=_R)
     valid_split: str = option("valid", help="split for early stopping", resume=True)
-    device: str = option("cpu", help="cpu or cuda", parse=device_name)
+    device: str = option("cpu", help="cpu or cuda", parse=device_name, metavar="DEVICE")
     predictions: Optional[str] = option(
         None,
         help="also write test predictions (uid, iid, label, score) to this CSV",
