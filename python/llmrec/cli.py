@@ -87,7 +87,7 @@ def _add_train(sub) -> None:
         return groups[title]
 
     def shown(name, default):
-        return preset_help(name, default) or f"default {show_value(default)}"
+        return preset_help(name, default) or f"default {show_value(default, ',')}"
 
     add_field_flags(group, RunConfig, "run.", defaults=shown)
     add_field_flags(group, TrainConfig, "train.", defaults=shown)

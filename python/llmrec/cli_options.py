@@ -32,8 +32,9 @@ __all__ = [
 ]
 
 
-def show_value(value: Any) -> str:
-    """A default as ``--help`` shows it (``none``, ``1e-3``, ``0.9 0.999``)."""
+def show_value(value: Any, sep: str = " ") -> str:
+    """A default as ``--help`` shows it (``none``, ``1e-3``, a list joined by ``sep`` as the
+    flag takes it: ``0.9 0.999`` for ``--adam-betas``, ``q_proj,v_proj`` for a list option)."""
     if value is None:
         return "none"
     if isinstance(value, bool):
@@ -41,7 +42,7 @@ def show_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
-        return " ".join(show_value(v) for v in value) if value else "[]"
+        return sep.join(show_value(v) for v in value) if value else "[]"
     if isinstance(value, dict):
         return json.dumps(value) if value else "{}"
     return str(value)
@@ -166,7 +167,8 @@ def add_field_flags(
         if not f.metadata.get("cli", True) or f.name in skip or not _declared(f):
             continue
         default = _cli_default(f)
-        text = defaults(f.name, default) if defaults else f"default {show_value(default)}"
+        sep = " " if f.metadata.get("nargs") else ","
+        text = defaults(f.name, default) if defaults else f"default {show_value(default, sep)}"
         if _is_switch(f, hints[f.name]):
             text = _switch_text(default)
         flag = flag_of(f, hints[f.name])
@@ -224,7 +226,7 @@ def add_method_flags(
             _, f, tp = owners[0]
             default = field_default(f)
             text = defaults(name, f.name, default) if defaults else None
-            text = text or f"default {show_value(default)}"
+            text = text or f"default {show_value(default, ',')}"
             if _is_switch(f, tp):
                 text = _switch_text(default)
             extra = ""
