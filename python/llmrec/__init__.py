@@ -1,8 +1,24 @@
-"""llmrec: the model layer over llmrec_kernels (CoRA, CoLLM, A-LLMRec, CF models, data, CLI)."""
+"""llmrec: the model layer over llmrec_kernels (CoRA, CoLLM, A-LLMRec, CF models, data, CLI).
+
+The names below are imported on first use, so ``import llmrec`` (and ``llmrec --help``)
+does not import torch.
+"""
 
 __version__ = "0.1.0"
 
-from llmrec.cora import CoRARecommender as CoRARecommender
-from llmrec.generator import MLPGenerator as MLPGenerator
-from llmrec.generator import QFormerGenerator as QFormerGenerator
-from llmrec.generator import build_generator as build_generator
+_LAZY = {
+    "CoRARecommender": "llmrec.methods.cora.model",
+    "MLPGenerator": "llmrec.methods.cora.generator",
+    "QFormerGenerator": "llmrec.methods.cora.generator",
+    "build_generator": "llmrec.methods.cora.generator",
+}
+
+__all__ = ["CoRARecommender", "MLPGenerator", "QFormerGenerator", "build_generator"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llmrec' has no attribute {name!r}")

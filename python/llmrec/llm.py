@@ -124,7 +124,7 @@ def answer_logit(llm: nn.Module, hidden: torch.Tensor, token_id: int) -> torch.T
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     """``--llm-dtype`` as a dtype; ``auto`` is bf16 (fp16 without bf16) on CUDA, fp32 else."""
-    from llmrec.runs import RunConfigError
+    from llmrec.errors import RunConfigError
 
     if name == "auto":
         if device.type == "cuda":
@@ -144,7 +144,7 @@ def attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> 
     attention (2-core AMD EPYC with AVX512-BF16; ``python -m benchmarks.pretrained_cpu``,
     ``benchmarks/results/pretrained-cpu-*.md``).
     """
-    from llmrec.runs import RunConfigError
+    from llmrec.errors import RunConfigError
 
     if name == "auto":
         return "eager" if device.type == "cpu" and dtype == torch.bfloat16 else None
@@ -190,7 +190,7 @@ def load_run_llm(
     ``env`` (a :class:`llmrec.trainer.DistEnv`): only the main process builds and saves the
     tiny model; every process then loads the saved one, so all ranks hold the same weights.
     """
-    from llmrec.runs import save_tiny_llm
+    from llmrec.run_store import save_tiny_llm
 
     if llm != "tiny":
         path = resolve_llm(llm, log)

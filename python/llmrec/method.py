@@ -7,20 +7,20 @@ with typed :class:`Method.Options` (a dataclass; every field becomes a CLI flag 
 * :meth:`Method.build` its model from a :class:`RunContext` (the run's data, CF tables, LLM);
   the model follows the :class:`Recommender` protocol;
 * split training into :meth:`Method.stages`: each :class:`Stage` gives training and
-  validation batches, a :class:`~llmrec.runs.TrainConfig` and a validation metric, and is
-  run by the method-agnostic :class:`llmrec.trainer.Trainer`;
+  validation batches, a :class:`~llmrec.config.TrainConfig` and a validation metric, and is
+  run by the method-agnostic :class:`llmrec.training_loop.Trainer`;
 * :meth:`Method.evaluate` a split (default: AUC / UAUC over all, warm and cold rows).
 
-Built-in methods live in the :mod:`llmrec.methods` package, one module each, and are found
-by importing that package's modules; a method defined anywhere else only needs to call
-:func:`register` before the CLI runs.
+Built-in methods live in the :mod:`llmrec.methods` package, one folder or module each, and
+are found by importing that package's modules: adding a method is adding one there
+(docs/architecture.md). A method defined anywhere else only needs to call :func:`register`
+before the CLI runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import pkgutil
 import typing
 from dataclasses import dataclass, field
@@ -29,10 +29,12 @@ from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Prot
 import numpy as np
 import torch
 
+from llmrec.cli_options import coerce_option
+from llmrec.config import RunConfig, TrainConfig, field_default
 from llmrec.data.batching import RecCollator, make_examples, pad_id_of
+from llmrec.errors import RunConfigError
 from llmrec.metrics import evaluate_predictions
-from llmrec.runs import RunConfig, RunConfigError, TrainConfig
-from llmrec.trainer import AUC, BatchSource, Metric
+from llmrec.training_loop import AUC, BatchSource, Metric
 
 __all__ = [
     "METHODS",
@@ -44,9 +46,9 @@ __all__ = [
     "available_methods",
     "get_method",
     "option_fields",
-    "option_metavar",
     "parse_options",
     "register",
+    "resume_options",
     "split_metrics",
 ]
 
@@ -107,7 +109,7 @@ class RunContext:
     llm: Any
     tokenizer: Any
     device: torch.device
-    env: Any  # llmrec.trainer.DistEnv
+    env: Any  # llmrec.training_loop.DistEnv
     log: Callable[[str], None]
     cf_path: Optional[str] = None
     user_table: Optional[torch.Tensor] = None
@@ -257,67 +259,16 @@ def get_method(name: str) -> Method:
 def option_fields(method: Type[Method]) -> List[tuple]:
     """``(name, type, default)`` of every option of ``method`` (types resolved)."""
     hints = typing.get_type_hints(method.Options)
-    out = []
-    for f in dataclasses.fields(method.Options):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
-        out.append((f.name, hints.get(f.name, Any), default))
-    return out
-
-
-def _strip_optional(tp) -> Any:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is typing.Union and len(args) == 1:
-        return args[0]
-    return tp
-
-
-def _base_type(tp) -> Any:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is typing.Union and len(args) == 1:
-        return _base_type(args[0])
-    return typing.get_origin(tp) or tp
-
-
-def option_metavar(tp) -> str:
-    """A short upper-case name of an option's type for ``--help`` (``INT``, ``LIST``, ...)."""
-    base = _base_type(tp)
-    return getattr(base, "__name__", "VALUE").upper()
-
-
-def coerce_option(name: str, tp, value):
-    """``value`` (from JSON or the command line) as option ``name``'s type."""
-    if value is None:
-        return None
-    base = _base_type(tp)
-    try:
-        if base is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("1", "true", "yes")
-            return bool(value)
-        if base in (int, float, str):
-            return base(value)
-        if base in (list, tuple, dict):
-            if isinstance(value, str):
-                value = json.loads(value) if value[:1] in "[{" else value.split(",")
-            args = [a for a in typing.get_args(_strip_optional(tp)) if a is not Ellipsis]
-            if base is not dict and len(args) == 1 and args[0] in (int, float, str):
-                value = [args[0](v) for v in value]
-            return base(value)
-    except (TypeError, ValueError, json.JSONDecodeError) as exc:
-        raise RunConfigError(f"option {name}: cannot read {value!r} as {tp}") from exc
-    return value
+    return [
+        (f.name, hints.get(f.name, Any), field_default(f))
+        for f in dataclasses.fields(method.Options)
+    ]
 
 
 def parse_options(method: Type[Method], cfg: RunConfig):
-    """The method's ``Options`` from a run config: ``method_kwargs`` first, then a top-level
-    config field of the same name (CoRA's ``rank``, ``alpha``, ...), then the default."""
+    """The method's ``Options`` from a run config: ``method_kwargs`` (the options given by
+    flag, ``--method-kwargs`` or preset), else a top-level key of an older ``run.json``
+    (:data:`llmrec.config.LEGACY_METHOD_KEYS`), else the option's default."""
     kwargs = dict(cfg.method_kwargs or {})
     fields = option_fields(method)
     unknown = sorted(set(kwargs) - {n for n, _, _ in fields})
@@ -326,13 +277,21 @@ def parse_options(method: Type[Method], cfg: RunConfig):
             f"--method-kwargs: {unknown} are not options of {method.name!r} "
             f"(it has {[n for n, _, _ in fields] or 'none'})"
         )
-    top = cfg.to_dict()
+    legacy = getattr(cfg, "legacy_options", {})
     values = {}
     for name, tp, default in fields:
         if name in kwargs:
             values[name] = coerce_option(name, tp, kwargs[name])
-        elif name in top and name not in ("method", "train"):
-            values[name] = coerce_option(name, tp, top[name])
+        elif name in legacy:
+            values[name] = coerce_option(name, tp, legacy[name])
         else:
             values[name] = default
     return method.Options(**values)
+
+
+def resume_options(method: Type[Method], config: dict) -> Dict[str, Any]:
+    """The options of ``method`` a resumed run must keep, resolved from a ``run.json``
+    config dict: every option but those declared ``resume=False`` (e.g. the kernel backend)."""
+    opts = dataclasses.asdict(parse_options(method, RunConfig.from_dict(config)))
+    free = {f.name for f in dataclasses.fields(method.Options) if f.metadata.get("resume") is False}
+    return {k: v for k, v in opts.items() if k not in free}

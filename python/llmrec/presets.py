@@ -6,12 +6,13 @@ project's earlier quick configuration (3 epochs at lr 1e-4, one evaluation per e
 64-dim MF), kept so smoke tests and tutorials stay cheap. A preset only sets defaults: any
 flag given on the command line wins (``--preset paper --lr 1e-4`` trains at 1e-4).
 
-What a preset sets: the optimisation flags of ``llmrec train`` (argparse destinations of
-:mod:`llmrec.cli`) and ``cf_dim``, the size of the MF ``llmrec train`` fits when no ``--cf``
+A preset is an overlay on the option dataclasses (:mod:`llmrec.config`): ``train`` sets
+fields of :class:`~llmrec.config.TrainConfig` (``lr``, ...) and ``cf_dim`` of
+:class:`~llmrec.config.RunConfig`, the size of the MF ``llmrec train`` fits when no ``--cf``
 is given. Method internals that the seed systems fix (the Q-Former's LayerNorm / FFN /
 dropout / init, CoRA's LoRA dropout, A-LLMRec's losses, encoders, projections, candidates,
 the prompt bytes) are the defaults of the methods' ``Options`` and of
-:mod:`llmrec.generator` / :mod:`llmrec.data.prompts` in every preset; README.md ("Paper vs
+:mod:`llmrec.methods.cora.generator` / :mod:`llmrec.data.prompts` in every preset; README.md ("Paper vs
 this project") lists them all with their sources, and the deliberate departures.
 
 The sources abbreviated below:
@@ -34,18 +35,17 @@ The sources abbreviated below:
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 __all__ = [
     "DEFAULT_PRESET",
     "PRESETS",
     "Preset",
     "Value",
-    "add_preset_arguments",
-    "apply_preset",
     "preset_defaults",
+    "preset_help",
+    "preset_options",
 ]
 
 
@@ -59,8 +59,9 @@ class Value:
 
 @dataclass(frozen=True)
 class Preset:
-    """``train``: defaults of ``llmrec train`` flags (argparse destinations) for every method;
-    ``methods``: per-method values that replace those of ``train``."""
+    """``train``: values of :class:`~llmrec.config.TrainConfig` / ``RunConfig`` fields (by
+    field name) for every method; ``methods``: per-method values that replace those of
+    ``train``."""
 
     name: str
     description: str
@@ -164,66 +165,31 @@ def preset_defaults(name: str, method: str) -> Dict[str, Any]:
     return {k: v.value for k, v in PRESETS[name].values(method).items()}
 
 
-def add_preset_arguments(p: argparse.ArgumentParser) -> None:
-    """``--preset`` and the schedule flags only a preset needed (``llmrec train``)."""
-    p.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=DEFAULT_PRESET,
-        help="defaults of the optimisation flags and of the MF size: paper (each seed "
-        "system's published ML-1M settings; default) or fast (quick: 3 epochs, lr 1e-4, "
-        "MF d 64). Flags given explicitly win.",
-    )
-    p.add_argument(
-        "--min-lr-ratio",
-        type=float,
-        default=None,
-        help="cosine floor as a share of --lr (paper 0.08 = 8e-5 of 1e-3; fast 0)",
-    )
-    p.add_argument(
-        "--warmup-start-ratio",
-        type=float,
-        default=None,
-        help="linear warm-up from this share of --lr (paper 0.01 = 1e-5); none: (step+1)/N",
-    )
-    p.add_argument(
-        "--cf-dim",
-        type=int,
-        default=None,
-        help="size of the MF trained when no --cf is given (paper 256, fast 64)",
-    )
-    # the flags' own help shows argparse's default; say what each preset sets instead
-    for action in p._actions:
-        if action.dest in PAPER.train and action.dest != "preset":
-            values = ", ".join(f"{n} {_show(PRESETS[n].train[action.dest].value)}" for n in PRESETS)
-            action.help = f"{(action.help or '').split(' (')[0]} [preset: {values}]"
+def preset_options(name: str, method: str) -> Dict[str, Any]:
+    """``{option: value}`` preset ``name`` sets in ``method``'s ``Options`` (flags win)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return {k: v.value for k, v in PRESETS[name].options.get(method, {}).items()}
 
 
-def _show(value: Any) -> str:
-    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+def preset_help(key: str, default: Any, method: Optional[str] = None) -> Optional[str]:
+    """``"paper: 0.001, fast: 0.0001"``: what each preset trains with for field ``key``
+    (a ``RunConfig`` / ``TrainConfig`` field, or with ``method`` one of its options), or
+    None when no preset sets it. A preset that leaves it alone shows ``default``."""
+    from llmrec.cli_options import show_value
 
+    def value(p: Preset):
+        table = p.options.get(method, {}) if method else p.train
+        return table[key].value if key in table else default
 
-def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    for action in parser._actions:  # argparse keeps subparsers in a private list
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices["train"]
-    raise ValueError("the parser has no `train` subcommand")
-
-
-def apply_preset(
-    parser: argparse.ArgumentParser, argv: Optional[List[str]], args: argparse.Namespace
-) -> argparse.Namespace:
-    """``args`` of ``llmrec train`` re-read with the preset's values as the defaults.
-
-    The preset (and the method, whose per-method values apply) is known only after a first
-    parse; the ``train`` sub-parser then gets the preset's values as its defaults and
-    ``argv`` is parsed again, so a flag given explicitly keeps its value.
-    """
-    if getattr(args, "command", None) != "train":
-        return args
-    sub = _train_parser(parser)
-    sub.set_defaults(**preset_defaults(args.preset, args.method))
-    out = parser.parse_args(argv)
-    options = PRESETS[out.preset].options.get(out.method, {})
-    out.method_kwargs = {**{k: v.value for k, v in options.items()}, **out.method_kwargs}
-    return out
+    if not any(key in (p.options.get(method, {}) if method else p.train) for p in PRESETS.values()):
+        return None
+    values = ", ".join(f"{n}: {show_value(value(p))}" for n, p in PRESETS.items())
+    if not method:  # a method's own value under a preset
+        values += "".join(
+            f"; {m} under {n}: {show_value(v[key].value)}"
+            for n, p in PRESETS.items()
+            for m, v in p.methods.items()
+            if key in v
+        )
+    return f"preset {values}"

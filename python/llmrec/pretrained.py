@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Union
 
-from llmrec.runs import file_sha256
+from llmrec.safe_files import file_sha256
 from llmrec.tiny_llm import LLMLoadError
 
 __all__ = [

@@ -33,7 +33,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmrec.runs import RunLock, atomic_write_json, write_csv
+from llmrec.data.catalogue import seen_items, test_positives, title_map, user_histories
+from llmrec.run_store import RunLock
+from llmrec.safe_files import atomic_write_json, write_csv
 
 __all__ = [
     "INDEX_KINDS",
@@ -225,55 +227,6 @@ def brute_force_topk(
     return np.take_along_axis(scores, order, 1), ids[order]
 
 
-# ---------------------------------------------------------------------------------------------
-# data helpers
-
-
-def title_map(data) -> Dict[int, str]:
-    """``iid -> title`` from the targets and the histories of every split."""
-    titles: Dict[int, str] = {}
-    for df in data.splits.values():
-        his = df[["his", "his_title"]].explode(["his", "his_title"])
-        his = his[his["his"].notna() & (his["his"] != 0)]
-        titles.update(zip(his["his"].astype(np.int64).tolist(), his["his_title"].tolist()))
-        titles.update(zip(df["iid"].tolist(), df["title"].tolist()))
-    return titles
-
-
-def seen_items(data, splits: Sequence[str] = ("train", "valid")) -> Dict[int, Set[int]]:
-    """``uid -> items`` the user rated in ``splits`` (excluded from recommendations)."""
-    seen: Dict[int, Set[int]] = {}
-    for split in splits:
-        if split in data:
-            for u, i in zip(data[split]["uid"].tolist(), data[split]["iid"].tolist()):
-                seen.setdefault(int(u), set()).add(int(i))
-    return seen
-
-
-def test_positives(data, split: str = "test") -> Dict[int, Set[int]]:
-    """``uid -> items`` with label 1 in ``split`` (what a recommender should find)."""
-    df = data[split]
-    pos = df[df["label"] == 1]
-    out: Dict[int, Set[int]] = {}
-    for u, i in zip(pos["uid"].tolist(), pos["iid"].tolist()):
-        out.setdefault(int(u), set()).add(int(i))
-    return out
-
-
-def user_histories(data, split: str = "test") -> Dict[int, tuple[list, list]]:
-    """``uid -> (his, his_title)`` at the user's first row of ``split`` (history so far)."""
-    df = data[split]
-    if "timestamp" in df.columns:
-        df = df.sort_values("timestamp", kind="stable")
-    first = df.drop_duplicates("uid", keep="first")
-    return {
-        int(u): (list(h), list(t))
-        for u, h, t in zip(
-            first["uid"].tolist(), first["his"].tolist(), first["his_title"].tolist()
-        )
-    }
-
-
 def recall_at_k(retrieved: np.ndarray, relevant: Sequence[Set[int]]) -> float:
     """Mean over queries with a relevant item of ``|top-k ∩ relevant| / |relevant|``."""
     vals = [len(set(row.tolist()) & rel) / len(rel) for row, rel in zip(retrieved, relevant) if rel]
@@ -412,8 +365,9 @@ def load_pair_scorer(
     """``(PairScorer, data)`` for a run written by ``llmrec train`` or ``llmrec train-cf``."""
     from llmrec.cf import load_cf_embeddings
     from llmrec.data import load_run_data
-    from llmrec.runs import RunConfigError, read_run_info
-    from llmrec.train import reopen_run
+    from llmrec.errors import RunConfigError
+    from llmrec.llm_training import reopen_run
+    from llmrec.run_store import read_run_info
 
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)

@@ -22,6 +22,8 @@ from typing import ClassVar, Iterable, Optional, Union
 
 import torch
 
+from llmrec.errors import LLMLoadError
+
 __all__ = [
     "LLMLoadError",
     "TinyLLMConfig",
@@ -34,10 +36,6 @@ __all__ = [
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 ANSWER_WORDS = ["Yes", "No"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-class LLMLoadError(ValueError):
-    """The LLM or its tokenizer cannot be loaded from the given path."""
 
 
 def tiny_intermediate_size(hidden_size: int) -> int:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from llmrec.cf import save_cf_embeddings
 from llmrec.data import make_synthetic, write_data
-from llmrec.train import RunConfig, TrainConfig, run_training
+from llmrec.llm_training import RunConfig, TrainConfig, run_training
 
 ARGS = [
     "--method", "cora",
@@ -89,20 +89,26 @@ def test_two_process_gloo_ranks_identical_and_match_single_process(tmp_path):
         llm=str(out / "llm"),
         out=str(single),
         max_his=3,
-        rank=4,
-        alpha=8,
-        generator="mlp",
-        generator_kwargs={"mlp_hidden": 32},
-        backend="torch",
-        method_kwargs={"lora_dropout": 0.0},
+        method_kwargs={
+            "lora_dropout": 0.0,
+            "rank": 4,
+            "alpha": 8,
+            "generator": "mlp",
+            "generator_kwargs": {"mlp_hidden": 32},
+            "backend": "torch",
+        },
         max_train_rows=320,
         max_valid_rows=100,
         max_test_rows=100,
         train=TrainConfig(
-            epochs=1, batch_size=32, eval_batch_size=64, lr=1e-2, progress=False,
+            epochs=1,
+            batch_size=32,
+            eval_batch_size=64,
+            lr=1e-2,
+            progress=False,
             save_rank_state=True,
         ),
-    )  # fmt: skip
+    )
     ref = run_training(cfg, data=data)
     assert ref["train"]["steps"] == 10
     s0 = load_file(str(single / "rank-0.safetensors"))

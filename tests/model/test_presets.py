@@ -12,18 +12,20 @@ import math
 import pytest
 import torch
 
-from llmrec.cli import build_parser
+from llmrec.cli import build_parser, train_config
+from llmrec.config import TrainConfig
 from llmrec.data.prompts import ANSWER_SEPARATOR, build_prompt
-from llmrec.generator import QFormerGenerator
-from llmrec.presets import PRESETS, apply_preset, preset_defaults
-from llmrec.runs import TrainConfig
-from llmrec.trainer import lr_factor, param_groups
+from llmrec.methods.cora.generator import QFormerGenerator
+from llmrec.presets import PRESETS, preset_defaults
+from llmrec.training_loop import lr_factor, param_groups
 
 
 def _train_args(*extra):
-    parser = build_parser()
-    argv = ["train", "--out", "x", *extra]
-    return apply_preset(parser, argv, parser.parse_args(argv))
+    """The flat values ``llmrec train`` would train with: the run's and its stage's."""
+    import types
+
+    cfg = train_config(build_parser("train").parse_args(["train", "--out", "x", *extra]))
+    return types.SimpleNamespace(**{**vars(cfg), **vars(cfg.train)})
 
 
 def test_paper_preset_is_the_default_of_llmrec_train():
@@ -76,8 +78,11 @@ def test_every_preset_value_names_its_source():
 
 
 def test_train_cf_dim_default_is_256():
-    args = build_parser().parse_args(["train-cf", "--out", "x"])
-    assert args.dim == 256  # CoLLM cfg rec_config.embedding_size
+    from llmrec.cf.cf_run import CFRunConfig
+    from llmrec.cli_options import given_fields
+
+    args = build_parser("train-cf").parse_args(["train-cf", "--out", "x"])
+    assert given_fields(args, CFRunConfig, "cf.")["dim"] == 256  # CoLLM cfg embedding_size
 
 
 def test_lavis_warmup_cosine_schedule():
@@ -154,7 +159,7 @@ def test_cora_lora_dropout_option(monkeypatch):
 
 
 def test_allmrec_stage1_reference_losses_and_modules():
-    from llmrec.allmrec import DEFAULT_STAGE1_WEIGHTS, Aligner
+    from llmrec.methods.allmrec.stage1_align import DEFAULT_STAGE1_WEIGHTS, Aligner
 
     assert DEFAULT_STAGE1_WEIGHTS == {
         "rec": 1.0,
@@ -183,8 +188,8 @@ def test_allmrec_stage1_reference_losses_and_modules():
 
 
 def test_allmrec_reference_projection_and_options():
-    from llmrec.allmrec import _reference_projection
     from llmrec.methods.allmrec import ALLMRecMethod
+    from llmrec.methods.allmrec.stage2_prompt import _reference_projection
 
     proj = _reference_projection(128, 64, torch.nn.GELU)
     kinds = [type(m) for m in proj]
@@ -209,7 +214,7 @@ def test_allmrec_reference_projection_and_options():
     ],
 )
 def test_allmrec_hit_at_1_follows_the_reference_rule(title, generated, hit):
-    from llmrec.allmrec import reference_hit
+    from llmrec.methods.allmrec.generation import reference_hit
 
     assert reference_hit(title, generated) is hit
 
@@ -294,7 +299,7 @@ def test_adam_betas_outside_zero_one_are_refused(betas, capsys):
 
 
 def test_trainer_optimizer_uses_the_configured_betas(tmp_path):
-    from llmrec.trainer import Trainer
+    from llmrec.training_loop import Trainer
 
     class _Model(torch.nn.Module):
         def __init__(self):

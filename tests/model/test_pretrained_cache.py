@@ -16,7 +16,7 @@ import torch
 from llmrec import pretrained
 from llmrec.pretrained import KNOWN_LLMS, PretrainedLLM, resolve_llm
 from llmrec.tiny_llm import LLMLoadError
-from llmrec.trainer import group_by_length
+from llmrec.training_loop import group_by_length
 
 
 @pytest.fixture

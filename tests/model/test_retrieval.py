@@ -7,6 +7,7 @@ import pytest
 import torch
 from tolerance import assert_close_to_oracle
 
+from llmrec.data.catalogue import title_map
 from llmrec.retrieval import (
     ItemIndex,
     PairScorer,
@@ -16,7 +17,6 @@ from llmrec.retrieval import (
     ranking_metrics,
     recall_at_k,
     recommend,
-    title_map,
 )
 
 faiss = pytest.importorskip("faiss")

@@ -19,8 +19,7 @@ from safetensors.torch import load_file
 
 from llmrec.cf import CFEmbeddingError, save_cf_embeddings
 from llmrec.data import DataValidationError, make_synthetic, write_data
-from llmrec.tiny_llm import LLMLoadError, build_tiny_llm
-from llmrec.train import (
+from llmrec.llm_training import (
     CheckpointError,
     RunConfig,
     RunConfigError,
@@ -29,6 +28,7 @@ from llmrec.train import (
     run_evaluation,
     run_training,
 )
+from llmrec.tiny_llm import LLMLoadError, build_tiny_llm
 
 TINY = {
     "hidden_size": 32,
@@ -69,20 +69,23 @@ def signal(tmp_path_factory):
     return data, root
 
 
+#: CoRA's options in these tests (``rank=...`` given to ``_cfg`` replaces one)
+CORA = {"rank": 4, "alpha": 8, "generator": "mlp", "generator_kwargs": {"mlp_hidden": 64},
+        "backend": "torch"}  # fmt: skip
+
+
 def _cfg(root: Path, out: Path, **kw) -> RunConfig:
     train = kw.pop("train", {})
+    method = kw.pop("method", "cora")
+    cora = {**CORA, **{k: kw.pop(k) for k in list(kw) if k in CORA}}
     base = RunConfig(
-        method="cora",
+        method=method,
         data=str(root / "data"),
         cf=str(root / "cf"),
         llm="tiny",
         out=str(out),
         max_his=3,
-        rank=4,
-        alpha=8,
-        generator="mlp",
-        generator_kwargs={"mlp_hidden": 64},
-        backend="torch",
+        method_kwargs=cora if method == "cora" else {},
         tiny=dict(TINY),
         train=TrainConfig(
             **{

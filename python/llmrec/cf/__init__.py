@@ -1,7 +1,6 @@
 """Collaborative filtering: MF, LightGCN, SASRec; BCE training; embedding export."""
 
-from llmrec.cf.models import CF_MODELS, LightGCN, MatrixFactorization, SASRec, build_cf_model
-from llmrec.cf.train import (
+from llmrec.cf.cf_training import (
     EMBEDDINGS_FILE,
     CFConfig,
     CFEmbeddingError,
@@ -11,6 +10,7 @@ from llmrec.cf.train import (
     save_cf_embeddings,
     train_cf,
 )
+from llmrec.cf.models import CF_MODELS, LightGCN, MatrixFactorization, SASRec, build_cf_model
 
 __all__ = [
     "CF_MODELS",

@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from llmrec.errors import LLMRecError
+from llmrec.errors import DataValidationError
 
 __all__ = [
     "OPTIONAL_COLUMNS",
@@ -43,10 +43,6 @@ __all__ = [
 
 REQUIRED_COLUMNS = ("uid", "iid", "label", "his", "his_title", "title", "not_cold")
 OPTIONAL_COLUMNS = ("timestamp", "flag")
-
-
-class DataValidationError(LLMRecError):
-    """A data file does not follow the schema; the message names the file and the row."""
 
 
 #: the largest user or item id accepted: embedding tables get one row per id up to the

@@ -8,15 +8,17 @@ same modules on the same prompts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, List, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmrec.config import option
 from llmrec.llm import answer_logit, answer_token_ids, decoder_body
 from llmrec.method import Method, RunContext, register
+from llmrec.methods.common import backend_option
 from llmrec_kernels.lora import DEFAULT_LORA_TARGETS, apply_lora, lora_parameters
 
 
@@ -100,11 +102,14 @@ class TALLRec(Method):
     # lora_dropout 0.05, lora_target_modules [q_proj, v_proj]); the same as CoLLM's step 1
     @dataclass
     class Options:
-        lora_rank: int = 8
-        lora_alpha: float = 16.0
-        lora_dropout: float = 0.05
-        lora_targets: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-        backend: str = "auto"
+        lora_rank: int = option(8, help="LoRA rank")
+        lora_alpha: float = option(16.0, help="LoRA alpha; scale alpha/r")
+        lora_dropout: float = option(0.05, help="LoRA dropout")
+        lora_targets: List[str] = option(
+            factory=lambda: list(DEFAULT_LORA_TARGETS),
+            help="projections with LoRA, comma-separated",
+        )
+        backend: str = backend_option()
 
     def build(self, ctx: RunContext, opts: Options) -> TALLRecRecommender:
         return TALLRecRecommender(

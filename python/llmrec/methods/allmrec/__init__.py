@@ -1,4 +1,4 @@
-"""A-LLMRec (:mod:`llmrec.allmrec`): stage 1 aligns CF item embeddings with title
+"""A-LLMRec (:mod:`.stage1_align`, :mod:`.stage2_prompt`, :mod:`.generation`): stage 1 aligns CF item embeddings with title
 embeddings, stage 2 trains the soft-prompt projections of a frozen LLM (selected on the
 validation Hit@1 of the scored candidates). Evaluation adds the ranking metrics (Hit@K,
 NDCG@K, generated Hit@1) to the pointwise AUC / UAUC.
@@ -7,29 +7,26 @@ NDCG@K, generated Hit@1) to the pointwise AUC / UAUC.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from llmrec.allmrec import (
+from llmrec.config import option, parse_bool
+from llmrec.data.catalogue import seen_items, title_map
+from llmrec.method import Method, RunContext, Stage, register, split_metrics
+from llmrec.methods.allmrec.generation import generate_hits, score_episodes, score_rows
+from llmrec.methods.allmrec.stage1_align import SBERT_DIM, AlignRows, text_table
+from llmrec.methods.allmrec.stage2_prompt import (
     HIT_AT_1,
-    SBERT_DIM,
-    AlignRows,
     ALLMRec,
     CandidatePairs,
     EpisodeBatches,
     EpisodeCollator,
-    generate_hits,
     hit_ndcg,
     make_episodes,
     row_episodes,
-    score_episodes,
-    score_rows,
-    text_table,
 )
-from llmrec.method import Method, RunContext, Stage, register, split_metrics
-from llmrec.retrieval import seen_items, title_map
 
 ALL_SPLITS = ("train", "valid", "valid_small", "test")
 
@@ -64,24 +61,37 @@ class ALLMRecMethod(Method):
     class Options:
         # departure: the reference fine-tunes nq-distilbert-base-v1 (768-d) in stage 1; no
         # model hub is reachable here, so a frozen offline all-MiniLM-L6-v2 (384-d) is cached
-        text_encoder: str = "sbert"  # sbert | random
-        latent_dim: int = 128  # model: two_layer_mlp(dims) -> 128
-        aligner: str = "reference"  # model: Linear+sigmoid encoders, Linear decoders | mlp
-        ae_hidden: int = 256  # aligner "mlp" only
-        projection: str = "reference"  # model: Linear-LayerNorm-act-Linear, Xavier | mlp
-        proj_hidden: Optional[int] = None  # None: d_model (model); an int: projection "mlp"
-        stage1_epochs: int = 10
-        stage1_lr: float = 1e-4  # main: --stage1_lr 1e-4
-        stage1_batch_size: int = 16  # main: --batch_size1 16
-        stage1_weights: Dict[str, float] = field(default_factory=dict)  # {} : model's 1/1/.5/.2
-        train_candidates: int = 20  # model: pre_train_phase2 candidate_num 20
-        candidates: int = 20  # model: generate candidate_num 20
-        episodes: int = 200
-        valid_episodes: int = 100
-        generate: bool = True
-        max_new_tokens: int = 40
-        repetition_penalty: float = 1.5  # model: generate(repetition_penalty=1.5)
-        ks: List[int] = field(default_factory=lambda: [1, 5, 10])
+        text_encoder: str = option("sbert", help="title embeddings: sbert or random")
+        latent_dim: int = option(128, help="the aligner's latent size (model: 128)")
+        aligner: str = option(
+            "reference",
+            help="reference (Linear+sigmoid encoders, Linear decoders) or mlp",
+        )
+        ae_hidden: int = option(256, help="hidden width of the mlp aligner")
+        projection: str = option(
+            "reference", help="reference (Linear-LayerNorm-act-Linear, Xavier) or mlp"
+        )
+        proj_hidden: Optional[int] = option(
+            None, help="projection hidden width (none: d_model; an int: projection mlp)"
+        )
+        stage1_epochs: int = option(10, help="stage-1 epochs")
+        stage1_lr: float = option(1e-4, help="stage-1 Adam lr (main: --stage1_lr)")
+        stage1_batch_size: int = option(16, help="stage-1 batch (main: --batch_size1)")
+        stage1_weights: Dict[str, float] = option(
+            factory=dict, help="stage-1 loss weights (none given: the model's 1/1/.5/.2)"
+        )
+        train_candidates: int = option(
+            20, help="candidates per training episode (model: pre_train_phase2 20)"
+        )
+        candidates: int = option(20, help="candidates per scored episode (model: generate 20)")
+        episodes: int = option(200, help="test episodes scored")
+        valid_episodes: int = option(100, help="validation episodes scored")
+        generate: bool = option(
+            True, help="also generate titles (generated Hit@1)", parse=parse_bool
+        )
+        max_new_tokens: int = option(40, help="tokens generated per title")
+        repetition_penalty: float = option(1.5, help="generation's repetition penalty")
+        ks: List[int] = option(factory=lambda: [1, 5, 10], help="K of Hit@K / NDCG@K")
 
     def build(self, ctx: RunContext, opts: Options) -> ALLMRec:
         model = ALLMRec(

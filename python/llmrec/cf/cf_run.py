@@ -23,55 +23,116 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
+from llmrec.cf.cf_training import (
+    CFConfig,
+    CFEmbeddingError,
+    predict_cf,
+    save_cf_embeddings,
+    train_cf,
+)
 from llmrec.cf.models import build_cf_model
-from llmrec.cf.train import CFConfig, CFEmbeddingError, predict_cf, save_cf_embeddings, train_cf
+from llmrec.config import (
+    absolute_path,
+    device_name,
+    float_in,
+    nonneg_float,
+    option,
+    output_file,
+    positive_float,
+    positive_int,
+    resume_keys,
+    resume_mismatches,
+)
+from llmrec.errors import RunConfigError
 from llmrec.metrics import evaluate_predictions
-from llmrec.runs import (
+from llmrec.run_store import (
     METRICS_FILE,
     RUN_FILE,
-    RunConfigError,
     claim_run_dir,
-    read_json,
     read_run_info,
-    save_safetensors,
-    verify_safetensors,
     write_metrics,
     write_run_info,
 )
+from llmrec.safe_files import read_json, save_safetensors, verify_safetensors
 
 __all__ = ["CFRunConfig", "evaluate_cf_run", "train_cf_run"]
 
 
+def _cf_models() -> list:
+    from llmrec.cf.models import CF_MODELS
+
+    return sorted(CF_MODELS)
+
+
+_R = "run"
+
+
 @dataclass
 class CFRunConfig:
-    model: str = "mf"
-    data: Optional[str] = None  # None: the embedded synthetic dataset
-    out: str = "runs/cf"
-    dim: int = 64
-    layers: int = 2  # LightGCN propagation layers / SASRec blocks
-    heads: int = 1  # SASRec
-    his_len: int = 50  # SASRec
-    dropout: float = 0.2  # SASRec
-    init_std: float = 0.1
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 1024
-    epochs: int = 200
-    patience: int = 10
-    seed: int = 0
-    valid_split: str = "valid"
-    device: str = "cpu"
-    predictions: Optional[str] = None
-    progress: bool = True
-    resume: bool = False
-    force: bool = False
+    """Everything ``llmrec train-cf`` needs; stored in ``<out>/run.json``. Each field is its
+    own flag (:func:`llmrec.config.option`); ``--resume`` must keep every field but the
+    output and device ones."""
+
+    model: str = option("mf", help="the CF model", choices=_cf_models(), resume=True, group=_R)
+    data: Optional[str] = option(
+        None,
+        help="dataset directory (train/valid/valid_small/test as .parquet or .csv, CoLLM "
+        "schema); default: the embedded synthetic dataset",
+        convert=absolute_path,
+        resume=True,
+        metavar="DIR",
+        group=_R,
+    )
+    out: str = option(
+        "runs/cf",
+        help="run directory to write",
+        convert=absolute_path,
+        required=True,
+        metavar="OUT",
+        group=_R,
+    )
+    # 256 on the command line: CoLLM's ML-1M MF (collm_pretrain_mf_ood.yaml embedding_size)
+    dim: int = option(
+        64, help="embedding size d_cf", parse=positive_int, cli_default=256, resume=True
+    )
+    layers: int = option(
+        2, help="LightGCN propagation layers / SASRec blocks", parse=positive_int, resume=True
+    )
+    heads: int = option(1, help="SASRec attention heads", parse=positive_int, resume=True)
+    his_len: int = option(50, help="SASRec history length", parse=positive_int, resume=True)
+    dropout: float = option(
+        0.2, help="SASRec dropout", parse=float_in(0, 1, hi_open=True), resume=True
+    )
+    init_std: float = option(0.1, help="embedding init std", cli=False, resume=True)
+    lr: float = option(3e-3, help="Adam learning rate", parse=positive_float, resume=True)
+    weight_decay: float = option(1e-4, help="L2 decay", parse=nonneg_float, resume=True)
+    batch_size: int = option(1024, help="batch size", parse=positive_int, resume=True)
+    epochs: int = option(200, help="max epochs", parse=positive_int, resume=True)
+    patience: int = option(10, help="early-stopping patience", parse=positive_int, resume=True)
+    seed: int = option(0, help="random seed", parse=int, resume=True, group=_R)
+    valid_split: str = option("valid", help="split for early stopping", resume=True)
+    device: str = option("cpu", help="cpu or cuda", parse=device_name, metavar="DEVICE")
+    predictions: Optional[str] = option(
+        None,
+        help="also write test predictions (uid, iid, label, score) to this CSV",
+        parse=output_file,
+        metavar="PATH",
+        convert=absolute_path,
+        group=_R,
+    )
+    progress: bool = option(True, help="tqdm progress bars", group=_R)
+    resume: bool = option(
+        False, help="OUT holds this CF run: keep it when finished, else train it again"
+    )
+    force: bool = option(
+        False,
+        help="OUT holds another run: move it aside to OUT.old-<time> (never deleted), start anew",
+        group=_R,
+    )
 
 
 #: the CF training loop's state after its last finished epoch (for ``--resume``)
 STATE_FILE = "cf_state.safetensors"
-
-#: fields that may differ when a CF run is resumed (they do not change the model)
-_CF_FREE = ("out", "device", "predictions", "progress", "resume", "force")
 
 
 def _model_kwargs(cfg: CFRunConfig) -> dict:
@@ -94,7 +155,7 @@ def train_cf_run(
 ) -> dict:
     """Train ``cfg.model``, export embeddings, evaluate valid/test; return the metrics.
 
-    Holds ``cfg.out``'s lock for the run (:func:`llmrec.runs.claim_run_dir`).
+    Holds ``cfg.out``'s lock for the run (:func:`llmrec.run_store.claim_run_dir`).
     """
     log = log or (lambda m: None)
     lock = claim_run_dir(
@@ -113,12 +174,7 @@ def _check_cf_resume(cfg: CFRunConfig, log) -> Optional[dict]:
     if not cfg.resume or not (out / RUN_FILE).exists():
         return None
     info = read_run_info(out)
-    new = dataclasses.asdict(cfg)
-    diffs = [
-        f"{k}: {v!r} -> {new[k]!r}"
-        for k, v in info["config"].items()
-        if k in new and k not in _CF_FREE and v != new[k]
-    ]
+    diffs = resume_mismatches(info["config"], dataclasses.asdict(cfg), resume_keys(CFRunConfig))
     if diffs:
         raise RunConfigError(f"--resume: the options differ from the run in {out} "
                              f"({'; '.join(diffs)})")  # fmt: skip

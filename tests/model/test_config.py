@@ -1,0 +1,136 @@
+"""Every option of ``llmrec train`` is defined once, as a dataclass field (issue 26).
+
+The flags are generated from :mod:`llmrec.config` and the methods' ``Options``; these tests
+read the generated parser and the built configs, never a hand-kept list of flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmrec.cli import build_parser, train_config
+from llmrec.config import RunConfig, TrainConfig, resume_keys
+from llmrec.method import available_methods, parse_options, resume_options
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(*extra) -> RunConfig:
+    return train_config(build_parser("train").parse_args(["train", "--out", "x", *extra]))
+
+
+def _train_parser():
+    parser = build_parser("train")
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices["train"]
+
+
+def test_every_train_flag_comes_from_one_dataclass_field():
+    by_dest = {}
+    for action in _train_parser()._actions:
+        for flag in action.option_strings:
+            by_dest.setdefault(action.dest, []).append(flag)
+    # the subcommand's own selectors, then fields: run./train./tiny. or a method's option
+    hand_written = {"help", "method", "preset", "method_flags"}
+    for dest in by_dest:
+        assert (
+            dest in hand_written
+            or dest.split(".")[0] in ("run", "train", "tiny")
+            or (dest.startswith("method:"))
+        ), dest
+    fields = {f"run.{f.name}" for f in dataclasses.fields(RunConfig)}
+    fields |= {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
+    assert {d for d in by_dest if d.startswith(("run.", "train."))} <= fields
+    flags = [f for fl in by_dest.values() for f in fl]
+    assert len(flags) == len(set(flags))  # no flag defined twice
+
+
+def test_help_shows_what_each_preset_trains_with():
+    actions = {a.option_strings[0]: a for a in _train_parser()._actions if a.option_strings}
+    assert "paper: 0.001" in actions["--lr"].help and "fast: 0.0001" in actions["--lr"].help
+    # the paper preset is the default, and is what trains without flags
+    assert _cfg().train.lr == 1e-3 and _cfg("--preset", "fast").train.lr == 1e-4
+
+
+def test_backend_sets_only_the_methods_that_have_it():
+    assert parse_options(available_methods()["collm"], _cfg("--method", "collm",
+                         "--backend", "torch")).backend == "torch"  # fmt: skip
+    frozen = _cfg("--method", "frozen", "--backend", "torch")
+    assert frozen.method_kwargs == {}  # the zero-shot baseline has no backend: left alone
+    # a method's own prefixed flag is refused for another method
+    with pytest.raises(SystemExit, match="applies to --method collm only"):
+        _cfg("--method", "cora", "--collm-lora-rank", "4")
+
+
+def test_cora_options_are_coras_own_and_distinct_from_collms_lora_rank():
+    cfg = _cfg("--rank", "4", "--alpha", "8", "--generator", "mlp", "--no-fuse-qkv")
+    assert not hasattr(cfg, "rank")  # no method option on the run config
+    opts = parse_options(available_methods()["cora"], cfg)
+    assert (opts.rank, opts.alpha, opts.generator, opts.fuse_qkv) == (4, 8.0, "mlp", False)
+    collm = parse_options(available_methods()["collm"], _cfg("--method", "collm", "--rank", "4"))
+    assert collm.lora_rank == 8  # CoRA's --rank is not CoLLM's LoRA rank
+
+
+def test_resume_keys_come_from_field_metadata():
+    keys = set(resume_keys(RunConfig))
+    assert {"method", "data", "llm", "max_his", "max_length", "tiny", "tiny_seed"} <= keys
+    assert {"train.batch_size", "train.seed", "train.group_by_length"} <= keys
+    assert not {"out", "device", "resume", "force", "train.lr", "max_test_rows"} & keys
+    # a method's options must match, except those declared free (the kernel backend)
+    cora = available_methods()["cora"]
+    must = resume_options(cora, _cfg("--rank", "4").to_dict())
+    assert must["rank"] == 4 and "backend" not in must and "fuse_qkv" not in must
+
+
+def test_a_run_json_from_before_the_split_still_reads_its_cora_options():
+    old = {"method": "cora", "rank": 4, "alpha": 8.0, "generator": "mlp", "backend": "torch",
+           "method_kwargs": {}, "train": {"lr": 1e-3}}  # fmt: skip
+    opts = parse_options(available_methods()["cora"], RunConfig.from_dict(old))
+    assert (opts.rank, opts.alpha, opts.generator, opts.backend) == (4, 8.0, "mlp", "torch")
+
+
+def test_llmrec_help_imports_neither_torch_nor_sklearn():
+    code = (
+        "import sys, contextlib, io\n"
+        "from llmrec.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'sklearn', 'transformers'))))\n"
+    )
+    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'python'}", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", "import json\n" + code], env=env,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # README quickstart and tutorial command lines (flags only; nothing trains)
+        ["--method", "cora", "--cf", "runs/mf", "--llm", "tiny", "--data", "D", "--out", "o",
+         "--max-train-rows", "4000", "--max-valid-rows", "1000", "--epochs", "1",
+         "--batch-size", "16", "--lr", "1e-3"],
+        ["--method", "collm", "--cf", "runs/mf", "--data", "D", "--out", "o", "--epochs", "1",
+         "--batch-size", "16", "--lr", "1e-3", "--method-kwargs", '{"tuning": "two-step"}'],
+        ["--method", "allmrec", "--cf", "runs/mf", "--data", "D", "--out", "o",
+         "--method-kwargs", '{"valid_episodes": 50}', "--allmrec-generate", "false"],
+        ["--method", "cora", "--preset", "fast", "--rank", "4", "--alpha", "8", "--generator",
+         "mlp", "--generator-kwargs", '{"mlp_hidden": 32}', "--target-modules",
+         "q_proj,v_proj", "--no-fuse-qkv", "--backend", "torch", "--cora-lora-dropout", "0.1",
+         "--tiny-hidden", "16", "--tiny-heads", "2", "--tiny-kv-heads", "1", "--out", "o"],
+        ["--method", "collm", "--collm-lora-from", "runs/t", "--collm-lora-rank", "4",
+         "--backend", "torch", "--out", "o"],
+    ],
+)  # fmt: skip
+def test_existing_command_lines_still_parse(argv):
+    cfg = train_config(build_parser("train").parse_args(["train", *argv]))
+    parse_options(available_methods()[cfg.method], cfg)  # and the method reads its options
+    assert cfg.method == argv[1] and cfg.out == os.path.abspath("o")
