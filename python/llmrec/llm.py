@@ -187,7 +187,7 @@ def load_run_llm(
     (:func:`llmrec.pretrained.resolve_llm`: ``smollm2``, ``model.gguf``), or the tiny model in
     ``<out>/llm``.
 
-    ``env`` (a :class:`llmrec.trainer.DistEnv`): only the main process builds and saves the
+    ``env`` (a :class:`llmrec.training_loop.DistEnv`): only the main process builds and saves the
     tiny model; every process then loads the saved one, so all ranks hold the same weights.
     """
     from llmrec.run_store import save_tiny_llm

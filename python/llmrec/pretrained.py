@@ -46,6 +46,7 @@ __all__ = [
     "cache_dir",
     "convert_gguf",
     "hf_dtype_kwargs",
+    "is_hub_id",
     "is_llm_name",
     "resolve_hub_id",
     "resolve_llm",
@@ -84,6 +85,11 @@ KNOWN_LLMS: Dict[str, PretrainedLLM] = {
 
 #: ``org/model`` or ``org/model@revision``: a Hugging Face Hub repository ID
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def is_hub_id(spec: str) -> bool:
+    """True when ``spec`` reads as a Hub ID ``org/model[@revision]`` and is not a local path."""
+    return bool(_HUB_ID.match(spec)) and not os.path.exists(spec)
 
 
 def hf_dtype_kwargs(dtype) -> dict:
@@ -183,7 +189,7 @@ def resolve_llm(spec: Union[str, Path], log: Optional[Callable[[str], None]] = N
                 convert_gguf(path, target, log=log, sha256=digest,
                              source={"gguf": str(path.resolve())})  # fmt: skip
         return target
-    if not path.exists() and _HUB_ID.match(spec) and not spec.startswith("."):
+    if is_hub_id(spec):
         return resolve_hub_id(spec)
     if not path.exists() and os.sep not in spec and not spec.startswith("."):
         raise LLMLoadError(

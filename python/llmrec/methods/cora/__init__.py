@@ -43,7 +43,7 @@ class CoRA(Method):
         )
         target_modules: List[str] = option(
             factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-            help="comma-separated projections to patch",
+            help="comma-separated projections to patch (auto: the model's attention projections that read the hidden state)",
             flag="--target-modules",
             parse=projection_list,
         )
@@ -65,7 +65,7 @@ class CoRA(Method):
             rank=opts.rank,
             alpha=opts.alpha,
             generator=opts.generator,
-            target_modules=tuple(opts.target_modules),
+            target_modules=None if opts.target_modules == ["auto"] else tuple(opts.target_modules),
             fuse_qkv=opts.fuse_qkv,
             backend=opts.backend,
             generator_kwargs=opts.generator_kwargs or None,

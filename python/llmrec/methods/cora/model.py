@@ -49,7 +49,8 @@ class CoRARecommender(nn.Module):
         rank, alpha: CoRA rank ``r`` and alpha (scale ``alpha / r``).
         generator: ``"qformer"``, ``"mlp"`` or a ready ``nn.Module`` mapping
             ``(user_emb, item_emb)`` to ``(B, hidden_size, rank)``.
-        target_modules, fuse_qkv, backend: passed to ``apply_cora_to_llama``.
+        target_modules, fuse_qkv, backend: passed to ``apply_cora_to_llama`` (``None``: the
+            model's own attention projections that read the hidden state).
         generator_kwargs: extra arguments for :func:`llmrec.methods.cora.generator.build_generator`.
         yes_token, yes_token_id: the answer token scored (``yes_token_id`` wins when given).
         lora_dropout: dropout on ``x`` before ``x A_b`` in training mode, inside the fused op
@@ -64,7 +65,7 @@ class CoRARecommender(nn.Module):
         rank: int = 16,
         alpha: float = 32,
         generator: Union[str, nn.Module] = "qformer",
-        target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+        target_modules: Optional[Sequence[str]] = DEFAULT_TARGET_MODULES,
         fuse_qkv: bool = True,
         backend: str = "auto",
         generator_kwargs: Optional[Mapping[str, Any]] = None,
