@@ -134,3 +134,22 @@ def test_existing_command_lines_still_parse(argv):
     cfg = train_config(build_parser("train").parse_args(["train", *argv]))
     parse_options(available_methods()[cfg.method], cfg)  # and the method reads its options
     assert cfg.method == argv[1] and cfg.out == os.path.abspath("o")
+
+
+def test_cora_target_modules_take_auto_and_refuse_projections_cora_cannot_patch(capsys):
+    opts = parse_options(available_methods()["cora"], _cfg("--target-modules", "auto"))
+    assert opts.target_modules == ["auto"]
+    fused = parse_options(available_methods()["cora"], _cfg("--target-modules", "qkv_proj,o_proj"))
+    assert fused.target_modules == ["qkv_proj", "o_proj"]
+    for bad, why in (("down_proj", "MLP width"), ("auto,q_proj", "stands alone"), ("", "")):
+        with pytest.raises(SystemExit):
+            _cfg("--target-modules", bad)
+        assert why in capsys.readouterr().err
+
+
+def test_llm_keeps_a_hub_id_as_given_and_makes_a_path_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _cfg("--llm", "HuggingFaceTB/SmolLM2-135M").llm == "HuggingFaceTB/SmolLM2-135M"
+    (tmp_path / "org" / "model").mkdir(parents=True)  # a local folder that looks like an ID
+    assert _cfg("--llm", "org/model").llm == str(tmp_path / "org" / "model")
+    assert _cfg("--llm", "smollm2").llm == "smollm2"
