@@ -26,7 +26,7 @@ contiguous ``(d_q + d_k + d_v, d_in)`` buffer and the original parameters become
 ``x A_b`` and the result is split. The attention code is not modified: whichever of q/k/v is
 called first computes all three, and the other two return the pending slices when they are
 called with the same input tensor. Only plain float ``nn.Linear`` parameters that are the whole
-of their own storage are ever moved (:class:`_FusedQKV`): views into storage someone else
+of their own storage are ever moved (:class:`FusedQKV`): views into storage someone else
 manages (FSDP's flat parameters) are left where they are and concatenated per call instead.
 
 Quantised and wrapped projections (bitsandbytes ``Linear4bit``/``Linear8bitLt``, peft LoRA
@@ -45,7 +45,7 @@ checkpointing). ``transformers`` is never imported by this module.
 ``torch.compile``: a patched forward inside :func:`cora_weights` compiles as one graph
 (``fullgraph=True``, no graph break, training included): the per-sample A is read from the
 shared state as a graph input, the fused q/k/v operands are buffers held by the group (see
-:class:`_FusedQKV` for what keeps them valid) and the op is a registered custom op. Training
+:class:`FusedQKV` for what keeps them valid) and the op is a registered custom op. Training
 with ``lora_dropout > 0`` is the exception: each call's seed is drawn eagerly from torch's CPU
 generator (:func:`llmrec_kernels.dropout.draw_seed`), a graph break.
 
@@ -67,7 +67,6 @@ eagerly, outside the graph. ``tests/patching/test_hf_compile.py`` runs this on a
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -76,8 +75,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrec_kernels._torch_impl import s_dtype
-from llmrec_kernels.cora_linear import fused_cora_linear, fused_cora_linear_multi
+from llmrec_kernels.cora_linear import fused_cora_linear
 from llmrec_kernels.dropout import draw_seed, dropout_mask, keep_scale
+from llmrec_kernels.hf_targets import (
+    DEFAULT_TARGET_MODULES,
+    device_of,
+    find_target_modules,
+    float_dtype_of,
+    hidden_size_of,
+    is_plain_linear,
+    linear_shape,
+)
+from llmrec_kernels.qkv_fusion import FusedQKV, can_share_buffer, on_device
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -94,11 +103,6 @@ __all__ = [
     "static_lora_a",
 ]
 
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-# What the default targets mean on a model: its attention projections that read the hidden
-# state (Phi-3's fused qkv_proj included; an o_proj reading heads x head_dim != hidden, as in
-# Gemma 2 and Qwen3, left out with a warning).
-_AUTO_TARGETS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 _QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 _STATE_ATTR = "_cora_state"
 _WRAPPER_FLAG = "_cora_checkpoint_inner"
@@ -136,246 +140,6 @@ class _CoRAState:
         if self.lora_dropout and module.training:
             return {"dropout_p": self.lora_dropout, "dropout_seed": draw_seed()}
         return _NO_DROPOUT
-
-
-def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # A model split over devices (device_map="auto") gets A on each layer's device.
-    return t if t.device == device else t.to(device)
-
-
-def _version_of(t: torch.Tensor) -> Optional[int]:
-    # Inference tensors (torch.inference_mode) have no version counter; under torch.compile
-    # neither is readable (nor needed: the traced attention code does not modify its input
-    # between the q, k and v calls).
-    if torch.compiler.is_compiling() or t.is_inference():
-        return None
-    return t._version
-
-
-class _FusedQKV:
-    """One fused ``fused_cora_linear`` call for the q/k/v projections of one attention block.
-
-    Only projections whose weights are plain float ``nn.Linear`` parameters are grouped (see
-    :func:`_is_plain_linear`). Where every member's weight (and, separately, every member's
-    ``lora_B.weight``) is *self-contained* (a plain ``nn.Parameter`` that is the whole of its
-    own storage, :func:`_self_contained`), the group moves them into one contiguous
-    ``(sum(sizes), d_in)`` (``(sum(sizes), rank)``) buffer and the members become views of it,
-    so the fused operands are the buffers themselves and nothing is concatenated per call (no
-    second copy of the weights either). An optimizer step updates the ``lora_B`` views in
-    place, hence the buffer: training ``B`` needs nothing more. The gradients go to each
-    member's own parameters (:func:`fused_cora_linear_multi`).
-
-    Parameters that are not self-contained are never re-pointed: views into storage someone
-    else manages (FSDP's flat parameters, a user's packed buffer, tensor subclasses such as
-    DTensor or quantised parameters). Such a part is concatenated per call instead (a copy,
-    the same values, so the same results), which is what ``fuse_qkv=False`` avoids.
-
-    Layout checks: in eager mode every call compares the members' data pointers with the
-    buffers' (integers, cached at fusion time; the buffers are held here, so their addresses
-    cannot be reused); a part that drifted apart (``model.to(...)``, ``.data =``, a replaced
-    parameter) is re-fused before the call if it is self-contained again (as after
-    ``.to()``), else concatenated per call. Under ``torch.compile`` pointers are not
-    traceable: :func:`cora_weights` runs the same check when its block is entered (outside the
-    compiled region), ``nn.Module._apply`` (``.to``, ``.half()``, ...) marks the group stale,
-    and a stale group computes with concatenated copies (correct, slower) until the next eager
-    call or block entry re-fuses it. Holds no activation between forwards except the pending
-    outputs of the current call.
-    """
-
-    def __init__(self, members: Sequence[CoRALinear]):
-        self.members = list(members)
-        self.sizes = [m.out_features for m in self.members]
-        for i, m in enumerate(self.members):
-            m._group = self
-            m._group_index = i
-        self._clear()
-        self._w_fused = self._w_ptrs = self._b_fused = self._b_ptrs = None
-        self.refuse()
-
-    def _clear(self) -> None:
-        self._x: Optional[torch.Tensor] = None
-        self._a: Optional[torch.Tensor] = None
-        self._version: Optional[int] = None
-        self._pending: dict[int, torch.Tensor] = {}
-
-    @staticmethod
-    def _fuse(params: list, sizes: list) -> tuple[Optional[torch.Tensor], Optional[tuple]]:
-        """``(buffer, data pointers)`` with ``params`` re-pointed into it, or ``(None, None)``
-        (left alone) unless every parameter is self-contained and they fit one buffer."""
-        if not (_compatible(params) and all(_self_contained(p) for p in params)):
-            return None, None
-        fused = torch.cat([p.detach() for p in params], dim=0)
-        offset = 0
-        for p, n in zip(params, sizes):
-            p.data = fused[offset : offset + n]
-            offset += n
-        return fused, tuple(p.data_ptr() for p in params)
-
-    def _weights(self) -> list:
-        return [m.weight for m in self.members]
-
-    def _lora_bs(self) -> list:
-        return [m.lora_B.weight for m in self.members]
-
-    @staticmethod
-    def _in_place(params: list, ptrs: Optional[tuple]) -> bool:
-        return ptrs is not None and tuple(p.data_ptr() for p in params) == ptrs
-
-    @torch.no_grad()
-    def refuse(self, force: bool = True) -> None:
-        """Fuse each part (weights, ``lora_B``) whose members are self-contained; a part
-        already in place is kept unless ``force``."""
-        weights, lora_bs = self._weights(), self._lora_bs()
-        if force or not self._in_place(weights, self._w_ptrs):
-            # Drop the old buffer first: a failed fusion must not keep a stale copy alive.
-            self._w_fused = self._w_ptrs = None
-            self._w_fused, self._w_ptrs = self._fuse(weights, self.sizes)
-        if force or not self._in_place(lora_bs, self._b_ptrs):
-            self._b_fused = self._b_ptrs = None
-            self._b_fused, self._b_ptrs = self._fuse(lora_bs, self.sizes)
-        self.stale = False
-
-    def _layout_ok(self) -> bool:
-        """Eager check: every member still a view at its place in the fused buffers."""
-        return self._in_place(self._weights(), self._w_ptrs) and self._in_place(
-            self._lora_bs(), self._b_ptrs
-        )
-
-    def ensure_fused(self) -> None:
-        """Re-fuse the parts whose members drifted apart (eager only: reads data pointers)."""
-        if self.stale or not self._layout_ok():
-            self.refuse(force=False)
-
-    def operands(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The fused weight and ``B`` (``None``: concatenate the members for this call)."""
-        if not torch.compiler.is_compiling():
-            # One read of the pointers per call when the layout holds (the decode path).
-            weights, lora_bs = self._weights(), self._lora_bs()
-            w_ok = self._in_place(weights, self._w_ptrs)
-            b_ok = self._in_place(lora_bs, self._b_ptrs)
-            if self.stale or not (w_ok and b_ok):
-                self.refuse(force=False)
-                w_ok = self._in_place(weights, self._w_ptrs)
-                b_ok = self._in_place(lora_bs, self._b_ptrs)
-            # A part that is not (or no longer) fused is concatenated by the op.
-            return (self._w_fused if w_ok else None), (self._b_fused if b_ok else None)
-        if self.stale:
-            return None, None
-        return self._w_fused, self._b_fused
-
-    def output(self, member: CoRALinear, x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
-        idx = member._group_index
-        if (
-            self._x is x
-            and self._a is lora_a
-            and idx in self._pending
-            and self._version == _version_of(x)
-        ):
-            y = self._pending.pop(idx)
-            if not self._pending:
-                self._clear()
-            return y
-        state = member._state
-        fused_w, fused_b = self.operands()
-        outs = fused_cora_linear_multi(
-            x,
-            [m.weight for m in self.members],
-            _on_device(lora_a, x.device),
-            [m.lora_B.weight for m in self.members],
-            [m.bias for m in self.members],
-            scaling=state.scaling,
-            backend=state.backend,
-            fused_weight=fused_w,
-            fused_lora_b=fused_b,
-            **state.dropout_args(member),
-        )
-        self._clear()
-        pending = {j: o for j, o in enumerate(outs) if j != idx}
-        if pending:
-            self._x, self._a, self._version, self._pending = x, lora_a, _version_of(x), pending
-        return outs[idx]
-
-
-def _compatible(params: list) -> bool:
-    """Parameters that can share one buffer: one dtype, one device, 2-D, equal widths."""
-    first = params[0]
-    return all(
-        p.dtype == first.dtype
-        and p.device == first.device
-        and p.dim() == 2
-        and p.shape[1] == first.shape[1]
-        for p in params
-    )
-
-
-def _self_contained(p: torch.Tensor) -> bool:
-    """A plain float ``nn.Parameter`` that is the whole of its own storage.
-
-    Only such a parameter may be re-pointed into a fused buffer: nothing else can be
-    looking at its storage through another tensor (FSDP's flat parameter, a packed buffer),
-    and it is not a tensor subclass (DTensor, bitsandbytes' ``Params4bit``/``Int8Params``)
-    whose data means more than its values.
-    """
-    if type(p) is not nn.Parameter or not p.is_floating_point() or p.device.type == "meta":
-        return False
-    if not p.is_contiguous() or p.storage_offset() != 0:
-        return False
-    return p.untyped_storage().nbytes() == p.numel() * p.element_size()
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` whose product is ``F.linear(x, weight, bias)`` with plain float
-    parameters: its weight can be handed to the fused op as it is.
-
-    Quantised linears (bitsandbytes ``Linear4bit``/``Linear8bitLt``: ``nn.Linear`` subclasses
-    with their own ``forward`` and packed parameter subclasses), wrappers (peft's LoRA layers)
-    and modules whose ``forward`` was replaced on the instance (accelerate's offloading hooks)
-    are not: their product is their own ``forward``.
-    """
-    if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
-        return False
-    # accelerate's offloading hooks replace forward on the instance (and may leave the weight
-    # on the meta device until that forward runs): such a module computes through its own.
-    if "forward" in module.__dict__:
-        return False
-    weight, bias = module.weight, module.bias
-    if type(weight) is not nn.Parameter or not weight.is_floating_point():
-        return False
-    if weight.device.type == "meta":
-        return False
-    if tuple(weight.shape) != (module.out_features, module.in_features):
-        return False
-    return bias is None or (type(bias) is nn.Parameter and bias.is_floating_point())
-
-
-def _linear_shape(module: nn.Module) -> Optional[tuple[int, int]]:
-    """``(in_features, out_features)`` of a linear-like module (an ``nn.Linear``, a quantised
-    linear, a peft layer over one), or ``None`` when it declares none."""
-    seen = 0
-    while module is not None and seen < 8:
-        d_in = getattr(module, "in_features", None)
-        d_out = getattr(module, "out_features", None)
-        if isinstance(d_in, int) and isinstance(d_out, int) and d_in > 0 and d_out > 0:
-            return d_in, d_out
-        module = getattr(module, "base_layer", None)
-        seen += 1
-    return None
-
-
-def _float_dtype_of(module: nn.Module) -> Optional[torch.dtype]:
-    """The dtype of the first floating-point parameter of ``module`` (None if it has none)."""
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
-
-
-def _device_of(module: nn.Module) -> Optional[torch.device]:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return None
 
 
 def lowrank_delta(
@@ -424,7 +188,7 @@ def lowrank_delta(
 class CoRALinear(nn.Module):
     """A frozen linear projection plus a per-sample low-rank delta ``s (x A_b) B^T``.
 
-    Two kinds of base, chosen by :func:`_is_plain_linear`:
+    Two kinds of base, chosen by :func:`is_plain_linear`:
 
     * a plain float ``nn.Linear``: its parameters become this module's ``weight`` and
       ``bias`` (the same objects, the same state-dict keys) and the whole projection is one
@@ -456,24 +220,24 @@ class CoRALinear(nn.Module):
         lora_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        shape = _linear_shape(base)
+        shape = linear_shape(base)
         if shape is None:
             raise TypeError(
                 f"{path}: {type(base).__name__} is not a linear projection (it declares no "
                 "in_features/out_features)"
             )
         self.in_features, self.out_features = shape
-        self.wraps_module = not _is_plain_linear(base)
+        self.wraps_module = not is_plain_linear(base)
         if self.wraps_module:
             self.base_layer = base
         else:
             self.weight = base.weight
             self.bias = base.bias
         if lora_dtype is None:
-            w_dtype = _float_dtype_of(base)
+            w_dtype = float_dtype_of(base)
             lora_dtype = w_dtype if w_dtype in (torch.float32, torch.float64) else torch.float32
         self.lora_B = nn.Linear(
-            state.rank, self.out_features, bias=False, device=_device_of(base), dtype=lora_dtype
+            state.rank, self.out_features, bias=False, device=device_of(base), dtype=lora_dtype
         )
         nn.init.zeros_(self.lora_B.weight)
         # Plain attributes (not submodules): no duplicate parameters or state-dict keys.
@@ -535,7 +299,7 @@ class CoRALinear(nn.Module):
             y = self.base_layer(x)
             delta = lowrank_delta(
                 x,
-                _on_device(lora_a, x.device),
+                on_device(lora_a, x.device),
                 self.lora_B.weight,
                 self._state.scaling,
                 **self._state.dropout_args(self),
@@ -546,7 +310,7 @@ class CoRALinear(nn.Module):
         return fused_cora_linear(
             x,
             self.weight,
-            _on_device(lora_a, x.device),
+            on_device(lora_a, x.device),
             self.lora_B.weight,
             self.bias,
             scaling=self._state.scaling,
@@ -596,131 +360,6 @@ def lora_b_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {f"{name}.lora_B.weight": m.lora_B.weight for name, m in cora_modules(model).items()}
 
 
-def _hidden_size(model: nn.Module, candidates: list) -> int:
-    config = getattr(model, "config", None)
-    hidden = getattr(config, "hidden_size", None) if config is not None else None
-    if isinstance(hidden, int):
-        return hidden
-    sizes = {_linear_shape(m)[0] for _, _, m, _ in candidates}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"cannot infer the hidden size: the target modules have in_features {sorted(sizes)} "
-            "and the model has no config.hidden_size"
-        )
-    return sizes.pop()
-
-
-def _modules_named(model: nn.Module, names: Sequence[str]) -> tuple[list, list]:
-    """``([(parent, child name, child, path)] of every module named one of names,
-    sorted names of the model's linear-like modules)``; never descends into a target."""
-    found, linear_names = [], set()
-    for path, module in model.named_modules():
-        for child_name, child in module.named_children():
-            if isinstance(child, nn.Linear) or _linear_shape(child) is not None:
-                linear_names.add(child_name)
-            if child_name in names:
-                full = f"{path}.{child_name}" if path else child_name
-                found.append((module, child_name, child, full))
-    # A target inside another target (peft's q_proj.base_layer is not one, but a user's
-    # wrapper could reuse a name): only the outermost is a target.
-    paths = {f for _, _, _, f in found}
-    found = [e for e in found if not any(e[3].startswith(p + ".") for p in paths)]
-    return found, sorted(linear_names)
-
-
-def find_linear_modules(model: nn.Module, target_modules: Sequence[str]) -> list:
-    """``[(parent, child name, module, path)]`` of every linear projection whose last path
-    component is in ``target_modules``: ``nn.Linear`` modules and linear-like ones (quantised
-    linears, peft LoRA layers; anything declaring ``in_features``/``out_features``).
-
-    Raises:
-        ValueError: no module is named one of ``target_modules`` (the message lists the
-            model's linear module names).
-        TypeError: a module with a target name is not a linear projection.
-    """
-    found, linear_names = _modules_named(model, tuple(target_modules))
-    if not found:
-        raise ValueError(
-            f"no linear module of the model is named one of {list(target_modules)}; "
-            f"its linear modules are named {linear_names or 'nothing'}"
-        )
-    not_linear = [
-        f"{full} ({type(child).__name__})"
-        for _, _, child, full in found
-        if _linear_shape(child) is None
-    ]
-    if not_linear:
-        raise TypeError(
-            f"target_modules name modules that are not linear projections: "
-            f"{', '.join(not_linear[:4])}{' ...' if len(not_linear) > 4 else ''}"
-        )
-    return found
-
-
-def find_target_modules(
-    model: nn.Module, target_modules: Union[str, Sequence[str], None] = None
-) -> list:
-    """The projections :func:`apply_cora_to_llama` would patch, checked against the model.
-
-    Args:
-        model: the model to patch.
-        target_modules: last path components (every one must name a module of the model, and
-            every such module must read the hidden state); ``None`` (or the
-            :data:`DEFAULT_TARGET_MODULES` object itself): the model's attention projections
-            ``q_proj``, ``k_proj``, ``v_proj``, ``qkv_proj`` (Phi-3), ``o_proj`` that read
-            the hidden state, with a warning naming any left out (Gemma 2's and Qwen3's
-            ``o_proj`` read ``heads x head_dim`` features).
-
-    Returns:
-        ``[(parent, child name, module, path)]`` in model order.
-
-    Raises:
-        ValueError: a named target absent from the model, a target whose ``in_features`` is
-            not the hidden size (one shared ``A_b`` of shape ``(hidden_size, rank)`` reads
-            every target's input; e.g. ``down_proj``), or nothing to patch.
-        TypeError: malformed ``target_modules`` or a target that is not a linear projection.
-    """
-    auto = target_modules is None or target_modules is DEFAULT_TARGET_MODULES
-    if isinstance(target_modules, str):
-        target_modules = (target_modules,)
-    names = _AUTO_TARGETS if auto else tuple(target_modules)
-    if not names or not all(isinstance(t, str) for t in names):
-        raise TypeError(
-            f"target_modules must be a non-empty sequence of str, got {target_modules!r}"
-        )
-    found = find_linear_modules(model, names)
-    present = {name for _, name, _, _ in found}
-    missing = [n for n in names if n not in present]
-    if missing and not auto:
-        _, linear_names = _modules_named(model, ())
-        raise ValueError(
-            f"target_modules {missing} match no module of the model; its linear modules are "
-            f"named {linear_names}"
-        )
-    hidden = _hidden_size(model, found)
-    misfit: dict[str, str] = {}
-    for _, name, child, full in found:
-        d_in = _linear_shape(child)[0]
-        if d_in != hidden and name not in misfit:
-            misfit[name] = f"{full} reads {d_in} features"
-    if misfit and not auto:
-        raise ValueError(
-            f"{'; '.join(misfit.values())}, not the hidden size {hidden}: CoRA shares one A_b "
-            f"of shape (hidden_size, rank) across the targets, so every target must read the "
-            f"hidden state; leave {sorted(misfit)} out of target_modules"
-        )
-    if misfit:
-        warnings.warn(
-            f"CoRA leaves {sorted(misfit)} unpatched: {'; '.join(misfit.values())}, not the "
-            f"hidden size {hidden} that the shared A_b reads",
-            stacklevel=3,
-        )
-        found = [e for e in found if e[1] not in misfit]
-        if not found:
-            raise ValueError("no attention projection of the model reads the hidden state")
-    return found
-
-
 def apply_cora_to_llama(
     model: nn.Module,
     rank: int = 16,
@@ -752,7 +391,7 @@ def apply_cora_to_llama(
             fused call over ``[W_q; W_k; W_v]`` and one shared ``x A_b``. Only plain float
             ``nn.Linear`` weights are fused; self-contained ones are moved into one buffer
             (views: no extra memory), others are concatenated per call (see
-            :class:`_FusedQKV`). Quantised and peft projections are never fused.
+            :class:`FusedQKV`). Quantised and peft projections are never fused.
         backend: passed to :func:`fused_cora_linear` (``"auto"``, ``"triton"``, ``"cuda"``,
             ``"torch"``).
         lora_dtype: dtype of the ``lora_B`` factors; default: the weights' dtype for fp32/fp64
@@ -789,7 +428,7 @@ def apply_cora_to_llama(
         raise ValueError("model is already patched with CoRA; call remove_cora(model) first")
 
     candidates = find_target_modules(model, target_modules)
-    hidden = _hidden_size(model, candidates)
+    hidden = hidden_size_of(model, candidates)
     state = _CoRAState(
         hidden_size=hidden,
         rank=rank,
@@ -819,8 +458,8 @@ def apply_cora_to_llama(
             if len(members) < 2:
                 continue
             members.sort(key=lambda m: _QKV_NAMES.index(m.path.rsplit(".", 1)[-1]))
-            if _compatible([m.weight for m in members]):
-                _FusedQKV(members)
+            if can_share_buffer([m.weight for m in members]):
+                FusedQKV(members)
 
     model.__dict__[_STATE_ATTR] = state
     return model

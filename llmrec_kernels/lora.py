@@ -8,7 +8,7 @@ sample, so the base GEMM and the low-rank update share one kernel; while a modul
 dropout > 0 the op's own LoRA dropout (``dropout_p``) makes the low-rank branch read
 ``dropout(x)`` and the base GEMM ``x``, as peft's unfused layer does (a different, counter-based
 mask stream than ``nn.Dropout``'s). The modules to patch are found as :func:`llmrec_kernels.hf.apply_cora_to_llama` finds them
-(:func:`llmrec_kernels.hf.find_linear_modules`).
+(:func:`llmrec_kernels.hf_targets.find_linear_modules`).
 
 A quantised base (bitsandbytes ``Linear4bit``/``Linear8bitLt``, QLoRA-style) or any other
 linear-like module that is not a plain float ``nn.Linear`` keeps its own ``forward`` for the
@@ -27,14 +27,13 @@ from torch import nn
 
 from llmrec_kernels.cora_linear import fused_cora_linear
 from llmrec_kernels.dropout import draw_seed
-from llmrec_kernels.hf import (
-    _device_of,
-    _float_dtype_of,
-    _is_plain_linear,
-    _linear_shape,
+from llmrec_kernels.hf import lowrank_delta, run_eagerly
+from llmrec_kernels.hf_targets import (
+    device_of,
     find_linear_modules,
-    lowrank_delta,
-    run_eagerly,
+    float_dtype_of,
+    is_plain_linear,
+    linear_shape,
 )
 
 __all__ = [
@@ -74,22 +73,22 @@ class LoRALinear(nn.Module):
         super().__init__()
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
-        shape = _linear_shape(base)
+        shape = linear_shape(base)
         if shape is None:
             raise TypeError(
                 f"{path or 'LoRA target'}: {type(base).__name__} is not a linear projection "
                 "(it declares no in_features/out_features)"
             )
         self.in_features, self.out_features = shape
-        self.wraps_module = not _is_plain_linear(base)
+        self.wraps_module = not is_plain_linear(base)
         if self.wraps_module:
             self.base_layer = base
         else:
             self.weight = base.weight
             self.bias = base.bias
-        w_dtype = _float_dtype_of(base)
+        w_dtype = float_dtype_of(base)
         lora_dtype = w_dtype if w_dtype in (torch.float32, torch.float64) else torch.float32
-        device = _device_of(base)
+        device = device_of(base)
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=lora_dtype)
         self.lora_B = nn.Linear(
             rank, self.out_features, bias=False, device=device, dtype=lora_dtype

@@ -107,7 +107,7 @@ def _launch_args(kernel, dtype: str, tma: bool, rank: int, flatten=False, wide=F
     """The positional and keyword arguments the launcher passes (meta tensors, no memory)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from llmrec_kernels.triton import hopper
+    from llmrec_kernels.triton import hopper, hopper_kernels
     from llmrec_kernels.triton.configs import block_r
 
     precision = _PRECISION[dtype]
@@ -142,7 +142,7 @@ def _launch_args(kernel, dtype: str, tma: bool, rank: int, flatten=False, wide=F
             LENGTH * D_IN, D_IN, 1, D_IN, 1, rb, 1,
         )  # fmt: skip
         return (
-            hopper._hopper_fwd_kernel,
+            hopper_kernels._hopper_fwd_kernel,
             args,
             dict(
                 common, HAS_BIAS=True, BLOCK_N=cfg.BLOCK_COLS, BLOCK_K=cfg.BLOCK_RED,
@@ -161,7 +161,7 @@ def _launch_args(kernel, dtype: str, tma: bool, rank: int, flatten=False, wide=F
         LENGTH * D_OUT, D_OUT, 1, D_IN, 1, D_IN * rb, rb, 1,
     )  # fmt: skip
     return (
-        hopper._hopper_dx_kernel,
+        hopper_kernels._hopper_dx_kernel,
         args,
         dict(common, BLOCK_K=cfg.BLOCK_COLS, BLOCK_N=cfg.BLOCK_RED),
     )

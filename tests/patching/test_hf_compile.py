@@ -17,6 +17,7 @@ from tolerance import assert_close_to_oracle
 
 import llmrec_kernels.cora_linear as cora_linear_mod
 import llmrec_kernels.hf as hf
+import llmrec_kernels.qkv_fusion as qkv_fusion
 from llmrec_kernels.hf import apply_cora_to_llama, cora_weights, lora_b_parameters
 
 transformers = pytest.importorskip("transformers")
@@ -147,7 +148,7 @@ def test_fused_call_concatenates_nothing(monkeypatch):
             fused_weight=fused_weight, fused_lora_b=fused_lora_b, **kw,
         )  # fmt: skip
 
-    monkeypatch.setattr(hf, "fused_cora_linear_multi", spy)
+    monkeypatch.setattr(qkv_fusion, "fused_cora_linear_multi", spy)
     cat_shapes = []
     real_cat = torch.cat
 

@@ -17,6 +17,7 @@ from tolerance import assert_close_to_oracle
 from torch.func import functional_call
 
 import llmrec_kernels.hf as hf
+import llmrec_kernels.qkv_fusion as qkv_fusion
 from llmrec_kernels.hf import (
     CoRALinear,
     apply_cora_to_llama,
@@ -122,14 +123,15 @@ class CallCounter:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        for name in ("fused_cora_linear", "fused_cora_linear_multi"):
-            real = getattr(hf, name)
+        # single projections call the op from hf, the fused q/k/v group from qkv_fusion
+        for module, name in ((hf, "fused_cora_linear"), (qkv_fusion, "fused_cora_linear_multi")):
+            real = getattr(module, name)
 
             def counted(*args, _real=real, **kwargs):
                 self.calls += 1
                 return _real(*args, **kwargs)
 
-            monkeypatch.setattr(hf, name, counted)
+            monkeypatch.setattr(module, name, counted)
 
 
 # --------------------------------------------------------------------------------------------
