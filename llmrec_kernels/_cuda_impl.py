@@ -1,6 +1,6 @@
 """``backend="cuda"``: the hand-written kernels of ``csrc/`` (``torch.ops.llmrec_kernels_cuda``).
 
-Same interface as :mod:`llmrec_kernels._torch_impl` (see :mod:`llmrec_kernels.cora_linear`).
+The shared backend interface (:class:`llmrec_kernels.backends.CoraBackend`); no LoRA dropout.
 
 Forward, per call (x as ``B*L`` rows; fp16/bf16 in, fp32 accumulation, one rounding per output):
 
@@ -27,12 +27,59 @@ from typing import Optional
 
 import torch
 
-from llmrec_kernels import _cuda
+from llmrec_kernels import _cuda, _multi
+from llmrec_kernels.backends import CoraShapes, supports_from
 
-__all__ = ["MAX_RANK", "SUPPORTED_DTYPES", "backward", "forward", "lowrank_linear", "shrink"]
+__all__ = [
+    "HAS_DROPOUT",
+    "MAX_RANK",
+    "SUPPORTED_DTYPES",
+    "TRACEABLE",
+    "backward",
+    "backward_multi",
+    "check_supported",
+    "forward",
+    "forward_multi",
+    "lowrank_linear",
+    "shrink",
+    "supports",
+]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_RANK = 128
+TRACEABLE = False  # extension ops: compiled code calls the custom ops
+HAS_DROPOUT = False
+
+
+def check_supported(shapes: CoraShapes, dtype: torch.dtype, device: torch.device) -> None:
+    """Raise ``ValueError``/``TypeError`` when the extension cannot run such a call: CUDA
+    tensors, the extension built or buildable, fp16/bf16, rank up to :data:`MAX_RANK`."""
+    if device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+    reason = _cuda.unavailable_reason()
+    if reason is not None:
+        raise ValueError(f"backend='cuda' is not available: {reason}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"backend='cuda' supports float16 and bfloat16, got {dtype}; "
+            "use backend='triton' or backend='torch'"
+        )
+    if shapes.rank > MAX_RANK:
+        raise ValueError(
+            f"backend='cuda' supports ranks up to {MAX_RANK}, got r={shapes.rank}; "
+            "use backend='torch'"
+        )
+
+
+supports = supports_from(check_supported)
+
+
+def _no_dropout(dropout: Optional[tuple]) -> None:
+    if dropout is not None:
+        raise ValueError(
+            "the CUDA backend has no LoRA dropout (dropout_p > 0); use backend='triton' or "
+            "'torch', or dropout_p=0"
+        )
 
 
 def _check(x: torch.Tensor, rank: int) -> None:
@@ -54,8 +101,15 @@ def forward(
     lora_b: torch.Tensor,
     bias: Optional[torch.Tensor],
     scaling: float,
+    need_s: bool = True,
+    dropout: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y (B, L, d_out) in x's dtype, s = scaling * x A (B, L, r) fp32)`` for x ``(B, L, d_in)``."""
+    """``(y (B, L, d_out) in x's dtype, s = scaling * x A (B, L, r) fp32)`` for x ``(B, L, d_in)``.
+
+    ``need_s`` is accepted for the shared interface (the fused GEMM reads ``s``, so it is made
+    either way); ``dropout`` must be ``None``.
+    """
+    _no_dropout(dropout)
     _check(x, lora_a.shape[-1])
     y, s = _cuda.ops().cora_forward(x, weight, lora_a, lora_b, bias, float(scaling))
     return y, s
@@ -72,14 +126,33 @@ def backward(
     need_dx: bool,
     need_da: bool,
     need_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dx, dA, dB)``; an unneeded one is an empty tensor."""
+    dropout: Optional[tuple] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients ``(dx, dA, dB)``; an unneeded one is ``None``."""
+    _no_dropout(dropout)
     _check(x, lora_a.shape[-1])
     dx, da, db = _cuda.ops().cora_backward(
         dy.to(x.dtype), x, weight, lora_a, lora_b, s_scaled.float(), float(scaling),
         bool(need_dx), bool(need_da), bool(need_db),
     )  # fmt: skip
-    return dx, da, db
+    return (dx if need_dx else None), (da if need_da else None), (db if need_db else None)
+
+
+def forward_multi(x, weight, lora_a, lora_b, bias, scaling, sizes, dropout=None):
+    """One fused call per projection (:func:`llmrec_kernels._multi.forward_multi`)."""
+    return _multi.forward_multi(forward, x, weight, lora_a, lora_b, bias, scaling, sizes, dropout)
+
+
+def backward_multi(
+    dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx, need_da, need_dbs,
+    dropout=None,
+):  # fmt: skip
+    """:func:`backward` per projection, dx and dA summed (:func:`llmrec_kernels._multi.
+    backward_multi`)."""
+    return _multi.backward_multi(
+        backward, dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx, need_da,
+        need_dbs, dropout,
+    )  # fmt: skip
 
 
 def shrink(x: torch.Tensor, lora_a: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:

@@ -29,25 +29,137 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, Optional, Protocol
 
 import torch
 
 __all__ = [
     "BACKENDS",
+    "CONCRETE_BACKENDS",
     "ENV_BACKEND",
     "MAX_TRITON_RANK",
+    "CoraBackend",
+    "CoraShapes",
     "batch_invariant",
     "batch_invariant_enabled",
+    "get_backend",
     "interpreter_enabled",
     "resolve_backend",
     "triton_available",
 ]
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
+CONCRETE_BACKENDS = ("torch", "triton", "cuda")
 ENV_BACKEND = "LLMREC_KERNELS_BACKEND"
 MAX_TRITON_RANK = 128
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class CoraShapes(NamedTuple):
+    """The sizes of one CoRA linear call: ``x (batch, length, d_in)``, ``W (d_out, d_in)``,
+    ``A (batch or 1, d_in, rank)``; ``per_sample_a`` is False for one shared ``A``."""
+
+    batch: int
+    length: int
+    d_in: int
+    d_out: int
+    rank: int
+    per_sample_a: bool = True
+
+    @classmethod
+    def of(cls, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor) -> CoraShapes:
+        """The shapes of a call with 3-D ``x``."""
+        batch, length, d_in = x.shape
+        return cls(batch, length, d_in, weight.shape[0], lora_a.shape[-1], lora_a.dim() == 3)
+
+
+class CoraBackend(Protocol):
+    """What every backend module (:func:`get_backend`) provides; written once, here.
+
+    All take 3-D ``x`` ``(B, L, d_in)`` and run without autograd (:mod:`llmrec_kernels.
+    cora_linear` wraps them in one autograd node per call). ``dropout`` is ``None`` or the
+    op's ``(p, seed, offset)`` (:mod:`llmrec_kernels.dropout`); ``s_scaled`` is the forward's
+    ``scaling * x A`` (or ``scaling * dropout(x) A``), fp32 (fp64 for fp64 inputs),
+    ``(B, L, r)``. A gradient not asked for is returned as ``None``.
+    """
+
+    #: True when the backend is plain PyTorch ops that ``torch.compile`` traces; otherwise
+    #: compiled code reaches it through the registered custom ops.
+    TRACEABLE: bool
+    #: True when the backend implements LoRA dropout (``dropout`` not ``None``).
+    HAS_DROPOUT: bool
+
+    def check_supported(self, shapes: CoraShapes, dtype: torch.dtype, device: torch.device) -> None:
+        """Raise ``TypeError``/``ValueError`` saying why the backend cannot run such a call."""
+
+    def supports(self, shapes: CoraShapes, dtype: torch.dtype, device: torch.device) -> bool:
+        """True when :meth:`check_supported` would not raise."""
+
+    def forward(
+        self, x, weight, lora_a, lora_b, bias, scaling: float, need_s: bool = True,
+        dropout: Optional[tuple] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # fmt: skip
+        """``(y (B, L, d_out) in x's dtype, s_scaled or None when need_s is False)``."""
+
+    def backward(
+        self, dy, x, weight, lora_a, lora_b, s_scaled, scaling: float, need_dx: bool,
+        need_da: bool, need_db: bool, dropout: Optional[tuple] = None,
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:  # fmt: skip
+        """``(dx, dA, dB)`` in the dtypes of ``x``, ``lora_a``, ``lora_b``."""
+
+    def forward_multi(
+        self, x, weight, lora_a, lora_b, bias, scaling: float, sizes: tuple[int, ...],
+        dropout: Optional[tuple] = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
+        """Projections sharing ``x`` and ``A``: ``weight``/``lora_b``/``bias`` hold their rows
+        stacked in ``sizes`` order; ``([y_j (B, L, d_j)], s_scaled)``, each ``y_j`` its own
+        tensor."""
+
+    def backward_multi(
+        self, dys, x, weight, lora_a, lora_b, s_scaled, scaling: float, sizes: tuple[int, ...],
+        need_dx: bool, need_da: bool, need_dbs: tuple[bool, ...], dropout: Optional[tuple] = None,
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], list[Optional[torch.Tensor]]]:  # fmt: skip
+        """Gradients of :meth:`forward_multi`: ``(dx, dA, [dB_j])``, ``None`` where not needed."""
+
+
+_LOADED: dict = {}
+
+
+def _import_backend(name: str):
+    # Import statements, not importlib: torch.compile traces these (importlib is skipped, a
+    # graph break), so a first resolution inside a compiled region stays in one graph.
+    if name == "torch":
+        from llmrec_kernels import _torch_impl as module
+    elif name == "triton":
+        from llmrec_kernels.triton import cora_linear as module
+    elif name == "cuda":
+        from llmrec_kernels import _cuda_impl as module
+    else:
+        raise ValueError(f"backend must be one of {CONCRETE_BACKENDS}, got {name!r}")
+    return module
+
+
+def get_backend(name: str) -> CoraBackend:
+    """The module implementing a concrete backend (``"torch"``, ``"triton"`` or ``"cuda"``),
+    imported on first use (the Triton one imports ``triton``)."""
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = _import_backend(name)
+    return module
+
+
+def supports_from(check_supported: Callable) -> Callable:
+    """A backend's ``supports`` built from its ``check_supported`` (written once)."""
+
+    def supports(shapes: CoraShapes, dtype: torch.dtype, device: torch.device) -> bool:
+        try:
+            check_supported(shapes, dtype, device)
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    return supports
 
 
 # os.environ.get encodes the key and decodes the value on every call (~0.5 us); its backing
@@ -123,8 +235,6 @@ _MAX_RESOLVED = 4096
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rank: int) -> str:
     """Turn a requested backend into the concrete one that will run, or raise ``ValueError``."""
-    if backend == "torch":
-        return "torch"
     if torch.compiler.is_compiling():
         return _resolve(backend, device, dtype, rank)
     key = (
@@ -152,7 +262,6 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, rank: int) 
     backend = backend.lower()
     if backend == "auto":
         backend = _requested()
-    on_triton_device = device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
     if backend == "auto":
         # On a GPU cuBLAS wins (module docstring); the interpreter's auto stays Triton.
         if (
@@ -164,27 +273,8 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, rank: int) 
         ):
             return "triton"
         return "torch"
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package (pip install triton)")
-        if not on_triton_device:
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (got {device}); on the CPU set "
-                "TRITON_INTERPRET=1 before importing llmrec_kernels to run Triton's interpreter"
-            )
-        if dtype not in TRITON_DTYPES:
-            raise TypeError(f"backend='triton' supports float16, bfloat16 and float32, got {dtype}")
-        if rank > MAX_TRITON_RANK:
-            raise ValueError(
-                f"backend='triton' supports ranks up to {MAX_TRITON_RANK}, got r={rank}; "
-                "use backend='torch'"
-            )
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-        from llmrec_kernels import _cuda
-
-        reason = _cuda.unavailable_reason()
-        if reason is not None:
-            raise ValueError(f"backend='cuda' is not available: {reason}")
+    if backend == "triton" and not triton_available():
+        raise ValueError("backend='triton' needs the triton package (pip install triton)")
+    # The backend itself says what it cannot run (the rank alone is known here).
+    get_backend(backend).check_supported(CoraShapes(0, 0, 0, 0, rank), dtype, device)
     return backend
