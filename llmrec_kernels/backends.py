@@ -132,6 +132,8 @@ def _import_backend(name: str):
     if name == "torch":
         from llmrec_kernels import _torch_impl as module
     elif name == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton)")
         from llmrec_kernels.triton import cora_linear as module
     elif name == "cuda":
         from llmrec_kernels import _cuda_impl as module
@@ -273,8 +275,6 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, rank: int) 
         ):
             return "triton"
         return "torch"
-    if backend == "triton" and not triton_available():
-        raise ValueError("backend='triton' needs the triton package (pip install triton)")
     # The backend itself says what it cannot run (the rank alone is known here).
     get_backend(backend).check_supported(CoraShapes(0, 0, 0, 0, rank), dtype, device)
     return backend
