@@ -9,7 +9,12 @@ Forward, per call (x as ``B*L`` rows; fp16/bf16 in, fp32 accumulation, one round
   a tensor-core GEMM per sample (prefill) or over all rows (shared A);
 * ``y = x W^T + bias + s B^T``: one tensor-core GEMM (mma.sync, cp.async pipeline) whose fp32
   accumulator receives the low-rank term before the single store; 128x128 tiles when they
-  alone fill the GPU, 64x32 tiles otherwise (decode).
+  alone fill the GPU, 64x32 tiles otherwise (decode). On sm_90 and newer this GEMM is retired:
+  it measured 2.3x cuBLAS on an H200 (``benchmarks/results/gpu-check-h200-2026-11-30``), an
+  Ampere-style mainloop without wgmma/TMA. There the base GEMM and dx's ``dy W`` run on
+  cuBLAS (``F.linear``, ``mm``) with the low-rank expand as one ``addmm_`` into ``y``, and the
+  extension keeps the shrink (its decode GEMV) and the dA/dB kernels
+  (:func:`_base_gemm_on_cublas`). The kernels still build for sm_90 (the nvcc checks).
 
 Backward: ``dS = scaling * dy B`` (fp32), ``dx = dy W + dS A_b^T`` (the same fused GEMM with
 W read as (d_out, d_in) and a per-sample E), ``dA_b = x_b^T dS_b`` and ``dB = dy^T s`` (tensor
@@ -23,11 +28,13 @@ contiguous (as the PyTorch path does).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from llmrec_kernels import _cuda, _multi
+from llmrec_kernels import _cuda, _multi, _torch_impl
 from llmrec_kernels.backends import CoraShapes, supports_from
 
 __all__ = [
@@ -74,6 +81,35 @@ def check_supported(shapes: CoraShapes, dtype: torch.dtype, device: torch.device
 supports = supports_from(check_supported)
 
 
+# From this compute capability on, the base GEMM is cuBLAS's (module docstring).
+CUBLAS_BASE_GEMM_FROM_MAJOR = 9
+
+
+@functools.lru_cache(maxsize=64)
+def _base_gemm_on_cublas(device_index: int) -> bool:
+    """True when the device's base GEMM runs on cuBLAS instead of the extension's mma.sync."""
+    return torch.cuda.get_device_capability(device_index)[0] >= CUBLAS_BASE_GEMM_FROM_MAJOR
+
+
+def _routes_to_cublas(x: torch.Tensor) -> bool:
+    return x.is_cuda and _base_gemm_on_cublas(x.get_device())
+
+
+def _cublas_forward(x, weight, lora_a, lora_b, bias, scaling):
+    """sm_90+: the extension's fp32 shrink, cuBLAS's ``x W^T + bias``, one ``addmm_`` expand."""
+    s = _cuda.ops().shrink(x, lora_a, float(scaling))
+    dt = x.dtype
+    if bias is not None and bias.dtype is not dt:
+        bias = bias.to(dt)
+    y = F.linear(x, weight, bias)
+    if not y.is_contiguous():
+        y = y.contiguous()
+    rows = x.shape[0] * x.shape[1]
+    b = lora_b if lora_b.dtype is dt else lora_b.to(dt)
+    y.view(rows, weight.shape[0]).addmm_(s.view(rows, s.shape[-1]).to(dt), b.t())
+    return y, s
+
+
 def _no_dropout(dropout: Optional[tuple]) -> None:
     if dropout is not None:
         raise ValueError(
@@ -111,6 +147,8 @@ def forward(
     """
     _no_dropout(dropout)
     _check(x, lora_a.shape[-1])
+    if _routes_to_cublas(x):
+        return _cublas_forward(x, weight, lora_a, lora_b, bias, scaling)
     y, s = _cuda.ops().cora_forward(x, weight, lora_a, lora_b, bias, float(scaling))
     return y, s
 
@@ -131,6 +169,17 @@ def backward(
     """Gradients ``(dx, dA, dB)``; an unneeded one is ``None``."""
     _no_dropout(dropout)
     _check(x, lora_a.shape[-1])
+    if need_dx and _routes_to_cublas(x):
+        # dx = dy W + dS A^T on cuBLAS (the torch backend's two calls); dA, dB below.
+        dx = _torch_impl.backward(
+            dy.to(x.dtype), x, weight, lora_a, lora_b, s_scaled, scaling, True, False, False
+        )[0]
+        if not (need_da or need_db):
+            return dx, None, None
+        _, da, db = backward(
+            dy, x, weight, lora_a, lora_b, s_scaled, scaling, False, need_da, need_db
+        )
+        return dx, da, db
     dx, da, db = _cuda.ops().cora_backward(
         dy.to(x.dtype), x, weight, lora_a, lora_b, s_scaled.float(), float(scaling),
         bool(need_dx), bool(need_da), bool(need_db),

@@ -204,3 +204,44 @@ def test_dropout_is_implemented_or_refused(name):
         y_drop = module.forward(x, w, a, lb, bias, 1.0, True, (0.5, 7, 0))[0]
         y = module.forward(x, w, a, lb, bias, 1.0, True, None)[0]
         assert not torch.equal(y_drop, y)
+
+
+def test_cuda_backend_keeps_the_base_gemm_off_the_mma_sync_kernel_on_sm90(monkeypatch):
+    """On sm_90+ the CUDA backend's base GEMM and dx's ``dy W`` are cuBLAS's: the
+    extension's fused GEMM ops are never called, its shrink and dA/dB kernels are. Checked on
+    the CPU with the extension's ops stood in for by plain PyTorch (the routing, not the
+    kernels; those run in the GPU check)."""
+    from llmrec_kernels import _cuda, _cuda_impl
+
+    calls = []
+
+    class FakeOps:
+        def shrink(self, x, a, scaling):
+            calls.append("shrink")
+            return scaling * torch.matmul(x.float(), a.float())
+
+        def cora_forward(self, *args):
+            raise AssertionError("the mma.sync forward GEMM ran on sm_90")
+
+        def cora_backward(self, dy, x, w, a, b, s, scaling, need_dx, need_da, need_db):
+            calls.append("backward")
+            assert not need_dx, "the mma.sync dx GEMM ran on sm_90"
+            ds = scaling * dy.float() @ b.float()
+            da = torch.matmul(x.float().transpose(-1, -2), ds).to(a.dtype) if need_da else None
+            db = (dy.float().flatten(0, 1).t() @ s.flatten(0, 1)).to(b.dtype) if need_db else None
+            return None, da, db
+
+    monkeypatch.setattr(_cuda, "ops", lambda: FakeOps())
+    monkeypatch.setattr(_cuda_impl, "_routes_to_cublas", lambda x: True)
+    x, w, a, lb, bias, dy = _inputs(torch.float32)
+    scaling = 1.5
+    y_orc, s_orc, g_orc = _oracle(x, w, a, lb, bias, dy, scaling)
+    y_ref, s_ref, g_ref = _same_precision(x, w, a, lb, bias, dy, scaling)
+    monkeypatch.setattr(_cuda_impl, "_check", lambda x, rank: None)  # fp32 stands in for bf16
+    y, s = _cuda_impl.forward(x, w, a, lb, bias, scaling)
+    assert_close_to_oracle(y, y_ref, y_orc, "sm90 y")
+    assert_close_to_oracle(s, s_ref, s_orc, "sm90 s")
+    dx, da, db = _cuda_impl.backward(dy, x, w, a, lb, s, scaling, True, True, True)
+    for got, ref, orc, what in zip((dx, da, db), g_ref, g_orc, ("dx", "dA", "dB")):
+        assert_close_to_oracle(got, ref, orc, f"sm90 {what}")
+    assert calls == ["shrink", "backward"]
