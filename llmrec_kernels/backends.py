@@ -3,18 +3,18 @@
 Policy for ``backend="auto"`` (the default), after the ``LLMREC_KERNELS_BACKEND`` environment
 variable, which replaces ``"auto"`` when set:
 
-* CUDA tensors run the factored PyTorch path (cuBLAS: ``x W^T + (x A) B^T``, never a dense
-  delta). Measured on an H200 (bf16, ``benchmarks/results/gpu-check-h200-2026-11-30``), it
-  beat the Triton kernels in 53 of 60 projection workloads (Triton / torch 0.90-3.2x, median
-  1.3x; the 7 others within 11%, at host-bound decode and small-prefill shapes):
-  cuBLAS's GEMM outran the Triton GEMM mainloop at prefill and training shapes, and at decode
-  Triton's Python launcher cost more host time than the three cuBLAS calls. The Triton
-  kernels (``backend="triton"`` or ``LLMREC_KERNELS_BACKEND=triton``) stay available and
-  tested; ``python -m benchmarks.tile_sweep`` times their tiles against cuBLAS on a GPU.
-* CPU tensors run the factored PyTorch path too, except under ``TRITON_INTERPRET=1``, where
+* CUDA tensors run what the GPU's measured dispatch table says
+  (:mod:`llmrec_kernels.dispatch_table`): a custom kernel (``"triton"`` or ``"cuda"``) only for
+  a ``(dtype, forward or training, shape class)`` where it measured at least 3% faster than
+  the torch path in the same run, else the factored PyTorch path (cuBLAS: ``x W^T + (x A)
+  B^T``, never a dense delta). With no table for the GPU, the torch path: the one full
+  measurement so far (H200, bf16, ``benchmarks/results/gpu-check-h200-2026-11-30``) had the
+  torch path ahead in 53 of 60 projection workloads.
+* CPU tensors run the factored PyTorch path, except under ``TRITON_INTERPRET=1``, where
   ``auto`` runs the Triton kernels on the CPU through Triton's interpreter (fp16, bf16 or
   fp32, rank at most :data:`MAX_TRITON_RANK`): how the kernels are tested without a GPU.
-* ``"cuda"`` (hand-written CUDA kernels from ``csrc/``) is used only when asked for.
+* ``"cuda"`` (hand-written CUDA kernels from ``csrc/``) runs when asked for or when a GPU's
+  table picks it.
 
 An explicit ``backend=`` argument always wins over the environment variable.
 
@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple, Optional, Protocol
 
 import torch
+
+from llmrec_kernels import dispatch_table
 
 __all__ = [
     "BACKENDS",
@@ -235,12 +237,25 @@ _RESOLVED: dict = {}
 _MAX_RESOLVED = 4096
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rank: int) -> str:
-    """Turn a requested backend into the concrete one that will run, or raise ``ValueError``."""
+def resolve_backend(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    rank: int,
+    tokens: int = 0,
+    length: int = 0,
+    training: bool = False,
+) -> str:
+    """Turn a requested backend into the concrete one that will run, or raise ``ValueError``.
+
+    ``tokens`` (``B * L``), ``length`` (``L``) and ``training`` (autograd records the call)
+    pick the measured table's entry for ``"auto"`` on a GPU (:mod:`llmrec_kernels.dispatch_table`).
+    """
     if torch.compiler.is_compiling():
-        return _resolve(backend, device, dtype, rank)
+        return _resolve(backend, device, dtype, rank, tokens, length, training)
+    cls = dispatch_table.shape_class(tokens, length) if device.type == "cuda" else None
     key = (
-        backend, device, dtype, rank,
+        backend, device, dtype, rank, cls, training,
         _getenv(ENV_BACKEND, b"LLMREC_KERNELS_BACKEND"),
         _getenv("TRITON_INTERPRET", b"TRITON_INTERPRET"),
     )  # fmt: skip
@@ -250,7 +265,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rank
         hit = key = None
     if hit is not None:
         return hit
-    concrete = _resolve(backend, device, dtype, rank)
+    concrete = _resolve(backend, device, dtype, rank, tokens, length, training)
     if key is not None and not isinstance(rank, torch.SymInt):
         if len(_RESOLVED) >= _MAX_RESOLVED:
             _RESOLVED.clear()
@@ -258,14 +273,29 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rank
     return concrete
 
 
-def _resolve(backend: str, device: torch.device, dtype: torch.dtype, rank: int) -> str:
+def _resolve(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    rank: int,
+    tokens: int = 0,
+    length: int = 0,
+    training: bool = False,
+) -> str:
     if not isinstance(backend, str) or backend.lower() not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     backend = backend.lower()
     if backend == "auto":
         backend = _requested()
     if backend == "auto":
-        # On a GPU cuBLAS wins (module docstring); the interpreter's auto stays Triton.
+        if device.type == "cuda":
+            # The measured table's choice where one exists and the backend can run the call;
+            # else the torch path (module docstring).
+            choice = dispatch_table.choose(device, dtype, tokens, length, training)
+            if get_backend(choice).supports(CoraShapes(0, 0, 0, 0, rank), dtype, device):
+                return choice
+            return "torch"
+        # The interpreter's auto stays Triton: how the kernels are tested without a GPU.
         if (
             device.type == "cpu"
             and interpreter_enabled()

@@ -348,20 +348,24 @@ def fused_cora_linear(
                     dropout_p, dropout_seed, dropout_offset,
                 )  # fmt: skip
     check_cora_linear_args(x, weight, lora_a, lora_b, bias, scaling)
-    concrete = resolve_backend(backend, x.device, x.dtype, lora_a.shape[-1])
     if type(scaling) is not float:
         scaling = float(scaling)
     one_token = x.dim() == 2
     x3 = x.unsqueeze(1) if one_token else x
+    tensors = (x, weight, lora_a, lora_b, bias)
+    training = _needs_grad(tensors)
+    concrete = resolve_backend(
+        backend, x.device, x.dtype, lora_a.shape[-1], x3.shape[0] * x3.shape[1], x3.shape[1],
+        training,
+    )  # fmt: skip
     drop_args: tuple = ()
     if dropout_p:  # one truth test on the hot path; 0 and 0.0 skip all of this
         _check_dropout(dropout_p, dropout_seed, dropout_offset, concrete)
         drop_args = (float(dropout_p), dropout_seed, dropout_offset)
-    tensors = (x, weight, lora_a, lora_b, bias)
     # One test of whether anything can observe the op, shared by the two fast paths.
     if _is_compiling() or _functorch_active() or _has_torch_function(tensors):
         y = _cora_linear_forward(x3, weight, lora_a, lora_b, bias, scaling, concrete, *drop_args)[0]
-    elif _needs_grad(tensors):
+    elif training:
         y = _CoraLinearEager.apply(
             x3, weight, lora_a, lora_b, bias, scaling, concrete, drop_args or None
         )
@@ -546,16 +550,20 @@ def fused_cora_linear_multi(
                 )
         if sum(w.shape[0] for w in weights) != fused_weight.shape[0]:
             raise ValueError("the members' output sizes do not add up to the fused weight's")
-    concrete = resolve_backend(backend, x.device, x.dtype, lora_a.shape[-1])
+    members = (*weights, *lora_bs, *biases)
+    tensors = (x, lora_a, *members)
+    training = _needs_grad(tensors)
+    tokens, length = (x.shape[0], 1) if x.dim() == 2 else (x.shape[0] * x.shape[1], x.shape[1])
+    concrete = resolve_backend(
+        backend, x.device, x.dtype, lora_a.shape[-1], tokens, length, training
+    )
     dropout: tuple = ()
     if dropout_p:
         _check_dropout(dropout_p, dropout_seed, dropout_offset, concrete)
         dropout = (float(dropout_p), dropout_seed, dropout_offset)
     one_token = x.dim() == 2
     x3 = x.unsqueeze(1) if one_token else x
-    members = (*weights, *lora_bs, *biases)
-    tensors = (x, lora_a, *members)
-    if not _needs_grad(tensors):
+    if not training:
         # Nothing is saved for a backward: one fused call, its output split into views.
         if _direct_call_ok(tensors):
             y = _forward_no_grad(
