@@ -197,7 +197,7 @@ def batch_invariant(enabled: bool = True) -> Iterator[None]:
     A sample's output (and its ``S = s x A``) is then bitwise the same whatever batch it is
     computed in: the tile configs stop depending on ``M`` (the largest GEMM tile, the 16-row
     shrink tile) and the shrink is split over K by a count fixed by ``K`` alone, summed in a
-    fixed order. The cost (predicted): about 0.8x at small decode batches, where the GEMM
+    fixed order. The cost (predicted): about 0.6x at small decode batches, where the GEMM
     loses its decode tiles, and nothing at large prefill. Process-wide (not per thread);
     the torch and CUDA backends are not affected (cuBLAS picks its algorithm by shape).
     """

@@ -8,6 +8,7 @@ name lookup is stubbed; nothing touches a GPU) and with the H200 run's real reco
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -176,3 +177,23 @@ def test_packaged_tables_are_valid():
     for path in dispatch_table.TABLE_DIR.glob("*.json"):
         assert dispatch_table._validate(json.loads(path.read_text()), str(path)) is not None
         assert path.stem == json.loads(path.read_text())["gpu_key"]
+
+
+def test_cost_model_constants_are_the_fit_to_the_h200_run():
+    """The dispatcher's tile-efficiency ceiling and H200 launch/latency are what the
+    calibration script fits to the H200 records, and the fit lowers the prediction error."""
+    from benchmarks.calibrate_cost_model import _rms_log_error, collect, fit
+    from llmrec_kernels.triton import dispatch
+
+    rows = [
+        r for r in collect(json.loads(H200_BENCH.read_text())) if r["kind"] != "proj fwd decode"
+    ]
+    assert len(rows) == 16
+    spec, eff, err = fit(rows, dispatch.GPUS["H200"])
+    assert eff == dispatch._MAX_TILE_EFFICIENCY
+    assert (spec.launch_us, spec.latency_us) == (
+        dispatch.GPUS["H200"].launch_us,
+        dispatch.GPUS["H200"].latency_us,
+    )
+    uncalibrated = dataclasses.replace(dispatch.GPUS["H200"], launch_us=2.0, latency_us=0.6)
+    assert err < 0.5 * _rms_log_error(rows, uncalibrated, 0.8)
