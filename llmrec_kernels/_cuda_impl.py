@@ -41,6 +41,7 @@ __all__ = [
     "HAS_DROPOUT",
     "MAX_RANK",
     "SUPPORTED_DTYPES",
+    "SUPPORT_DEPENDS_ON_ENV",
     "TRACEABLE",
     "backward",
     "backward_multi",
@@ -56,6 +57,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_RANK = 128
 TRACEABLE = False  # extension ops: compiled code calls the custom ops
 HAS_DROPOUT = False
+SUPPORT_DEPENDS_ON_ENV = False
 
 
 def check_supported(shapes: CoraShapes, dtype: torch.dtype, device: torch.device) -> None:

@@ -17,6 +17,7 @@ from llmrec_kernels.dropout import dropout_mask, keep_scale
 
 __all__ = [
     "HAS_DROPOUT",
+    "SUPPORT_DEPENDS_ON_ENV",
     "TRACEABLE",
     "backward",
     "backward_multi",
@@ -29,6 +30,7 @@ __all__ = [
 
 TRACEABLE = True  # plain PyTorch ops: torch.compile traces them
 HAS_DROPOUT = True
+SUPPORT_DEPENDS_ON_ENV = False
 
 
 def check_supported(shapes: CoraShapes, dtype: torch.dtype, device: torch.device) -> None:

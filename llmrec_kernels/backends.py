@@ -91,6 +91,9 @@ class CoraBackend(Protocol):
     TRACEABLE: bool
     #: True when the backend implements LoRA dropout (``dropout`` not ``None``).
     HAS_DROPOUT: bool
+    #: True when :meth:`check_supported` reads the environment (``TRITON_INTERPRET``), so an
+    #: explicit request's resolution cannot be cached without it.
+    SUPPORT_DEPENDS_ON_ENV: bool
 
     def check_supported(self, shapes: CoraShapes, dtype: torch.dtype, device: torch.device) -> None:
         """Raise ``TypeError``/``ValueError`` saying why the backend cannot run such a call."""
@@ -234,6 +237,8 @@ def _requested() -> str:
 # answer depends on nothing else (the CUDA extension's availability does not change within a
 # process), so a hit skips every check. Bounded: ranks and devices are few.
 _RESOLVED: dict = {}
+# (backend, device, dtype, rank) -> backend, for explicit requests (see resolve_backend).
+_RESOLVED_EXPLICIT: dict = {}
 _MAX_RESOLVED = 4096
 
 
@@ -253,6 +258,14 @@ def resolve_backend(
     """
     if torch.compiler.is_compiling():
         return _resolve(backend, device, dtype, rank, tokens, length, training)
+    # An explicit request whose backend's support does not depend on the environment is
+    # answered from a smaller key (no environment reads: host time at decode).
+    try:
+        hit = _RESOLVED_EXPLICIT.get((backend, device, dtype, rank))
+    except TypeError:
+        hit = None
+    if hit is not None:
+        return hit
     cls = dispatch_table.shape_class(tokens, length) if device.type == "cuda" else None
     key = (
         backend, device, dtype, rank, cls, training,
@@ -269,7 +282,10 @@ def resolve_backend(
     if key is not None and not isinstance(rank, torch.SymInt):
         if len(_RESOLVED) >= _MAX_RESOLVED:
             _RESOLVED.clear()
+            _RESOLVED_EXPLICIT.clear()
         _RESOLVED[key] = concrete
+        if backend == concrete and not get_backend(concrete).SUPPORT_DEPENDS_ON_ENV:
+            _RESOLVED_EXPLICIT[(backend, device, dtype, rank)] = concrete
     return concrete
 
 

@@ -354,10 +354,13 @@ def fused_cora_linear(
     x3 = x.unsqueeze(1) if one_token else x
     tensors = (x, weight, lora_a, lora_b, bias)
     training = _needs_grad(tensors)
-    concrete = resolve_backend(
-        backend, x.device, x.dtype, lora_a.shape[-1], x3.shape[0] * x3.shape[1], x3.shape[1],
-        training,
-    )  # fmt: skip
+    if x.is_cuda:  # the shape class matters only to a GPU's dispatch table
+        concrete = resolve_backend(
+            backend, x.device, x.dtype, lora_a.shape[-1], x3.shape[0] * x3.shape[1],
+            x3.shape[1], training,
+        )  # fmt: skip
+    else:
+        concrete = resolve_backend(backend, x.device, x.dtype, lora_a.shape[-1])
     drop_args: tuple = ()
     if dropout_p:  # one truth test on the hot path; 0 and 0.0 skip all of this
         _check_dropout(dropout_p, dropout_seed, dropout_offset, concrete)
@@ -369,8 +372,10 @@ def fused_cora_linear(
         y = _CoraLinearEager.apply(
             x3, weight, lora_a, lora_b, bias, scaling, concrete, drop_args or None
         )
-    else:
-        y = _forward_no_grad(concrete, x3, weight, lora_a, lora_b, bias, scaling, drop_args or None)
+    else:  # nothing can observe the op: the backend's forward, no S kept
+        y = get_backend(concrete).forward(
+            x3, weight, lora_a, lora_b, bias, scaling, False, drop_args or None
+        )[0]
     return y.squeeze(1) if one_token else y
 
 

@@ -57,6 +57,7 @@ from llmrec_kernels.triton.shrink_splitk import (
 
 __all__ = [
     "HAS_DROPOUT",
+    "SUPPORT_DEPENDS_ON_ENV",
     "TRACEABLE",
     "backward",
     "backward_multi",
@@ -69,6 +70,7 @@ __all__ = [
 
 TRACEABLE = False  # Triton launches: compiled code calls the custom ops
 HAS_DROPOUT = True
+SUPPORT_DEPENDS_ON_ENV = True
 
 
 def check_supported(shapes: CoraShapes, dtype: torch.dtype, device: torch.device) -> None:

@@ -83,7 +83,8 @@ def test_every_backend_module_implements_the_protocol_with_its_signatures():
     members = ("forward", "backward", "forward_multi", "backward_multi", "check_supported")
     for name in CONCRETE_BACKENDS:
         module = get_backend(name)
-        assert isinstance(module.TRACEABLE, bool) and isinstance(module.HAS_DROPOUT, bool)
+        for flag in ("TRACEABLE", "HAS_DROPOUT", "SUPPORT_DEPENDS_ON_ENV"):
+            assert isinstance(getattr(module, flag), bool), (name, flag)
         assert callable(module.supports)
         for member in members:
             want = list(inspect.signature(getattr(CoraBackend, member)).parameters)[1:]
