@@ -97,6 +97,8 @@ setup(
     + ["llmrec"]
     + [f"llmrec.{name}" for name in find_packages(where="python/llmrec")],
     package_dir={"llmrec_kernels": "llmrec_kernels", "llmrec": "python/llmrec"},
+    # The GPU check's measured dispatch tables (llmrec_kernels.dispatch_table).
+    package_data={"llmrec_kernels": ["dispatch_tables/*.json"]},
     ext_modules=extension.get("ext_modules", []),
     cmdclass={**extension.get("cmdclass", {}), "build_py": BuildPyWithKernelSources},
 )

@@ -18,7 +18,11 @@
 #    the shrink alone (Triton split-K vs plain vs the dispatcher's choice) over the grid;
 #    records are appended to bench.partial.jsonl as they are measured, so a run cut short
 #    keeps what it timed;
-# 6. writes OUT_DIR/summary.md: what ran, what passed, how long each step took.
+# 6. writes the GPU's measured dispatch table from the benchmark's records
+#    (OUT_DIR/dispatch_tables/<gpu>.json: auto's choices, to be committed under
+#    llmrec_kernels/dispatch_tables/) and the cost model's prediction error against them
+#    (OUT_DIR/cost-model-calibration.txt);
+# 7. writes OUT_DIR/summary.md: what ran, what passed, how long each step took.
 #
 # Every step has its own time limit (LIMIT_INSTALL 120, LIMIT_TESTS 200, LIMIT_EXTENSION 300
 # from its start, LIMIT_CUDA_TESTS 100, LIMIT_BENCH 240 seconds; each can be set in the
@@ -109,6 +113,8 @@ if [ "$DRY_RUN" -eq 1 ]; then
   run_step dispatch 60 "$PYTHON" -m benchmarks --dispatch --out "$OUT/dispatch.txt"
   run_step bench 300 "$PYTHON" -m benchmarks --tiny --device cpu --no-progress \
     --out "$OUT/bench.json" --plot "$OUT/bench.png" --markdown "$OUT/bench.md"
+  run_step dispatch-table 60 "$PYTHON" -m benchmarks.dispatch_table "$OUT/bench.json" \
+    --out "$OUT/dispatch_tables"
 else
   ARCH="$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")"
   # The project and the test dependencies, never torch or triton: pip gets both pinned to
@@ -179,6 +185,12 @@ print(" ".join(p for m, p in need.items() if u.find_spec(m) is None))')"
   # what it timed.
   run_step bench "${LIMIT_BENCH:-240}" "$PYTHON" -m benchmarks --device cuda --dtype bfloat16 \
     --no-progress --out "$OUT/bench.json" --plot "$OUT/bench.png" --markdown "$OUT/bench.md"
+  # The measured dispatch table of this GPU (auto's choices; commit it under
+  # llmrec_kernels/dispatch_tables/) and the cost model's error against this run.
+  run_step dispatch-table 60 "$PYTHON" -m benchmarks.dispatch_table "$OUT/bench.json" \
+    --out "$OUT/dispatch_tables"
+  run_step cost-model 60 "$PYTHON" -m benchmarks.calibrate_cost_model "$OUT/bench.json" \
+    --out "$OUT/cost-model-calibration.txt"
 fi
 
 {

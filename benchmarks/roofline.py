@@ -122,8 +122,13 @@ def roofline(
     peak: Optional[DevicePeak],
     dtype: torch.dtype,
     allow_tf32: bool = False,
+    measured_bandwidth_gbps: Optional[float] = None,
 ) -> tuple[Optional[float], str]:
-    """``(roofline_pct, note)``; ``roofline_pct`` is ``None`` when there is no peak to compare."""
+    """``(roofline_pct, note)``; ``roofline_pct`` is ``None`` when there is no peak to compare.
+
+    ``measured_bandwidth_gbps``: the bandwidth measured in the same run
+    (:func:`benchmarks.timing.measure_bandwidth_gbps`), used instead of the data sheet's.
+    """
     if peak is None:
         return None, "no peak table for this device (CPU or unknown GPU): roofline_pct not reported"
     try:
@@ -131,7 +136,11 @@ def roofline(
     except KeyError:
         return None, f"no {peak.name} peak for {dtype}"
     t_compute = cost.flops / flops_peak
-    t_memory = cost.bytes / (peak.bandwidth_tbs * 1e12)
+    bandwidth = (
+        measured_bandwidth_gbps * 1e9 if measured_bandwidth_gbps else peak.bandwidth_tbs * 1e12
+    )
+    t_memory = cost.bytes / bandwidth
     bound = "compute" if t_compute >= t_memory else "memory"
     pct = 100.0 * max(t_compute, t_memory) / seconds
-    return pct, f"{bound}-bound at {peak.name} peak"
+    where = "measured bandwidth" if measured_bandwidth_gbps else "peak"
+    return pct, f"{bound}-bound at {peak.name} {where}"

@@ -1,6 +1,14 @@
 """Timing and peak-memory measurement, on the GPU and on the CPU.
 
-GPU: :func:`time_gpu` uses ``triton.testing.do_bench`` (CUDA events, warm-up, the L2 cache
+GPU, for comparisons (issue 25): :func:`time_gpu_interleaved` times several methods within
+each repetition (the order rotating, the L2 flushed before every call, CUDA events), so
+clock and thermal drift reach every method alike, and reports each method's spread;
+:func:`time_gpu_graph` times a method captured in a CUDA graph (GPU time without host
+launch cost) and :func:`time_host_us` its host time per call (no synchronisation), the two
+reported separately; :func:`measure_bandwidth_gbps` measures the device's copy bandwidth in
+the same run, for rooflines from measured rather than data-sheet bandwidth.
+
+GPU, one method: :func:`time_gpu` uses ``triton.testing.do_bench`` (CUDA events, warm-up, the L2 cache
 flushed before every repetition by zeroing a 256 MB buffer, median), or the same procedure by
 hand with CUDA events when Triton is missing.
 
@@ -30,9 +38,14 @@ __all__ = [
     "OthersCpuMonitor",
     "Timing",
     "cpu_busy_fraction",
+    "interleaved_order",
+    "measure_bandwidth_gbps",
     "peak_memory_mb",
     "time_cpu_interleaved",
     "time_gpu",
+    "time_gpu_graph",
+    "time_gpu_interleaved",
+    "time_host_us",
     "wait_for_idle",
 ]
 
@@ -246,3 +259,99 @@ class OthersCpuMonitor:
 def _self_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
+
+
+def interleaved_order(names: list[str], rep: int) -> list[str]:
+    """The order of the methods in repetition ``rep``: rotated by one per repetition, so no
+    method always runs first (after the flush) or last."""
+    k = rep % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+def time_gpu_interleaved(
+    fns: dict[str, Callable[[], object]], reps: int = 50, warmup: int = 3, flush: bool = True
+) -> dict[str, Timing]:
+    """GPU time per call of each method (ms), interleaved within each repetition.
+
+    Every call is preceded by an L2 flush (zeroing a 256 MB buffer) unless ``flush`` is
+    false, and bracketed by CUDA events; one synchronisation at the end. ``Timing.quantile``
+    gives the spread (p25/p75).
+    """
+    names = list(fns)
+    cache = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda") if flush else None
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    events = {n: [] for n in names}
+    for rep in range(reps):
+        for name in interleaved_order(names, rep):
+            if cache is not None:
+                cache.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[name]()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {
+        n: Timing(samples_ms=[s.elapsed_time(e) for s, e in events[n]]).summarise() for n in names
+    }
+
+
+def time_gpu_graph(fn: Callable[[], object], replays: int = 50, warmup: int = 3) -> Timing:
+    """GPU time per call of ``fn`` captured in a CUDA graph (ms): launch cost on the host is
+    gone, what remains is the kernels' time. ``fn`` must be capturable (static shapes, no host
+    synchronisation); its inputs are whatever it closes over."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        samples.append((start, end))
+    torch.cuda.synchronize()
+    return Timing(samples_ms=[s.elapsed_time(e) for s, e in samples]).summarise()
+
+
+def time_host_us(fn: Callable[[], object], calls: int = 100, repeats: int = 5) -> float:
+    """Host time per call of ``fn`` (us): back-to-back calls without synchronisation, the
+    best of ``repeats`` loops (other processes only ever add time). On a GPU this is the time
+    the host takes to issue the work, reported beside the GPU time, never mixed into it."""
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return best
+
+
+def measure_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """The device's memory bandwidth measured now (GB/s): a device-to-device copy of
+    ``nbytes`` counts ``2 * nbytes`` moved (read + write); the median of ``reps`` copies."""
+    src = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
+    dst = torch.empty_like(src)
+    timing = time_gpu_interleaved({"copy": lambda: dst.copy_(src)}, reps=reps, flush=False)
+    return 2 * nbytes / (timing["copy"].median_ms * 1e-3) / 1e9

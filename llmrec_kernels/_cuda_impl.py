@@ -1,6 +1,6 @@
 """``backend="cuda"``: the hand-written kernels of ``csrc/`` (``torch.ops.llmrec_kernels_cuda``).
 
-Same interface as :mod:`llmrec_kernels._torch_impl` (see :mod:`llmrec_kernels.cora_linear`).
+The shared backend interface (:class:`llmrec_kernels.backends.CoraBackend`); no LoRA dropout.
 
 Forward, per call (x as ``B*L`` rows; fp16/bf16 in, fp32 accumulation, one rounding per output):
 
@@ -9,7 +9,12 @@ Forward, per call (x as ``B*L`` rows; fp16/bf16 in, fp32 accumulation, one round
   a tensor-core GEMM per sample (prefill) or over all rows (shared A);
 * ``y = x W^T + bias + s B^T``: one tensor-core GEMM (mma.sync, cp.async pipeline) whose fp32
   accumulator receives the low-rank term before the single store; 128x128 tiles when they
-  alone fill the GPU, 64x32 tiles otherwise (decode).
+  alone fill the GPU, 64x32 tiles otherwise (decode). On sm_90 and newer this GEMM is retired:
+  it measured 2.3x cuBLAS on an H200 (``benchmarks/results/gpu-check-h200-2026-11-30``), an
+  Ampere-style mainloop without wgmma/TMA. There the base GEMM and dx's ``dy W`` run on
+  cuBLAS (``F.linear``, ``mm``) with the low-rank expand as one ``addmm_`` into ``y``, and the
+  extension keeps the shrink (its decode GEMV) and the dA/dB kernels
+  (:func:`_base_gemm_on_cublas`). The kernels still build for sm_90 (the nvcc checks).
 
 Backward: ``dS = scaling * dy B`` (fp32), ``dx = dy W + dS A_b^T`` (the same fused GEMM with
 W read as (d_out, d_in) and a per-sample E), ``dA_b = x_b^T dS_b`` and ``dB = dy^T s`` (tensor
@@ -23,16 +28,96 @@ contiguous (as the PyTorch path does).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from llmrec_kernels import _cuda
+from llmrec_kernels import _cuda, _multi, _torch_impl
+from llmrec_kernels.backends import CoraShapes, supports_from
 
-__all__ = ["MAX_RANK", "SUPPORTED_DTYPES", "backward", "forward", "lowrank_linear", "shrink"]
+__all__ = [
+    "HAS_DROPOUT",
+    "MAX_RANK",
+    "SUPPORTED_DTYPES",
+    "SUPPORT_DEPENDS_ON_ENV",
+    "TRACEABLE",
+    "backward",
+    "backward_multi",
+    "check_supported",
+    "forward",
+    "forward_multi",
+    "lowrank_linear",
+    "shrink",
+    "supports",
+]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_RANK = 128
+TRACEABLE = False  # extension ops: compiled code calls the custom ops
+HAS_DROPOUT = False
+SUPPORT_DEPENDS_ON_ENV = False
+
+
+def check_supported(shapes: CoraShapes, dtype: torch.dtype, device: torch.device) -> None:
+    """Raise ``ValueError``/``TypeError`` when the extension cannot run such a call: CUDA
+    tensors, the extension built or buildable, fp16/bf16, rank up to :data:`MAX_RANK`."""
+    if device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+    reason = _cuda.unavailable_reason()
+    if reason is not None:
+        raise ValueError(f"backend='cuda' is not available: {reason}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"backend='cuda' supports float16 and bfloat16, got {dtype}; "
+            "use backend='triton' or backend='torch'"
+        )
+    if shapes.rank > MAX_RANK:
+        raise ValueError(
+            f"backend='cuda' supports ranks up to {MAX_RANK}, got r={shapes.rank}; "
+            "use backend='torch'"
+        )
+
+
+supports = supports_from(check_supported)
+
+
+# From this compute capability on, the base GEMM is cuBLAS's (module docstring).
+CUBLAS_BASE_GEMM_FROM_MAJOR = 9
+
+
+@functools.lru_cache(maxsize=64)
+def _base_gemm_on_cublas(device_index: int) -> bool:
+    """True when the device's base GEMM runs on cuBLAS instead of the extension's mma.sync."""
+    return torch.cuda.get_device_capability(device_index)[0] >= CUBLAS_BASE_GEMM_FROM_MAJOR
+
+
+def _routes_to_cublas(x: torch.Tensor) -> bool:
+    return x.is_cuda and _base_gemm_on_cublas(x.get_device())
+
+
+def _cublas_forward(x, weight, lora_a, lora_b, bias, scaling):
+    """sm_90+: the extension's fp32 shrink, cuBLAS's ``x W^T + bias``, one ``addmm_`` expand."""
+    s = _cuda.ops().shrink(x, lora_a, float(scaling))
+    dt = x.dtype
+    if bias is not None and bias.dtype is not dt:
+        bias = bias.to(dt)
+    y = F.linear(x, weight, bias)
+    if not y.is_contiguous():
+        y = y.contiguous()
+    rows = x.shape[0] * x.shape[1]
+    b = lora_b if lora_b.dtype is dt else lora_b.to(dt)
+    y.view(rows, weight.shape[0]).addmm_(s.view(rows, s.shape[-1]).to(dt), b.t())
+    return y, s
+
+
+def _no_dropout(dropout: Optional[tuple]) -> None:
+    if dropout is not None:
+        raise ValueError(
+            "the CUDA backend has no LoRA dropout (dropout_p > 0); use backend='triton' or "
+            "'torch', or dropout_p=0"
+        )
 
 
 def _check(x: torch.Tensor, rank: int) -> None:
@@ -54,9 +139,18 @@ def forward(
     lora_b: torch.Tensor,
     bias: Optional[torch.Tensor],
     scaling: float,
+    need_s: bool = True,
+    dropout: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y (B, L, d_out) in x's dtype, s = scaling * x A (B, L, r) fp32)`` for x ``(B, L, d_in)``."""
+    """``(y (B, L, d_out) in x's dtype, s = scaling * x A (B, L, r) fp32)`` for x ``(B, L, d_in)``.
+
+    ``need_s`` is accepted for the shared interface (the fused GEMM reads ``s``, so it is made
+    either way); ``dropout`` must be ``None``.
+    """
+    _no_dropout(dropout)
     _check(x, lora_a.shape[-1])
+    if _routes_to_cublas(x):
+        return _cublas_forward(x, weight, lora_a, lora_b, bias, scaling)
     y, s = _cuda.ops().cora_forward(x, weight, lora_a, lora_b, bias, float(scaling))
     return y, s
 
@@ -72,14 +166,44 @@ def backward(
     need_dx: bool,
     need_da: bool,
     need_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dx, dA, dB)``; an unneeded one is an empty tensor."""
+    dropout: Optional[tuple] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients ``(dx, dA, dB)``; an unneeded one is ``None``."""
+    _no_dropout(dropout)
     _check(x, lora_a.shape[-1])
+    if need_dx and _routes_to_cublas(x):
+        # dx = dy W + dS A^T on cuBLAS (the torch backend's two calls); dA, dB below.
+        dx = _torch_impl.backward(
+            dy.to(x.dtype), x, weight, lora_a, lora_b, s_scaled, scaling, True, False, False
+        )[0]
+        if not (need_da or need_db):
+            return dx, None, None
+        _, da, db = backward(
+            dy, x, weight, lora_a, lora_b, s_scaled, scaling, False, need_da, need_db
+        )
+        return dx, da, db
     dx, da, db = _cuda.ops().cora_backward(
         dy.to(x.dtype), x, weight, lora_a, lora_b, s_scaled.float(), float(scaling),
         bool(need_dx), bool(need_da), bool(need_db),
     )  # fmt: skip
-    return dx, da, db
+    return (dx if need_dx else None), (da if need_da else None), (db if need_db else None)
+
+
+def forward_multi(x, weight, lora_a, lora_b, bias, scaling, sizes, dropout=None):
+    """One fused call per projection (:func:`llmrec_kernels._multi.forward_multi`)."""
+    return _multi.forward_multi(forward, x, weight, lora_a, lora_b, bias, scaling, sizes, dropout)
+
+
+def backward_multi(
+    dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx, need_da, need_dbs,
+    dropout=None,
+):  # fmt: skip
+    """:func:`backward` per projection, dx and dA summed (:func:`llmrec_kernels._multi.
+    backward_multi`)."""
+    return _multi.backward_multi(
+        backward, dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx, need_da,
+        need_dbs, dropout,
+    )  # fmt: skip
 
 
 def shrink(x: torch.Tensor, lora_a: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:

@@ -3,18 +3,18 @@
 Policy for ``backend="auto"`` (the default), after the ``LLMREC_KERNELS_BACKEND`` environment
 variable, which replaces ``"auto"`` when set:
 
-* CUDA tensors run the factored PyTorch path (cuBLAS: ``x W^T + (x A) B^T``, never a dense
-  delta). Measured on an H200 (bf16, ``benchmarks/results/gpu-check-h200-2026-11-30``), it
-  beat the Triton kernels in 53 of 60 projection workloads (Triton / torch 0.90-3.2x, median
-  1.3x; the 7 others within 11%, at host-bound decode and small-prefill shapes):
-  cuBLAS's GEMM outran the Triton GEMM mainloop at prefill and training shapes, and at decode
-  Triton's Python launcher cost more host time than the three cuBLAS calls. The Triton
-  kernels (``backend="triton"`` or ``LLMREC_KERNELS_BACKEND=triton``) stay available and
-  tested; ``python -m benchmarks.tile_sweep`` times their tiles against cuBLAS on a GPU.
-* CPU tensors run the factored PyTorch path too, except under ``TRITON_INTERPRET=1``, where
+* CUDA tensors run what the GPU's measured dispatch table says
+  (:mod:`llmrec_kernels.dispatch_table`): a custom kernel (``"triton"`` or ``"cuda"``) only for
+  a ``(dtype, forward or training, shape class)`` where it measured at least 3% faster than
+  the torch path in the same run, else the factored PyTorch path (cuBLAS: ``x W^T + (x A)
+  B^T``, never a dense delta). With no table for the GPU, the torch path: the one full
+  measurement so far (H200, bf16, ``benchmarks/results/gpu-check-h200-2026-11-30``) had the
+  torch path ahead in 53 of 60 projection workloads.
+* CPU tensors run the factored PyTorch path, except under ``TRITON_INTERPRET=1``, where
   ``auto`` runs the Triton kernels on the CPU through Triton's interpreter (fp16, bf16 or
   fp32, rank at most :data:`MAX_TRITON_RANK`): how the kernels are tested without a GPU.
-* ``"cuda"`` (hand-written CUDA kernels from ``csrc/``) is used only when asked for.
+* ``"cuda"`` (hand-written CUDA kernels from ``csrc/``) runs when asked for or when a GPU's
+  table picks it.
 
 An explicit ``backend=`` argument always wins over the environment variable.
 
@@ -29,25 +29,144 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, Optional, Protocol
 
 import torch
 
+from llmrec_kernels import dispatch_table
+
 __all__ = [
     "BACKENDS",
+    "CONCRETE_BACKENDS",
     "ENV_BACKEND",
     "MAX_TRITON_RANK",
+    "CoraBackend",
+    "CoraShapes",
     "batch_invariant",
     "batch_invariant_enabled",
+    "get_backend",
     "interpreter_enabled",
     "resolve_backend",
     "triton_available",
 ]
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
+CONCRETE_BACKENDS = ("torch", "triton", "cuda")
 ENV_BACKEND = "LLMREC_KERNELS_BACKEND"
 MAX_TRITON_RANK = 128
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class CoraShapes(NamedTuple):
+    """The sizes of one CoRA linear call: ``x (batch, length, d_in)``, ``W (d_out, d_in)``,
+    ``A (batch or 1, d_in, rank)``; ``per_sample_a`` is False for one shared ``A``."""
+
+    batch: int
+    length: int
+    d_in: int
+    d_out: int
+    rank: int
+    per_sample_a: bool = True
+
+    @classmethod
+    def of(cls, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor) -> CoraShapes:
+        """The shapes of a call with 3-D ``x``."""
+        batch, length, d_in = x.shape
+        return cls(batch, length, d_in, weight.shape[0], lora_a.shape[-1], lora_a.dim() == 3)
+
+
+class CoraBackend(Protocol):
+    """What every backend module (:func:`get_backend`) provides; written once, here.
+
+    All take 3-D ``x`` ``(B, L, d_in)`` and run without autograd (:mod:`llmrec_kernels.
+    cora_linear` wraps them in one autograd node per call). ``dropout`` is ``None`` or the
+    op's ``(p, seed, offset)`` (:mod:`llmrec_kernels.dropout`); ``s_scaled`` is the forward's
+    ``scaling * x A`` (or ``scaling * dropout(x) A``), fp32 (fp64 for fp64 inputs),
+    ``(B, L, r)``. A gradient not asked for is returned as ``None``.
+    """
+
+    #: True when the backend is plain PyTorch ops that ``torch.compile`` traces; otherwise
+    #: compiled code reaches it through the registered custom ops.
+    TRACEABLE: bool
+    #: True when the backend implements LoRA dropout (``dropout`` not ``None``).
+    HAS_DROPOUT: bool
+    #: True when :meth:`check_supported` reads the environment (``TRITON_INTERPRET``), so an
+    #: explicit request's resolution cannot be cached without it.
+    SUPPORT_DEPENDS_ON_ENV: bool
+
+    def check_supported(self, shapes: CoraShapes, dtype: torch.dtype, device: torch.device) -> None:
+        """Raise ``TypeError``/``ValueError`` saying why the backend cannot run such a call."""
+
+    def supports(self, shapes: CoraShapes, dtype: torch.dtype, device: torch.device) -> bool:
+        """True when :meth:`check_supported` would not raise."""
+
+    def forward(
+        self, x, weight, lora_a, lora_b, bias, scaling: float, need_s: bool = True,
+        dropout: Optional[tuple] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # fmt: skip
+        """``(y (B, L, d_out) in x's dtype, s_scaled or None when need_s is False)``."""
+
+    def backward(
+        self, dy, x, weight, lora_a, lora_b, s_scaled, scaling: float, need_dx: bool,
+        need_da: bool, need_db: bool, dropout: Optional[tuple] = None,
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:  # fmt: skip
+        """``(dx, dA, dB)`` in the dtypes of ``x``, ``lora_a``, ``lora_b``."""
+
+    def forward_multi(
+        self, x, weight, lora_a, lora_b, bias, scaling: float, sizes: tuple[int, ...],
+        dropout: Optional[tuple] = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
+        """Projections sharing ``x`` and ``A``: ``weight``/``lora_b``/``bias`` hold their rows
+        stacked in ``sizes`` order; ``([y_j (B, L, d_j)], s_scaled)``, each ``y_j`` its own
+        tensor."""
+
+    def backward_multi(
+        self, dys, x, weight, lora_a, lora_b, s_scaled, scaling: float, sizes: tuple[int, ...],
+        need_dx: bool, need_da: bool, need_dbs: tuple[bool, ...], dropout: Optional[tuple] = None,
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], list[Optional[torch.Tensor]]]:  # fmt: skip
+        """Gradients of :meth:`forward_multi`: ``(dx, dA, [dB_j])``, ``None`` where not needed."""
+
+
+_LOADED: dict = {}
+
+
+def _import_backend(name: str):
+    # Import statements, not importlib: torch.compile traces these (importlib is skipped, a
+    # graph break), so a first resolution inside a compiled region stays in one graph.
+    if name == "torch":
+        from llmrec_kernels import _torch_impl as module
+    elif name == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton)")
+        from llmrec_kernels.triton import cora_linear as module
+    elif name == "cuda":
+        from llmrec_kernels import _cuda_impl as module
+    else:
+        raise ValueError(f"backend must be one of {CONCRETE_BACKENDS}, got {name!r}")
+    return module
+
+
+def get_backend(name: str) -> CoraBackend:
+    """The module implementing a concrete backend (``"torch"``, ``"triton"`` or ``"cuda"``),
+    imported on first use (the Triton one imports ``triton``)."""
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = _import_backend(name)
+    return module
+
+
+def supports_from(check_supported: Callable) -> Callable:
+    """A backend's ``supports`` built from its ``check_supported`` (written once)."""
+
+    def supports(shapes: CoraShapes, dtype: torch.dtype, device: torch.device) -> bool:
+        try:
+            check_supported(shapes, dtype, device)
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    return supports
 
 
 # os.environ.get encodes the key and decodes the value on every call (~0.5 us); its backing
@@ -81,7 +200,7 @@ def batch_invariant(enabled: bool = True) -> Iterator[None]:
     A sample's output (and its ``S = s x A``) is then bitwise the same whatever batch it is
     computed in: the tile configs stop depending on ``M`` (the largest GEMM tile, the 16-row
     shrink tile) and the shrink is split over K by a count fixed by ``K`` alone, summed in a
-    fixed order. The cost (predicted): about 0.8x at small decode batches, where the GEMM
+    fixed order. The cost (predicted): about 0.6x at small decode batches, where the GEMM
     loses its decode tiles, and nothing at large prefill. Process-wide (not per thread);
     the torch and CUDA backends are not affected (cuBLAS picks its algorithm by shape).
     """
@@ -118,17 +237,38 @@ def _requested() -> str:
 # answer depends on nothing else (the CUDA extension's availability does not change within a
 # process), so a hit skips every check. Bounded: ranks and devices are few.
 _RESOLVED: dict = {}
+# (backend, device, dtype, rank) -> backend, for explicit requests (see resolve_backend).
+_RESOLVED_EXPLICIT: dict = {}
 _MAX_RESOLVED = 4096
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rank: int) -> str:
-    """Turn a requested backend into the concrete one that will run, or raise ``ValueError``."""
-    if backend == "torch":
-        return "torch"
+def resolve_backend(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    rank: int,
+    tokens: int = 0,
+    length: int = 0,
+    training: bool = False,
+) -> str:
+    """Turn a requested backend into the concrete one that will run, or raise ``ValueError``.
+
+    ``tokens`` (``B * L``), ``length`` (``L``) and ``training`` (autograd records the call)
+    pick the measured table's entry for ``"auto"`` on a GPU (:mod:`llmrec_kernels.dispatch_table`).
+    """
     if torch.compiler.is_compiling():
-        return _resolve(backend, device, dtype, rank)
+        return _resolve(backend, device, dtype, rank, tokens, length, training)
+    # An explicit request whose backend's support does not depend on the environment is
+    # answered from a smaller key (no environment reads: host time at decode).
+    try:
+        hit = _RESOLVED_EXPLICIT.get((backend, device, dtype, rank))
+    except TypeError:
+        hit = None
+    if hit is not None:
+        return hit
+    cls = dispatch_table.shape_class(tokens, length) if device.type == "cuda" else None
     key = (
-        backend, device, dtype, rank,
+        backend, device, dtype, rank, cls, training,
         _getenv(ENV_BACKEND, b"LLMREC_KERNELS_BACKEND"),
         _getenv("TRITON_INTERPRET", b"TRITON_INTERPRET"),
     )  # fmt: skip
@@ -138,23 +278,40 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rank
         hit = key = None
     if hit is not None:
         return hit
-    concrete = _resolve(backend, device, dtype, rank)
+    concrete = _resolve(backend, device, dtype, rank, tokens, length, training)
     if key is not None and not isinstance(rank, torch.SymInt):
         if len(_RESOLVED) >= _MAX_RESOLVED:
             _RESOLVED.clear()
+            _RESOLVED_EXPLICIT.clear()
         _RESOLVED[key] = concrete
+        if backend == concrete and not get_backend(concrete).SUPPORT_DEPENDS_ON_ENV:
+            _RESOLVED_EXPLICIT[(backend, device, dtype, rank)] = concrete
     return concrete
 
 
-def _resolve(backend: str, device: torch.device, dtype: torch.dtype, rank: int) -> str:
+def _resolve(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    rank: int,
+    tokens: int = 0,
+    length: int = 0,
+    training: bool = False,
+) -> str:
     if not isinstance(backend, str) or backend.lower() not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     backend = backend.lower()
     if backend == "auto":
         backend = _requested()
-    on_triton_device = device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
     if backend == "auto":
-        # On a GPU cuBLAS wins (module docstring); the interpreter's auto stays Triton.
+        if device.type == "cuda":
+            # The measured table's choice where one exists and the backend can run the call;
+            # else the torch path (module docstring).
+            choice = dispatch_table.choose(device, dtype, tokens, length, training)
+            if get_backend(choice).supports(CoraShapes(0, 0, 0, 0, rank), dtype, device):
+                return choice
+            return "torch"
+        # The interpreter's auto stays Triton: how the kernels are tested without a GPU.
         if (
             device.type == "cpu"
             and interpreter_enabled()
@@ -164,27 +321,6 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, rank: int) 
         ):
             return "triton"
         return "torch"
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package (pip install triton)")
-        if not on_triton_device:
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (got {device}); on the CPU set "
-                "TRITON_INTERPRET=1 before importing llmrec_kernels to run Triton's interpreter"
-            )
-        if dtype not in TRITON_DTYPES:
-            raise TypeError(f"backend='triton' supports float16, bfloat16 and float32, got {dtype}")
-        if rank > MAX_TRITON_RANK:
-            raise ValueError(
-                f"backend='triton' supports ranks up to {MAX_TRITON_RANK}, got r={rank}; "
-                "use backend='torch'"
-            )
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-        from llmrec_kernels import _cuda
-
-        reason = _cuda.unavailable_reason()
-        if reason is not None:
-            raise ValueError(f"backend='cuda' is not available: {reason}")
+    # The backend itself says what it cannot run (the rank alone is known here).
+    get_backend(backend).check_supported(CoraShapes(0, 0, 0, 0, rank), dtype, device)
     return backend

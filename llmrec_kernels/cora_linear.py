@@ -38,27 +38,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from llmrec_kernels import _torch_impl
+from llmrec_kernels import _multi, _torch_impl
 from llmrec_kernels._validation import check_cora_linear_args
-from llmrec_kernels.backends import resolve_backend
+from llmrec_kernels.backends import get_backend, resolve_backend
 from llmrec_kernels.dropout import check_dropout_args
 
 __all__ = ["fused_cora_linear", "fused_cora_linear_multi"]
-
-_IMPLS: dict = {"torch": _torch_impl}
-
-
-def _impl(backend: str):
-    impl = _IMPLS.get(backend)
-    if impl is None:
-        if backend == "triton":
-            from llmrec_kernels.triton import cora_linear as impl
-        elif backend == "cuda":
-            from llmrec_kernels import _cuda_impl as impl
-        else:
-            impl = _torch_impl
-        _IMPLS[backend] = impl
-    return impl
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -94,13 +79,9 @@ def _direct_call_ok(tensors: tuple) -> bool:
 def _forward_no_grad(
     backend, x, weight, lora_a, lora_b, bias, scaling, dropout=None
 ) -> torch.Tensor:
-    """``y`` straight from the backend, for calls that :func:`_direct_call_ok` allows."""
-    impl = _impl(backend)
-    if impl is _torch_impl:
-        return _torch_impl.forward(x, weight, lora_a, lora_b, bias, scaling, False, dropout)[0]
-    if dropout is not None:
-        return impl.forward(x, weight, lora_a, lora_b, bias, scaling, dropout)[0]
-    return impl.forward(x, weight, lora_a, lora_b, bias, scaling)[0]
+    """``y`` straight from the backend, for calls that :func:`_direct_call_ok` allows (no
+    ``S`` is kept: a backend that needs none for ``y`` skips making it)."""
+    return get_backend(backend).forward(x, weight, lora_a, lora_b, bias, scaling, False, dropout)[0]
 
 
 def _dropout_spec(dropout_p: float, dropout_seed: int, dropout_offset: int) -> Optional[tuple]:
@@ -110,10 +91,10 @@ def _dropout_spec(dropout_p: float, dropout_seed: int, dropout_offset: int) -> O
 
 def _check_dropout(dropout_p, dropout_seed, dropout_offset, backend: str) -> None:
     check_dropout_args(dropout_p, dropout_seed, dropout_offset)
-    if dropout_p > 0 and backend == "cuda":
+    if dropout_p > 0 and not get_backend(backend).HAS_DROPOUT:
         raise ValueError(
-            "the CUDA backend has no LoRA dropout (dropout_p > 0); use backend='triton' or "
-            "'torch', or dropout_p=0"
+            f"the {backend.upper()} backend has no LoRA dropout (dropout_p > 0); use "
+            "backend='triton' or 'torch', or dropout_p=0"
         )
 
 
@@ -146,9 +127,7 @@ def _backend_forward(
 ):  # fmt: skip
     """The body of ``cora_linear_forward``, callable without the custom-op dispatcher."""
     dropout = _dropout_spec(dropout_p, dropout_seed, dropout_offset)
-    if dropout is not None:
-        return _impl(backend).forward(x, weight, lora_a, lora_b, bias, scaling, dropout=dropout)
-    return _impl(backend).forward(x, weight, lora_a, lora_b, bias, scaling)
+    return get_backend(backend).forward(x, weight, lora_a, lora_b, bias, scaling, True, dropout)
 
 
 @_cora_linear_forward.register_fake
@@ -191,15 +170,12 @@ def _backend_backward(
     dy, x, weight, lora_a, lora_b, s_scaled, scaling, backend, need_dx, need_da, need_db,
     dropout_p=0.0, dropout_seed=0, dropout_offset=0,
 ):  # fmt: skip
-    """The body of ``cora_linear_backward``, callable without the custom-op dispatcher."""
-    args = (dy, x, weight, lora_a, lora_b, s_scaled, scaling, need_dx, need_da, need_db)
-    dropout = _dropout_spec(dropout_p, dropout_seed, dropout_offset)
-    if dropout is not None:
-        dx, da, db = _impl(backend).backward(*args, dropout=dropout)
-    else:
-        dx, da, db = _impl(backend).backward(*args)
-    # The outputs of a custom op may not alias each other: a backend may hand back one shared
-    # empty tensor for every gradient not asked for, so each gets its own here.
+    """The body of ``cora_linear_backward``: the backend's gradients, an empty tensor of its
+    own for each not asked for (a custom op returns tensors, none aliasing another)."""
+    dx, da, db = get_backend(backend).backward(
+        dy, x, weight, lora_a, lora_b, s_scaled, scaling, need_dx, need_da, need_db,
+        _dropout_spec(dropout_p, dropout_seed, dropout_offset),
+    )  # fmt: skip
     return (
         dx if need_dx else x.new_empty(0),
         da if need_da else x.new_empty(0),
@@ -227,32 +203,35 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _ds_unused):
-    return _input_grads(ctx, dy, _cora_linear_backward)
-
-
-def _input_grads(ctx, dy, backward_fn):
-    """The op's input gradients; ``backward_fn``: the backward custom op or its body."""
+    """The op's input gradients (through the backward custom op)."""
     x, weight, lora_a, lora_b, s_scaled = ctx.saved_tensors
     need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
-    dx = dw = da = db = dbias = None
+    dx = da = db = None
     if need_dx or need_da or need_db:
-        dx, da, db = backward_fn(
+        dx, da, db = _cora_linear_backward(
             dy, x, weight, lora_a, lora_b, s_scaled, ctx.scaling, ctx.backend,
             need_dx, need_da, need_db, *ctx.dropout,
         )  # fmt: skip
         dx = dx if need_dx else None
         da = da if need_da else None
         db = db if need_db else None
+    dw, dbias = _weight_and_bias_grads(dy, x, need_dw, need_dbias, ctx.bias_dtype)
+    return (dx, dw, da, db, dbias, None, None) + (None,) * len(ctx.dropout)
+
+
+_cora_linear_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _weight_and_bias_grads(dy, x, need_dw, need_dbias, bias_dtype):
+    """``(dW, dbias)`` of one projection, ``None`` where not needed."""
+    dw = dbias = None
     if need_dw:
         # The frozen-weight gradient is rare (full fine-tuning); plain PyTorch is enough.
         dw = dy.reshape(-1, dy.shape[-1]).transpose(0, 1) @ x.reshape(-1, x.shape[-1])
     if need_dbias:
         acc_dtype = torch.promote_types(dy.dtype, torch.float32)
-        dbias = dy.sum(dim=(0, 1), dtype=acc_dtype).to(ctx.bias_dtype)
-    return (dx, dw, da, db, dbias, None, None) + (None,) * len(ctx.dropout)
-
-
-_cora_linear_forward.register_autograd(_backward, setup_context=_setup_context)
+        dbias = dy.sum(dim=(0, 1), dtype=acc_dtype).to(bias_dtype)
+    return dw, dbias
 
 
 class _CoraLinearEager(torch.autograd.Function):
@@ -262,36 +241,41 @@ class _CoraLinearEager(torch.autograd.Function):
     small step (measured on a CPU: about 390 us against 240 us for the factored PyTorch
     form, forward and backward at B 8, d 256; on an H200 the op's forward+backward took about
     0.5 ms more than the factored form at B 8 x L 256). Eager calls that need a gradient run the
-    same backend functions through this ``autograd.Function``; compiled, ``torch.func`` and
-    ``__torch_function__`` calls keep the custom op (:func:`_cora_linear_autograd`).
+    same backend functions through this ``autograd.Function``: one autograd node whose only
+    output is ``y`` (``S`` is saved, not returned, so autograd neither tracks it nor makes a
+    zero gradient for it); compiled, ``torch.func`` and ``__torch_function__`` calls keep the
+    custom op (:func:`fused_cora_linear` picks). ``dropout``: ``None`` or ``(p, seed, offset)``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, backend, *dropout):
-        y, s_scaled = _backend_forward(x, weight, lora_a, lora_b, bias, scaling, backend, *dropout)
-        ctx.mark_non_differentiable(s_scaled)
-        _setup_context(
-            ctx, (x, weight, lora_a, lora_b, bias, scaling, backend, *dropout), (y, s_scaled)
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, backend, dropout):
+        y, s_scaled = get_backend(backend).forward(
+            x, weight, lora_a, lora_b, bias, scaling, True, dropout
         )
-        return y, s_scaled
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        # S is this call's own intermediate (nothing else holds it, so nothing can modify it
+        # in place): kept as an attribute, without a saved variable's version tracking.
+        ctx.s_scaled = s_scaled
+        ctx.scaling, ctx.backend, ctx.dropout = scaling, backend, dropout
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # as the op: no double backward (Triton)
-    def backward(ctx, dy, _ds_unused):
-        return _input_grads(ctx, dy, _backend_backward)
-
-
-def _cora_linear_autograd(x, weight, lora_a, lora_b, bias, scaling, backend, *dropout):
-    """``(y, s)`` of a call autograd records: the custom op where something may observe it
-    (``torch.compile``/``export``, ``torch.func``, a ``__torch_function__`` subclass), else
-    :class:`_CoraLinearEager` (the same backend functions, less host time)."""
-    if (
-        _is_compiling()
-        or _functorch_active()
-        or _has_torch_function((x, weight, lora_a, lora_b, bias))
-    ):
-        return _cora_linear_forward(x, weight, lora_a, lora_b, bias, scaling, backend, *dropout)
-    return _CoraLinearEager.apply(x, weight, lora_a, lora_b, bias, scaling, backend, *dropout)
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        s_scaled = ctx.s_scaled
+        need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
+        dx = da = db = None
+        if need_dx or need_da or need_db:
+            dx, da, db = get_backend(ctx.backend).backward(
+                dy, x, weight, lora_a, lora_b, s_scaled, ctx.scaling, need_dx, need_da, need_db,
+                ctx.dropout,
+            )  # fmt: skip
+        dw = dbias = None
+        if need_dw or need_dbias:
+            dw, dbias = _weight_and_bias_grads(dy, x, need_dw, need_dbias, ctx.bias_dtype)
+        return dx, dw, da, db, dbias, None, None, None
 
 
 def _autocast_cast(x: torch.Tensor):
@@ -364,32 +348,59 @@ def fused_cora_linear(
                     dropout_p, dropout_seed, dropout_offset,
                 )  # fmt: skip
     check_cora_linear_args(x, weight, lora_a, lora_b, bias, scaling)
-    if backend == "torch":  # the common explicit choice needs no resolution
-        concrete = backend
-    else:
-        concrete = resolve_backend(backend, x.device, x.dtype, lora_a.shape[-1])
     if type(scaling) is not float:
         scaling = float(scaling)
     one_token = x.dim() == 2
     x3 = x.unsqueeze(1) if one_token else x
+    tensors = (x, weight, lora_a, lora_b, bias)
+    training = _needs_grad(tensors)
+    if x.is_cuda:  # the shape class matters only to a GPU's dispatch table
+        concrete = resolve_backend(
+            backend, x.device, x.dtype, lora_a.shape[-1], x3.shape[0] * x3.shape[1],
+            x3.shape[1], training,
+        )  # fmt: skip
+    else:
+        concrete = resolve_backend(backend, x.device, x.dtype, lora_a.shape[-1])
+    drop_args: tuple = ()
     if dropout_p:  # one truth test on the hot path; 0 and 0.0 skip all of this
         _check_dropout(dropout_p, dropout_seed, dropout_offset, concrete)
         drop_args = (float(dropout_p), dropout_seed, dropout_offset)
-        if _direct_call_ok((x, weight, lora_a, lora_b, bias)):
-            y = _forward_no_grad(concrete, x3, weight, lora_a, lora_b, bias, scaling, drop_args)
-        else:
-            y, _ = _cora_linear_autograd(
-                x3, weight, lora_a, lora_b, bias, scaling, concrete, *drop_args
-            )
-        return y.squeeze(1) if one_token else y
-    if _direct_call_ok((x, weight, lora_a, lora_b, bias)):
-        if concrete == "torch":
-            y = _torch_impl.forward(x3, weight, lora_a, lora_b, bias, scaling, False)[0]
-        else:
-            y = _impl(concrete).forward(x3, weight, lora_a, lora_b, bias, scaling)[0]
-    else:
-        y, _ = _cora_linear_autograd(x3, weight, lora_a, lora_b, bias, scaling, concrete)
+    # One test of whether anything can observe the op, shared by the two fast paths.
+    if _is_compiling() or _functorch_active() or _has_torch_function(tensors):
+        y = _cora_linear_forward(x3, weight, lora_a, lora_b, bias, scaling, concrete, *drop_args)[0]
+    elif training:
+        y = _CoraLinearEager.apply(
+            x3, weight, lora_a, lora_b, bias, scaling, concrete, drop_args or None
+        )
+    else:  # nothing can observe the op: the backend's forward, no S kept
+        y = get_backend(concrete).forward(
+            x3, weight, lora_a, lora_b, bias, scaling, False, drop_args or None
+        )[0]
     return y.squeeze(1) if one_token else y
+
+
+def _op_forward(backend: str):
+    """The forward custom op with the backends' one-projection signature."""
+
+    def forward(x, weight, lora_a, lora_b, bias, scaling, need_s=True, dropout=None):
+        return _cora_linear_forward(
+            x, weight, lora_a, lora_b, bias, scaling, backend, *(dropout or ())
+        )
+
+    return forward
+
+
+def _op_backward(backend: str):
+    """The backward custom op with the backends' one-projection signature."""
+
+    def backward(dy, x, weight, lora_a, lora_b, s_scaled, scaling, need_dx, need_da, need_db,
+                 dropout=None):  # fmt: skip
+        return _cora_linear_backward(
+            dy, x, weight, lora_a, lora_b, s_scaled, scaling, backend, need_dx, need_da,
+            need_db, *(dropout or ()),
+        )  # fmt: skip
+
+    return backward
 
 
 class _MultiCoRALinear(torch.autograd.Function):
@@ -414,21 +425,17 @@ class _MultiCoRALinear(torch.autograd.Function):
     def forward(ctx, x, lora_a, fused_w, fused_b, fused_bias, scaling, backend, dropout, *members):
         n = len(members) // 3
         sizes = tuple(w.shape[0] for w in members[:n])
-        if backend == "torch":
-            outs, s = _torch_impl.forward_multi(
-                x, fused_w, lora_a, fused_b, fused_bias, scaling, sizes, dropout or None
+        impl = get_backend(backend)
+        drop = dropout or None
+        if impl.TRACEABLE or not _is_compiling():
+            outs, s = impl.forward_multi(
+                x, fused_w, lora_a, fused_b, fused_bias, scaling, sizes, drop
             )
-        else:
-            outs, s, start = [], None, 0
-            for size, bias in zip(sizes, members[2 * n :]):
-                stop = start + size
-                y, s_j = (_cora_linear_forward if _is_compiling() else _backend_forward)(
-                    x, fused_w[start:stop], lora_a, fused_b[start:stop], bias, scaling, backend,
-                    *dropout,
-                )  # fmt: skip
-                outs.append(y)
-                s = s_j if s is None else s
-                start = stop
+        else:  # compiled code reaches kernel backends through the custom op
+            outs, s = _multi.forward_multi(
+                _op_forward(backend), x, fused_w, lora_a, fused_b, fused_bias, scaling, sizes,
+                drop,
+            )  # fmt: skip
         ctx.save_for_backward(x, lora_a, fused_w, fused_b, s)
         ctx.scaling, ctx.backend, ctx.sizes, ctx.dropout = scaling, backend, sizes, dropout
         ctx.bias_dtypes = tuple(None if b is None else b.dtype for b in members[2 * n :])
@@ -447,33 +454,21 @@ class _MultiCoRALinear(torch.autograd.Function):
         )
         dx = da = None
         dws, dbs, dbiases = [None] * n, [None] * n, [None] * n
-        torch_sum = ctx.backend == "torch"
-        if torch_sum and (need_dx or need_da or any(need_db)):
-            # One dS for every output: one product with A for dx and one for dA.
-            dx, da, dbs = _torch_impl.backward_multi(
+        if need_dx or need_da or any(need_db):
+            impl = get_backend(ctx.backend)
+            args = (
                 grads, x, fused_w, lora_a, fused_b, s, ctx.scaling, sizes, need_dx, need_da,
                 tuple(need_db), ctx.dropout or None,
             )  # fmt: skip
-        start = 0
-        for j, (dy, size) in enumerate(zip(grads, sizes)):
-            stop = start + size
-            if not torch_sum and (need_dx or need_da or need_db[j]):
-                gx, ga, gb = (_cora_linear_backward if _is_compiling() else _backend_backward)(
-                    dy, x, fused_w[start:stop], lora_a, fused_b[start:stop], s, ctx.scaling,
-                    ctx.backend, need_dx, need_da, need_db[j], *ctx.dropout,
-                )  # fmt: skip
-                if need_dx:
-                    dx = gx if dx is None else dx.add_(gx)
-                if need_da:
-                    da = ga if da is None else da.add_(ga)
-                if need_db[j]:
-                    dbs[j] = gb
-            if need_dw[j]:
-                dws[j] = dy.reshape(-1, size).transpose(0, 1) @ x.reshape(-1, x.shape[-1])
-            if need_dbias[j]:
-                acc_dtype = torch.promote_types(dy.dtype, torch.float32)
-                dbiases[j] = dy.sum(dim=(0, 1), dtype=acc_dtype).to(ctx.bias_dtypes[j])
-            start = stop
+            if impl.TRACEABLE or not _is_compiling():
+                dx, da, dbs = impl.backward_multi(*args)
+            else:
+                dx, da, dbs = _multi.backward_multi(_op_backward(ctx.backend), *args)
+        for j, dy in enumerate(grads):
+            if need_dw[j] or need_dbias[j]:
+                dws[j], dbiases[j] = _weight_and_bias_grads(
+                    dy, x, need_dw[j], need_dbias[j], ctx.bias_dtypes[j]
+                )
         return (dx, da, None, None, None, None, None, None, *dws, *dbs, *dbiases)
 
 
@@ -560,16 +555,20 @@ def fused_cora_linear_multi(
                 )
         if sum(w.shape[0] for w in weights) != fused_weight.shape[0]:
             raise ValueError("the members' output sizes do not add up to the fused weight's")
-    concrete = resolve_backend(backend, x.device, x.dtype, lora_a.shape[-1])
+    members = (*weights, *lora_bs, *biases)
+    tensors = (x, lora_a, *members)
+    training = _needs_grad(tensors)
+    tokens, length = (x.shape[0], 1) if x.dim() == 2 else (x.shape[0] * x.shape[1], x.shape[1])
+    concrete = resolve_backend(
+        backend, x.device, x.dtype, lora_a.shape[-1], tokens, length, training
+    )
     dropout: tuple = ()
     if dropout_p:
         _check_dropout(dropout_p, dropout_seed, dropout_offset, concrete)
         dropout = (float(dropout_p), dropout_seed, dropout_offset)
     one_token = x.dim() == 2
     x3 = x.unsqueeze(1) if one_token else x
-    members = (*weights, *lora_bs, *biases)
-    tensors = (x, lora_a, *members)
-    if not _needs_grad(tensors):
+    if not training:
         # Nothing is saved for a backward: one fused call, its output split into views.
         if _direct_call_ok(tensors):
             y = _forward_no_grad(

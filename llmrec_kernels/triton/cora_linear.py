@@ -26,7 +26,15 @@ from typing import Optional
 
 import torch
 
-from llmrec_kernels.backends import batch_invariant_enabled, interpreter_enabled
+from llmrec_kernels import _multi
+from llmrec_kernels.backends import (
+    MAX_TRITON_RANK,
+    TRITON_DTYPES,
+    CoraShapes,
+    batch_invariant_enabled,
+    interpreter_enabled,
+    supports_from,
+)
 from llmrec_kernels.dropout import keep_scale, keep_threshold
 from llmrec_kernels.triton import dispatch
 from llmrec_kernels.triton import hopper as _hopper  # issue 25 item 3: the sm_90 mainloop
@@ -48,7 +56,43 @@ from llmrec_kernels.triton.shrink_splitk import (
     _cora_splitk_reduce_kernel,
 )
 
-__all__ = ["backward", "clear_config_cache", "forward"]
+__all__ = [
+    "HAS_DROPOUT",
+    "SUPPORT_DEPENDS_ON_ENV",
+    "TRACEABLE",
+    "backward",
+    "backward_multi",
+    "check_supported",
+    "clear_config_cache",
+    "forward",
+    "forward_multi",
+    "supports",
+]
+
+TRACEABLE = False  # Triton launches: compiled code calls the custom ops
+HAS_DROPOUT = True
+SUPPORT_DEPENDS_ON_ENV = True
+
+
+def check_supported(shapes: CoraShapes, dtype: torch.dtype, device: torch.device) -> None:
+    """Raise ``TypeError``/``ValueError`` when the Triton kernels cannot run such a call:
+    CUDA tensors (or CPU ones under ``TRITON_INTERPRET=1``), fp16/bf16/fp32, rank up to
+    :data:`~llmrec_kernels.backends.MAX_TRITON_RANK`."""
+    if not (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {device}); on the CPU set "
+            "TRITON_INTERPRET=1 before importing llmrec_kernels to run Triton's interpreter"
+        )
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports float16, bfloat16 and float32, got {dtype}")
+    if shapes.rank > MAX_TRITON_RANK:
+        raise ValueError(
+            f"backend='triton' supports ranks up to {MAX_TRITON_RANK}, got r={shapes.rank}; "
+            "use backend='torch'"
+        )
+
+
+supports = supports_from(check_supported)
 
 # The dx kernel recomputes dS = s dy Bm in every column tile; beyond this padded rank that
 # costs more than a separate pass over dy (R / BLOCK_N extra MMA work per tile).
@@ -400,9 +444,13 @@ def forward(
     lora_b: torch.Tensor,
     bias: Optional[torch.Tensor],
     scaling: float,
+    need_s: bool = True,
     dropout: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, S)``: y ``(B, L, d_out)`` in x's dtype, ``S = scaling * x A`` fp32 ``(B, L, r)``.
+
+    ``need_s`` is accepted for the shared interface: the fused GEMM reads ``S`` from memory,
+    so it is always made and returned.
 
     ``dropout``: ``None`` or ``(p, seed, offset)``; then ``S = scaling * dropout(x) A``
     (:mod:`llmrec_kernels.dropout`), and the base GEMM still reads ``x``.
@@ -458,7 +506,7 @@ def backward(
     need_db: bool,
     dropout: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dx, dA, dB)`` of :func:`forward`; one not asked for is an empty tensor.
+    """Gradients ``(dx, dA, dB)`` of :func:`forward`; one not asked for is ``None``.
 
     ``dropout``: the forward's; the mask is regenerated, and ``dS = scaling/(1-p) dy Bm``
     carries the ``1/(1-p)`` of ``dropout(x)`` into dx's low-rank term and into dA.
@@ -468,13 +516,12 @@ def backward(
                                 need_dx, need_da, need_db)  # fmt: skip
     batch, length, k = x.shape
     n, rank, rows = weight.shape[0], lora_a.shape[-1], batch * length
-    empty = x.new_empty(0)
-    dx = da = db = empty
+    dx = da = db = None
     if rows == 0:
         return (
-            torch.zeros_like(x) if need_dx else empty,
-            torch.zeros_like(lora_a) if need_da else empty,
-            torch.zeros_like(lora_b) if need_db else empty,
+            torch.zeros_like(x) if need_dx else None,
+            torch.zeros_like(lora_a) if need_da else None,
+            torch.zeros_like(lora_b) if need_db else None,
         )
     per_sample = lora_a.dim() == 3
     da_shape, db_dtype = lora_a.shape, lora_b.dtype
@@ -517,3 +564,20 @@ def backward(
         if need_db:
             db = _rows_transpose_matmul(dy, s_scaled.contiguous(), 1, rows)[0].to(db_dtype)
     return dx, da, db
+
+
+def forward_multi(x, weight, lora_a, lora_b, bias, scaling, sizes, dropout=None):
+    """One fused launch pair per projection (see :func:`llmrec_kernels._multi.forward_multi`)."""
+    return _multi.forward_multi(forward, x, weight, lora_a, lora_b, bias, scaling, sizes, dropout)
+
+
+def backward_multi(
+    dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx, need_da, need_dbs,
+    dropout=None,
+):  # fmt: skip
+    """:func:`backward` per projection, dx and dA summed (:func:`llmrec_kernels._multi.
+    backward_multi`)."""
+    return _multi.backward_multi(
+        backward, dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx, need_da,
+        need_dbs, dropout,
+    )  # fmt: skip

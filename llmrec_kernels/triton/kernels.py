@@ -31,7 +31,7 @@ rounding of ``S`` to 8 bits. fp32 inputs use IEEE fp32 dots unless PyTorch allow
 
 Addressing: every product of an index with a stride is computed in int64 (strides are widened
 on entry, :func:`_wide`), so offsets never wrap once a tensor holds 2**31 elements or more;
-``aot.int64_addressing_violations`` enforces this on the PTX of every compiled kernel.
+``tools.aot.int64_addressing_violations`` enforces this on the PTX of every compiled kernel.
 
 Rank padding: ``A`` and ``Bm`` hold exactly ``BLOCK_R`` columns in memory (the launcher pads
 them with zeros when ``R`` is not already ``BLOCK_R``), so their loads carry no mask along the

@@ -18,7 +18,7 @@ Two launches, no atomics, so the result is bitwise reproducible:
   other rows: the property the batch-invariant mode relies on.
 
 Addressing follows :mod:`llmrec_kernels.triton.kernels`: strides are widened to int64 on
-entry, so every index-times-stride product is 64-bit (``aot.int64_addressing_violations``).
+entry, so every index-times-stride product is 64-bit (``tools.aot.int64_addressing_violations``).
 ``A`` has ``BLOCK_R`` columns in memory (zero beyond ``R``), as for the plain shrink.
 """
 

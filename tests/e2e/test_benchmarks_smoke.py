@@ -123,3 +123,56 @@ def test_tile_sweep_smoke(tmp_path):
     triton_rows = [r for r in rows if r["what"].startswith("triton")]
     assert {r["what"] for r in triton_rows} == {"triton fwd", "triton dx"}
     assert all(r["rel_err"] < 1e-2 for r in triton_rows), triton_rows
+
+
+# ------------------------------------------------------------- timing fidelity (issue 25)
+
+
+def test_interleaved_order_rotates_every_method_through_every_slot():
+    from benchmarks.timing import interleaved_order
+
+    names = ["base", "torch", "triton"]
+    orders = [interleaved_order(names, rep) for rep in range(6)]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    for slot in range(3):
+        firsts = [o[slot] for o in orders]
+        assert all(firsts.count(n) == 2 for n in names), (slot, firsts)
+
+
+def test_roofline_uses_the_bandwidth_measured_in_the_run():
+    from benchmarks.roofline import Cost, lookup_peak, roofline
+
+    peak = lookup_peak("NVIDIA H200")
+    cost = Cost(flops=1.0, bytes=1e9)  # memory-bound
+    sheet, note = roofline(cost, 1e-3, peak, torch.bfloat16)
+    measured, note_m = roofline(
+        cost, 1e-3, peak, torch.bfloat16, measured_bandwidth_gbps=peak.bandwidth_tbs * 500
+    )
+    assert measured == pytest.approx(2 * sheet) and "measured bandwidth" in note_m
+    assert "peak" in note
+
+
+@pytest.mark.gpu
+def test_graph_time_host_time_and_bandwidth_on_a_gpu():
+    from benchmarks.timing import (
+        measure_bandwidth_gbps,
+        time_gpu_graph,
+        time_gpu_interleaved,
+        time_host_us,
+    )
+
+    x = torch.randn(32, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def fn():
+        return torch.nn.functional.linear(x, w)
+
+    graph = time_gpu_graph(fn)
+    eager = time_gpu_interleaved({"a": fn, "b": fn}, reps=20)
+    host = time_host_us(fn)
+    assert graph.median_ms > 0 and host > 0
+    # a GEMV of 32 MB cannot beat the copy bandwidth measured in the same run by much
+    bandwidth = measure_bandwidth_gbps(torch.device("cuda"), nbytes=1 << 28, reps=5)
+    assert 100 < bandwidth < 20_000
+    assert 2 * 4096 * 4096 / (graph.median_ms * 1e-3) / 1e9 < 1.5 * bandwidth
+    assert eager["a"].quantile(0.25) <= eager["a"].median_ms <= eager["a"].quantile(0.75)

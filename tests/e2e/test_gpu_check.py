@@ -34,7 +34,7 @@ def test_dry_run_writes_every_artefact(tmp_path):
                  "bench.md", "summary.md"):  # fmt: skip
         assert (out / name).is_file(), f"{name} missing: {sorted(p.name for p in out.iterdir())}"
     summary = (out / "summary.md").read_text()
-    for step in ("install", "gpu-tests", "dispatch", "bench"):
+    for step in ("install", "gpu-tests", "dispatch", "bench", "dispatch-table"):
         assert f"| {step} | ok |" in summary, summary
     # the dispatcher's predictions for the decode and prefill grid, split-K at decode
     dispatch = (out / "dispatch.txt").read_text()
@@ -42,6 +42,9 @@ def test_dry_run_writes_every_artefact(tmp_path):
     assert '"shrink"' in (out / "bench.json").read_text()
     assert "tests collected" in (out / "gpu-tests.log").read_text()
     assert "torch:" in (out / "env.txt").read_text()
+    # the table writer ran on the run's records (a CPU run: its table names the CPU device)
+    tables = list((out / "dispatch_tables").glob("*.json"))
+    assert len(tables) == 1 and '"schema": 1' in tables[0].read_text()
 
 
 def test_refuses_unknown_option_and_a_cpu_without_dry_run(tmp_path):

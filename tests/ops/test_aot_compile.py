@@ -5,7 +5,7 @@ script, :func:`_emit`) traces the real launchers (:func:`aot.trace_launches`) an
 
 * a representative subset of the specialisations for sm_80 and sm_90 (LLaMA-7B shapes at
   decode (M 1) and prefill (8 x 256), ranks 4 and 128, fp16 and IEEE fp32, both A layouts; the CLI
-  ``python -m llmrec_kernels.triton.aot`` compiles all of them, every rank, dtype and model);
+  ``python -m tools.aot`` compiles all of them, every rank, dtype and model);
 * a training step with LoRA dropout (the ``DROPOUT`` shrink, dx and dA kernels) at the
   prefill shape, rank 128, fp16 and IEEE fp32, both A layouts (:data:`DROPOUT_SUBSET`);
 * the split-K shrink and its reduction (issue 16) at decode, with their occupancy;
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from llmrec_kernels.backends import triton_available
-from llmrec_kernels.triton import aot
+from tools import aot
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
@@ -154,6 +154,10 @@ def _emit(out: Path) -> None:
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # The script imports tools.aot (build-time tools live at the repository root, not in
+    # the installed package).
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
         [sys.executable, __file__, str(out)],

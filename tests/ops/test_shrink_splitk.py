@@ -279,7 +279,7 @@ def test_launcher_launches_what_the_dispatcher_chose(monkeypatch):
             w = torch.empty(4096, 4096, dtype=torch.bfloat16, device="meta")
             a = torch.empty(b, 4096, 16, dtype=torch.bfloat16, device="meta")
             bm = torch.empty(4096, 16, dtype=torch.bfloat16, device="meta")
-            launcher.forward(x, w, a, bm, None, 2.0, dropout)
+            launcher.forward(x, w, a, bm, None, 2.0, dropout=dropout)
             return list(launched)
 
         assert run(32, 1) == [

@@ -20,7 +20,7 @@ SCALING = 2.0
 def _forward_with(bug: str):
     real = _torch_impl.forward
 
-    def forward(x, weight, lora_a, lora_b, bias, scaling):
+    def forward(x, weight, lora_a, lora_b, bias, scaling, *rest):
         if bug == "no_bias":
             return real(x, weight, lora_a, lora_b, None, scaling)
         if bug == "scaling_1pct":

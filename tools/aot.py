@@ -22,8 +22,8 @@ and reported with its occupancy (CTAs per SM from registers, shared memory and w
 how its loads of ``A`` and ``Bm`` are issued (:func:`load_kinds`). Used by the test suite and
 runnable by hand::
 
-    python -m llmrec_kernels.triton.aot                 # every specialisation, both archs
-    python -m llmrec_kernels.triton.aot --arch 90 --table out.txt
+    python -m tools.aot                 # every specialisation, both archs
+    python -m tools.aot --arch 90 --table out.txt
 
 Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces compilation).
 """
