@@ -23,7 +23,8 @@ QUICKSTART = (
     'pip install torch==2.13.0 -e ".[dev]" && python -m pytest -q',
 )
 #: Top-level folders that may hold Python files, and the one top-level script.
-PYTHON_FOLDERS = {"llmrec_kernels", "python", "tests", "benchmarks", "experiments"}
+# tools/: build-time tools that are not installed (the AOT table builder, `python -m tools.aot`)
+PYTHON_FOLDERS = {"llmrec_kernels", "python", "tests", "benchmarks", "experiments", "tools"}
 TOP_LEVEL_SCRIPTS = {"setup.py"}
 #: Guides written on a parallel branch of issue 26 and linked from here before they merge;
 #: tolerated only while absent, checked like any other file once they exist.
