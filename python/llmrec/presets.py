@@ -123,6 +123,15 @@ PAPER = Preset(
             "patience": Value(10, "A-LLMRec main: no early stopping"),
         },
     },
+    options={
+        "allmrec": {
+            "stage1_rows": Value(
+                "next_item",
+                "A-LLMRec model pre_train_phase1: next-item positives vs one random negative",
+            ),
+            "stage1_batch_size": Value(32, "A-LLMRec main --batch_size1 32 (issue 29)"),
+        },
+    },
 )
 
 FAST = Preset(

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
+import torch
 
 from llmrec.config import option, parse_bool
 from llmrec.data.catalogue import seen_items, title_map
 from llmrec.method import Method, RunContext, Stage, register, split_metrics
 from llmrec.methods.allmrec.generation import generate_hits, score_episodes, score_rows
+from llmrec.methods.allmrec.next_item_rows import NextItemRows
+from llmrec.methods.allmrec.ranking_baselines import baseline_ranking
 from llmrec.methods.allmrec.stage1_align import SBERT_DIM, AlignRows, text_table
 from llmrec.methods.allmrec.stage2_prompt import (
     HIT_AT_1,
@@ -54,6 +57,8 @@ class ALLMRecMethod(Method):
         ("hit@1_generated", "Hit@1 gen", ".4f"),
         ("hit@1_generated_exact", "Hit@1 exact", ".4f"),
         ("ndcg@10", "NDCG@10", ".4f"),
+        ("popularity_hit@1", "Hit@1 pop", ".4f"),
+        ("cf_dot_hit@1", "Hit@1 CF", ".4f"),
     )
 
     # sources: ghdtjr/A-LLMRec models/a_llmrec_model.py ("model"), main.py ("main")
@@ -80,12 +85,31 @@ class ALLMRecMethod(Method):
         stage1_weights: Dict[str, float] = option(
             factory=dict, help="stage-1 loss weights (none given: the model's 1/1/.5/.2)"
         )
+        stage1_rows: str = option(
+            "labels",
+            help="stage-1 rows: labels (every training row with its explicit label) or "
+            "next_item (each positive row and one random unrated item per batch, the "
+            "reference's next-item pairs: model pre_train_phase1 pos/neg)",
+            choices=("labels", "next_item"),
+        )
+        # departure (issue 29): z-scores of the CF inputs and of the stage-1 latent, so that
+        # MF's small entries do not collapse every item soft token onto one (see ALLMRec)
+        standardize: bool = option(
+            True,
+            help="z-score the CF inputs and the stage-1 latent with training statistics "
+            "(false: the reference's raw inputs, whose item soft tokens collapse on MF)",
+            parse=parse_bool,
+        )
         train_candidates: int = option(
             20, help="candidates per training episode (model: pre_train_phase2 20)"
         )
         candidates: int = option(20, help="candidates per scored episode (model: generate 20)")
         episodes: int = option(200, help="test episodes scored")
-        valid_episodes: int = option(100, help="validation episodes scored")
+        valid_episodes: int = option(
+            500,
+            help="validation episodes (from the whole validation split) that select stage "
+            "2's state on Hit@1; 0: no validation, the last state",
+        )
         generate: bool = option(
             True, help="also generate titles (generated Hit@1)", parse=parse_bool
         )
@@ -98,8 +122,14 @@ class ALLMRecMethod(Method):
             ctx.llm, ctx.tokenizer, ctx.cf_dim, text_dim=SBERT_DIM, latent_dim=opts.latent_dim,
             ae_hidden=opts.ae_hidden, proj_hidden=opts.proj_hidden, aligner=opts.aligner,
             projection=opts.projection, repetition_penalty=opts.repetition_penalty,
+            standardize=opts.standardize,
         )  # fmt: skip
         model.set_tables(ctx.item_table)
+        train = ctx.data["train"]
+        model.fit_input_statistics(
+            ctx.user_table, torch.as_tensor(train["uid"].to_numpy(np.int64, copy=True)),
+            torch.as_tensor(train["iid"].to_numpy(np.int64, copy=True)),
+        )  # fmt: skip
         return model
 
     def _prompting(self, ctx: RunContext) -> _Prompting:
@@ -124,31 +154,59 @@ class ALLMRecMethod(Method):
             lr=opts.stage1_lr, weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0,
             grad_clip=0.0, max_steps=None, eval_every=0, save_every=0,
         )  # fmt: skip
+        if opts.stage1_rows == "labels":
+            align_rows = AlignRows(rows, ctx.user_table, ctx.item_table, text)
+        elif opts.stage1_rows == "next_item":
+            pos = rows["label"] == 1
+            align_rows = NextItemRows(
+                rows["uid"][pos], rows["iid"][pos], ctx.user_table,
+                {"item_emb": ctx.item_table, "text_emb": text}, p.catalogue, p.seen,
+                seed=tcfg.seed,
+            )  # fmt: skip
+        else:
+            raise ValueError(
+                f"stage1_rows must be 'labels' or 'next_item', got {opts.stage1_rows!r}"
+            )
         align = Stage(
             "align",
-            AlignRows(rows, ctx.user_table, ctx.item_table, text),
+            align_rows,
             None,
             align_cfg,
             subdir="stage1",
             enter=lambda: model.set_stage("align", opts.stage1_weights),
-            info={"epochs": opts.stage1_epochs, "text_encoder": opts.text_encoder},
+            info={
+                "epochs": opts.stage1_epochs,
+                "text_encoder": opts.text_encoder,
+                "rows": opts.stage1_rows,
+            },
         )
         seed = tcfg.seed
         train_eps = make_episodes(
             ctx.rows("train"), p.catalogue, opts.train_candidates, seen=p.seen, seed=seed
         )
-        valid_eps = make_episodes(
-            ctx.rows(ctx.valid_split), p.catalogue, opts.candidates, seen=p.seen, seed=seed + 3
-        )[: opts.valid_episodes]
+        # the validation episodes come from the whole validation split (its row subsample is
+        # too small for 500 positives), a fixed random subset
+        valid_eps = _subset(
+            make_episodes(ctx.data[ctx.valid_split], p.catalogue, opts.candidates, seen=p.seen,
+                          seed=seed + 3),
+            opts.valid_episodes, seed + 3,
+        )  # fmt: skip
+        train_items = torch.as_tensor(ctx.data["train"]["iid"].to_numpy(np.int64, copy=True))
+
+        def enter_prompt() -> None:
+            model.set_stage("prompt")
+            model.fit_latent_statistics(train_items)  # stage 1 is final here
+
         prompt = Stage(
             "prompt",
             EpisodeBatches(p.coll, train_eps),
-            CandidatePairs(p.coll, valid_eps),
+            CandidatePairs(p.coll, valid_eps) if valid_eps else None,
             tcfg,
             metric=HIT_AT_1,
-            enter=lambda: model.set_stage("prompt"),
-            info={"episodes": len(train_eps)},
-        )
+            enter=enter_prompt,
+            info={"episodes": len(train_eps), "valid_episodes": len(valid_eps),
+                  "selected_on": "valid hit@1" if valid_eps else "last state"},
+        )  # fmt: skip
         return [align, prompt]
 
     def evaluate(self, ctx: RunContext, model: ALLMRec, opts: Options, df, predict, full=True):
@@ -165,17 +223,29 @@ class ALLMRecMethod(Method):
             return block, scores
         seed = cfg.train.seed
         eps = make_episodes(df, p.catalogue, opts.candidates, seen=p.seen, seed=seed + 7)
-        if len(eps) > opts.episodes:
-            rng = np.random.default_rng(seed)
-            eps = [eps[j] for j in sorted(rng.choice(len(eps), opts.episodes, replace=False))]
+        eps = _subset(eps, opts.episodes, seed)
         sc = score_episodes(model, p.coll, eps, bs, dev, progress, desc="episodes")
         tpos = np.array([ep.candidates.index(ep.target) for ep in eps])
         block.update(hit_ndcg(sc, tpos, opts.ks))
+        # the same episodes ranked by training popularity and by the CF dot product
+        block.update(
+            baseline_ranking(eps, ctx.data["train"], ctx.user_table, ctx.item_table, opts.ks, seed)
+        )
         block.update({"episodes": len(eps), "candidates": opts.candidates})
         if opts.generate and eps:
             block.update(generate_hits(model, p.coll, eps, bs, dev, opts.max_new_tokens, progress))
         ctx.log(
             f"A-LLMRec {len(df)} rows: AUC {block['auc']:.4f} UAUC {block['uauc']:.4f} "
-            f"hit@1 {block.get('hit@1', float('nan')):.4f}"
+            f"hit@1 {block.get('hit@1', float('nan')):.4f} (popularity "
+            f"{block.get('popularity_hit@1', float('nan')):.4f}, CF dot "
+            f"{block.get('cf_dot_hit@1', float('nan')):.4f})"
         )
         return block, scores
+
+
+def _subset(episodes: List, n: int, seed: int) -> List:
+    """``n`` episodes drawn at random (seeded), in their order; all when there are fewer."""
+    if len(episodes) <= n:
+        return list(episodes)
+    rng = np.random.default_rng(seed)
+    return [episodes[j] for j in sorted(rng.choice(len(episodes), n, replace=False))]

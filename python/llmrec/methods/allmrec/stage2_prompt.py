@@ -56,6 +56,7 @@ from llmrec.data.slots import ITEM_SLOT, USER_SLOT, Slot, encode_slotted, slot_m
 from llmrec.errors import LLMRecError
 from llmrec.llm import decoder_body
 from llmrec.methods.allmrec.stage1_align import Aligner, two_layer_mlp
+from llmrec.methods.allmrec.standardize import Standardizer
 from llmrec.training_loop import Metric
 
 __all__ = [
@@ -371,6 +372,7 @@ class ALLMRec(nn.Module):
         aligner: str = "reference",
         projection: str = "reference",
         repetition_penalty: float = 1.5,
+        standardize: bool = True,
     ):
         super().__init__()
         if cf_dim < 1:
@@ -388,6 +390,12 @@ class ALLMRec(nn.Module):
             self.item_proj = _projection(projection, latent_dim, proj_hidden, hidden, nn.GELU)
             self.user_proj.to(device)
             self.item_proj.to(device)
+        # z-scores of the CF inputs and of the frozen stage-1 latent (issue 29): raw MF entries
+        # are a few hundredths, the encoder's sigmoid maps every item to ~0.5 and the item soft
+        # tokens collapse (mean pairwise cosine 0.9988); buffers, saved with the state
+        self.user_norm = Standardizer(cf_dim, standardize).to(device)
+        self.item_norm = Standardizer(cf_dim, standardize).to(device)
+        self.latent_norm = Standardizer(latent_dim, standardize).to(device)
         self.repetition_penalty = float(repetition_penalty)
         self.cf_dim, self.text_dim, self.latent_dim = cf_dim, text_dim, latent_dim
         self.register_buffer("item_table", torch.zeros(1, cf_dim, device=device), persistent=False)
@@ -397,6 +405,26 @@ class ALLMRec(nn.Module):
     def set_tables(self, item_table: torch.Tensor) -> None:
         self.item_table = item_table.detach().float().to(self.item_table.device)
 
+    def fit_input_statistics(
+        self,
+        user_table: torch.Tensor,
+        user_rows: Optional[torch.Tensor] = None,
+        item_rows: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Per-dimension mean / std of the CF user table ``(n_users + 1, d_cf)`` and of
+        :meth:`set_tables`' item table, over ``user_rows`` / ``item_rows`` (int64 ids, e.g.
+        the training split's; default all but row 0). No-op when ``standardize`` is off."""
+        self.user_norm.fit(user_table.detach().float().to(self.item_table.device), user_rows)
+        self.item_norm.fit(self.item_table, item_rows)
+
+    @torch.no_grad()
+    def fit_latent_statistics(self, item_rows: Optional[torch.Tensor] = None) -> None:
+        """Mean / std of the frozen stage-1 latents ``z_i`` of ``item_rows`` (int64 ids; all
+        items by default), the stage-2 item projection's input scale; call once stage 1 is
+        final, before stage 2 trains."""
+        z = self.aligner.joint(self.item_norm(self.item_table))
+        self.latent_norm.fit(z, item_rows)
+
     def trainable_state(self) -> Dict[str, torch.Tensor]:
         state = {}
         for prefix, mod in (
@@ -405,6 +433,13 @@ class ALLMRec(nn.Module):
             ("item_proj.", self.item_proj),
         ):
             state.update({prefix + k: v for k, v in mod.named_parameters()})
+        # the standardisation statistics: evaluation must use the ones training used
+        for prefix, mod in (
+            ("user_norm.", self.user_norm),
+            ("item_norm.", self.item_norm),
+            ("latent_norm.", self.latent_norm),
+        ):
+            state.update({prefix + k: v for k, v in mod.named_buffers()})
         return state
 
     def set_stage(self, stage: str, weights: Optional[Mapping[str, float]] = None) -> None:
@@ -437,10 +472,10 @@ class ALLMRec(nn.Module):
         kind = ids[rows, cols]
         if bool(((kind != USER_SLOT) & (kind != ITEM_SLOT)).any()):
             raise ValueError("input_ids hold an unknown negative id (only -1 and -2 are slots)")
-        user_vec = self.user_proj(batch["user_emb"].to(self.item_table.dtype))[rows]
+        user_vec = self.user_proj(self.user_norm(batch["user_emb"].to(self.item_table.dtype)))[rows]
         items = batch["slot_items"][rows, cols]
         with torch.no_grad():  # stage 1 is frozen in stage 2
-            z = self.aligner.joint(self.item_table[items])
+            z = self.latent_norm(self.aligner.joint(self.item_norm(self.item_table[items])))
         item_vec = self.item_proj(z)
         src = torch.where((kind == USER_SLOT)[:, None], user_vec, item_vec)
         return emb.index_put((rows, cols), src.to(emb.dtype))
@@ -471,8 +506,8 @@ class ALLMRec(nn.Module):
         target titles."""
         if self.stage == "align":
             return self.aligner.losses(
-                batch["user_emb"], batch["item_emb"], batch["text_emb"], batch["labels"],
-                self.stage1_weights,
+                self.user_norm(batch["user_emb"]), self.item_norm(batch["item_emb"]),
+                batch["text_emb"], batch["labels"], self.stage1_weights,
             )["total"]  # fmt: skip
         lp, _ = self.target_logprobs(batch)
         return -lp.mean()
@@ -481,8 +516,10 @@ class ALLMRec(nn.Module):
         """``(B,)`` scores. Stage 1: ``<e_u, dec_I(enc_I(e_i))>``; stage 2: the target
         title's log-likelihood (:meth:`sequence_logprob`)."""
         if self.stage == "align":
-            item_hat = self.aligner.item_dec(self.aligner.item_enc(batch["item_emb"]))
-            return self.aligner.rec_logit(batch["user_emb"], item_hat)
+            item_hat = self.aligner.item_dec(
+                self.aligner.item_enc(self.item_norm(batch["item_emb"]))
+            )
+            return self.aligner.rec_logit(self.user_norm(batch["user_emb"]), item_hat)
         if "cand_ids" in batch:
             return self.candidate_logprob(batch)
         return self.sequence_logprob(batch)

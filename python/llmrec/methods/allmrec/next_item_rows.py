@@ -1,0 +1,97 @@
+"""Next-item rows with random negatives: the way A-LLMRec's stage 1 sees interactions.
+
+ghdtjr/A-LLMRec trains its stage 1 on SASRec's next-item task: per user of a batch of 32,
+the representation of the history, the next item (label 1) and one random item the user
+never interacted with (label 0), drawn afresh every batch. :class:`NextItemRows` gives the
+same pairs from this project's data: every positive training row ``(uid, iid)`` is a
+positive (the item that came after the row's history), and each batch draws one random
+unrated catalogue item per positive as its negative.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["NextItemRows"]
+
+
+class NextItemRows:
+    """Stage-1 batches of positives and random negatives.
+
+    ``uid``, ``iid``: ``(N,)`` int arrays of positive interactions. ``user_table``
+    ``(n_users + 1, d)``; ``item_tables``: name -> ``(n_items + 1, d_name)`` float tables,
+    looked up by item id (e.g. ``{"item_emb": cf_items, "text_emb": titles}``).
+    ``catalogue``: the item ids negatives are drawn from; ``seen``: uid -> items never to
+    draw as that user's negative (the positive itself is always excluded).
+
+    ``source(indices)`` for ``B`` indices returns ``2B`` rows, the ``B`` positives then their
+    ``B`` negatives: ``user_emb`` ``(2B, d)``, each name of ``item_tables`` ``(2B, d_name)``,
+    ``labels`` ``(2B,)`` float32 (1 then 0). The mean losses over the ``2B`` rows are half
+    the reference's sum of the positive and negative means, a constant factor Adam ignores.
+
+    Negatives are drawn from a generator seeded by ``seed`` and the number of batches drawn
+    so far: a run repeated from the start draws the same negatives; a resumed one draws new.
+    """
+
+    def __init__(
+        self,
+        uid: np.ndarray,
+        iid: np.ndarray,
+        user_table: torch.Tensor,
+        item_tables: Mapping[str, torch.Tensor],
+        catalogue: np.ndarray,
+        seen: Optional[Mapping[int, set]] = None,
+        seed: int = 0,
+    ):
+        self.uid = np.asarray(uid, np.int64)
+        self.iid = np.asarray(iid, np.int64)
+        if self.uid.shape != self.iid.shape or self.uid.ndim != 1:
+            raise ValueError(f"uid and iid must be 1-D of one length, got {self.uid.shape}, "
+                             f"{self.iid.shape}")  # fmt: skip
+        self.catalogue = np.asarray(catalogue, np.int64)
+        if len(self.catalogue) < 2:
+            raise ValueError("catalogue must hold at least 2 items to draw negatives from")
+        self.user_table = user_table.float()
+        self.item_tables = {k: v.float() for k, v in item_tables.items()}
+        if "user_emb" in self.item_tables or "labels" in self.item_tables:
+            raise ValueError("item_tables may not be named 'user_emb' or 'labels'")
+        self.seen = seen or {}
+        self.seed, self.calls = int(seed), 0
+
+    def __len__(self) -> int:
+        return len(self.uid)
+
+    def labels(self) -> np.ndarray:
+        """Every row of the source is a positive."""
+        return np.ones(len(self.uid), np.float32)
+
+    def negatives(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One random item per row of ``rows`` that its user never rated and is not its
+        positive; ``(len(rows),)`` int64."""
+        out = np.empty(len(rows), np.int64)
+        for k, r in enumerate(rows):
+            u, pos = int(self.uid[r]), int(self.iid[r])
+            banned = self.seen.get(u, set())
+            for _ in range(1000):
+                cand = int(self.catalogue[rng.integers(len(self.catalogue))])
+                if cand != pos and cand not in banned:
+                    break
+            else:
+                raise ValueError(f"user {u} has no unrated catalogue item to draw as negative")
+            out[k] = cand
+        return out
+
+    def __call__(self, indices) -> Dict[str, torch.Tensor]:
+        rows = np.asarray(indices, np.int64)
+        rng = np.random.default_rng([self.seed, self.calls])
+        self.calls += 1
+        items = np.concatenate([self.iid[rows], self.negatives(rows, rng)])
+        users = torch.from_numpy(np.concatenate([self.uid[rows], self.uid[rows]]))
+        item_ids = torch.from_numpy(items)
+        batch = {"user_emb": self.user_table[users]}
+        batch.update({k: v[item_ids] for k, v in self.item_tables.items()})
+        batch["labels"] = torch.cat([torch.ones(len(rows)), torch.zeros(len(rows))])
+        return batch
