@@ -12,7 +12,9 @@ training and exit with status 2. ``llmrec train`` runs under ``torchrun`` as wel
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from llmrec.config import absolute_path as _abs
@@ -379,12 +381,60 @@ def main(argv: Optional[List[str]] = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bars
+    from llmrec import output_guard
+
+    created = _new_out_dir(args)
     try:
+        output_guard.check_command_paths(args)  # before anything is written
         return handlers[args.command](args)
     except USER_ERRORS as exc:
-        msg = " ".join(str(exc).split())  # one line, whatever the message holds
-        print(f"llmrec {args.command}: error: {msg}", file=sys.stderr, flush=True)
-        return 2
+        _clean_after_failure(args, created)
+        return _fail(args.command, str(exc), 2)
+    except KeyboardInterrupt:
+        _clean_after_failure(args, created)
+        return _fail(args.command, "interrupted" + _resume_hint(args, argv, created), 130)
+    except OSError as exc:
+        _clean_after_failure(args, created)
+        return _fail(args.command, f"{exc}; nothing half-written was left", 1)
+
+
+def _fail(command: str, message: str, status: int) -> int:
+    msg = " ".join(message.split())  # one line, whatever the message holds
+    print(f"llmrec {command}: error: {msg}", file=sys.stderr, flush=True)
+    return status
+
+
+def _new_out_dir(args) -> Optional[Path]:
+    """The run (or dataset) directory this command will create, None when it exists."""
+    name = {"train": "run.out", "train-cf": "cf.out", "make-data": "out"}.get(args.command)
+    out = getattr(args, name, None) if name else None
+    if not isinstance(out, str) or os.path.lexists(out):
+        return None
+    return Path(out).absolute()
+
+
+def _clean_after_failure(args, created: Optional[Path]) -> None:
+    """This process's temporaries removed; a directory it created that holds nothing
+    resumable removed (rank 0 only under torchrun)."""
+    from llmrec import output_guard
+
+    output_guard.remove_own_temporaries(output_guard.written_dirs(args))
+    if os.environ.get("RANK", "0") == "0":
+        output_guard.remove_if_unmade(created)
+
+
+def _resume_hint(args, argv: List[str], created: Optional[Path]) -> str:
+    """``; resume with: llmrec ... --resume`` for a run that left something to resume."""
+    import shlex
+
+    name = {"train": "run.out", "train-cf": "cf.out"}.get(args.command)
+    out = getattr(args, name, None) if name else None
+    if out is None or not (Path(out) / "run.json").exists():
+        return "; nothing was kept" if created is not None else ""
+    again = [a for a in argv if a != "--force"]
+    if "--resume" not in again:
+        again.append("--resume")
+    return f"; resume with: llmrec {shlex.join(again)}"
 
 
 if __name__ == "__main__":

@@ -462,9 +462,10 @@ def claim_run_dir(
     ``name`` (the caller checks the config). ``force`` renames a non-empty directory to
     ``<out>.old-<time>`` and starts afresh. Temporaries of dead writers are removed.
     """
+    from llmrec.output_guard import check_out_dir
+
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunConfigError(f"--out {out}: exists and is not a directory")
+    check_out_dir(out)  # never a dataset or a directory no run created, --force included
     lock = RunLock(out)
     try:
         return _claim_locked(out, lock, kind, name_key, name, resume, force, log or print)

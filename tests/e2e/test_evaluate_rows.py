@@ -35,8 +35,9 @@ def run(tmp_path_factory):
 def _evaluate(out, *extra):
     from llmrec.cli import main
 
-    metrics = out / f"eval{len(extra)}.json"
-    pred = out / f"eval{len(extra)}.csv"
+    # outside the run: no output may name a file inside a run the command reads
+    metrics = out.parent / f"eval{len(extra)}.json"
+    pred = out.parent / f"eval{len(extra)}.csv"
     rc = main(["evaluate", "--run", str(out), "--metrics", str(metrics), "--predictions",
                str(pred), "--no-progress", *extra])  # fmt: skip
     assert rc == 0

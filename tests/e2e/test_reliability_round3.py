@@ -1,0 +1,157 @@
+"""Issue 27: nothing a command did not create is changed, numerical and OS failures are one
+line, interrupts exit 130 with the resume command. Every case runs the real CLI (``main`` in
+this process, or ``python -m llmrec.cli`` in a subprocess where a signal, a file-size limit or
+a read-only folder is involved) on the small synthetic dataset with the tiny LLM.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmrec.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = [
+    "--rank", "2", "--alpha", "4", "--generator", "mlp", "--max-his", "3",
+    "--tiny-hidden", "16", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-kv-heads", "1",
+    "--tiny-vocab", "300", "--backend", "torch", "--batch-size", "16",
+    "--eval-batch-size", "256", "--max-length", "96", "--no-progress",
+]  # fmt: skip
+
+
+def cli(argv, capsys):
+    """``llmrec argv`` in this process: (exit status, stderr)."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    """A failed command's stderr: exactly one ``error:`` line, no traceback."""
+    assert "Traceback" not in err, err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def run_subprocess(argv, *, preexec=None, timeout=300, wait_for=None):
+    """``python -m llmrec.cli argv``; with ``wait_for`` (a path), SIGINT once it exists."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "python"), env.get("PYTHONPATH", "")]
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmrec.cli", *map(str, argv)], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec,
+    )  # fmt: skip
+    if wait_for is not None:
+        deadline = time.monotonic() + timeout
+        while not Path(wait_for).exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "the run never reached the interrupt point"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def snapshot(folder: Path) -> dict:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def temporaries(folder: Path) -> list:
+    return [p for p in folder.rglob("*") if p.name.startswith(".") and "tmp-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Tiny CSV data, an MF run on it and a small CoRA run."""
+    root = tmp_path_factory.mktemp("rel3")
+    data, mf, cora = root / "data", root / "mf", root / "cora"
+    assert main(["make-data", "--out", str(data), "--format", "csv", "--users", "30", "--items",
+                 "20", "--per-user", "12", "--dim", "2"]) == 0  # fmt: skip
+    assert main(["train-cf", "--data", str(data), "--out", str(mf), "--dim", "8", "--epochs", "3",
+                 "--no-progress"]) == 0  # fmt: skip
+    train = ["train", "--method", "cora", "--data", data, "--cf", mf, "--epochs", "1",
+             "--max-steps", "4", "--eval-every", "2", *TINY]  # fmt: skip
+    assert main([str(a) for a in [*train, "--out", cora]]) == 0
+    return {"root": root, "data": data, "mf": mf, "cora": cora, "train": train}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. a command writes only where it may
+
+
+def test_a_run_never_writes_into_a_dataset_or_a_foreign_directory(env, tmp_path, capsys):
+    data, mf = env["data"], env["mf"]
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep me")
+    before = {d: snapshot(d) for d in (data, foreign, mf)}
+    cases = [
+        (["train-cf", "--data", data, "--out", data, "--epochs", "1"], "is a dataset directory"),
+        (["train-cf", "--data", data, "--out", data, "--force", "--epochs", "1"],
+         "is a dataset directory"),
+        ([*env["train"], "--out", data, "--force"], "is a dataset directory"),
+        (["train-cf", "--data", data, "--out", foreign, "--epochs", "1"], "did not create"),
+        (["train-cf", "--data", data, "--out", foreign, "--force", "--epochs", "1"],
+         "--force moves aside only runs"),
+        ([*env["train"], "--out", foreign, "--force"], "did not create"),
+        (["make-data", "--out", mf], "is a run directory"),
+        (["make-data", "--out", foreign], "did not create"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        rc, err = cli(argv, capsys)
+        assert rc == 2, argv
+        assert expected in one_error_line(err), (argv, err)
+    assert {d: snapshot(d) for d in (data, foreign, mf)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # nothing moved aside
+
+
+def test_no_output_path_inside_what_the_command_reads(env, tmp_path, capsys):
+    data, mf, cora = env["data"], env["mf"], env["cora"]
+    before = {d: snapshot(d) for d in (data, mf, cora)}
+    cases = [
+        (["evaluate", "--run", cora, "--predictions", cora / "best.safetensors"], "inside the run"),
+        (["evaluate", "--run", mf, "--predictions", mf / "model.safetensors"], "inside the run"),
+        (["evaluate", "--run", mf, "--metrics", mf / "run.json"], "inside the run"),
+        # the data the run read, found through its run.json
+        (["evaluate", "--run", mf, "--metrics", data / "train.csv"], "inside the dataset"),
+        (["train-cf", "--data", data, "--out", tmp_path / "a", "--predictions",
+          data / "test.csv"], "inside the dataset"),
+        ([*env["train"], "--out", tmp_path / "b", "--predictions", mf / "embeddings.safetensors"],
+         "inside the run"),
+        ([*env["train"], "--out", mf / "sub"], "inside the run"),
+        (["recommend", "--run", cora, "--retrieve", "3", "--out", cora / "metrics.json"],
+         "inside the run"),
+        (["recommend", "--run", cora, "--retrieve", "3", "--lists", mf / "run.json"],
+         "inside the run"),
+        (["compare", mf, cora, "--plot", cora / "best.safetensors"], "inside the run"),
+        (["compare", mf, "--no-plot", "--json", mf / "metrics.json"], "inside the run"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        rc, err = cli(argv, capsys)
+        assert rc == 2, argv
+        assert expected in one_error_line(err), (argv, err)
+    assert {d: snapshot(d) for d in (data, mf, cora)} == before
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_force_still_moves_a_run_aside(env, tmp_path, capsys):
+    old = tmp_path / "old"
+    argv = ["train-cf", "--data", env["data"], "--dim", "8", "--epochs", "1", "--no-progress"]
+    assert cli([*argv, "--out", old], capsys)[0] == 0
+    first = snapshot(old)
+    rc, err = cli([*argv, "--out", old, "--force"], capsys)
+    assert rc == 0, err
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("old.old-")]
+    assert len(aside) == 1 and snapshot(aside[0]) == first
