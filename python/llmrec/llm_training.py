@@ -41,6 +41,7 @@ from llmrec.method import (
     register,
     resume_options,
 )
+from llmrec.metrics import check_both_classes
 from llmrec.run_store import (
     BEST,
     RUN_FILE,
@@ -121,9 +122,16 @@ def _ensure_cf(cfg: RunConfig, data, env: DistEnv, log) -> str:
 
 
 def prepare_context(
-    cfg: RunConfig, method: Method, env: Optional[DistEnv] = None, log=None, data=None
+    cfg: RunConfig,
+    method: Method,
+    env: Optional[DistEnv] = None,
+    log=None,
+    data=None,
+    training: bool = False,
 ) -> RunContext:
     """Load and check what a run needs, in order of cost, before any model is built.
+
+    ``training``: also refuse a validation split with one class (its AUC is undefined).
 
     Raises the validation errors (:class:`~llmrec.data.DataValidationError`,
     :class:`~llmrec.cf.CFEmbeddingError`, :class:`~llmrec.llm.LLMLoadError`,
@@ -150,6 +158,9 @@ def prepare_context(
     for split in (cfg.valid_split or data.validation_split(), cfg.test_split):
         if split not in data:
             raise RunConfigError(f"{data.source}: no {split!r} split (has {sorted(data.splits)})")
+    if training and method.trains:  # a one-class split: no metric to stop on
+        valid_split = cfg.valid_split or data.validation_split()
+        check_both_classes(data[valid_split]["label"], valid_split)
     cf_path, user_table, item_table = None, None, None
     if method.uses_cf:
         cf_path = _ensure_cf(cfg, data, env, log)  # trains an MF only when no --cf is given
@@ -265,7 +276,7 @@ def _train_and_evaluate(cfg: RunConfig, method, opts, env: DistEnv, log, callbac
     out = Path(cfg.out)
     check_resume_config(cfg, out, lambda config: resume_options(type(method), config))
     out.mkdir(parents=True, exist_ok=True)
-    ctx = prepare_context(cfg, method, env, log, data=data)
+    ctx = prepare_context(cfg, method, env, log, data=data, training=True)
     model = build_model(ctx, method, opts)
     if env.is_main:
         write_run_info(

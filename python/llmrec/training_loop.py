@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from llmrec.config import TrainConfig
-from llmrec.errors import CheckpointError, RunConfigError
+from llmrec.errors import CheckpointError, NumericalError, RunConfigError
 from llmrec.metrics import auc, json_safe
 from llmrec.run_store import (
     BEST,
@@ -569,7 +569,10 @@ class Trainer:
             if self.callback is not None:
                 self.callback("eval", st)
             return
-        value = self.evaluate(self.valid_data)
+        try:
+            value = self.evaluate(self.valid_data)
+        except NumericalError as exc:  # diverged: the state of this step is not saved
+            raise NumericalError(f"step {st.global_step}: {exc} (now {self.cfg.lr:g})") from None
         record[f"valid_{self.metric.name}"] = value
         st.history.append(record)
         if value > st.best_auc:
@@ -599,6 +602,8 @@ class Trainer:
             group["lr"] = lr
         with self._autocast():
             loss = self.model.loss(self._to_device(batch))
+        value = float(loss.detach())
+        self._stop_if_not_finite(value, loss.device)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
@@ -619,9 +624,27 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())
         self._loss_sum, self._loss_n = self._loss_sum + value, self._loss_n + 1
         return value
+
+    def _stop_if_not_finite(self, value: float, device) -> None:
+        """Stop at the first non-finite loss, before it reaches the weights (every rank
+        stops together under DDP); the last checkpoint and best state stay as they are."""
+        bad = not math.isfinite(value)
+        if self.env.enabled:
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(bad)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bool(flag.item())
+        if bad:
+            ckpt = latest_checkpoint(self.out)
+            kept = f"the last good checkpoint {ckpt.name} is kept" if ckpt else "no checkpoint yet"
+            raise NumericalError(
+                f"step {self.state.global_step + 1}: the training loss is {value} (not finite); "
+                f"stopped ({kept}); lower --lr (now {self.cfg.lr:g}) or set --grad-clip, then "
+                "--resume"
+            )
 
     def fit(self, resume: bool = False) -> LoopState:
         """Train until ``epochs`` / ``max_steps`` / early stopping; then load the best state."""

@@ -4,6 +4,7 @@ this process, or ``python -m llmrec.cli`` in a subprocess where a signal, a file
 a read-only folder is involved) on the small synthetic dataset with the tiny LLM.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -155,3 +156,81 @@ def test_force_still_moves_a_run_aside(env, tmp_path, capsys):
     assert rc == 0, err
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("old.old-")]
     assert len(aside) == 1 and snapshot(aside[0]) == first
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. numerical failure and undefined metrics
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        # one CF step per epoch: the loss stays finite, the scores of epoch 1 are not
+        (["--lr", "1e30"], "epoch 1: the model's scores hold NaN"),
+        # several steps per epoch: the second step's loss is NaN
+        (["--lr", "1e30", "--batch-size", "16"], "epoch 1, step 2: the training loss is nan"),
+    ],
+)
+def test_train_cf_stops_at_a_non_finite_loss(env, tmp_path, capsys, extra, expected):
+    out = tmp_path / "mf"
+    rc, err = cli(["train-cf", "--data", env["data"], "--out", out, "--epochs", "3",
+                   "--no-progress", *extra], capsys)  # fmt: skip
+    assert rc == 2
+    line = one_error_line(err)
+    assert expected in line and "lower --lr (now 1e+30)" in line, line
+    assert not (out / "model.safetensors").exists() and not temporaries(out)
+    assert json.loads((out / "run.json").read_text())["complete"] is False
+
+
+def test_train_stops_at_a_non_finite_loss_and_keeps_the_last_good_checkpoint(env, tmp_path, capsys):
+    out = tmp_path / "cora"
+    base = [*env["train"], "--out", out, "--warmup-steps", "0", "--max-steps", "8"]
+    assert cli([*base, "--max-steps", "2"], capsys)[0] == 0  # a good run with a checkpoint
+    good = snapshot(out / "checkpoints")
+    best = (out / "best.safetensors").read_bytes()
+    rc, err = cli([*base, "--resume", "--lr", "1e30"], capsys)
+    assert rc == 2
+    line = one_error_line(err)
+    # step 3 (lr 1e30) is the first update that breaks the weights: step 4's loss is NaN
+    assert "step 4: the training loss is nan" in line, line
+    assert "ckpt-000002-step00000002 is kept" in line, line
+    assert "lower --lr (now 1e+30)" in line, line
+    assert snapshot(out / "checkpoints") == good  # the last good checkpoint, untouched
+    assert (out / "best.safetensors").read_bytes() == best
+    assert not temporaries(out)
+    # from the start: no checkpoint to keep, the line says so
+    rc, err = cli([*env["train"], "--out", tmp_path / "b", "--warmup-steps", "0",
+                   "--eval-every", "1", "--lr", "1e30"], capsys)  # fmt: skip
+    assert rc == 2 and "step 1" in one_error_line(err)
+
+
+def _one_class_data(env, root: Path) -> Path:
+    import shutil
+
+    import pandas as pd
+
+    data = root / "one_class"
+    shutil.copytree(env["data"], data)
+    for split in ("valid", "valid_small"):
+        frame = pd.read_csv(data / f"{split}.csv")
+        frame["label"] = 1
+        frame.to_csv(data / f"{split}.csv", index=False)
+    return data
+
+
+def test_a_one_class_validation_split_is_refused_before_training(env, tmp_path, capsys):
+    data = _one_class_data(env, tmp_path)
+    cases = [
+        ["train-cf", "--data", data, "--out", tmp_path / "mf", "--epochs", "1", "--no-progress"],
+        ["train", "--method", "cora", "--data", data, "--cf", env["mf"], "--out",
+         tmp_path / "cora", *TINY],
+        # no --cf: refused before the MF that would otherwise be trained first
+        ["train", "--method", "cora", "--data", data, "--out", tmp_path / "cora2", *TINY],
+    ]  # fmt: skip
+    for argv in cases:
+        rc, err = cli(argv, capsys)
+        assert rc == 2, argv
+        line = one_error_line(err)
+        assert "has only label 1: its AUC is undefined" in line, line
+    assert not (tmp_path / "mf" / "model.safetensors").exists()
+    assert not (tmp_path / "cora2" / "cf").exists()

@@ -44,7 +44,7 @@ from llmrec.config import (
     resume_mismatches,
 )
 from llmrec.errors import RunConfigError
-from llmrec.metrics import evaluate_predictions
+from llmrec.metrics import check_both_classes, evaluate_predictions
 from llmrec.run_store import (
     METRICS_FILE,
     RUN_FILE,
@@ -194,6 +194,7 @@ def _train_cf_locked(cfg: CFRunConfig, data, log) -> dict:
         raise RunConfigError(
             f"{data.source}: no {cfg.valid_split!r} split (has {sorted(data.splits)})"
         )
+    check_both_classes(data[cfg.valid_split]["label"], cfg.valid_split)  # before any writing
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     config = dataclasses.asdict(cfg)
