@@ -393,9 +393,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         _clean_after_failure(args, created)
         return _fail(args.command, "interrupted" + _resume_hint(args, argv, created), 130)
-    except OSError as exc:
+    except Exception as exc:
+        if not _is_os_error(exc):
+            raise  # a bug: its traceback is wanted
         _clean_after_failure(args, created)
-        return _fail(args.command, f"{exc}; nothing half-written was left", 1)
+        return _fail(args.command, f"{exc}" + _resume_hint(args, argv, created), 1)
+
+
+def _is_os_error(exc: Exception) -> bool:
+    """An operating-system failure: an OSError, or safetensors' own error for a failed
+    write (``SafetensorError: ... I/O error: File too large (os error 27)``)."""
+    if isinstance(exc, OSError):
+        return True
+    return type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc)
 
 
 def _fail(command: str, message: str, status: int) -> int:

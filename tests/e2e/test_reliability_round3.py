@@ -6,6 +6,7 @@ a read-only folder is involved) on the small synthetic dataset with the tiny LLM
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -234,3 +235,140 @@ def test_a_one_class_validation_split_is_refused_before_training(env, tmp_path, 
         assert "has only label 1: its AUC is undefined" in line, line
     assert not (tmp_path / "mf" / "model.safetensors").exists()
     assert not (tmp_path / "cora2" / "cf").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. interrupts and operating-system failures
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background job may inherit SIG_IGN
+
+
+def _resume_argv(line: str) -> list:
+    import shlex
+
+    assert "; resume with: llmrec " in line, line
+    return shlex.split(line.split("; resume with: llmrec ", 1)[1])
+
+
+@pytest.mark.parametrize("command", ["train-cf", "train"])
+def test_ctrl_c_is_one_line_exit_130_and_prints_the_resume_command(env, tmp_path, capsys, command):
+    out = tmp_path / "run"
+    if command == "train-cf":
+        argv = ["train-cf", "--data", env["data"], "--out", out, "--batch-size", "16",
+                "--epochs", "100", "--patience", "100", "--no-progress"]  # fmt: skip
+        reached = out / "cf_state.safetensors"
+    else:
+        argv = [*env["train"], "--out", out, "--epochs", "30", "--max-steps", "400",
+                "--save-every", "1"]  # fmt: skip
+        reached = out / "checkpoints" / "latest"
+    rc, err = run_subprocess(argv, preexec=_default_sigint, wait_for=reached)
+    assert rc == 130, err
+    line = one_error_line(err)
+    assert f"llmrec {command}: error: interrupted" in line, line
+    assert not temporaries(out)
+    again = _resume_argv(line)
+    assert again[-1] == "--resume" and again[0] == command
+    rc, err = cli([*again[:-1], "--max-steps", "8", "--resume"] if command == "train" else again,
+                  capsys)  # fmt: skip
+    assert rc == 0, err
+    assert (out / "metrics.json").exists()
+
+
+def test_an_interrupt_before_anything_resumable_leaves_nothing(env, tmp_path, capsys, monkeypatch):
+    import llmrec.cf.cf_run as cf_run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cf_run, "write_run_info", interrupted)
+    out = tmp_path / "new"
+    rc, err = cli(["train-cf", "--data", env["data"], "--out", out, "--no-progress"], capsys)
+    assert rc == 130
+    assert "interrupted; nothing was kept" in one_error_line(err)
+    assert not out.exists()
+
+
+def _file_size_limit(limit: int):
+    def apply():
+        _default_sigint()
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporaries(env, tmp_path):
+    # train-cf: run.json fits, the first 30 KB state file does not: a resumable run stays
+    out = tmp_path / "mf"
+    rc, err = run_subprocess(
+        ["train-cf", "--data", env["data"], "--out", out, "--dim", "256", "--no-progress"],
+        preexec=_file_size_limit(20_000),
+    )
+    assert rc == 1
+    line = one_error_line(err)
+    assert "File too large" in line and "resume with: llmrec train-cf" in line, line
+    assert not temporaries(out)
+    assert json.loads((out / "run.json").read_text())["complete"] is False
+    # train: the tiny LLM does not fit, before run.json: the new OUT is removed
+    out = tmp_path / "cora"
+    rc, err = run_subprocess([*env["train"], "--out", out], preexec=_file_size_limit(20_000))
+    assert rc == 1
+    line = one_error_line(err)
+    assert "File too large" in line and "nothing was kept" in line, line
+    assert not out.exists()
+
+
+def test_no_space_left_while_evaluating(env, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import llmrec.safe_files as safe_files
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    before = snapshot(env["mf"])
+    monkeypatch.setattr(safe_files.os, "fsync", full)
+    rc, err = cli(["evaluate", "--run", env["mf"], "--metrics", tmp_path / "m.json"], capsys)
+    assert rc == 1
+    assert "No space left on device" in one_error_line(err)
+    assert not temporaries(tmp_path) and not (tmp_path / "m.json").exists()
+    monkeypatch.undo()
+    now = snapshot(env["mf"])
+    assert {k: v for k, v in now.items() if k != ".llmrec.lock"} == {
+        k: v for k, v in before.items() if k != ".llmrec.lock"
+    }
+
+
+def test_unwritable_or_impossible_outputs(env, tmp_path, capsys, monkeypatch):
+    import llmrec.output_guard as output_guard
+
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["train-cf", "--data", env["data"], "--out", tmp_path / "afile" / "run"], "is a file"),
+        ([*env["train"], "--out", tmp_path / "afile" / "a" / "b"], "is a file"),
+        (["evaluate", "--run", env["mf"], "--predictions", tmp_path / "afile" / "p.csv"],
+         "is a file"),
+        (["train-cf", "--data", env["data"], "--out", tmp_path / "afile"], "not a directory"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        rc, err = cli(argv, capsys)
+        assert rc == 2, argv
+        assert expected in one_error_line(err), err
+    # a read-only folder (the tests may run as root, who may write anywhere: simulated)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        output_guard.os, "access", lambda p, m: False if Path(p) == ro else real_access(p, m)
+    )
+    for argv in (
+        ["train-cf", "--data", env["data"], "--out", ro / "run"],
+        ["evaluate", "--run", env["mf"], "--metrics", ro / "m.json"],
+        ["compare", env["mf"], "--plot", ro / "p.png"],
+    ):
+        rc, err = cli(argv, capsys)
+        assert rc == 2, argv
+        assert f"{ro} is not writable" in one_error_line(err), err
+    assert list(ro.iterdir()) == []
