@@ -52,6 +52,7 @@ def _add_train_cf(sub) -> None:
     )
     groups = {"run": p.add_argument_group("run"), None: p.add_argument_group("model")}
     add_field_flags(groups.get, CFRunConfig, "cf.")
+    _add_accept_flag(groups["run"])
 
 
 def _add_train(sub) -> None:
@@ -94,6 +95,7 @@ def _add_train(sub) -> None:
     add_field_flags(group, RunConfig, "run.", defaults=shown)
     add_field_flags(group, TrainConfig, "train.", defaults=shown)
     add_field_flags(lambda _: group("tiny LLM (--llm tiny)"), TinyLLMOptions, "tiny.")
+    _add_accept_flag(group("run"))
     p.set_defaults(
         method_flags=add_method_flags(
             p, registry, lambda m, name, default: preset_help(name, default, method=m)
@@ -127,6 +129,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=None, help="eval batch size")
     p.add_argument("--device", type=_device_arg, default="auto")
     p.add_argument("--no-progress", action="store_true")
+    _add_accept_flag(p)
 
 
 def _add_recommend(sub) -> None:
@@ -156,6 +159,16 @@ def _add_recommend(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    _add_accept_flag(p)
+
+
+def _add_accept_flag(p) -> None:
+    p.add_argument(
+        "--accept-changed-inputs",
+        action="store_true",
+        help="use the run's inputs (data, CF embeddings, LLM weights) even when their content "
+        "changed since the run recorded their sha256; the change is recorded in RUN/run.json",
+    )
 
 
 def _add_make_data(sub) -> None:
@@ -382,10 +395,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bars
     from llmrec import output_guard
+    from llmrec.input_digests import verify_command_inputs
 
     created = _new_out_dir(args)
     try:
         output_guard.check_command_paths(args)  # before anything is written
+        verify_command_inputs(args, _log)  # the inputs a run recorded are still the same
         return handlers[args.command](args)
     except USER_ERRORS as exc:
         _clean_after_failure(args, created)

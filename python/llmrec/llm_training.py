@@ -22,6 +22,7 @@ import torch
 from llmrec.config import RunConfig, TrainConfig
 from llmrec.data import load_run_data
 from llmrec.errors import CheckpointError, RunConfigError
+from llmrec.input_digests import digest_inputs
 from llmrec.llm import (
     attn_implementation,
     check_tokenizer_files,
@@ -282,6 +283,7 @@ def _train_and_evaluate(cfg: RunConfig, method, opts, env: DistEnv, log, callbac
         write_run_info(
             out, "llm", "method", cfg.method, cfg.to_dict(), cf_path=ctx.cf_path,
             data=ctx.data.summary(), options=dataclasses.asdict(opts),
+            inputs=digest_inputs(data=cfg.data, cf=ctx.cf_path, llm=_local_llm(cfg.llm)),
         )  # fmt: skip
     stages = method.stages(ctx, model, opts)
     infos, st, trainer = _run_stages(ctx, model, stages, callback)
@@ -318,6 +320,11 @@ def _train_and_evaluate(cfg: RunConfig, method, opts, env: DistEnv, log, callbac
         )
     env.barrier()
     return metrics
+
+
+def _local_llm(llm: str) -> Optional[str]:
+    """A local LLM directory or file (its weights are inputs of the run), else None."""
+    return llm if llm != "tiny" and Path(llm).exists() else None
 
 
 @dataclass

@@ -112,6 +112,12 @@ def write_run_info(out: PathLike, kind: str, name_key: str, name: str, config: d
         **extra,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+    old = Path(out) / RUN_FILE
+    if old.exists():  # input changes accepted earlier (--accept-changed-inputs) stay on record
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            accepted = json.loads(old.read_text()).get("accepted_input_changes")
+            if accepted:
+                info["accepted_input_changes"] = accepted
     atomic_write_json(Path(out) / RUN_FILE, info)
 
 

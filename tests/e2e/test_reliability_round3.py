@@ -372,3 +372,93 @@ def test_unwritable_or_impossible_outputs(env, tmp_path, capsys, monkeypatch):
         assert rc == 2, argv
         assert f"{ro} is not writable" in one_error_line(err), err
     assert list(ro.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. inputs that change under a finished run
+
+
+def _edit_in_place(csv: Path) -> None:
+    """Same path, same row count, other content: every label flipped."""
+    import pandas as pd
+
+    frame = pd.read_csv(csv)
+    frame["label"] = 1 - frame["label"]
+    frame.to_csv(csv, index=False)
+
+
+@pytest.fixture
+def own_runs(env, tmp_path, capsys):
+    """A private copy of the data, an MF run and a CoRA run on it (2 steps, a checkpoint)."""
+    import shutil
+
+    data, mf, cora = tmp_path / "data", tmp_path / "mf", tmp_path / "cora"
+    shutil.copytree(env["data"], data)
+    cf = ["train-cf", "--data", data, "--out", mf, "--dim", "8", "--epochs", "2", "--no-progress"]
+    assert cli(cf, capsys)[0] == 0
+    train = ["train", "--method", "cora", "--data", data, "--cf", mf, "--out", cora,
+             "--epochs", "1", "--max-steps", "2", "--save-every", "1", *TINY]  # fmt: skip
+    assert cli(train, capsys)[0] == 0
+    recorded = json.loads((cora / "run.json").read_text())["inputs"]
+    assert set(recorded) == {"data", "cf"}
+    assert str(mf / "embeddings.safetensors") in recorded["cf"]
+    assert str(data / "test.csv") in recorded["data"]
+    return {"data": data, "mf": mf, "cora": cora, "cf": cf, "train": train}
+
+
+def test_an_edited_dataset_is_noticed_by_every_command(own_runs, tmp_path, capsys):
+    data, mf, cora = own_runs["data"], own_runs["mf"], own_runs["cora"]
+    _edit_in_place(data / "test.csv")
+    cases = [
+        ["evaluate", "--run", mf],
+        ["evaluate", "--run", cora],
+        [
+            "recommend",
+            "--run",
+            cora,
+            "--retrieve",
+            "5",
+            "--users",
+            "3",
+            "--out",
+            tmp_path / "r.json",
+        ],
+        ["compare", mf, cora, "--no-plot"],
+        [*own_runs["cf"], "--resume"],
+        [*own_runs["train"], "--max-steps", "3", "--resume"],
+    ]
+    for argv in cases:
+        before = snapshot(cora)
+        rc, err = cli(argv, capsys)
+        assert rc == 2, argv
+        line = one_error_line(err)
+        assert f"its data input {data / 'test.csv'} changed" in line, line
+        assert "--accept-changed-inputs" in line
+        assert snapshot(cora) == before
+    # accepted explicitly: the command runs and run.json records the change
+    rc, err = cli(["evaluate", "--run", mf, "--accept-changed-inputs", "--no-progress"], capsys)
+    assert rc == 0, err
+    info = json.loads((mf / "run.json").read_text())
+    assert "test.csv changed" in info["accepted_input_changes"][0]["change"]
+    assert cli(["evaluate", "--run", mf, "--no-progress"], capsys)[0] == 0  # accepted once
+    # a resume that accepts keeps the record in the rewritten run.json
+    rc, err = cli([*own_runs["train"], "--max-steps", "3", "--resume", "--accept-changed-inputs"],
+                  capsys)  # fmt: skip
+    assert rc == 0, err
+    assert json.loads((cora / "run.json").read_text())["accepted_input_changes"]
+
+
+def test_a_replaced_or_removed_cf_run_is_noticed(own_runs, tmp_path, capsys):
+    mf, cora = own_runs["mf"], own_runs["cora"]
+    rc, _ = cli([*own_runs["cf"][:-1], "--epochs", "3", "--no-progress", "--force"], capsys)
+    assert rc == 0  # the CF run the LLM run read is replaced
+    rc, err = cli(["evaluate", "--run", cora], capsys)
+    assert rc == 2
+    assert f"its cf input {mf / 'embeddings.safetensors'} changed" in one_error_line(err)
+    (mf / "embeddings.safetensors").unlink()
+    rc, err = cli(["evaluate", "--run", cora, "--accept-changed-inputs"], capsys)
+    assert rc == 2  # a missing file is accepted as a change, then cannot be read: one line
+    one_error_line(err)
+    rc, err = cli(["compare", cora, "--no-plot"], capsys)
+    assert rc == 2
+    assert "embeddings.safetensors is gone" in one_error_line(err)
