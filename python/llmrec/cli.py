@@ -409,10 +409,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         _clean_after_failure(args, created)
         return _fail(args.command, "interrupted" + _resume_hint(args, argv, created), 130)
     except Exception as exc:
+        if _is_out_of_memory(exc):
+            _clean_after_failure(args, created)
+            msg = str(exc).split("\n")[0][:300]
+            return _fail(args.command, f"out of memory ({msg}); lower --rank, --tiny-hidden, "
+                         "--batch-size or --retrieve" + _resume_hint(args, argv, created), 1)  # fmt: skip
         if not _is_os_error(exc):
             raise  # a bug: its traceback is wanted
         _clean_after_failure(args, created)
         return _fail(args.command, f"{exc}" + _resume_hint(args, argv, created), 1)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation the machine could not serve (host or GPU memory)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )
 
 
 def _is_os_error(exc: Exception) -> bool:

@@ -462,3 +462,87 @@ def test_a_replaced_or_removed_cf_run_is_noticed(own_runs, tmp_path, capsys):
     rc, err = cli(["compare", cora, "--no-plot"], capsys)
     assert rc == 2
     assert "embeddings.safetensors is gone" in one_error_line(err)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. oddities: checkpoints at an epoch end, the train loss of a resumed epoch
+
+
+def _checkpoint_steps(run: Path) -> list:
+    return sorted(int(p.name.rsplit("step", 1)[1]) for p in (run / "checkpoints").glob("ckpt-*"))
+
+
+@pytest.mark.parametrize(
+    "every", [["--eval-every", "0", "--save-every", "7"], ["--eval-every", "7"]]
+)
+def test_one_checkpoint_per_step_when_the_interval_divides_the_epoch(env, tmp_path, capsys, every):
+    out = tmp_path / "run"  # 14 steps per epoch (215 rows, batch 16), 2 epochs
+    rc, err = cli([*env["train"], "--out", out, "--epochs", "2", "--max-steps", "28",
+                   "--keep-checkpoints", "0", *every], capsys)  # fmt: skip
+    assert rc == 0, err
+    assert _checkpoint_steps(out) == [7, 14, 21, 28]
+
+
+def test_a_resumed_epoch_reports_the_loss_of_all_its_steps(env, tmp_path, capsys):
+    argv = [*env["train"], "--epochs", "1", "--max-steps", "14", "--eval-every", "0",
+            "--save-every", "5"]  # fmt: skip
+    whole = tmp_path / "whole"
+    assert cli([*argv, "--out", whole], capsys)[0] == 0
+    resumed = tmp_path / "resumed"
+    env_vars = dict(os.environ, LLMREC_TEST_KILL_AT="checkpoint:latest@2")  # after step 10
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmrec.cli", *map(str, [*argv, "--out", resumed])],
+        env={**env_vars, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "python")])},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert cli([*argv, "--out", resumed, "--resume"], capsys)[0] == 0
+
+    def losses(run):
+        return [r["train_loss"] for r in json.loads((run / "metrics.json").read_text())["train"]
+                ["stages"][-1].get("history", [])] or [
+            json.loads(line)["train_loss"] for line in (run / "train_log.jsonl").open()
+        ]  # fmt: skip
+
+    # the same additions in the same order (the sum is checkpointed): equal, not just close
+    assert losses(resumed) == losses(whole)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. sizes that cannot fit
+
+
+def test_sizes_that_cannot_fit_are_refused_before_allocating(env, tmp_path, capsys):
+    before = snapshot(env["cora"])
+    cases = [
+        ([*env["train"], "--out", tmp_path / "a", "--tiny-hidden", "1000000"], "the tiny LLM needs"),
+        ([*env["train"], "--out", tmp_path / "b", "--tiny-hidden", "4096", "--tiny-layers",
+          "100000"], "the tiny LLM needs"),
+        (["recommend", "--run", env["cora"], "--retrieve", "1000", "--out", tmp_path / "r.json"],
+         "--retrieve 1000: the catalogue has 20 items"),
+        (["recommend", "--run", env["cora"], "--retrieve", "21", "--out", tmp_path / "r.json"],
+         "choose K <= 20"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        rc, err = cli(argv, capsys)
+        assert rc == 2, argv
+        assert expected in one_error_line(err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing left behind
+    now = snapshot(env["cora"])
+    assert {k: v for k, v in now.items() if k != ".llmrec.lock"} == {
+        k: v for k, v in before.items() if k != ".llmrec.lock"
+    }
+
+
+def test_an_allocation_the_machine_refuses_is_one_line(env, tmp_path):
+    def limited():
+        _default_sigint()
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # 3 GiB of address space
+
+    out = tmp_path / "big"  # CoRA's generator for rank 10^6: far beyond 3 GiB
+    rc, err = run_subprocess([*env["train"], "--out", out, "--rank", "1000000", "--tiny-hidden",
+                              "64"], preexec=limited)  # fmt: skip
+    assert rc == 1
+    line = one_error_line(err)
+    assert "out of memory" in line and "lower --rank" in line, line
+    assert not out.exists()
