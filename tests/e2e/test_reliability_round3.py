@@ -546,3 +546,50 @@ def test_an_allocation_the_machine_refuses_is_one_line(env, tmp_path):
     line = one_error_line(err)
     assert "out of memory" in line and "lower --rank" in line, line
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. long inputs: the length rule is applied when the data is read
+
+
+def _long_title_data(env, root: Path, length: int) -> Path:
+    import shutil
+
+    import pandas as pd
+
+    data = root / "long"
+    shutil.copytree(env["data"], data)
+    for split in ("train", "valid", "valid_small", "test"):
+        frame = pd.read_csv(data / f"{split}.csv", keep_default_na=False)
+        frame["title"] = ["Long " * (length // 5) + str(i) for i in frame["iid"]]
+        frame.to_csv(data / f"{split}.csv", index=False)
+    return data
+
+
+def test_long_titles_are_cut_when_the_data_is_read(env, tmp_path):
+    from llmrec.data import load_data
+    from llmrec.data.loader import MAX_TITLE_CHARS
+
+    data = load_data(_long_title_data(env, tmp_path, 10_000))
+    for split in ("train", "test"):
+        titles = data[split]["title"]
+        assert titles.str.len().max() == MAX_TITLE_CHARS
+        his = [t for ts in data[split]["his_title"] for t in ts]
+        assert max(map(len, his)) <= MAX_TITLE_CHARS
+    assert data["train"]["his"].map(len).sum() > 0  # histories (the CF slots) kept whole
+
+
+@pytest.mark.parametrize("method", ["collm", "cora"])
+def test_a_10000_character_title_trains_and_evaluates(env, tmp_path, capsys, method):
+    data = _long_title_data(env, tmp_path, 10_000)
+    out = tmp_path / method
+    argv = ["train", "--method", method, "--data", data, "--cf", env["mf"], "--out", out,
+            "--epochs", "1", "--max-steps", "2", "--max-train-rows", "32", "--max-valid-rows",
+            "16", "--max-test-rows", "16", "--tiny-hidden", "32", "--tiny-layers", "1",
+            "--tiny-heads", "2", "--tiny-kv-heads", "1", "--tiny-vocab", "400", "--backend",
+            "torch", "--no-progress"]  # fmt: skip
+    rc, err = cli(argv, capsys)
+    assert rc == 0, err
+    rc, err = cli(["evaluate", "--run", out, "--rows", "all", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "eval_test.json").read_text())["test"]["auc"] is not None
