@@ -240,11 +240,26 @@ def remove_own_temporaries(folders: Iterable[Path], pid: Optional[int] = None) -
 def remove_if_unmade(folder: Optional[Path]) -> bool:
     """Remove ``folder`` (created by this command) when it holds no ``run.json`` and no
     dataset file: nothing in it can be resumed or read. Returns whether it was removed."""
+    import fcntl
     import shutil
 
     if folder is None or not folder.is_dir() or (folder / "run.json").exists():
         return False
     if is_dataset(folder):
         return False
-    shutil.rmtree(folder, ignore_errors=True)
+    try:  # another process that raced us into the new folder holds its lock: leave it
+        fd = os.open(folder / ".llmrec.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    try:
+        if (folder / "run.json").exists():
+            return False
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(fd)
     return True

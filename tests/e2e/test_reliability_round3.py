@@ -194,7 +194,7 @@ def test_train_stops_at_a_non_finite_loss_and_keeps_the_last_good_checkpoint(env
     line = one_error_line(err)
     # step 3 (lr 1e30) is the first update that breaks the weights: step 4's loss is NaN
     assert "step 4: the training loss is nan" in line, line
-    assert "ckpt-000002-step00000002 is kept" in line, line
+    assert "the last good checkpoint ckpt-000001-step00000002 is kept" in line, line
     assert "lower --lr (now 1e+30)" in line, line
     assert snapshot(out / "checkpoints") == good  # the last good checkpoint, untouched
     assert (out / "best.safetensors").read_bytes() == best
@@ -593,3 +593,16 @@ def test_a_10000_character_title_trains_and_evaluates(env, tmp_path, capsys, met
     rc, err = cli(["evaluate", "--run", out, "--rows", "all", "--no-progress"], capsys)
     assert rc == 0, err
     assert json.loads((out / "eval_test.json").read_text())["test"]["auc"] is not None
+
+
+def test_a_failed_start_never_removes_a_folder_another_live_run_holds(tmp_path):
+    from llmrec.output_guard import remove_if_unmade
+    from llmrec.run_store import RunLock
+
+    out = tmp_path / "new"
+    lock = RunLock(out)  # a second process that raced into the same new --out
+    try:
+        assert remove_if_unmade(out) is False and out.is_dir()
+    finally:
+        lock.release()
+    assert remove_if_unmade(out) is True and not out.exists()
