@@ -12,7 +12,9 @@ training and exit with status 2. ``llmrec train`` runs under ``torchrun`` as wel
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from llmrec.config import absolute_path as _abs
@@ -50,6 +52,7 @@ def _add_train_cf(sub) -> None:
     )
     groups = {"run": p.add_argument_group("run"), None: p.add_argument_group("model")}
     add_field_flags(groups.get, CFRunConfig, "cf.")
+    _add_accept_flag(groups["run"])
 
 
 def _add_train(sub) -> None:
@@ -92,6 +95,7 @@ def _add_train(sub) -> None:
     add_field_flags(group, RunConfig, "run.", defaults=shown)
     add_field_flags(group, TrainConfig, "train.", defaults=shown)
     add_field_flags(lambda _: group("tiny LLM (--llm tiny)"), TinyLLMOptions, "tiny.")
+    _add_accept_flag(group("run"))
     p.set_defaults(
         method_flags=add_method_flags(
             p, registry, lambda m, name, default: preset_help(name, default, method=m)
@@ -125,6 +129,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=None, help="eval batch size")
     p.add_argument("--device", type=_device_arg, default="auto")
     p.add_argument("--no-progress", action="store_true")
+    _add_accept_flag(p)
 
 
 def _add_recommend(sub) -> None:
@@ -154,6 +159,16 @@ def _add_recommend(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    _add_accept_flag(p)
+
+
+def _add_accept_flag(p) -> None:
+    p.add_argument(
+        "--accept-changed-inputs",
+        action="store_true",
+        help="use the run's inputs (data, CF embeddings, LLM weights) even when their content "
+        "changed since the run recorded their sha256; the change is recorded in RUN/run.json",
+    )
 
 
 def _add_make_data(sub) -> None:
@@ -379,12 +394,87 @@ def main(argv: Optional[List[str]] = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bars
+    from llmrec import output_guard
+    from llmrec.input_digests import verify_command_inputs
+
+    created = _new_out_dir(args)
     try:
+        output_guard.check_command_paths(args)  # before anything is written
+        verify_command_inputs(args, _log)  # the inputs a run recorded are still the same
         return handlers[args.command](args)
     except USER_ERRORS as exc:
-        msg = " ".join(str(exc).split())  # one line, whatever the message holds
-        print(f"llmrec {args.command}: error: {msg}", file=sys.stderr, flush=True)
-        return 2
+        _clean_after_failure(args, created)
+        return _fail(args.command, str(exc), 2)
+    except KeyboardInterrupt:
+        _clean_after_failure(args, created)
+        return _fail(args.command, "interrupted" + _resume_hint(args, argv, created), 130)
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            _clean_after_failure(args, created)
+            msg = str(exc).split("\n")[0][:300]
+            return _fail(args.command, f"out of memory ({msg}); lower --rank, --tiny-hidden, "
+                         "--batch-size or --retrieve" + _resume_hint(args, argv, created), 1)  # fmt: skip
+        if not _is_os_error(exc):
+            raise  # a bug: its traceback is wanted
+        _clean_after_failure(args, created)
+        return _fail(args.command, f"{exc}" + _resume_hint(args, argv, created), 1)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation the machine could not serve (host or GPU memory)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )
+
+
+def _is_os_error(exc: Exception) -> bool:
+    """An operating-system failure: an OSError, or safetensors' own error for a failed
+    write (``SafetensorError: ... I/O error: File too large (os error 27)``)."""
+    if isinstance(exc, OSError):
+        return True
+    return type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc)
+
+
+def _fail(command: str, message: str, status: int) -> int:
+    msg = " ".join(message.split())  # one line, whatever the message holds
+    print(f"llmrec {command}: error: {msg}", file=sys.stderr, flush=True)
+    return status
+
+
+def _new_out_dir(args) -> Optional[Path]:
+    """The run (or dataset) directory this command will create, None when it exists."""
+    name = {"train": "run.out", "train-cf": "cf.out", "make-data": "out"}.get(args.command)
+    out = getattr(args, name, None) if name else None
+    if not isinstance(out, str) or os.path.lexists(out):
+        return None
+    return Path(out).absolute()
+
+
+def _clean_after_failure(args, created: Optional[Path]) -> None:
+    """This process's temporaries removed; a directory it created that holds nothing
+    resumable removed (rank 0 only under torchrun)."""
+    from llmrec import output_guard
+
+    output_guard.remove_own_temporaries(output_guard.written_dirs(args))
+    if os.environ.get("RANK", "0") == "0":
+        output_guard.remove_if_unmade(created)
+
+
+def _resume_hint(args, argv: List[str], created: Optional[Path]) -> str:
+    """``; resume with: llmrec ... --resume`` for a run that left something to resume."""
+    import shlex
+
+    name = {"train": "run.out", "train-cf": "cf.out"}.get(args.command)
+    out = getattr(args, name, None) if name else None
+    if out is None or not (Path(out) / "run.json").exists():
+        return "; nothing was kept" if created is not None else ""
+    again = [a for a in argv if a != "--force"]
+    if "--resume" not in again:
+        again.append("--resume")
+    return f"; resume with: llmrec {shlex.join(again)}"
 
 
 if __name__ == "__main__":

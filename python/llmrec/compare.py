@@ -287,6 +287,12 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--sort", default=None, help="sort by a column key, e.g. auc (descending)")
+    p.add_argument(
+        "--accept-changed-inputs",
+        action="store_true",
+        help="compare runs whose inputs changed since they recorded their sha256 (recorded "
+        "in each RUN/run.json)",
+    )
 
 
 def cmd_compare(args) -> int:

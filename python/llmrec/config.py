@@ -359,6 +359,10 @@ class TinyLLMOptions:
                 f"--tiny-hidden / --tiny-heads = {self.hidden // self.heads} must be "
                 "even (rotary position embeddings)"
             )
+        from llmrec.memory_check import check_fits, tiny_llm_bytes
+
+        size = tiny_llm_bytes(self.hidden, self.layers, self.heads, self.kv_heads, self.vocab)
+        check_fits(size, "the tiny LLM", "lower --tiny-hidden, --tiny-layers or --tiny-vocab")
 
     def hf_config(self) -> Dict[str, int]:
         """The Hugging Face ``LlamaConfig`` keys of this tiny LLM (``RunConfig.tiny``)."""

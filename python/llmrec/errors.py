@@ -14,6 +14,7 @@ __all__ = [
     "DataValidationError",
     "LLMLoadError",
     "LLMRecError",
+    "NumericalError",
     "RunConfigError",
 ]
 
@@ -36,6 +37,10 @@ class DataValidationError(LLMRecError):
 
 class CFEmbeddingError(LLMRecError):
     """A CF embedding file is missing, malformed or does not match the data."""
+
+
+class NumericalError(LLMRecError):
+    """Training diverged (a non-finite loss or score) or a metric it needs is undefined."""
 
 
 class LLMLoadError(ValueError):

@@ -22,6 +22,7 @@ import torch
 from llmrec.config import RunConfig, TrainConfig
 from llmrec.data import load_run_data
 from llmrec.errors import CheckpointError, RunConfigError
+from llmrec.input_digests import digest_inputs
 from llmrec.llm import (
     attn_implementation,
     check_tokenizer_files,
@@ -41,6 +42,7 @@ from llmrec.method import (
     register,
     resume_options,
 )
+from llmrec.metrics import check_both_classes
 from llmrec.run_store import (
     BEST,
     RUN_FILE,
@@ -121,9 +123,16 @@ def _ensure_cf(cfg: RunConfig, data, env: DistEnv, log) -> str:
 
 
 def prepare_context(
-    cfg: RunConfig, method: Method, env: Optional[DistEnv] = None, log=None, data=None
+    cfg: RunConfig,
+    method: Method,
+    env: Optional[DistEnv] = None,
+    log=None,
+    data=None,
+    training: bool = False,
 ) -> RunContext:
     """Load and check what a run needs, in order of cost, before any model is built.
+
+    ``training``: also refuse a validation split with one class (its AUC is undefined).
 
     Raises the validation errors (:class:`~llmrec.data.DataValidationError`,
     :class:`~llmrec.cf.CFEmbeddingError`, :class:`~llmrec.llm.LLMLoadError`,
@@ -150,6 +159,9 @@ def prepare_context(
     for split in (cfg.valid_split or data.validation_split(), cfg.test_split):
         if split not in data:
             raise RunConfigError(f"{data.source}: no {split!r} split (has {sorted(data.splits)})")
+    if training and method.trains:  # a one-class split: no metric to stop on
+        valid_split = cfg.valid_split or data.validation_split()
+        check_both_classes(data[valid_split]["label"], valid_split)
     cf_path, user_table, item_table = None, None, None
     if method.uses_cf:
         cf_path = _ensure_cf(cfg, data, env, log)  # trains an MF only when no --cf is given
@@ -265,12 +277,13 @@ def _train_and_evaluate(cfg: RunConfig, method, opts, env: DistEnv, log, callbac
     out = Path(cfg.out)
     check_resume_config(cfg, out, lambda config: resume_options(type(method), config))
     out.mkdir(parents=True, exist_ok=True)
-    ctx = prepare_context(cfg, method, env, log, data=data)
+    ctx = prepare_context(cfg, method, env, log, data=data, training=True)
     model = build_model(ctx, method, opts)
     if env.is_main:
         write_run_info(
             out, "llm", "method", cfg.method, cfg.to_dict(), cf_path=ctx.cf_path,
             data=ctx.data.summary(), options=dataclasses.asdict(opts),
+            inputs=digest_inputs(data=cfg.data, cf=ctx.cf_path, llm=_local_llm(cfg.llm)),
         )  # fmt: skip
     stages = method.stages(ctx, model, opts)
     infos, st, trainer = _run_stages(ctx, model, stages, callback)
@@ -307,6 +320,11 @@ def _train_and_evaluate(cfg: RunConfig, method, opts, env: DistEnv, log, callbac
         )
     env.barrier()
     return metrics
+
+
+def _local_llm(llm: str) -> Optional[str]:
+    """A local LLM directory or file (its weights are inputs of the run), else None."""
+    return llm if llm != "tiny" and Path(llm).exists() else None
 
 
 @dataclass

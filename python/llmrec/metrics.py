@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-__all__ = ["auc", "evaluate_predictions", "json_safe", "uauc"]
+__all__ = ["auc", "check_both_classes", "evaluate_predictions", "json_safe", "uauc"]
 
 
 def _arrays(*xs):
@@ -28,9 +28,38 @@ def _arrays(*xs):
     return out
 
 
+def _check_finite(scores: np.ndarray) -> None:
+    if scores.dtype.kind == "f" and not np.isfinite(scores).all():
+        from llmrec.errors import NumericalError
+
+        first = int(np.flatnonzero(~np.isfinite(scores))[0])
+        raise NumericalError(
+            f"the model's scores hold NaN or infinite values (first at row {first}): the "
+            "training diverged; lower --lr"
+        )
+
+
+def check_both_classes(labels, split: str) -> None:
+    """Refuse a validation split whose AUC is undefined (one class only), before training:
+    early stopping could not choose a best state (:class:`llmrec.errors.NumericalError`)."""
+    values = np.unique(np.asarray(labels))
+    if values.size < 2:
+        from llmrec.errors import NumericalError
+
+        only = "no rows" if values.size == 0 else f"only label {values[0]}"
+        raise NumericalError(
+            f"the {split!r} split has {only}: its AUC is undefined, so early stopping cannot "
+            "choose a best state; give a validation split with both classes (--valid-split)"
+        )
+
+
 def auc(labels, scores) -> float:
-    """ROC AUC of ``scores`` against binary ``labels``; ``nan`` when only one class occurs."""
+    """ROC AUC of ``scores`` against binary ``labels``; ``nan`` when only one class occurs.
+
+    Non-finite scores (a diverged model) raise :class:`llmrec.errors.NumericalError`.
+    """
     labels, scores = _arrays(labels, scores)
+    _check_finite(scores)
     if len(labels) == 0 or np.unique(labels).size < 2:
         return float("nan")
     return float(roc_auc_score(labels.astype(np.int64), scores.astype(np.float64)))
@@ -67,8 +96,7 @@ def evaluate_predictions(users, labels, scores, not_cold: Optional[np.ndarray] =
     ``warm`` / ``cold`` are present when ``not_cold`` is given.
     """
     users, labels, scores = _arrays(users, labels, scores)
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("scores contain NaN or inf")
+    _check_finite(np.asarray(scores, dtype=np.float64))
     out = _block(users, labels, scores)
     if not_cold is not None:
         (not_cold,) = _arrays(not_cold)

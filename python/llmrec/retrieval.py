@@ -549,6 +549,13 @@ def _run_recommend_locked(
         run_dir, data_path=data_path, device=device, batch_size=batch_size
     )
     catalogue = sorted(i for i in scorer.titles if 1 <= i < scorer.item_table.shape[0])
+    if k > len(catalogue):  # before any index or candidate table is allocated
+        from llmrec.errors import RunConfigError
+
+        raise RunConfigError(
+            f"--retrieve {k}: the catalogue has {len(catalogue)} items; choose K <= "
+            f"{len(catalogue)}"
+        )
     result = {
         "method": scorer.method,
         "run": str(run_dir),

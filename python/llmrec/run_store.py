@@ -112,6 +112,12 @@ def write_run_info(out: PathLike, kind: str, name_key: str, name: str, config: d
         **extra,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+    old = Path(out) / RUN_FILE
+    if old.exists():  # input changes accepted earlier (--accept-changed-inputs) stay on record
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            accepted = json.loads(old.read_text()).get("accepted_input_changes")
+            if accepted:
+                info["accepted_input_changes"] = accepted
     atomic_write_json(Path(out) / RUN_FILE, info)
 
 
@@ -462,9 +468,10 @@ def claim_run_dir(
     ``name`` (the caller checks the config). ``force`` renames a non-empty directory to
     ``<out>.old-<time>`` and starts afresh. Temporaries of dead writers are removed.
     """
+    from llmrec.output_guard import check_out_dir
+
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunConfigError(f"--out {out}: exists and is not a directory")
+    check_out_dir(out)  # never a dataset or a directory no run created, --force included
     lock = RunLock(out)
     try:
         return _claim_locked(out, lock, kind, name_key, name, resume, force, log or print)

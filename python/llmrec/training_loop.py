@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from llmrec.config import TrainConfig
-from llmrec.errors import CheckpointError, RunConfigError
+from llmrec.errors import CheckpointError, NumericalError, RunConfigError
 from llmrec.metrics import auc, json_safe
 from llmrec.run_store import (
     BEST,
@@ -345,6 +345,10 @@ class LoopState:
     # seconds spent in fit() to reach this state, summed over the resumed segments (the work
     # a kill threw away, redone after the resume, counts once)
     train_time_s: float = 0.0
+    # training loss summed since the last evaluation, in the checkpoint so that the record
+    # after a resume averages every step since that evaluation, not only the resumed ones
+    loss_sum: float = 0.0
+    loss_steps: int = 0
 
 
 class Trainer:
@@ -384,7 +388,6 @@ class Trainer:
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.state = LoopState()
-        self._loss_sum, self._loss_n = 0.0, 0  # training loss since the last evaluation
         # (perf_counter at fit()'s start, state.train_time_s then); None outside fit()
         self._clock: Optional[tuple] = None
         self.optimizer = (
@@ -558,9 +561,9 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0,
             "time": time.time(),
         }
-        if self._loss_n:
-            record["train_loss"] = self._loss_sum / self._loss_n
-            self._loss_sum, self._loss_n = 0.0, 0
+        if st.loss_steps:
+            record["train_loss"] = st.loss_sum / st.loss_steps
+            st.loss_sum, st.loss_steps = 0.0, 0
         st.last_eval_step = st.global_step
         if self.valid_data is None:  # nothing to select on: the last state is kept
             st.history.append(record)
@@ -569,7 +572,10 @@ class Trainer:
             if self.callback is not None:
                 self.callback("eval", st)
             return
-        value = self.evaluate(self.valid_data)
+        try:
+            value = self.evaluate(self.valid_data)
+        except NumericalError as exc:  # diverged: the state of this step is not saved
+            raise NumericalError(f"step {st.global_step}: {exc} (now {self.cfg.lr:g})") from None
         record[f"valid_{self.metric.name}"] = value
         st.history.append(record)
         if value > st.best_auc:
@@ -599,6 +605,8 @@ class Trainer:
             group["lr"] = lr
         with self._autocast():
             loss = self.model.loss(self._to_device(batch))
+        value = float(loss.detach())
+        self._stop_if_not_finite(value, loss.device)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
@@ -619,9 +627,28 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())
-        self._loss_sum, self._loss_n = self._loss_sum + value, self._loss_n + 1
+        self.state.loss_sum += value
+        self.state.loss_steps += 1
         return value
+
+    def _stop_if_not_finite(self, value: float, device) -> None:
+        """Stop at the first non-finite loss, before it reaches the weights (every rank
+        stops together under DDP); the last checkpoint and best state stay as they are."""
+        bad = not math.isfinite(value)
+        if self.env.enabled:
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(bad)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bool(flag.item())
+        if bad:
+            ckpt = latest_checkpoint(self.out)
+            kept = f"the last good checkpoint {ckpt.name} is kept" if ckpt else "no checkpoint yet"
+            raise NumericalError(
+                f"step {self.state.global_step + 1}: the training loss is {value} (not finite); "
+                f"stopped ({kept}); lower --lr (now {self.cfg.lr:g}) or set --grad-clip, then "
+                "--resume"
+            )
 
     def fit(self, resume: bool = False) -> LoopState:
         """Train until ``epochs`` / ``max_steps`` / early stopping; then load the best state."""
@@ -682,13 +709,17 @@ class Trainer:
                 st.global_step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=st.epoch)
+                # the epoch-end checkpoint below follows at once: no second one of this step
+                ends = st.step_in_epoch >= spe or st.global_step >= total
                 if self.cfg.eval_every and st.global_step % self.cfg.eval_every == 0:
                     self._eval_and_track()
-                    self.save_checkpoint()
                     if st.stopped_early:
+                        self.save_checkpoint()
                         stop = True
                         break
-                elif self.cfg.save_every and st.global_step % self.cfg.save_every == 0:
+                    if not ends:
+                        self.save_checkpoint()
+                elif self.cfg.save_every and st.global_step % self.cfg.save_every == 0 and not ends:
                     self.save_checkpoint()
             if stop:
                 st.done = True

@@ -35,8 +35,9 @@ def run(tmp_path_factory):
 def _evaluate(out, *extra):
     from llmrec.cli import main
 
-    metrics = out / f"eval{len(extra)}.json"
-    pred = out / f"eval{len(extra)}.csv"
+    # outside the run: no output may name a file inside a run the command reads
+    metrics = out.parent / f"eval{len(extra)}.json"
+    pred = out.parent / f"eval{len(extra)}.csv"
     rc = main(["evaluate", "--run", str(out), "--metrics", str(metrics), "--predictions",
                str(pred), "--no-progress", *extra])  # fmt: skip
     assert rc == 0
@@ -74,7 +75,8 @@ def _checkpoints(out):
 def test_keep_checkpoints_0_keeps_every_one(run):
     _, out = run
     ckpts = sorted((out / "checkpoints").glob("ckpt-*"))
-    assert sorted(_checkpoints(out)) == [1, 2, 3] and len(ckpts) == 4, ckpts
+    # one per step: the epoch's last step is not checkpointed twice (issue 27)
+    assert sorted(_checkpoints(out)) == [1, 2, 3] and len(ckpts) == 3, ckpts
 
 
 def test_state_scores_a_checkpoint_instead_of_the_best(run):

@@ -44,7 +44,8 @@ from llmrec.config import (
     resume_mismatches,
 )
 from llmrec.errors import RunConfigError
-from llmrec.metrics import evaluate_predictions
+from llmrec.input_digests import digest_inputs
+from llmrec.metrics import check_both_classes, evaluate_predictions
 from llmrec.run_store import (
     METRICS_FILE,
     RUN_FILE,
@@ -194,10 +195,13 @@ def _train_cf_locked(cfg: CFRunConfig, data, log) -> dict:
         raise RunConfigError(
             f"{data.source}: no {cfg.valid_split!r} split (has {sorted(data.splits)})"
         )
+    check_both_classes(data[cfg.valid_split]["label"], cfg.valid_split)  # before any writing
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     config = dataclasses.asdict(cfg)
-    write_run_info(out, "cf", "model", cfg.model, config, data=data.summary(), complete=False)
+    inputs = digest_inputs(data=cfg.data)
+    write_run_info(out, "cf", "model", cfg.model, config, data=data.summary(), complete=False,
+                   inputs=inputs)  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = build_cf_model(cfg.model, data.n_users, data.n_items, **_model_kwargs(cfg))
     tcfg = CFConfig(
@@ -240,7 +244,8 @@ def _train_cf_locked(cfg: CFRunConfig, data, log) -> dict:
         "wall_time_s": time.perf_counter() - start,
     }
     write_metrics(out, metrics, predictions=cfg.predictions, pred_df=test_df, scores=test_scores)
-    write_run_info(out, "cf", "model", cfg.model, config, data=data.summary(), complete=True)
+    write_run_info(out, "cf", "model", cfg.model, config, data=data.summary(), complete=True,
+                   inputs=inputs)  # fmt: skip
     return metrics
 
 

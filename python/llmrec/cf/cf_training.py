@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from llmrec.cf.models import bce, pad_histories
-from llmrec.errors import CFEmbeddingError
+from llmrec.errors import CFEmbeddingError, NumericalError
 from llmrec.metrics import auc
 from llmrec.run_store import RUN_FILE
 from llmrec.safe_files import read_json, save_safetensors, verify_safetensors
@@ -185,11 +185,21 @@ def train_cf(
             idx = perm[start : start + cfg.batch_size]
             batch = {k: v[idx].to(device) for k, v in train.items()}
             loss = bce(model(batch), batch["labels"])
+            if not torch.isfinite(loss):  # before it reaches the weights
+                raise NumericalError(
+                    f"epoch {epoch}, step {start // cfg.batch_size + 1}: the training loss is "
+                    f"{float(loss.detach())} (not finite); stopped, nothing of this epoch was saved; "
+                    f"lower --lr (now {cfg.lr:g}) and start again with --force"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
-        valid_auc = auc(valid_df["label"], predict_cf(model, valid_df, his_len=cfg.his_len))
+        try:
+            valid_auc = auc(valid_df["label"], predict_cf(model, valid_df, his_len=cfg.his_len))
+        except NumericalError as exc:
+            raise NumericalError(f"epoch {epoch}: {exc} (now {cfg.lr:g}); nothing of this "
+                                 "epoch was saved") from None  # fmt: skip
         history.append({"epoch": epoch, "train_loss": total / n, "valid_auc": valid_auc})
         bar.set_postfix(loss=f"{total / n:.4f}", valid_auc=f"{valid_auc:.4f}")
         if log is not None:

@@ -17,6 +17,10 @@ __all__ = ["SPLITS", "RecData", "check_cold_flags", "find_split_file", "load_dat
 
 SPLITS = ("train", "valid", "valid_small", "test")
 REQUIRED_SPLITS = ("train", "valid", "test")
+#: the length rule applied when a split is read: a title (target or history) longer than this
+#: is cut to its first MAX_TITLE_CHARS characters, so one title can never push a prompt's CF
+#: slots past --max-length (the longest ML-1M title has 79 characters, valid_small.parquet)
+MAX_TITLE_CHARS = 160
 META_FILE = "meta.json"
 
 
@@ -113,7 +117,24 @@ def read_split(
         raise
     except Exception as exc:  # pyarrow / pandas parse errors
         raise DataValidationError(f"{path}: cannot be read: {exc}") from exc
-    return validate_split(df, path, max_user=max_user, max_item=max_item)
+    return _cut_titles(validate_split(df, path, max_user=max_user, max_item=max_item))
+
+
+def _cut_titles(df: pd.DataFrame) -> pd.DataFrame:
+    """Titles and history titles cut to :data:`MAX_TITLE_CHARS` characters (ids, histories
+    and so every CF slot are kept as they are)."""
+
+    def cut(title):
+        return title[:MAX_TITLE_CHARS] if isinstance(title, str) else title
+
+    if "title" in df.columns:
+        df["title"] = [cut(t) for t in df["title"]]
+    if "his_title" in df.columns:
+        df["his_title"] = [
+            type(ts)(cut(t) for t in ts) if isinstance(ts, (list, tuple)) else ts
+            for ts in df["his_title"]
+        ]
+    return df
 
 
 def _max_ids(df: pd.DataFrame) -> tuple[int, int]:

@@ -139,7 +139,9 @@ def truncate_slotted(ids: List[int], max_length: int, bos: Optional[int]) -> Lis
     keep_bos = bos is not None and ids[0] == bos
     out = ([bos] if keep_bos else []) + ids[-(max_length - int(keep_bos)) :]
     if sum(1 for t in out if t < 0) != sum(1 for t in ids if t < 0):
-        raise ValueError(
+        from llmrec.errors import DataValidationError  # one line in the CLI, not a traceback
+
+        raise DataValidationError(
             f"max_length={max_length} cuts a CF slot out of the prompt; raise --max-length"
         )
     return out
