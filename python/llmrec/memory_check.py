@@ -12,7 +12,7 @@ from typing import Optional
 
 from llmrec.errors import RunConfigError
 
-__all__ = ["available_bytes", "check_fits", "tiny_llm_bytes"]
+__all__ = ["available_bytes", "check_fits", "cora_training_bytes", "tiny_llm_bytes"]
 
 _GIB = float(1 << 30)
 
@@ -49,3 +49,12 @@ def tiny_llm_bytes(hidden: int, layers: int, heads: int, kv_heads: int, vocab: i
     kv = hidden // heads * kv_heads
     per_layer = hidden * (2 * hidden + 2 * kv) + 3 * hidden * tiny_intermediate_size(hidden)
     return 4 * (2 * vocab * hidden + layers * (per_layer + 2 * hidden) + hidden)
+
+
+def cora_training_bytes(cf_dim: int, hidden: int, rank: int, layers: int) -> int:
+    """fp32 bytes CoRA's trainable state needs while training, from the shapes: the
+    generator's output layer ``(2 cf_dim) x (hidden rank)`` and a ``B`` of ``(d_out, rank)``
+    for q/k/v/o of every layer (``d_out`` at most ``hidden``), each held four times (weight,
+    gradient and AdamW's two moments). A lower bound: the rest of the generator is left out."""
+    params = 2 * cf_dim * hidden * rank + layers * 4 * hidden * rank
+    return 4 * 4 * params

@@ -518,6 +518,8 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(env, tmp_path, caps
         ([*env["train"], "--out", tmp_path / "a", "--tiny-hidden", "1000000"], "the tiny LLM needs"),
         ([*env["train"], "--out", tmp_path / "b", "--tiny-hidden", "4096", "--tiny-layers",
           "100000"], "the tiny LLM needs"),
+        ([*env["train"], "--out", tmp_path / "c", "--rank", "100000"],
+         "--rank 100000 exceeds the LLM's hidden size 16"),
         (["recommend", "--run", env["cora"], "--retrieve", "1000", "--out", tmp_path / "r.json"],
          "--retrieve 1000: the catalogue has 20 items"),
         (["recommend", "--run", env["cora"], "--retrieve", "21", "--out", tmp_path / "r.json"],
@@ -534,14 +536,30 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(env, tmp_path, caps
     }
 
 
+def test_coras_training_state_is_estimated_before_it_is_built(monkeypatch):
+    """Vicuna-7B's shape (hidden 4096, 32 layers, d_cf 256): rank 16 fits 24 GiB, rank 4096
+    (a generator output layer of 8.6e9 weights) is refused by name before any allocation."""
+    from llmrec import memory_check
+    from llmrec.errors import RunConfigError
+
+    monkeypatch.setattr(memory_check, "available_bytes", lambda: 24 << 30)
+    memory_check.check_fits(memory_check.cora_training_bytes(256, 4096, 16, 32), "CoRA", "x")
+    needed = memory_check.cora_training_bytes(256, 4096, 4096, 32)
+    assert needed == 16 * (2 * 256 * 4096 * 4096 + 32 * 4 * 4096 * 4096)
+    with pytest.raises(RunConfigError, match=r"CoRA at --rank 4096 needs about 1[0-9]{2}\.\d GiB"):
+        memory_check.check_fits(needed, "CoRA at --rank 4096", "lower --rank")
+
+
 def test_an_allocation_the_machine_refuses_is_one_line(env, tmp_path):
     def limited():
         _default_sigint()
         resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # 3 GiB of address space
 
-    out = tmp_path / "big"  # CoRA's generator for rank 10^6: far beyond 3 GiB
-    rc, err = run_subprocess([*env["train"], "--out", out, "--rank", "1000000", "--tiny-hidden",
-                              "64"], preexec=limited)  # fmt: skip
+    # a tiny LLM of hidden 8192 in 2 layers (~6 GiB): within the free memory the size check
+    # reads, far beyond the 3 GiB of address space this process may have
+    out = tmp_path / "big"
+    rc, err = run_subprocess([*env["train"], "--out", out, "--tiny-hidden", "8192",
+                              "--tiny-layers", "2"], preexec=limited)  # fmt: skip
     assert rc == 1
     line = one_error_line(err)
     assert "out of memory" in line and "lower --rank" in line, line

@@ -8,6 +8,7 @@ from typing import Any, Dict, List
 
 from llmrec.config import finite_float, float_in, json_object, option, positive_int, projection_list
 from llmrec.errors import RunConfigError
+from llmrec.memory_check import check_fits, cora_training_bytes
 from llmrec.method import Method, RunContext, register
 from llmrec.methods.common import backend_option
 from llmrec.methods.cora.generator import GENERATORS
@@ -58,6 +59,19 @@ class CoRA(Method):
     def build(self, ctx: RunContext, opts: Options) -> CoRARecommender:
         if not 0.0 <= opts.lora_dropout < 1.0:
             raise RunConfigError(f"cora lora_dropout must be in [0, 1), got {opts.lora_dropout}")
+        hidden = int(ctx.llm.config.hidden_size)
+        if opts.rank > hidden:
+            # a delta B A_b^T of rank r <= hidden: a larger r is no longer low rank, and the
+            # generator's output layer grows with it (2 cf_dim x hidden r)
+            raise RunConfigError(
+                f"--rank {opts.rank} exceeds the LLM's hidden size {hidden}; CoRA's per-sample "
+                "delta is low rank: use a rank at most the hidden size (the paper: 16)"
+            )
+        check_fits(
+            cora_training_bytes(ctx.cf_dim, hidden, opts.rank, ctx.llm.config.num_hidden_layers),
+            f"CoRA at --rank {opts.rank}",
+            "lower --rank",
+        )
         return CoRARecommender(
             ctx.llm,
             ctx.tokenizer,
