@@ -57,7 +57,7 @@ class WholeModelConfig:
         self.score_bl = (64, 192) if not tiny else (4, 16)
         self.layers = layers
         self.reps = reps
-        self.warmup = 2 if not tiny else 1
+        self.warmup = 2
 
 
 def _layer_bytes(cfg: WholeModelConfig, elem: int) -> int:
@@ -129,14 +129,28 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, reps: int
     return out
 
 
-def _peak_gib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+def _peak_gib(fn: Callable[[], object], device: torch.device, resident: int) -> Optional[float]:
+    """Peak GPU memory of one call as if the measured model were alone on the device: its
+    ``resident`` bytes (weights, generator) plus the most the call allocated beyond what was
+    allocated before it (the unpatched model kept beside a patched copy is not counted)."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**30
+    return (resident + torch.cuda.max_memory_allocated(device) - before) / 2**30
+
+
+def _resident_bytes(*modules: nn.Module) -> int:
+    seen, total = set(), 0
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
 
 
 def _batch(cfg: WholeModelConfig, bl, device, gen) -> dict:
@@ -268,6 +282,8 @@ def run(
                             target = mname.rsplit(".", 1)[-1]
                             mod.lora_B.weight.copy_(b_vals[target])
             train_step, score_pass = _method_fns(name, model, cfg, generator, train, score, 3)
+            resident = _resident_bytes(model, generator)
+            rec["resident_gib"] = resident / 2**30
             for kind, fn, bl in (
                 ("train", train_step, cfg.train_bl),
                 ("score", score_pass, cfg.score_bl),
@@ -277,7 +293,7 @@ def run(
                 rec[f"{kind}_s"] = med
                 rec[f"{kind}_spread_s"] = [min(secs), max(secs)]
                 rec[f"{kind}_tokens_per_s"] = bl[0] * bl[1] / med
-                rec[f"{kind}_peak_gib"] = _peak_gib(fn, device)
+                rec[f"{kind}_peak_gib"] = _peak_gib(fn, device, resident)
         except Exception as exc:  # one failing method must not lose the others' numbers
             rec["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         records.append(rec)
@@ -298,6 +314,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"Whole model, LLaMA-7B shape ({m['layers']} of {m['layers_of']} layers, {m['memory']}), "
         f"{m['dtype']}, r {m['rank']}, train {m['train_BxL']}, score {m['score_BxL']}, {m['device']}",
+        "",
+        "Peak GiB: the measured model's own weights plus the most the step allocated.",
         "",
         "| method | train tok/s | train x base | train peak GiB | score tok/s | score x base | score peak GiB |",
         "| --- | --- | --- | --- | --- | --- | --- |",
