@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import sys
@@ -300,9 +301,10 @@ def run(
         say(json.dumps(rec))
         if on_update is not None:
             on_update({"meta": meta, "records": records})
-        if model is not base_model:
-            del model
-        del generator
+        # Drop every reference to the patched copy (the step closures hold it too) before the
+        # next copy is made: only one patched copy may live beside the unpatched model.
+        model = generator = train_step = score_pass = fn = None
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"meta": meta, "records": records}
