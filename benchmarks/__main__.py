@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         help="toy shapes, seconds long: a smoke run of the whole pipeline",
     )
     p.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="only the workloads of issue 25's 'Done when' list (benchmarks/gpu_check.sh)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         help="JSON file (default: benchmarks/results/<machine>-<date>[-quick].json)",
@@ -173,7 +178,12 @@ def main(argv=None) -> int:
         say(f"warning: {msg}")
         meta["warning"] = msg
 
-    workloads = default_workloads(device, dtype, quick=args.quick, tiny=args.tiny)
+    if args.gpu_check:
+        from benchmarks.suite import gpu_check_workloads
+
+        workloads = gpu_check_workloads(dtype, tiny=args.tiny)
+    else:
+        workloads = default_workloads(device, dtype, quick=args.quick, tiny=args.tiny)
     if args.ops:
         wanted = {o.strip() for o in args.ops.split(",") if o.strip()}
         workloads = [w for w in workloads if w.op in wanted]
@@ -182,7 +192,8 @@ def main(argv=None) -> int:
         dtype=dtype,
         workloads=workloads,
         quick=args.quick,
-        preset="tiny" if args.tiny else ("quick" if args.quick else "full"),
+        preset=("gpu-check-" if args.gpu_check else "")
+        + ("tiny" if args.tiny else ("quick" if args.quick else "full")),
         progress=not args.no_progress,
         extra_meta=meta,
     )

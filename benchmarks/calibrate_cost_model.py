@@ -119,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     base = dispatch.GPUS[args.gpu]
     base_eff = 0.8  # the ceiling before this calibration
     used = [r for r in rows if r["kind"] != "proj fwd decode"]
-    fitted, eff, _ = fit(used, base)
-    text = report(rows, base, base_eff, fitted, eff, args.bench)
+    if not used:  # a CPU run (the GPU check's dry run) times no Triton kernel
+        text = f"{args.bench}: no timed Triton shrink or forward records, nothing to calibrate\n"
+    else:
+        fitted, eff, _ = fit(used, base)
+        text = report(rows, base, base_eff, fitted, eff, args.bench)
     print(text, end="")
     if args.out:
         args.out.write_text(text)

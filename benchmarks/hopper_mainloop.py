@@ -18,9 +18,10 @@ setting: d 4096, r 16, prefill 8 x 256 and 32 x 512). Methods, per workload:
   persistent dx kernel (``hopper_wide``: 128 x 256 tiles); ``torch`` = the torch backend's
   backward asked for dx only.
 
-Each method's time is :func:`benchmarks.timing.time_gpu`'s median (L2 flushed before every
-repetition); the methods are timed in turn, ``rounds`` times, and the median over rounds is
-reported with its spread (min, max), so background drift hits all methods alike. Errors are
+Each method's time is the median of :func:`benchmarks.timing.time_gpu_interleaved`
+(``10 * rounds`` repetitions, every method once per repetition in rotating order, the L2
+flushed before every call), reported with its spread (min, max), so background drift hits
+all methods alike. Errors are
 ``max |out - fp64| / max |fp64|`` against the same maths in float64 on the GPU.
 
 On a GPU other than sm_90 the Hopper kernels run their pointer path (``use_tma=False``, the
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from typing import Callable, Optional
 
@@ -76,15 +76,14 @@ def _rel_err(out: torch.Tensor, oracle: torch.Tensor) -> float:
 
 
 def _time_rounds(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict]:
-    from benchmarks.timing import time_gpu
+    """Interleaved GPU time of every method (``10 * rounds`` repetitions, each method once per
+    repetition in rotating order, L2 flushed before every call): median, min and max ms."""
+    from benchmarks.timing import time_gpu_interleaved
 
-    samples: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(rounds):
-        for name, fn in methods.items():
-            samples[name].append(time_gpu(fn).median_ms)
+    timings = time_gpu_interleaved(methods, reps=10 * rounds)
     return {
-        name: {"ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)}
-        for name, v in samples.items()
+        name: {"ms": t.median_ms, "min_ms": min(t.samples_ms), "max_ms": max(t.samples_ms)}
+        for name, t in timings.items()
     }
 
 
@@ -230,8 +229,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the records here")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the arguments and write an empty record list (the GPU check's CPU dry run)",
+    )
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    if args.dry_run:
+        shapes = parse_shapes(args.shapes)
+        _validate(shapes, args.d, args.rank, dtype, args.rounds)
+        print(f"dry run: would time forward and dx of {shapes} at d {args.d} r {args.rank}")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump([], fh)
+        return 0
     records = run(parse_shapes(args.shapes), args.d, args.rank, dtype, args.rounds)
     print(_table(records))
     if args.json:

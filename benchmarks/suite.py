@@ -21,9 +21,13 @@ from benchmarks.timing import (
     OthersCpuMonitor,
     Timing,
     cpu_busy_fraction,
+    measure_bandwidth_gbps,
     peak_memory_mb,
     time_cpu_interleaved,
     time_gpu,
+    time_gpu_graph,
+    time_gpu_interleaved,
+    time_host_us,
     wait_for_idle,
 )
 
@@ -63,6 +67,9 @@ class SuiteConfig:
     cpu_min_rounds: int = 5
     gpu_warmup_ms: float = 25.0
     gpu_rep_ms: float = 100.0
+    gpu_reps: int = 50  # interleaved repetitions per method (each after an L2 flush)
+    host_calls: int = 20  # back-to-back calls per host-time loop
+    measured_bandwidth_gbps: Optional[float] = None  # set by run_suite on a GPU
     mem_fraction: float = 0.5  # of the free memory, for the skip-if-too-big estimates
     wait_idle_s: float = 0.0  # CPU: wait up to this long for other processes to go quiet
     idle_threshold: float = 0.25
@@ -89,6 +96,36 @@ def tiny_workloads(dtype: torch.dtype) -> list[Workload]:
         Workload("decoder_layer", "fwd_bwd", 2, 8, 64, 64, 4, dtype, layer),
         Workload("scoring", "score", 2, 8, 64, 64, 4, dtype, scoring),
     ]
+
+
+# The projection workloads of issue 25's "Done when" list, each tagged with its role (the
+# summary of benchmarks/gpu_check.sh finds its records by it): (op, mode, B, L) at d 4096 on
+# a GPU, and toy sizes of the same kinds for the CPU dry run.
+GPU_CHECK_ROLES = {
+    "prefill_32x512": (("proj", "fwd", 32, 512), ("proj", "fwd", 4, 32)),
+    "prefill_8x256": (("proj", "fwd", 8, 256), ("proj", "fwd", 2, 16)),
+    "train_8x256": (("proj", "fwd_bwd", 8, 256), ("proj", "fwd_bwd", 2, 16)),
+    "decode_b32": (("proj", "fwd", 32, 1), ("proj", "fwd", 4, 1)),
+    "decode_b32_qkv": (("qkv", "fwd", 32, 1), ("qkv", "fwd", 4, 1)),
+    "layer_8x256": (("decoder_layer", "fwd_bwd", 8, 256), ("decoder_layer", "fwd_bwd", 2, 8)),
+    "shrink_b32": (("shrink", "fwd", 32, 1), ("shrink", "fwd", 4, 1)),
+    "shrink_8x256": (("shrink", "fwd", 8, 256), ("shrink", "fwd", 2, 16)),
+}
+
+
+def gpu_check_workloads(dtype: torch.dtype, tiny: bool = False) -> list[Workload]:
+    """The GPU check's workloads (bf16 r 16 d 4096 on a GPU; d 64 r 4 with ``tiny``)."""
+    d, r = (64, 4) if tiny else (GPU_SHAPES["d"], 16)
+    ffn, heads = (128, 4) if tiny else (GPU_SHAPES["ffn"], GPU_SHAPES["heads"])
+    out = []
+    for role, (full, toy) in GPU_CHECK_ROLES.items():
+        op, mode, b, length = toy if tiny else full
+        extra: tuple = (("role", role),)
+        if op == "decoder_layer":
+            extra += (("ffn", ffn), ("heads", heads))
+        d_out = 3 * d if op == "qkv" else d
+        out.append(Workload(op, mode, b, length, d, d_out, r, dtype, extra))
+    return out
 
 
 def default_workloads(
@@ -292,6 +329,35 @@ def _measure_host(case: Case, runnable: dict, recs: dict, cfg: SuiteConfig) -> N
             rec["roofline_note"] = "host cost only: no FLOP/byte model"
 
 
+def _measure_gpu(case: Case, runnable: dict, recs: dict, timings: dict, cfg: SuiteConfig) -> None:
+    """GPU time of every runnable method, interleaved within each repetition (L2 flushed,
+    CUDA events; issue 25), then per method its host time per call and, for inference
+    forwards, its GPU time under CUDA-graph replay, the two reported apart."""
+    try:
+        timings.update(
+            time_gpu_interleaved({n: mc.fn for n, mc in runnable.items()}, reps=cfg.gpu_reps)
+        )
+    except Exception:
+        # One method failing inside the interleaved loop must not lose the others: time
+        # each alone, recording which one fails.
+        for name, mc in runnable.items():
+            try:
+                timings[name] = time_gpu(mc.fn, cfg.gpu_warmup_ms, cfg.gpu_rep_ms)
+            except Exception as exc:
+                recs[name]["status"] = "error"
+                recs[name]["skip_reason"] = f"failed while timing: {_short(exc)}"
+    graphable = case.workload.mode == "fwd" and case.workload.op in ("proj", "qkv", "shrink")
+    for name in timings:
+        mc, rec = runnable[name], recs[name]
+        rec["host_us_per_call"] = time_host_us(mc.fn, calls=cfg.host_calls, repeats=3)
+        rec["graph_ms"] = None
+        if graphable:
+            try:
+                rec["graph_ms"] = time_gpu_graph(mc.fn).median_ms
+            except Exception as exc:  # not capturable: say so, keep the eager numbers
+                rec["graph_note"] = f"not capturable: {_short(exc)}"
+
+
 def _measure_case(case: Case, cfg: SuiteConfig, device_name: str, peak, allow_tf32) -> list[dict]:
     wl = case.workload
     recs: dict[str, dict] = {}
@@ -320,12 +386,7 @@ def _measure_case(case: Case, cfg: SuiteConfig, device_name: str, peak, allow_tf
     if not runnable:
         pass
     elif cfg.device.type == "cuda":
-        for name, mc in runnable.items():
-            try:
-                timings[name] = time_gpu(mc.fn, cfg.gpu_warmup_ms, cfg.gpu_rep_ms)
-            except Exception as exc:
-                recs[name]["status"] = "error"
-                recs[name]["skip_reason"] = f"failed while timing: {_short(exc)}"
+        _measure_gpu(case, runnable, recs, timings, cfg)
     elif runnable:
         # Time; when waiting for a quiet machine was asked for and other processes still
         # used more than the threshold during the timing, wait and time again (keep the
@@ -363,7 +424,9 @@ def _measure_case(case: Case, cfg: SuiteConfig, device_name: str, peak, allow_tf
         if mc.cost is not None:
             rec["tflops"] = mc.cost.flops / seconds / 1e12
             rec["gbps"] = mc.cost.bytes / seconds / 1e9
-            pct, note = roofline(mc.cost, seconds, peak, wl.dtype, allow_tf32)
+            pct, note = roofline(
+                mc.cost, seconds, peak, wl.dtype, allow_tf32, cfg.measured_bandwidth_gbps
+            )
             rec["roofline_pct"], rec["roofline_note"] = pct, note
         else:
             rec["roofline_note"] = "no FLOP/byte model for this workload"
@@ -390,10 +453,14 @@ def run_suite(cfg: SuiteConfig, on_record: Optional[Callable[[dict], None]] = No
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
         peak = lookup_peak(device_name)
+        # rooflines from the bandwidth measured in this run, not the data sheet's
+        bandwidth = measure_bandwidth_gbps(device)
+        cfg.measured_bandwidth_gbps = bandwidth
         allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
     else:
         device_name = f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads)"
         peak, allow_tf32 = None, False
+        bandwidth = None
 
     records: list[dict] = []
     iterator = cfg.workloads
@@ -462,12 +529,15 @@ def run_suite(cfg: SuiteConfig, on_record: Optional[Callable[[dict], None]] = No
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "timing": (
-            "triton.testing.do_bench median (CUDA events, warm-up, L2 flushed each rep)"
+            f"methods interleaved within each of {cfg.gpu_reps} repetitions (order rotating, "
+            "L2 flushed before every call, CUDA events), median and p25/p75; host_us_per_call "
+            "(no sync) and graph_ms (CUDA-graph replay, inference forwards) per method"
             if device.type == "cuda"
             else "wall-clock median, methods interleaved round by round after warm-up "
             f"(>= {cfg.cpu_min_rounds} rounds, ~{cfg.cpu_budget_s:g} s per workload)"
         ),
         "peak_table": None if peak is None else peak.name,
+        "measured_bandwidth_gbps": bandwidth,
         "allow_tf32": allow_tf32,
         "loadavg_start": load_start,
         "loadavg_end": _loadavg(),

@@ -176,3 +176,28 @@ def test_graph_time_host_time_and_bandwidth_on_a_gpu():
     assert 100 < bandwidth < 20_000
     assert 2 * 4096 * 4096 / (graph.median_ms * 1e-3) / 1e9 < 1.5 * bandwidth
     assert eager["a"].quantile(0.25) <= eager["a"].median_ms <= eager["a"].quantile(0.75)
+
+
+def test_whole_model_layer_count_follows_free_memory():
+    from benchmarks.whole_model import WholeModelConfig, layers_that_fit
+
+    cfg = WholeModelConfig(tiny=False)
+    gib = 2**30
+    counts = [layers_that_fit(cfg, free * gib) for free in (8, 24, 40, 79, 139)]
+    assert counts == sorted(counts), counts  # more memory never gives fewer layers
+    assert counts[0] == 1 and counts[-1] == 32  # at least one layer, at most the model's 32
+    # a LLaMA-7B layer's bf16 weights alone are ~0.4 GiB: 24 GiB cannot hold all 32 twice
+    assert counts[1] < 32
+    # the count fits: what it budgets per layer times the count stays under the free memory
+    from benchmarks.whole_model import _layer_bytes
+
+    assert counts[2] * _layer_bytes(cfg, 2) < 40 * gib
+
+
+def test_whole_model_rejects_bad_arguments():
+    from benchmarks.whole_model import main as whole_main
+
+    with pytest.raises(SystemExit):
+        whole_main(["--tiny", "--layers", "0"])
+    with pytest.raises(SystemExit):
+        whole_main(["--tiny", "--reps", "0"])
