@@ -153,7 +153,9 @@ def test_cora_lora_dropout_option(monkeypatch):
     assert CoRA.Options().lora_dropout == 0.05  # CoRA cfg lora_config.dropout
     seen = {}
     monkeypatch.setattr(cora_method, "CoRARecommender", lambda *a, **k: seen.update(k))
-    ctx = types.SimpleNamespace(llm=None, tokenizer=None, cf_dim=8, log=print)
+    # the build reads the LLM's shape (rank <= hidden, the training state's size)
+    llm = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=64, num_hidden_layers=2))
+    ctx = types.SimpleNamespace(llm=llm, tokenizer=None, cf_dim=8, log=print)
     CoRA().build(ctx, CoRA.Options(lora_dropout=0.1))
     assert seen["lora_dropout"] == 0.1  # passed on to the fused op, no longer a no-op
 
