@@ -66,6 +66,7 @@ from llmrec.training_loop import (
     check_trainable_compatible,
     init_distributed,
     lr_factor,
+    require_tensorboard,
     resolve_precision,
 )
 
@@ -259,6 +260,8 @@ def run_training(
     log = log or (lambda m: None)
     method = get_method(cfg.method)
     opts = parse_options(type(method), cfg)  # bad options fail before the directory is touched
+    if cfg.train.tensorboard and env.is_main:
+        require_tensorboard()
     lock: Optional[RunLock] = None
     if env.is_main:
         lock = claim_run_dir(

@@ -48,9 +48,10 @@ from llmrec.run_store import (
     TRAIN_LOG,
     TRAINABLE,
     TRAINER,
-    append_jsonl,
+    JsonlLog,
     latest_checkpoint,
     recover_checkpoints,
+    resume_train_log,
     rewrite_jsonl,
     write_checkpoint,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "init_distributed",
     "lr_factor",
     "param_groups",
+    "require_tensorboard",
     "resolve_precision",
 ]
 
@@ -250,6 +252,37 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: ``torch.cuda.max_memory_allocated`` on a CUDA
+    device, else the peak resident set size (``resource.getrusage``; Linux reports KiB,
+    macOS bytes)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def require_tensorboard():
+    """``torch.utils.tensorboard.SummaryWriter``; a one-line :class:`RunConfigError` when the
+    optional tensorboard package is missing (called before a run touches anything)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RunConfigError(
+            "--tensorboard needs the tensorboard package (pip install tensorboard); "
+            "the same scalars are in OUT/train_log.jsonl without it"
+        ) from None
+    return SummaryWriter
+
+
+def open_tensorboard(out: Path):
+    """A ``SummaryWriter`` on ``out/tensorboard`` (see :func:`require_tensorboard`)."""
+    return require_tensorboard()(log_dir=str(out / "tensorboard"))
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -390,6 +423,9 @@ class Trainer:
         self.state = LoopState()
         # (perf_counter at fit()'s start, state.train_time_s then); None outside fit()
         self._clock: Optional[tuple] = None
+        # the open train_log.jsonl and TensorBoard writer of the main rank, inside fit() only
+        self._log_file: Optional[JsonlLog] = None
+        self._tensorboard = None
         self.optimizer = (
             torch.optim.AdamW(
                 param_groups(self.params, cfg), lr=cfg.lr, betas=tuple(cfg.adam_betas)
@@ -556,6 +592,7 @@ class Trainer:
     def _eval_and_track(self) -> None:
         st = self.state
         record = {
+            "kind": "eval",
             "step": st.global_step,
             "epoch": st.epoch + (st.step_in_epoch / max(1, self.steps_per_epoch())),
             "lr": self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0,
@@ -597,8 +634,38 @@ class Trainer:
             self.callback("eval", st)
 
     def _append_log(self, record: dict) -> None:
-        if self.env.is_main:
-            append_jsonl(self.out / TRAIN_LOG, record)
+        if not self.env.is_main or self._log_file is None:
+            return
+        self._log_file.write(record)
+        if self._tensorboard is not None:
+            prefix = "train" if record.get("kind") == "step" else "valid"
+            for key, value in record.items():
+                if key not in ("kind", "step", "time") and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def _step_record(self, loss: float, lr: float, batch: Dict[str, Any], seconds: float) -> dict:
+        """The per-step line of ``train_log.jsonl`` (see docs/training.md)."""
+        st = self.state
+        record: Dict[str, Any] = {
+            "kind": "step",
+            "step": st.global_step,
+            "epoch": st.epoch + (st.step_in_epoch / max(1, self.steps_per_epoch())),
+            "loss": loss,
+            "lr": lr,
+            "step_time_s": seconds,
+        }
+        # the whole job's rate: this rank's count times the ranks (each reads an equal share)
+        mask = batch.get("attention_mask")
+        rate = self.env.world_size / max(seconds, 1e-9)
+        if torch.is_tensor(mask):
+            record["tokens_per_s"] = float(mask.sum()) * rate
+        else:
+            rows = next((len(v) for v in batch.values() if torch.is_tensor(v) and v.ndim), 0)
+            record["rows_per_s"] = rows * rate
+        record["memory_bytes"] = peak_memory_bytes(self.device)
+        record["memory_kind"] = "cuda_max_allocated" if self.device.type == "cuda" else "peak_rss"
+        record["time"] = time.time()
+        return record
 
     def _train_step(self, batch: Dict[str, torch.Tensor], lr: float) -> float:
         for group in self.optimizer.param_groups:
@@ -652,8 +719,6 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> LoopState:
         """Train until ``epochs`` / ``max_steps`` / early stopping; then load the best state."""
-        from tqdm.auto import tqdm
-
         self.out.mkdir(parents=True, exist_ok=True)
         if resume and self.env.is_main:
             recover_checkpoints(self.out, self.log)  # orphans of a kill, before anyone reads
@@ -668,8 +733,27 @@ class Trainer:
             # a run that stopped on its budget continues when --epochs/--max-steps grew
             if self.state.done and not self.state.stopped_early:
                 self.state.done = False
-        if self.env.is_main:  # the log is the checkpoint's history: no torn or repeated line
-            rewrite_jsonl(self.out / TRAIN_LOG, self.state.history)
+        if self.env.is_main:  # the checkpoint's history and steps: no torn or repeated line
+            kept = resume_train_log(
+                self.out / TRAIN_LOG, self.state.history, self.state.global_step
+            )
+            rewrite_jsonl(self.out / TRAIN_LOG, kept)
+            if self.cfg.tensorboard:
+                self._tensorboard = open_tensorboard(self.out)
+            self._log_file = JsonlLog(self.out / TRAIN_LOG)
+        try:
+            return self._fit(resume)
+        finally:
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+                self._tensorboard = None
+
+    def _fit(self, resume: bool) -> LoopState:
+        from tqdm.auto import tqdm
+
         self._clock = (time.perf_counter(), self.state.train_time_s)
         _broadcast(self.params, self.env)
         st = self.state
@@ -700,6 +784,7 @@ class Trainer:
             stop = False
             while st.step_in_epoch < spe and st.global_step < total:
                 b = st.step_in_epoch
+                step_start = time.perf_counter()
                 batch = self.train_data(indices[b * bs : (b + 1) * bs])
                 lr = self.cfg.lr * lr_factor(
                     st.global_step, total, warmup, self.cfg.min_lr_ratio, _warmup_start(self.cfg)
@@ -707,6 +792,9 @@ class Trainer:
                 loss = self._train_step(batch, lr)
                 st.step_in_epoch += 1
                 st.global_step += 1
+                if self.env.is_main:
+                    seconds = time.perf_counter() - step_start
+                    self._append_log(self._step_record(loss, lr, batch, seconds))
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=st.epoch)
                 # the epoch-end checkpoint below follows at once: no second one of this step
