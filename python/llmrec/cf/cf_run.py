@@ -147,7 +147,11 @@ def _model_kwargs(cfg: CFRunConfig) -> dict:
 
 def _metrics(df: pd.DataFrame, scores: np.ndarray) -> dict:
     return evaluate_predictions(
-        df["uid"].to_numpy(), df["label"].to_numpy(), scores, df["not_cold"].to_numpy()
+        df["uid"].to_numpy(),
+        df["label"].to_numpy(),
+        scores,
+        df["not_cold"].to_numpy(),
+        items=df["iid"].to_numpy(),
     )
 
 
