@@ -219,3 +219,27 @@ def test_tensorboard_without_the_package_is_one_line_before_anything(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tensorboard needs the tensorboard package" in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flag, choices",
+    [
+        ("--collm-tuning", {"two-step", "one-step"}),
+        ("--allmrec-text-encoder", {"sbert", "random"}),
+        ("--allmrec-aligner", {"reference", "mlp"}),
+        ("--allmrec-projection", {"reference", "mlp"}),
+        ("--allmrec-stage1-rows", {"labels", "next_item"}),
+    ],
+)
+def test_method_flags_of_a_fixed_set_list_their_choices(flag, choices, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert f"{flag} {{" in help_text
+    listed = help_text.split(f"{flag} {{", 1)[1].split("}", 1)[0]
+    assert set(listed.split(",")) == choices
+    # a value outside the set stops at the command line, before anything is read
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--out", str(tmp_path / "run"), flag, "bogus"])
+    assert stop.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
