@@ -60,13 +60,13 @@ from llmrec.run_store import (
     write_stage_done,
 )
 from llmrec.safe_files import state_file_in, verify_safetensors
+from llmrec.train_log import require_tensorboard
 from llmrec.training_loop import (
     DistEnv,
     Trainer,
     check_trainable_compatible,
     init_distributed,
     lr_factor,
-    require_tensorboard,
     resolve_precision,
 )
 

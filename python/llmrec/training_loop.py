@@ -48,7 +48,6 @@ from llmrec.run_store import (
     TRAIN_LOG,
     TRAINABLE,
     TRAINER,
-    JsonlLog,
     latest_checkpoint,
     recover_checkpoints,
     resume_train_log,
@@ -56,6 +55,7 @@ from llmrec.run_store import (
     write_checkpoint,
 )
 from llmrec.safe_files import save_trainable_atomic, verify_safetensors
+from llmrec.train_log import TrainLog, step_record
 
 __all__ = [
     "AUC",
@@ -68,7 +68,6 @@ __all__ = [
     "init_distributed",
     "lr_factor",
     "param_groups",
-    "require_tensorboard",
     "resolve_precision",
 ]
 
@@ -252,37 +251,6 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process so far: ``torch.cuda.max_memory_allocated`` on a CUDA
-    device, else the peak resident set size (``resource.getrusage``; Linux reports KiB,
-    macOS bytes)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def require_tensorboard():
-    """``torch.utils.tensorboard.SummaryWriter``; a one-line :class:`RunConfigError` when the
-    optional tensorboard package is missing (called before a run touches anything)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise RunConfigError(
-            "--tensorboard needs the tensorboard package (pip install tensorboard); "
-            "the same scalars are in OUT/train_log.jsonl without it"
-        ) from None
-    return SummaryWriter
-
-
-def open_tensorboard(out: Path):
-    """A ``SummaryWriter`` on ``out/tensorboard`` (see :func:`require_tensorboard`)."""
-    return require_tensorboard()(log_dir=str(out / "tensorboard"))
-
-
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -423,9 +391,8 @@ class Trainer:
         self.state = LoopState()
         # (perf_counter at fit()'s start, state.train_time_s then); None outside fit()
         self._clock: Optional[tuple] = None
-        # the open train_log.jsonl and TensorBoard writer of the main rank, inside fit() only
-        self._log_file: Optional[JsonlLog] = None
-        self._tensorboard = None
+        # the open train_log.jsonl (and TensorBoard) of the main rank, inside fit() only
+        self._train_log: Optional[TrainLog] = None
         self.optimizer = (
             torch.optim.AdamW(
                 param_groups(self.params, cfg), lr=cfg.lr, betas=tuple(cfg.adam_betas)
@@ -634,38 +601,8 @@ class Trainer:
             self.callback("eval", st)
 
     def _append_log(self, record: dict) -> None:
-        if not self.env.is_main or self._log_file is None:
-            return
-        self._log_file.write(record)
-        if self._tensorboard is not None:
-            prefix = "train" if record.get("kind") == "step" else "valid"
-            for key, value in record.items():
-                if key not in ("kind", "step", "time") and isinstance(value, (int, float)):
-                    self._tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
-
-    def _step_record(self, loss: float, lr: float, batch: Dict[str, Any], seconds: float) -> dict:
-        """The per-step line of ``train_log.jsonl`` (see docs/training.md)."""
-        st = self.state
-        record: Dict[str, Any] = {
-            "kind": "step",
-            "step": st.global_step,
-            "epoch": st.epoch + (st.step_in_epoch / max(1, self.steps_per_epoch())),
-            "loss": loss,
-            "lr": lr,
-            "step_time_s": seconds,
-        }
-        # the whole job's rate: this rank's count times the ranks (each reads an equal share)
-        mask = batch.get("attention_mask")
-        rate = self.env.world_size / max(seconds, 1e-9)
-        if torch.is_tensor(mask):
-            record["tokens_per_s"] = float(mask.sum()) * rate
-        else:
-            rows = next((len(v) for v in batch.values() if torch.is_tensor(v) and v.ndim), 0)
-            record["rows_per_s"] = rows * rate
-        record["memory_bytes"] = peak_memory_bytes(self.device)
-        record["memory_kind"] = "cuda_max_allocated" if self.device.type == "cuda" else "peak_rss"
-        record["time"] = time.time()
-        return record
+        if self.env.is_main and self._train_log is not None:
+            self._train_log.write(record)
 
     def _train_step(self, batch: Dict[str, torch.Tensor], lr: float) -> float:
         for group in self.optimizer.param_groups:
@@ -738,18 +675,13 @@ class Trainer:
                 self.out / TRAIN_LOG, self.state.history, self.state.global_step
             )
             rewrite_jsonl(self.out / TRAIN_LOG, kept)
-            if self.cfg.tensorboard:
-                self._tensorboard = open_tensorboard(self.out)
-            self._log_file = JsonlLog(self.out / TRAIN_LOG)
+            self._train_log = TrainLog(self.out, tensorboard=self.cfg.tensorboard)
         try:
             return self._fit(resume)
         finally:
-            if self._log_file is not None:
-                self._log_file.close()
-                self._log_file = None
-            if self._tensorboard is not None:
-                self._tensorboard.close()
-                self._tensorboard = None
+            if self._train_log is not None:
+                self._train_log.close()
+                self._train_log = None
 
     def _fit(self, resume: bool) -> LoopState:
         from tqdm.auto import tqdm
@@ -793,8 +725,18 @@ class Trainer:
                 st.step_in_epoch += 1
                 st.global_step += 1
                 if self.env.is_main:
-                    seconds = time.perf_counter() - step_start
-                    self._append_log(self._step_record(loss, lr, batch, seconds))
+                    self._append_log(
+                        step_record(
+                            step=st.global_step,
+                            epoch=st.epoch + st.step_in_epoch / spe,
+                            loss=loss,
+                            lr=lr,
+                            batch=batch,
+                            seconds=time.perf_counter() - step_start,
+                            world_size=self.env.world_size,
+                            device=self.device,
+                        )
+                    )
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=st.epoch)
                 # the epoch-end checkpoint below follows at once: no second one of this step
