@@ -15,12 +15,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from llmrec.config import absolute_path as _abs
 from llmrec.config import device_name as _device_arg
 from llmrec.config import output_file as _output_file
 from llmrec.config import positive_int as _positive_int
+
+if TYPE_CHECKING:  # the CLI imports the model layer only for the command that runs
+    from llmrec.cf.cf_run import CFRunConfig
 from llmrec.errors import USER_ERRORS
 
 __all__ = ["build_parser", "main"]
@@ -41,7 +44,8 @@ _HELP = {
 
 def _add_train_cf(sub) -> None:
     from llmrec.cf.cf_run import CFRunConfig
-    from llmrec.cli_options import add_field_flags
+    from llmrec.cli_options import add_field_flags, show_value
+    from llmrec.presets import DEFAULT_PRESET, PRESETS, preset_help
 
     p = sub.add_parser(
         "train-cf",
@@ -50,8 +54,21 @@ def _add_train_cf(sub) -> None:
         "OUT/embeddings.safetensors (user_emb, item_emb) for `llmrec train --cf OUT`, "
         "OUT/model.safetensors, OUT/run.json and OUT/metrics.json.",
     )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=DEFAULT_PRESET,
+        help="the default of --dim, as under `llmrec train`: paper (256, CoLLM's ML-1M MF; "
+        "default) or fast (64). --dim given explicitly wins.",
+    )
     groups = {"run": p.add_argument_group("run"), None: p.add_argument_group("model")}
-    add_field_flags(groups.get, CFRunConfig, "cf.")
+
+    def shown(name, default):
+        if name == "dim":  # the preset's MF size (`llmrec train`'s cf_dim)
+            return preset_help("cf_dim", default) or f"default {default}"
+        return f"default {show_value(default, ',')}"
+
+    add_field_flags(groups.get, CFRunConfig, "cf.", defaults=shown)
     _add_accept_flag(groups["run"])
 
 
@@ -236,6 +253,19 @@ def _summary(metrics: dict, split: str = "test") -> str:
     return " | ".join(parts)
 
 
+def cf_run_config(args: argparse.Namespace) -> CFRunConfig:
+    """The :class:`~llmrec.cf.cf_run.CFRunConfig` of parsed ``train-cf`` arguments: every
+    flag given, and ``dim`` from ``--preset`` (its ``cf_dim``, the size ``llmrec train``
+    fits) unless ``--dim`` is given."""
+    from llmrec.cf.cf_run import CFRunConfig
+    from llmrec.cli_options import given_fields
+    from llmrec.presets import PRESETS
+
+    given = given_fields(args, CFRunConfig, "cf.")
+    given.setdefault("dim", PRESETS[args.preset].train["cf_dim"].value)
+    return CFRunConfig(**given)
+
+
 def _cmd_train_cf(args) -> int:
     from llmrec.cf.cf_run import CFRunConfig, train_cf_run
     from llmrec.cli_options import given_fields
@@ -244,7 +274,7 @@ def _cmd_train_cf(args) -> int:
     given = given_fields(args, CFRunConfig, "cf.")
     if given.get("resume") and given.get("force"):
         raise RunConfigError("--resume and --force contradict each other; choose one")
-    cfg = CFRunConfig(**given)
+    cfg = cf_run_config(args)
     metrics = train_cf_run(cfg, log=_log)
     out = getattr(args, "cf.out")
     _log(_summary(metrics) + f" | {metrics['wall_time_s']:.1f}s -> {out}/metrics.json")

@@ -8,6 +8,12 @@ any mix of CF, CoRA, CoLLM and A-LLMRec runs goes in one table. A run directory 
 JSON file may be given instead of a directory. ``recommend_k*_*.json`` files (``llmrec
 recommend --retrieve K``) in a run directory add the retrieval recall@K and the per-user
 time. Missing values print as ``-``.
+
+Runs scored on different rows are not comparable: a metrics block records the sha256 of its
+rows (``rows_sha256``, :func:`llmrec.metrics.rows_digest`), and runs whose digests differ
+are refused unless ``allow_different_rows`` (``--allow-different-rows``), which marks each
+row with the first 8 hex digits of its digest (column ``rows id``). A run written before the
+digest existed is not checked.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ COLUMNS = [
     ("method", "method", "s"),
     ("llm", "LLM", "s"),
     ("rows", "test rows", "d"),
+    ("rows_id", "rows id", "s"),  # shown only when runs of different rows are allowed
     ("auc", "AUC", ".4f"),
     ("uauc", "UAUC", ".4f"),
     ("warm_auc", "warm AUC", ".4f"),
@@ -128,6 +135,7 @@ def summarize(
         "method": method,
         "llm": llm if isinstance(llm, str) else "-",
         "rows": block.get("rows"),
+        "rows_id": None,
         "auc": _num(block.get("auc")),
         "uauc": _num(block.get("uauc")),
         "train_time_s": _num((metrics.get("train") or {}).get("train_time_s")),
@@ -249,10 +257,17 @@ def compare_runs(
     json_out: Optional[Union[str, Path]] = None,
     markdown: bool = False,
     sort: Optional[str] = None,
+    allow_different_rows: bool = False,
 ) -> tuple[List[dict], str]:
     """Rows for ``paths`` (run directories or metrics files), the rendered table; optionally
-    a PNG plot and the rows as JSON. Run names are the directory names (made unique)."""
+    a PNG plot and the rows as JSON. Run names are the directory names (made unique).
+
+    Raises ValueError (one line) when two runs' ``split`` blocks record different
+    ``rows_sha256``, unless ``allow_different_rows``: then each row's ``rows_id`` shows its
+    digest's first 8 hex digits.
+    """
     rows: List[dict] = []
+    digests: List[Optional[str]] = []
     names: Dict[str, int] = {}
     for p in paths:
         metrics, file = load_metrics(p, split)
@@ -262,6 +277,22 @@ def compare_runs(
         if names[name] > 1:
             name = f"{name}#{names[name]}"
         rows.append(summarize(metrics, name, split, run_dir))
+        digest = (metrics.get(split) or {}).get("rows_sha256")
+        digests.append(digest if isinstance(digest, str) else None)
+    if len({d for d in digests if d is not None}) > 1:
+        if not allow_different_rows:
+            groups: Dict[str, List[str]] = {}
+            for row, digest in zip(rows, digests):
+                if digest is not None:
+                    groups.setdefault(digest, []).append(str(row["run"]))
+            listed = " vs ".join(f"{', '.join(names)} ({d[:8]})" for d, names in groups.items())
+            raise ValueError(
+                f"the runs were scored on different {split} rows: {listed}; compare runs of "
+                "the same data and --max-test-rows, or pass --allow-different-rows to show "
+                "them marked"
+            )
+        for row, digest in zip(rows, digests):
+            row["rows_id"] = digest[:8] if digest else None
     if sort:
         rows.sort(key=lambda r: (r.get(sort) is None, -(r.get(sort) or 0)))
     text = render_table(rows, title=f"llmrec runs ({split})", markdown=markdown)
@@ -288,6 +319,12 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--sort", default=None, help="sort by a column key, e.g. auc (descending)")
     p.add_argument(
+        "--allow-different-rows",
+        action="store_true",
+        help="put runs scored on different rows side by side, each marked with its rows' "
+        "sha256 (refused without it)",
+    )
+    p.add_argument(
         "--accept-changed-inputs",
         action="store_true",
         help="compare runs whose inputs changed since they recorded their sha256 (recorded "
@@ -306,6 +343,7 @@ def cmd_compare(args) -> int:
             json_out=args.json,
             markdown=args.markdown,
             sort=args.sort,
+            allow_different_rows=args.allow_different_rows,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"llmrec compare: error: {exc}", file=sys.stderr, flush=True)

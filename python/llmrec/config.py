@@ -318,6 +318,12 @@ class TrainConfig:
     )
     seed: int = option(0, help="random seed", parse=int, resume=True, group=RUN)  # data order
     progress: bool = option(True, help="tqdm progress bars", group=RUN)
+    tensorboard: bool = option(
+        False,
+        help="also write the per-step and validation scalars to OUT/tensorboard/ (needs the "
+        "tensorboard package)",
+        group=RUN,
+    )
     save_rank_state: bool = option(
         False,
         help="write each rank's final trainable state to OUT/rank-<r>.safetensors (DDP check)",

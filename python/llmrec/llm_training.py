@@ -60,6 +60,7 @@ from llmrec.run_store import (
     write_stage_done,
 )
 from llmrec.safe_files import state_file_in, verify_safetensors
+from llmrec.train_log import require_tensorboard
 from llmrec.training_loop import (
     DistEnv,
     Trainer,
@@ -259,6 +260,8 @@ def run_training(
     log = log or (lambda m: None)
     method = get_method(cfg.method)
     opts = parse_options(type(method), cfg)  # bad options fail before the directory is touched
+    if cfg.train.tensorboard and env.is_main:
+        require_tensorboard()
     lock: Optional[RunLock] = None
     if env.is_main:
         lock = claim_run_dir(

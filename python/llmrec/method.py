@@ -145,7 +145,11 @@ def subsample(df, n: Optional[int], seed: int):
 def split_metrics(scores: np.ndarray, df) -> dict:
     """AUC / UAUC over all, warm and cold rows of ``df`` for ``scores`` ``(len(df),)``."""
     return evaluate_predictions(
-        df["uid"].to_numpy(), df["label"].to_numpy(), scores, df["not_cold"].to_numpy()
+        df["uid"].to_numpy(),
+        df["label"].to_numpy(),
+        scores,
+        df["not_cold"].to_numpy(),
+        items=df["iid"].to_numpy(),
     )
 
 

@@ -17,7 +17,14 @@ from typing import Optional
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-__all__ = ["auc", "check_both_classes", "evaluate_predictions", "json_safe", "uauc"]
+__all__ = [
+    "auc",
+    "check_both_classes",
+    "evaluate_predictions",
+    "json_safe",
+    "rows_digest",
+    "uauc",
+]
 
 
 def _arrays(*xs):
@@ -90,14 +97,33 @@ def _block(users, labels, scores) -> dict:
     }
 
 
-def evaluate_predictions(users, labels, scores, not_cold: Optional[np.ndarray] = None) -> dict:
+def rows_digest(users, items, labels) -> str:
+    """The sha256 (hex) of a set of scored rows: ``users``, ``items``, ``labels`` ``(n,)``
+    integer ids and 0/1 labels, as int64 ``(uid, iid, label)`` triples in sorted order, so
+    the same rows in another order give the same digest and any other row set another one.
+    ``llmrec compare`` checks that the runs it puts side by side were scored on equal rows."""
+    import hashlib
+
+    triples = np.stack(
+        [np.asarray(a).astype(np.int64).reshape(-1) for a in (users, items, labels)], axis=1
+    )
+    triples = triples[np.lexsort(triples.T[::-1])]
+    return hashlib.sha256(np.ascontiguousarray(triples, dtype="<i8").tobytes()).hexdigest()
+
+
+def evaluate_predictions(
+    users, labels, scores, not_cold: Optional[np.ndarray] = None, items=None
+) -> dict:
     """``{"auc", "uauc", "rows", "uauc_users", "positive_rate", "warm": {...}, "cold": {...}}``.
 
-    ``warm`` / ``cold`` are present when ``not_cold`` is given.
+    ``warm`` / ``cold`` are present when ``not_cold`` is given; ``rows_sha256`` (see
+    :func:`rows_digest`) when the rows' ``items`` are.
     """
     users, labels, scores = _arrays(users, labels, scores)
     _check_finite(np.asarray(scores, dtype=np.float64))
     out = _block(users, labels, scores)
+    if items is not None:
+        out["rows_sha256"] = rows_digest(users, items, labels)
     if not_cold is not None:
         (not_cold,) = _arrays(not_cold)
         for name, mask in (("warm", not_cold == 1), ("cold", not_cold == 0)):

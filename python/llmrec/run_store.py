@@ -40,7 +40,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -67,6 +67,7 @@ __all__ = [
     "TRAINABLE",
     "TRAINER",
     "TRAIN_LOG",
+    "JsonlLog",
     "RunLock",
     "append_jsonl",
     "check_resume_config",
@@ -78,6 +79,7 @@ __all__ = [
     "read_stage_done",
     "recover_checkpoints",
     "reopen_config",
+    "resume_train_log",
     "rewrite_jsonl",
     "save_tiny_llm",
     "write_checkpoint",
@@ -304,6 +306,51 @@ def append_jsonl(path: PathLike, record: dict) -> None:
         f.write(json.dumps(json_safe(record)) + "\n")
         f.flush()
     kill_point(f"append:{Path(path).name}")
+
+
+class JsonlLog:
+    """A JSON-lines file kept open for appending: one line per :meth:`write`, flushed at once
+    (line-buffered) so a reader or a kill sees whole records, never fsynced (a per-step
+    fsync would cost more than a small model's step; a crash loses at most the tail, which
+    the next ``--resume`` rebuilds from the checkpoint, see :func:`resume_train_log`)."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed by close()
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(json_safe(record)) + "\n")
+        kill_point(f"append:{self.path.name}")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def resume_train_log(path: PathLike, history: List[dict], step: int) -> List[dict]:
+    """The records ``train_log.jsonl`` holds at a (re)start from a checkpoint at ``step``.
+
+    Evaluation records are the checkpoint's own ``history`` (exactly, in order). Per-step
+    records (``"kind": "step"``) are not in the checkpoint: those the file already holds for
+    steps ``<= step`` are kept (each step once, the first line of it); the ones after
+    ``step`` that a kill left behind are dropped, since the resumed run writes those steps
+    again; a torn or unreadable line is dropped. Each step record goes before the
+    evaluation record of the same step, as in an uninterrupted run.
+    """
+    steps: Dict[int, dict] = {}
+    if step > 0 and Path(path).exists():
+        for line in Path(path).read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict) or rec.get("kind") != "step":
+                continue
+            at = rec.get("step")
+            if isinstance(at, int) and 0 < at <= step and at not in steps:
+                steps[at] = rec
+    merged = [(at, 0, i, rec) for i, (at, rec) in enumerate(sorted(steps.items()))]
+    merged += [(int(rec.get("step", 0)), 1, i, rec) for i, rec in enumerate(history)]
+    return [rec for *_, rec in sorted(merged, key=lambda m: m[:3])]
 
 
 def rewrite_jsonl(path: PathLike, records: List[dict]) -> None:

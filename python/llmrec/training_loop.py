@@ -48,13 +48,14 @@ from llmrec.run_store import (
     TRAIN_LOG,
     TRAINABLE,
     TRAINER,
-    append_jsonl,
     latest_checkpoint,
     recover_checkpoints,
+    resume_train_log,
     rewrite_jsonl,
     write_checkpoint,
 )
 from llmrec.safe_files import save_trainable_atomic, verify_safetensors
+from llmrec.train_log import TrainLog, step_record
 
 __all__ = [
     "AUC",
@@ -390,6 +391,8 @@ class Trainer:
         self.state = LoopState()
         # (perf_counter at fit()'s start, state.train_time_s then); None outside fit()
         self._clock: Optional[tuple] = None
+        # the open train_log.jsonl (and TensorBoard) of the main rank, inside fit() only
+        self._train_log: Optional[TrainLog] = None
         self.optimizer = (
             torch.optim.AdamW(
                 param_groups(self.params, cfg), lr=cfg.lr, betas=tuple(cfg.adam_betas)
@@ -556,6 +559,7 @@ class Trainer:
     def _eval_and_track(self) -> None:
         st = self.state
         record = {
+            "kind": "eval",
             "step": st.global_step,
             "epoch": st.epoch + (st.step_in_epoch / max(1, self.steps_per_epoch())),
             "lr": self.optimizer.param_groups[0]["lr"] if self.optimizer else 0.0,
@@ -597,8 +601,8 @@ class Trainer:
             self.callback("eval", st)
 
     def _append_log(self, record: dict) -> None:
-        if self.env.is_main:
-            append_jsonl(self.out / TRAIN_LOG, record)
+        if self.env.is_main and self._train_log is not None:
+            self._train_log.write(record)
 
     def _train_step(self, batch: Dict[str, torch.Tensor], lr: float) -> float:
         for group in self.optimizer.param_groups:
@@ -652,8 +656,6 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> LoopState:
         """Train until ``epochs`` / ``max_steps`` / early stopping; then load the best state."""
-        from tqdm.auto import tqdm
-
         self.out.mkdir(parents=True, exist_ok=True)
         if resume and self.env.is_main:
             recover_checkpoints(self.out, self.log)  # orphans of a kill, before anyone reads
@@ -668,8 +670,22 @@ class Trainer:
             # a run that stopped on its budget continues when --epochs/--max-steps grew
             if self.state.done and not self.state.stopped_early:
                 self.state.done = False
-        if self.env.is_main:  # the log is the checkpoint's history: no torn or repeated line
-            rewrite_jsonl(self.out / TRAIN_LOG, self.state.history)
+        if self.env.is_main:  # the checkpoint's history and steps: no torn or repeated line
+            kept = resume_train_log(
+                self.out / TRAIN_LOG, self.state.history, self.state.global_step
+            )
+            rewrite_jsonl(self.out / TRAIN_LOG, kept)
+            self._train_log = TrainLog(self.out, tensorboard=self.cfg.tensorboard)
+        try:
+            return self._fit(resume)
+        finally:
+            if self._train_log is not None:
+                self._train_log.close()
+                self._train_log = None
+
+    def _fit(self, resume: bool) -> LoopState:
+        from tqdm.auto import tqdm
+
         self._clock = (time.perf_counter(), self.state.train_time_s)
         _broadcast(self.params, self.env)
         st = self.state
@@ -700,6 +716,7 @@ class Trainer:
             stop = False
             while st.step_in_epoch < spe and st.global_step < total:
                 b = st.step_in_epoch
+                step_start = time.perf_counter()
                 batch = self.train_data(indices[b * bs : (b + 1) * bs])
                 lr = self.cfg.lr * lr_factor(
                     st.global_step, total, warmup, self.cfg.min_lr_ratio, _warmup_start(self.cfg)
@@ -707,6 +724,19 @@ class Trainer:
                 loss = self._train_step(batch, lr)
                 st.step_in_epoch += 1
                 st.global_step += 1
+                if self.env.is_main:
+                    self._append_log(
+                        step_record(
+                            step=st.global_step,
+                            epoch=st.epoch + st.step_in_epoch / spe,
+                            loss=loss,
+                            lr=lr,
+                            batch=batch,
+                            seconds=time.perf_counter() - step_start,
+                            world_size=self.env.world_size,
+                            device=self.device,
+                        )
+                    )
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=st.epoch)
                 # the epoch-end checkpoint below follows at once: no second one of this step

@@ -121,6 +121,11 @@ def test_train_cora_cli_then_evaluate_and_resume(cf_run, capsys):
     more = [*argv, "--resume", "--max-steps", "9"]
     assert main(more) == 0
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 9
+    # one record per optimizer step across the three calls, each step once, and the evaluations
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "step"] == list(range(1, 10))
+    assert all(r["tokens_per_s"] > 0 and r["memory_bytes"] > 0 for r in log if r["kind"] == "step")
+    assert [r["step"] for r in log if r["kind"] == "eval"] == [6, 9]
     # options that change the data order cannot change on resume
     assert main([*more, "--batch-size", "8"]) == 2
     assert "train.batch_size: 16 -> 8" in capsys.readouterr().err
@@ -200,3 +205,41 @@ def test_tiny_seed_draws_another_llm_on_the_same_rows(tmp_path):
     # the same rows scored, by another LLM
     assert tests["default"]["rows"] == tests["one"]["rows"] == 12
     assert tests["default"]["auc"] == tests["zero"]["auc"] != tests["one"]["auc"]
+
+
+def test_tensorboard_without_the_package_is_one_line_before_anything(
+    cf_run, tmp_path, capsys, monkeypatch
+):
+    _, data, cf = cf_run
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--cf", str(cf), "--out", str(out), "--tensorboard",
+            *TINY_ARGS]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tensorboard needs the tensorboard package" in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flag, choices",
+    [
+        ("--collm-tuning", {"two-step", "one-step"}),
+        ("--allmrec-text-encoder", {"sbert", "random"}),
+        ("--allmrec-aligner", {"reference", "mlp"}),
+        ("--allmrec-projection", {"reference", "mlp"}),
+        ("--allmrec-stage1-rows", {"labels", "next_item"}),
+    ],
+)
+def test_method_flags_of_a_fixed_set_list_their_choices(flag, choices, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert f"{flag} {{" in help_text
+    listed = help_text.split(f"{flag} {{", 1)[1].split("}", 1)[0]
+    assert set(listed.split(",")) == choices
+    # a value outside the set stops at the command line, before anything is read
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--out", str(tmp_path / "run"), flag, "bogus"])
+    assert stop.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

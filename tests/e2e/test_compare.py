@@ -124,3 +124,61 @@ def test_cli_compare(runs, tmp_path, capsys):
     assert main(["compare", *map(str, runs), "--plot", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out
     assert "collm" in out and "allmrec" in out and (tmp_path / "p.png").exists()
+
+
+def test_rows_digest_is_of_the_row_set_not_its_order():
+    import hashlib
+    import struct
+
+    import numpy as np
+
+    from llmrec.metrics import rows_digest
+
+    users, items, labels = np.array([3, 1, 3, 2]), np.array([7, 9, 2, 9]), np.array([1, 0, 0, 1])
+    # the reference: the sorted (uid, iid, label) triples packed as little-endian int64
+    triples = sorted(zip(users.tolist(), items.tolist(), labels.tolist()))
+    packed = b"".join(struct.pack("<qqq", *t) for t in triples)
+    assert rows_digest(users, items, labels) == hashlib.sha256(packed).hexdigest()
+    order = np.array([2, 0, 3, 1])
+    assert rows_digest(users[order], items[order], labels[order]) == rows_digest(
+        users, items, labels
+    )
+    flipped = labels.copy()
+    flipped[0] = 0
+    assert rows_digest(users, items, flipped) != rows_digest(users, items, labels)
+    assert rows_digest(users[:3], items[:3], labels[:3]) != rows_digest(users, items, labels)
+
+
+def test_runs_scored_on_different_rows_are_refused_or_marked(tmp_path, capsys):
+    import pandas as pd
+
+    from llmrec.cli import main
+    from llmrec.metrics import rows_digest
+
+    runs = {}
+    for name, per_user in (("a", 20), ("a2", 20), ("b", 24)):
+        data = tmp_path / f"data-{per_user}"
+        if not data.exists():
+            assert main(["make-data", "--out", str(data), "--format", "csv", "--users", "40",
+                         "--items", "30", "--per-user", str(per_user)]) == 0  # fmt: skip
+        runs[name] = tmp_path / name
+        assert main(["train-cf", "--model", "mf", "--data", str(data), "--out", str(runs[name]),
+                     "--dim", "8", "--epochs", "2", "--no-progress"]) == 0  # fmt: skip
+    test = pd.read_csv(tmp_path / "data-20" / "test.csv")
+    recorded = json.loads((runs["a"] / "metrics.json").read_text())["test"]["rows_sha256"]
+    assert recorded == rows_digest(test["uid"], test["iid"], test["label"])
+    capsys.readouterr()
+    # the same rows: compared as before, no rows id column
+    assert main(["compare", str(runs["a"]), str(runs["a2"]), "--no-plot", "--markdown"]) == 0
+    assert "rows id" not in capsys.readouterr().out
+    # other rows: one line, exit 2
+    argv = ["compare", str(runs["a"]), str(runs["b"]), "--no-plot", "--markdown"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scored on different test rows" in err[0], err
+    assert "--allow-different-rows" in err[0]
+    # allowed: each run is marked with its rows' digest
+    assert main([*argv, "--allow-different-rows"]) == 0
+    out = capsys.readouterr().out
+    other = json.loads((runs["b"] / "metrics.json").read_text())["test"]["rows_sha256"]
+    assert "rows id" in out and recorded[:8] in out and other[:8] in out

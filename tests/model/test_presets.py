@@ -77,12 +77,20 @@ def test_every_preset_value_names_its_source():
                 assert value.source.strip(), (preset.name, method, key)
 
 
-def test_train_cf_dim_default_is_256():
-    from llmrec.cf.cf_run import CFRunConfig
-    from llmrec.cli_options import given_fields
+def test_train_cf_dim_follows_the_preset(capsys):
+    from llmrec.cli import cf_run_config, main
 
-    args = build_parser("train-cf").parse_args(["train-cf", "--out", "x"])
-    assert given_fields(args, CFRunConfig, "cf.")["dim"] == 256  # CoLLM cfg embedding_size
+    def dim(*extra):
+        args = build_parser("train-cf").parse_args(["train-cf", "--out", "x", *extra])
+        return cf_run_config(args).dim
+
+    assert dim() == 256  # paper: CoLLM cfg embedding_size
+    assert dim("--preset", "fast") == 64 == PRESETS["fast"].train["cf_dim"].value
+    assert dim("--preset", "fast", "--dim", "32") == 32  # a flag given wins
+    assert dim("--preset", "paper", "--dim", "16") == 16
+    with pytest.raises(SystemExit):
+        main(["train-cf", "--help"])
+    assert "(preset paper: 256, fast: 64)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_lavis_warmup_cosine_schedule():

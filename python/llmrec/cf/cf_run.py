@@ -92,10 +92,9 @@ class CFRunConfig:
         metavar="OUT",
         group=_R,
     )
-    # 256 on the command line: CoLLM's ML-1M MF (collm_pretrain_mf_ood.yaml embedding_size)
-    dim: int = option(
-        64, help="embedding size d_cf", parse=positive_int, cli_default=256, resume=True
-    )
+    # on the command line the --preset's cf_dim: paper 256 (CoLLM's ML-1M MF,
+    # collm_pretrain_mf_ood.yaml embedding_size), fast 64 (llmrec.cli.cf_run_config)
+    dim: int = option(64, help="embedding size d_cf", parse=positive_int, resume=True)
     layers: int = option(
         2, help="LightGCN propagation layers / SASRec blocks", parse=positive_int, resume=True
     )
@@ -147,7 +146,11 @@ def _model_kwargs(cfg: CFRunConfig) -> dict:
 
 def _metrics(df: pd.DataFrame, scores: np.ndarray) -> dict:
     return evaluate_predictions(
-        df["uid"].to_numpy(), df["label"].to_numpy(), scores, df["not_cold"].to_numpy()
+        df["uid"].to_numpy(),
+        df["label"].to_numpy(),
+        scores,
+        df["not_cold"].to_numpy(),
+        items=df["iid"].to_numpy(),
     )
 
 

@@ -19,9 +19,10 @@ from llmrec.method import Method, RunContext, Stage, register, split_metrics
 from llmrec.methods.allmrec.generation import generate_hits, score_episodes, score_rows
 from llmrec.methods.allmrec.next_item_rows import NextItemRows
 from llmrec.methods.allmrec.ranking_baselines import baseline_ranking
-from llmrec.methods.allmrec.stage1_align import SBERT_DIM, AlignRows, text_table
+from llmrec.methods.allmrec.stage1_align import ALIGNERS, SBERT_DIM, AlignRows, text_table
 from llmrec.methods.allmrec.stage2_prompt import (
     HIT_AT_1,
+    PROJECTIONS,
     ALLMRec,
     CandidatePairs,
     EpisodeBatches,
@@ -66,15 +67,20 @@ class ALLMRecMethod(Method):
     class Options:
         # departure: the reference fine-tunes nq-distilbert-base-v1 (768-d) in stage 1; no
         # model hub is reachable here, so a frozen offline all-MiniLM-L6-v2 (384-d) is cached
-        text_encoder: str = option("sbert", help="title embeddings: sbert or random")
+        text_encoder: str = option(
+            "sbert", help="title embeddings: sbert or random", choices=("sbert", "random")
+        )
         latent_dim: int = option(128, help="the aligner's latent size (model: 128)")
         aligner: str = option(
             "reference",
             help="reference (Linear+sigmoid encoders, Linear decoders) or mlp",
+            choices=ALIGNERS,
         )
         ae_hidden: int = option(256, help="hidden width of the mlp aligner")
         projection: str = option(
-            "reference", help="reference (Linear-LayerNorm-act-Linear, Xavier) or mlp"
+            "reference",
+            help="reference (Linear-LayerNorm-act-Linear, Xavier) or mlp",
+            choices=PROJECTIONS,
         )
         proj_hidden: Optional[int] = option(
             None, help="projection hidden width (none: d_model; an int: projection mlp)"

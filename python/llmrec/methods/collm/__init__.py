@@ -55,6 +55,7 @@ class CoLLM(Method):
         tuning: str = option(
             "two-step",
             help="two-step (CoLLM paper: LoRA on text first, then the CF encoder) or one-step",
+            choices=TUNINGS,
         )
         lora_epochs: Optional[int] = option(None, help="step 1's --epochs (none: the run's)")
         lora_max_steps: Optional[int] = option(None, help="step 1's --max-steps (none: the run's)")
