@@ -20,7 +20,8 @@ def backend_option() -> Any:
 
     return option(
         "auto",
-        help="kernel backend of the patched projections (auto: Triton on GPU, PyTorch on CPU)",
+        help="kernel backend of the patched projections (auto: on a GPU the kernel its measured "
+        "dispatch table shows faster than PyTorch, else PyTorch; PyTorch on the CPU)",
         flag="--backend",
         choices=list(BACKENDS),
         resume=False,
