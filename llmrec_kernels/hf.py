@@ -79,12 +79,11 @@ from llmrec_kernels.cora_linear import fused_cora_linear
 from llmrec_kernels.dropout import draw_seed, dropout_mask, keep_scale
 from llmrec_kernels.hf_targets import (
     DEFAULT_TARGET_MODULES,
+    adopt_base,
+    default_lora_dtype,
     device_of,
     find_target_modules,
-    float_dtype_of,
     hidden_size_of,
-    is_plain_linear,
-    linear_shape,
 )
 from llmrec_kernels.qkv_fusion import FusedQKV, can_share_buffer, on_device
 
@@ -220,22 +219,9 @@ class CoRALinear(nn.Module):
         lora_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        shape = linear_shape(base)
-        if shape is None:
-            raise TypeError(
-                f"{path}: {type(base).__name__} is not a linear projection (it declares no "
-                "in_features/out_features)"
-            )
-        self.in_features, self.out_features = shape
-        self.wraps_module = not is_plain_linear(base)
-        if self.wraps_module:
-            self.base_layer = base
-        else:
-            self.weight = base.weight
-            self.bias = base.bias
+        adopt_base(self, base, path)
         if lora_dtype is None:
-            w_dtype = float_dtype_of(base)
-            lora_dtype = w_dtype if w_dtype in (torch.float32, torch.float64) else torch.float32
+            lora_dtype = default_lora_dtype(base)
         self.lora_B = nn.Linear(
             state.rank, self.out_features, bias=False, device=device_of(base), dtype=lora_dtype
         )

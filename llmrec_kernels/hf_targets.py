@@ -16,6 +16,8 @@ from torch import nn
 __all__ = [
     "AUTO_TARGETS",
     "DEFAULT_TARGET_MODULES",
+    "adopt_base",
+    "default_lora_dtype",
     "device_of",
     "find_linear_modules",
     "find_target_modules",
@@ -211,3 +213,30 @@ def find_target_modules(
         if not found:
             raise ValueError("no attention projection of the model reads the hidden state")
     return found
+
+
+def adopt_base(owner: nn.Module, base: nn.Module, what: str) -> None:
+    """Make ``owner`` (a patched projection) compute ``base``'s product: a plain float
+    ``nn.Linear`` lends its ``weight``/``bias`` as they are; any other linear (quantised,
+    peft-wrapped) is kept whole as ``owner.base_layer`` and run through its own forward.
+    Sets ``owner.in_features``, ``owner.out_features`` and ``owner.wraps_module``."""
+    shape = linear_shape(base)
+    if shape is None:
+        raise TypeError(
+            f"{what}: {type(base).__name__} is not a linear projection (it declares no "
+            "in_features/out_features)"
+        )
+    owner.in_features, owner.out_features = shape
+    owner.wraps_module = not is_plain_linear(base)
+    if owner.wraps_module:
+        owner.base_layer = base
+    else:
+        owner.weight = base.weight
+        owner.bias = base.bias
+
+
+def default_lora_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype of trainable low-rank factors beside ``base``: its float dtype when that is
+    fp32 or fp64, else fp32 (16-bit and quantised bases train their factors in fp32)."""
+    w_dtype = float_dtype_of(base)
+    return w_dtype if w_dtype in (torch.float32, torch.float64) else torch.float32

@@ -29,11 +29,10 @@ from llmrec_kernels.cora_linear import fused_cora_linear
 from llmrec_kernels.dropout import draw_seed
 from llmrec_kernels.hf import lowrank_delta, run_eagerly
 from llmrec_kernels.hf_targets import (
+    adopt_base,
+    default_lora_dtype,
     device_of,
     find_linear_modules,
-    float_dtype_of,
-    is_plain_linear,
-    linear_shape,
 )
 
 __all__ = [
@@ -73,21 +72,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
-        shape = linear_shape(base)
-        if shape is None:
-            raise TypeError(
-                f"{path or 'LoRA target'}: {type(base).__name__} is not a linear projection "
-                "(it declares no in_features/out_features)"
-            )
-        self.in_features, self.out_features = shape
-        self.wraps_module = not is_plain_linear(base)
-        if self.wraps_module:
-            self.base_layer = base
-        else:
-            self.weight = base.weight
-            self.bias = base.bias
-        w_dtype = float_dtype_of(base)
-        lora_dtype = w_dtype if w_dtype in (torch.float32, torch.float64) else torch.float32
+        adopt_base(self, base, path or "LoRA target")
+        lora_dtype = default_lora_dtype(base)
         device = device_of(base)
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=lora_dtype)
         self.lora_B = nn.Linear(
