@@ -254,6 +254,30 @@ def _tma_ok(t: torch.Tensor, row_stride: Optional[int]) -> bool:
     )
 
 
+def _resolve_tma(
+    src: torch.Tensor,
+    src_row: Optional[int],
+    weight: torch.Tensor,
+    reduce_dim: int,
+    out: torch.Tensor,
+    out_cols: int,
+    use_tma: Optional[bool],
+) -> bool:
+    """Whether a launch reads ``src`` (rows x ``reduce_dim``, row stride ``src_row``) and
+    ``weight`` and writes ``out`` (rows x ``out_cols``, contiguous) through TMA descriptors:
+    what the tensors, device and Triton allow, unless ``use_tma`` forces a path (True where no
+    TMA view exists is a ValueError)."""
+    ok = (
+        _tma_device(src) and reduce_dim > 0 and _tma_ok(src, src_row)
+        and _tma_ok(weight, weight.stride(0)) and (out_cols * out.element_size()) % 16 == 0
+    )  # fmt: skip
+    if use_tma and not ok:
+        raise ValueError(
+            "use_tma=True, but these tensors (or this device or Triton) allow no TMA view"
+        )
+    return ok if use_tma is None else bool(use_tma)
+
+
 def _descriptor(t: torch.Tensor, shape: list, row_stride: int, block: list):
     return TensorDescriptor(t, shape, [row_stride, 1], block)
 
@@ -392,15 +416,7 @@ def forward(
     cfg = config or hopper_config(x.dtype, precision)
     bm, bn, bk = cfg.BLOCK_M, cfg.BLOCK_COLS, cfg.BLOCK_RED
     x_row = _flat_row_stride(x)
-    tma = (
-        _tma_device(x) and k > 0 and _tma_ok(x, x_row) and _tma_ok(weight, weight.stride(0))
-        and (n * y.element_size()) % 16 == 0
-    )  # fmt: skip
-    if use_tma and not tma:
-        raise ValueError(
-            "use_tma=True, but these tensors (or this device or Triton) allow no TMA view"
-        )
-    tma = tma if use_tma is None else use_tma
+    tma = _resolve_tma(x, x_row, weight, k, y, n, use_tma)
     if tma:
         x_src = _descriptor(x, [rows, k], x_row, [bm, bk])
         w_src = _descriptor(weight, [n, k], weight.stride(0), [bn, bk])
@@ -532,15 +548,7 @@ def _launch_dx(dy, weight, lora_a, ds, dx, rows, n, k, rank, length, rows_per_a,
     cfg = config or hopper_config(dx.dtype, precision)
     bm, bk, bn = cfg.BLOCK_M, cfg.BLOCK_COLS, cfg.BLOCK_RED
     dy_row = _flat_row_stride(dy)
-    tma = (
-        _tma_device(dy) and n > 0 and _tma_ok(dy, dy_row) and _tma_ok(weight, weight.stride(0))
-        and (k * dx.element_size()) % 16 == 0
-    )  # fmt: skip
-    if use_tma and not tma:
-        raise ValueError(
-            "use_tma=True, but these tensors (or this device or Triton) allow no TMA view"
-        )
-    tma = tma if use_tma is None else use_tma
+    tma = _resolve_tma(dy, dy_row, weight, n, dx, k, use_tma)
     if tma:
         dy_src = _descriptor(dy, [rows, n], dy_row, [bm, bn])
         w_src = _descriptor(weight, [n, k], weight.stride(0), [bn, bk])
