@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from llmrec.errors import RunConfigError
 
 __all__ = [
+    "ANSWER_SCORES",
     "CORA_PROJECTIONS",
     "RunConfig",
     "TinyLLMOptions",
@@ -236,6 +237,9 @@ def field_default(f: dataclasses.Field) -> Any:
 # ---------------------------------------------------------------------------------------------
 # the configuration dataclasses
 
+#: scores of the methods that answer with a token (:func:`llmrec.llm.answer_logit`)
+ANSWER_SCORES = ("yes-no", "yes")
+
 OPTIM, BUDGET, PROMPTS, TINY, CKPT, RUN = (
     "optimisation",
     "budget (subsampling, for small machines)",
@@ -446,6 +450,15 @@ class RunConfig:
     max_length: int = option(
         512, help="max prompt tokens", parse=positive_int, resume=True, group=PROMPTS
     )
+    answer_score: str = option(
+        "yes-no",
+        help='what a method that answers with a token scores: yes-no, the "Yes" logit minus '
+        'the "No" logit (the log-odds of Yes against No, unmoved by the LLM\'s logit offset); '
+        'yes, the "Yes" logit alone (the reference code\'s score; runs before this option)',
+        choices=ANSWER_SCORES,
+        resume=True,
+        group=PROMPTS,
+    )
     method_kwargs: Dict[str, Any] = option(
         factory=dict,
         help="method-specific options as a JSON object (the --<method>-<option> flags win over it)",
@@ -539,6 +552,8 @@ class RunConfig:
         train = TrainConfig(**d.pop("train", {}))
         known = {f.name for f in dataclasses.fields(cls)}
         legacy = {k: d[k] for k in LEGACY_METHOD_KEYS if k in d}
+        # runs written before the option scored the "Yes" logit alone
+        d.setdefault("answer_score", "yes")
         cfg = cls(train=train, **{k: v for k, v in d.items() if k in known})
         cfg.legacy_options = legacy
         return cfg

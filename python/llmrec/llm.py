@@ -14,7 +14,7 @@ the score every method reads (docs/design.md §2).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from llmrec.tiny_llm import (
 __all__ = [
     "ANSWER_CONTEXT",
     "LLMLoadError",
+    "answer_ids",
     "answer_logit",
     "answer_token_ids",
     "attn_implementation",
@@ -112,13 +113,47 @@ def answer_token_ids(
     return ids
 
 
-def answer_logit(llm: nn.Module, hidden: torch.Tensor, token_id: int) -> torch.Tensor:
+def answer_ids(
+    tokenizer: Any, answer_score: str = "yes-no", yes_token_id: Optional[int] = None
+) -> Tuple[int, Optional[int]]:
+    """``(yes_id, no_id)`` for :func:`answer_logit`: ``no_id`` is None when ``answer_score``
+    is ``"yes"`` (the "Yes" logit alone), the "No" token's id for ``"yes-no"``.
+
+    ``yes_token_id`` overrides the tokenizer's "Yes" id (the "No" id still comes from it).
+    """
+    if answer_score not in ("yes-no", "yes"):
+        raise ValueError(f"answer_score must be 'yes-no' or 'yes', got {answer_score!r}")
+    yes, no = answer_token_ids(tokenizer)
+    if yes_token_id is not None:
+        yes = int(yes_token_id)
+    if answer_score == "yes":
+        return int(yes), None
+    if int(yes) == int(no):
+        raise ValueError(f"the Yes and No answers share the token id {yes}")
+    return int(yes), int(no)
+
+
+def answer_logit(
+    llm: nn.Module, hidden: torch.Tensor, token_id: int, minus_token_id: Optional[int] = None
+) -> torch.Tensor:
     """``(B,)`` float32 logit of ``token_id`` from hidden states ``(B, d)``: one row of the
-    output head (and its bias), never the full-vocabulary projection."""
+    output head (and its bias), never the full-vocabulary projection.
+
+    With ``minus_token_id``, the difference of the two logits (``logit[token_id] -
+    logit[minus_token_id]``, from one row ``W[token_id] - W[minus_token_id]``): the log-odds of
+    the first answer against the second, which a shift of every logit by the same amount
+    (the LLM's offset, 16.5 for SmolLM2's " Yes" on recommendation prompts) leaves unchanged.
+    """
     head = llm.get_output_embeddings()
-    logit = hidden.float() @ head.weight[token_id].float()
+    row = head.weight[token_id].float()
+    if minus_token_id is not None:
+        row = row - head.weight[minus_token_id].float()
+    logit = hidden.float() @ row
     if getattr(head, "bias", None) is not None:
-        logit = logit + head.bias[token_id].float()
+        bias = head.bias[token_id].float()
+        if minus_token_id is not None:
+            bias = bias - head.bias[minus_token_id].float()
+        logit = logit + bias
     return logit
 
 

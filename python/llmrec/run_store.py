@@ -202,7 +202,8 @@ def check_resume_config(
         return
     if not (out / RUN_FILE).exists():
         return
-    old = read_run_info(out)["config"]
+    old = dict(read_run_info(out)["config"])
+    old.setdefault("answer_score", "yes")  # runs before the option scored "Yes" alone
     new = cfg.to_dict()
     diffs = resume_mismatches(old, new, resume_keys(RunConfig))
     if options_of is not None:

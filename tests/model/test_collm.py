@@ -174,9 +174,9 @@ def test_injection_equals_hand_built_embedding_sequence():
                     want[b, t] = rec.cie(batch["item_emb"][b])
                 else:
                     want[b, t] = table[v]
-        # score == the full HF forward on the hand-built sequence, Yes logit at the last position
+        # score == the full HF forward on the hand-built sequence, Yes - No at the last position
         logits = rec.llm(inputs_embeds=want, attention_mask=batch["attention_mask"]).logits
-        return want, logits[:, -1, rec.yes_token_id]
+        return want, logits[:, -1, rec.yes_token_id] - logits[:, -1, rec.no_token_id]
 
     with torch.no_grad():
         want, want_score = hand_built(rec, batch)

@@ -155,3 +155,24 @@ def test_llm_keeps_a_hub_id_as_given_and_makes_a_path_absolute(tmp_path, monkeyp
     (tmp_path / "org" / "model").mkdir(parents=True)  # a local folder that looks like an ID
     assert _cfg("--llm", "org/model").llm == str(tmp_path / "org" / "model")
     assert _cfg("--llm", "smollm2").llm == "smollm2"
+
+
+def test_runs_written_before_answer_score_keep_the_yes_logit_and_cannot_resume_as_yes_no(
+    tmp_path,
+):
+    from llmrec.errors import RunConfigError
+    from llmrec.run_store import check_resume_config
+
+    new = RunConfig(out=str(tmp_path))
+    assert new.answer_score == "yes-no" and "answer_score" in resume_keys(RunConfig)
+    old = new.to_dict()
+    del old["answer_score"]  # a run.json from before the option
+    assert RunConfig.from_dict(old).answer_score == "yes"
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step-1")
+    (tmp_path / "run.json").write_text(json.dumps({"kind": "llm", "config": old}))
+    new.resume = True
+    with pytest.raises(RunConfigError, match="answer_score: 'yes' -> 'yes-no'"):
+        check_resume_config(new, tmp_path)
+    new.answer_score = "yes"
+    check_resume_config(new, tmp_path)

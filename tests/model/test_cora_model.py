@@ -86,11 +86,12 @@ def make_batch(tokenizer, seed=0, labels=True):
 
 
 def full_yes_logit(rec, batch):
-    """``logits[:, -1, yes]`` of the full Hugging Face forward under the batch's CoRA weights."""
+    """``logits[:, -1, yes] - logits[:, -1, no]`` of the full Hugging Face forward under the
+    batch's CoRA weights (the default ``answer_score="yes-no"``)."""
     a = rec.generator(batch["user_emb"], batch["item_emb"])
     with cora_weights(rec.llm, a):
         logits = rec.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return logits.logits[:, -1, rec.yes_token_id]
+    return logits.logits[:, -1, rec.yes_token_id] - logits.logits[:, -1, rec.no_token_id]
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,8 +211,13 @@ def test_no_collaborative_input_is_the_frozen_backbone():
             .logits
         )
         with_cf = rec.score(batch)
-    yes = rec.yes_token_id
-    assert_close_to_oracle(got, want[:, -1, yes], want64[:, -1, yes], "score without CF")
+    yes, no = rec.yes_token_id, rec.no_token_id
+    assert_close_to_oracle(
+        got,
+        want[:, -1, yes] - want[:, -1, no],
+        want64[:, -1, yes] - want64[:, -1, no],
+        "score without CF",
+    )
     assert torch.equal(got, got_none)
     assert (with_cf - got).abs().max() > 1e-3
     with pytest.raises(ValueError, match="both user_emb and item_emb"):

@@ -108,3 +108,32 @@ def test_answer_logit_is_one_row_of_the_full_head():
     assert got.dtype == torch.float32 and got.shape == (3,)
     oracle = (h.double() @ llm.get_output_embeddings().weight.double().T)[:, yes]
     assert_close_to_oracle(got, reference, oracle, "answer logit")
+
+
+def test_answer_difference_is_two_rows_of_the_full_head_and_ignores_a_logit_offset():
+    from llmrec.llm import answer_ids
+    from llmrec.tiny_llm import build_tiny_llm
+
+    llm, tok = build_tiny_llm(CORPUS[:50], config={"hidden_size": 32, "vocab_size": 300,
+                              "num_hidden_layers": 1, "intermediate_size": 64})  # fmt: skip
+    ids = tok(CORPUS[:3], return_tensors="pt", padding=True)
+    yes, no = answer_ids(tok, "yes-no")
+    assert (yes, no) == answer_token_ids(tok) and answer_ids(tok, "yes") == (yes, None)
+    head = llm.get_output_embeddings()
+    with torch.no_grad():
+        h = decoder_body(llm)(**ids).last_hidden_state[:, -1]
+        got = answer_logit(llm, h, yes, no)
+        full = llm(**ids).logits[:, -1]
+        reference = full[:, yes] - full[:, no]
+        plain_yes = answer_logit(llm, h, yes)
+        # a shift of every logit by the same amount (a bias added to the whole head) moves the
+        # Yes logit and leaves the difference as it was
+        head.bias = torch.nn.Parameter(torch.full((head.weight.shape[0],), 16.5))
+        shifted = answer_logit(llm, h, yes, no)
+        shifted_yes = answer_logit(llm, h, yes)
+    oracle = h.double() @ (head.weight[yes] - head.weight[no]).double()
+    assert_close_to_oracle(got, reference, oracle, "answer difference")
+    assert torch.equal(shifted, got)
+    assert not torch.equal(shifted_yes, plain_yes)
+    with pytest.raises(ValueError, match="answer_score"):
+        answer_ids(tok, "no")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmrec.llm import answer_logit, answer_token_ids, decoder_body
+from llmrec.llm import answer_ids, answer_logit, decoder_body
 from llmrec.method import Method, RunContext, register
 
 
@@ -14,17 +14,21 @@ class FrozenLLMScorer(nn.Module):
     """The frozen LLM's "Yes" logit at the last position; it gives the level a method must
     beat (about 0.5 AUC for a random LLM)."""
 
-    def __init__(self, llm: nn.Module, tokenizer, cf_dim: int = 0, options=None):
+    def __init__(
+        self, llm: nn.Module, tokenizer, cf_dim: int = 0, options=None, answer_score="yes-no"
+    ):
         super().__init__()
         self.llm = llm
         self.llm.requires_grad_(False)
-        self.yes_token_id = answer_token_ids(tokenizer)[0]
+        self.yes_token_id, self.no_token_id = answer_ids(tokenizer, answer_score)
 
     def score(self, batch) -> torch.Tensor:
         out = decoder_body(self.llm)(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         )
-        return answer_logit(self.llm, out.last_hidden_state[:, -1], self.yes_token_id)
+        return answer_logit(
+            self.llm, out.last_hidden_state[:, -1], self.yes_token_id, self.no_token_id
+        )
 
     def forward(self, batch) -> torch.Tensor:
         return self.score(batch)
@@ -55,4 +59,4 @@ class Frozen(Method):
     trains = False
 
     def build(self, ctx: RunContext, opts) -> FrozenLLMScorer:
-        return FrozenLLMScorer(ctx.llm, ctx.tokenizer)
+        return FrozenLLMScorer(ctx.llm, ctx.tokenizer, answer_score=ctx.cfg.answer_score)

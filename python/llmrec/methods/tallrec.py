@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrec.config import option
-from llmrec.llm import answer_logit, answer_token_ids, decoder_body
+from llmrec.llm import answer_ids, answer_logit, decoder_body
 from llmrec.method import Method, RunContext, register
 from llmrec.methods.common import backend_option
 from llmrec_kernels.lora import DEFAULT_LORA_TARGETS, apply_lora, lora_parameters
@@ -41,13 +41,14 @@ class TALLRecRecommender(nn.Module):
         target_modules=DEFAULT_LORA_TARGETS,
         backend: str = "auto",
         seed: int = 0,
+        answer_score: str = "yes-no",
     ):
         super().__init__()
         self.llm = llm
         self.lora = apply_lora(
             llm, lora_rank, lora_alpha, lora_dropout, tuple(target_modules), backend, seed=seed
         )
-        self.yes_token_id = int(answer_token_ids(tokenizer)[0])
+        self.yes_token_id, self.no_token_id = answer_ids(tokenizer, answer_score)
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
 
     def trainable_state(self) -> dict:
@@ -61,7 +62,9 @@ class TALLRecRecommender(nn.Module):
         out = decoder_body(self.llm)(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         )
-        return answer_logit(self.llm, out.last_hidden_state[:, -1], self.yes_token_id)
+        return answer_logit(
+            self.llm, out.last_hidden_state[:, -1], self.yes_token_id, self.no_token_id
+        )
 
     def forward(self, batch) -> torch.Tensor:
         return self.score(batch)
@@ -121,4 +124,5 @@ class TALLRec(Method):
             target_modules=tuple(opts.lora_targets),
             backend=opts.backend,
             seed=ctx.cfg.train.seed,
+            answer_score=ctx.cfg.answer_score,
         )

@@ -89,6 +89,7 @@ class CoLLM(Method):
             cie_mult=opts.cie_mult,
             stage="cie" if opts.tuning == "two-step" else "joint",
             backend=opts.backend,
+            answer_score=ctx.cfg.answer_score,
         )
 
     def source(self, ctx: RunContext, df, template: Optional[str] = None) -> RecCollator:

@@ -43,7 +43,7 @@ from llmrec.data.slots import (
     slot_marker,
     truncate_slotted,
 )
-from llmrec.llm import answer_logit, answer_token_ids, decoder_body
+from llmrec.llm import answer_ids, answer_logit, decoder_body
 from llmrec_kernels.lora import (
     DEFAULT_LORA_TARGETS,
     LoRALinear,
@@ -179,6 +179,7 @@ class CoLLMRecommender(nn.Module):
         backend: str = "auto",
         yes_token_id: Optional[int] = None,
         seed: int = 0,
+        answer_score: str = "yes-no",
     ):
         super().__init__()
         if llm.get_output_embeddings() is None or llm.get_input_embeddings() is None:
@@ -201,9 +202,7 @@ class CoLLMRecommender(nn.Module):
             ).to(device)
         self.cf_dim, self.hidden_size = cf_dim, hidden
         self.lora_rank, self.lora_alpha, self.lora_dropout = lora_rank, lora_alpha, lora_dropout
-        self.yes_token_id = int(
-            answer_token_ids(tokenizer)[0] if yes_token_id is None else yes_token_id
-        )
+        self.yes_token_id, self.no_token_id = answer_ids(tokenizer, answer_score, yes_token_id)
         self.set_stage(stage)
 
     # -- stages --------------------------------------------------------------------------------
@@ -269,7 +268,7 @@ class CoLLMRecommender(nn.Module):
 
     def score(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """``(B,)`` float32 "Yes" logits at the last position (one lm_head row)."""
-        return answer_logit(self.llm, self.last_hidden(batch), self.yes_token_id)
+        return answer_logit(self.llm, self.last_hidden(batch), self.yes_token_id, self.no_token_id)
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
         return self.score(batch)

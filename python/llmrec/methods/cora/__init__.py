@@ -84,6 +84,7 @@ class CoRA(Method):
             backend=opts.backend,
             generator_kwargs=opts.generator_kwargs or None,
             lora_dropout=opts.lora_dropout,
+            answer_score=ctx.cfg.answer_score,
         )
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmrec.llm import answer_logit, answer_token_ids, decoder_body
+from llmrec.llm import answer_ids, answer_logit, answer_token_ids, decoder_body
 from llmrec.methods.cora.generator import build_generator
 from llmrec_kernels.hf import (
     DEFAULT_TARGET_MODULES,
@@ -72,6 +72,7 @@ class CoRARecommender(nn.Module):
         yes_token: str = "Yes",
         yes_token_id: Optional[int] = None,
         lora_dropout: float = 0.0,
+        answer_score: str = "yes-no",
     ):
         super().__init__()
         if llm.get_output_embeddings() is None:
@@ -108,7 +109,7 @@ class CoRARecommender(nn.Module):
             raise ValueError(
                 f"yes_token_id={yes_token_id} is outside the vocabulary (0..{vocab - 1})"
             )
-        self.yes_token_id = int(yes_token_id)
+        self.yes_token_id, self.no_token_id = answer_ids(tokenizer, answer_score, yes_token_id)
 
     # ----------------------------------------------------------------------------------------
     def collaborative_weights(self, batch: Mapping[str, Any]) -> Optional[torch.Tensor]:
@@ -147,13 +148,14 @@ class CoRARecommender(nn.Module):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     def score(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """``(B,)`` float32 logits of the "Yes" token at the last prompt position.
+        """``(B,)`` float32 logits of the "Yes" token at the last prompt position, minus the
+        "No" token's (``answer_score="yes-no"``, the default).
 
         Runs the decoder body only, then one ``lm_head`` row: never the full-vocabulary
         logits, never at every position.
         """
         h = self.last_hidden(batch)
-        return answer_logit(self.llm, h, self.yes_token_id)
+        return answer_logit(self.llm, h, self.yes_token_id, self.no_token_id)
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Same as :meth:`score`."""
@@ -194,6 +196,7 @@ class CoRARecommender(nn.Module):
             "alpha": str(self.alpha),
             "generator": str(self.generator_kind),
             "yes_token_id": str(self.yes_token_id),
+            "no_token_id": str(self.no_token_id),
         }
         save_file(tensors, str(path), metadata=metadata)
 
