@@ -17,9 +17,10 @@ this project") lists them all with their sources, and the deliberate departures.
 
 The sources abbreviated below:
 
-* ``CoRA cfg``: VanillaCreamer/CoRA ``train_configs/plora_pretrain_mf_ood_book.yaml`` (the
-  run section CoRA's ML-1M run shares: ``init_lr`` 1e-3, ``min_lr`` 8e-5, ``warmup_lr`` 1e-5,
-  ``warmup_steps`` 200, ``iters_per_epoch`` 100, ``max_epoch`` 1000, ``weight_decay`` 1e-3);
+* ``CoRA cfg``: VanillaCreamer/CoRA ``train_configs/plora_pretrain_mf_ood_movie.yaml``, its
+  ML-1M run (``init_lr`` 1e-3, ``min_lr`` 8e-5, ``warmup_lr`` 1e-5, ``warmup_steps`` 200,
+  ``iters_per_epoch`` 100, ``max_epoch`` 1000, ``weight_decay`` 1e-3, ``batch_size_train`` 8;
+  ``lora_config`` r 16, alpha 32, q/k/v/o, dropout 0.05; MF d 256);
 * ``CoLLM cfg``: zyang1580/CoLLM ``train_configs/collm_pretrain_mf_ood.yaml`` (ML-1M:
   ``batch_size_train`` 16, ``init_lr`` 1e-3, ``iters_per_epoch`` 50, ``max_epoch`` 200,
   ``rec_config.embedding_size`` 256);
@@ -97,11 +98,13 @@ PAPER = Preset(
         "grad_clip": Value(0.0, f"{_LAVIS}: no gradient clipping"),
         "weight_decay": Value(1e-3, "CoRA cfg / CoLLM cfg weight_decay (not on 1-D params)"),
         "adam_betas": Value([0.9, 0.999], f"{_LAVIS}: AdamW betas (0.9, run_cfg beta2 0.999)"),
-        # CoRA's ML-1M batch is not in its public configs; CoRA reuses CoLLM's ML-1M set-up
         "batch_size": Value(16, "CoLLM cfg batch_size_train 16"),
         "cf_dim": Value(256, "CoLLM cfg rec_config.embedding_size 256 (MF d 256)"),
     },
     methods={
+        "cora": {
+            "batch_size": Value(8, "CoRA cfg (ML-1M) batch_size_train 8"),
+        },
         "collm": {
             "max_steps": Value(10_000, "CoLLM cfg max_epoch 200 x iters_per_epoch 50"),
             "eval_every": Value(50, f"CoLLM cfg iters_per_epoch 50; {_LAVIS} validates each"),

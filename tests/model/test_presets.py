@@ -40,7 +40,9 @@ def test_paper_preset_is_the_default_of_llmrec_train():
     assert args.eval_every == 100 and args.patience == 20
     assert args.grad_clip == 0.0
     assert args.cf_dim == 256
-    assert args.batch_size == 16
+    # CoRA's own ML-1M config (train_configs/plora_pretrain_mf_ood_movie.yaml): batch 8
+    assert args.batch_size == 8
+    assert _train_args("--method", "tallrec").batch_size == 16  # CoLLM's step 1
 
 
 def test_collm_paper_preset_uses_batch_16_and_lr_1e3_for_both_steps():
@@ -163,7 +165,8 @@ def test_cora_lora_dropout_option(monkeypatch):
     monkeypatch.setattr(cora_method, "CoRARecommender", lambda *a, **k: seen.update(k))
     # the build reads the LLM's shape (rank <= hidden, the training state's size)
     llm = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=64, num_hidden_layers=2))
-    ctx = types.SimpleNamespace(llm=llm, tokenizer=None, cf_dim=8, log=print)
+    cfg = types.SimpleNamespace(answer_score="yes-no")
+    ctx = types.SimpleNamespace(llm=llm, tokenizer=None, cf_dim=8, log=print, cfg=cfg)
     CoRA().build(ctx, CoRA.Options(lora_dropout=0.1))
     assert seen["lora_dropout"] == 0.1  # passed on to the fused op, no longer a no-op
 
