@@ -144,9 +144,27 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--predictions", default=None, type=_output_file, metavar="PATH",
                    help="predictions CSV")  # fmt: skip
     p.add_argument("--batch-size", type=_positive_int, default=None, help="eval batch size")
+    p.add_argument("--resume", action="store_true",
+                   help="score in chunks of 256 rows saved under RUN/scores and reuse the chunks "
+                   "an earlier (interrupted) call saved; metrics once every chunk is there")  # fmt: skip
+    p.add_argument("--part", type=_part_arg, default=None, metavar="K/N",
+                   help="score only the K-th of N equal ranges of chunks (implies --resume): N "
+                   "machines or sessions share a split; copy their RUN/scores into one run and "
+                   "run --resume to write the metrics")  # fmt: skip
+    p.add_argument("--chunk-rows", type=_positive_int, default=256,
+                   help="rows per chunk file of --resume/--part (256)")  # fmt: skip
     p.add_argument("--device", type=_device_arg, default="auto")
     p.add_argument("--no-progress", action="store_true")
     _add_accept_flag(p)
+
+
+def _part_arg(text: str):
+    from llmrec.scoring_parts import parse_part
+
+    try:
+        return parse_part(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_recommend(sub) -> None:
@@ -348,7 +366,12 @@ def _cmd_evaluate(args) -> int:
         progress=not args.no_progress,
         rows=args.rows,
         state=_abs(args.state),
+        resume=args.resume,
+        part=args.part,
+        chunk_rows=args.chunk_rows,
     )
+    if metrics is None:
+        return 0  # chunks of other parts are missing; score_resumably said which
     _log(_summary(metrics, args.split) + f" | {metrics['wall_time_s']:.1f}s")
     return 0
 

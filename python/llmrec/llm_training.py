@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from llmrec.method import (
     parse_options,
     register,
     resume_options,
+    split_metrics,
 )
 from llmrec.metrics import check_both_classes
 from llmrec.run_store import (
@@ -407,12 +409,18 @@ def run_evaluation(
     progress: bool = True,
     rows: str = "run",
     state: Optional[str] = None,
-) -> dict:
+    resume: bool = False,
+    part: Optional[tuple] = None,
+    chunk_rows: int = 256,
+) -> Optional[dict]:
     """Score ``split`` with a finished run (LLM method or CF model) and write its metrics.
 
     ``rows``: ``"run"`` scores the rows the run used for the split (its subsample, so its own
     metrics are reproduced), ``"all"`` the whole split (see :meth:`Method.eval_rows`).
     ``state``: a trainable state to score instead of the run's best (a checkpoint).
+    ``resume``: score in chunk files that a later call reuses (:mod:`llmrec.scoring_parts`);
+    ``part`` ``(K, N)``: only the K-th of N ranges of chunks (implies ``resume``);
+    ``chunk_rows``: rows per chunk. Returns None, writing no metrics, while chunks are missing.
     """
     env = env or DistEnv()
     run_dir = Path(run_dir)
@@ -422,11 +430,35 @@ def run_evaluation(
     try:
         return _evaluate_locked(
             run_dir, info, data_path, split, predictions, metrics_path, batch_size, device,
-            env, progress, rows, state,
+            env, progress, rows, state, resume or part is not None, part, chunk_rows,
         )  # fmt: skip
     finally:
         if lock is not None:
             lock.release()
+
+
+def _score_in_chunks(run, info, df, run_dir, part, progress, chunk_rows):
+    """Scores of ``df`` from chunk files under ``RUN/scores`` (:mod:`llmrec.scoring_parts`)."""
+    from llmrec.scoring_parts import score_key, score_resumably
+
+    if type(run.method).evaluate is not Method.evaluate:
+        raise RunConfigError(
+            f"evaluate --resume/--part: method {run.ctx.cfg.method!r} scores episodes, not "
+            "rows; score it in one pass"
+        )
+    ctx = run.ctx
+    inputs = {g: sorted(v.values()) for g, v in (info.get("inputs") or {}).items()
+              if isinstance(v, dict)}  # fmt: skip
+    key = score_key(df, ctx.cfg.to_dict(), run.state, inputs, ctx.cfg.train.eval_batch_size,
+                    chunk_rows)  # fmt: skip
+
+    def score_rows(frame):
+        return run.predict(run.method.source(ctx, frame), "test")
+
+    def log(msg: str) -> None:  # evaluate's context logs nothing; these lines say what is left
+        print(f"[llmrec] {msg}", file=sys.stderr, flush=True)
+
+    return score_resumably(df, score_rows, run_dir, key, part, log=log, progress=progress)
 
 
 def _evaluate_locked(
@@ -442,13 +474,19 @@ def _evaluate_locked(
     progress,
     rows="run",
     state=None,
-) -> dict:
+    resume=False,
+    part=None,
+    chunk_rows=256,
+) -> Optional[dict]:
     start = time.perf_counter()
     if info.get("kind") == "cf":
         from llmrec.cf.cf_run import evaluate_cf_run
 
         if state is not None:
             raise RunConfigError(f"{run_dir}: a CF run has one model file; --state is for LLM runs")
+        if resume:
+            raise RunConfigError(f"{run_dir}: a CF run scores in seconds; --resume/--part are "
+                                 "for LLM runs")  # fmt: skip
 
         return evaluate_cf_run(
             run_dir, info, data_path=data_path, split=split, predictions=predictions,
@@ -464,13 +502,20 @@ def _evaluate_locked(
             f"{ctx.data.source}: no {split!r} split (has {sorted(ctx.data.splits)})"
         )
     df = run.method.eval_rows(ctx, split, rows)
-    block, scores = run.method.evaluate(ctx, run.model, run.opts, df, run.predict)
+    if resume:
+        scores = _score_in_chunks(run, info, df, run_dir, part, progress, chunk_rows)
+        if scores is None:
+            return None
+        block = split_metrics(scores, df)
+    else:
+        block, scores = run.method.evaluate(ctx, run.model, run.opts, df, run.predict)
     metrics = {
         "method": ctx.cfg.method,
         "run": str(run_dir),
         split: block,
         "rows": {"which": rows, "count": len(df)},
         "state": None if run.state is None else str(run.state),
+        "chunked": bool(resume),
         "config": ctx.cfg.to_dict(),
         "data": ctx.data.summary(),
         "wall_time_s": time.perf_counter() - start,
