@@ -7,18 +7,31 @@
 # run again: finished runs are skipped, a run in progress continues from its last
 # checkpoint (--save-every 50 steps). Runs go to $RUNS (default runs/smollm2); the table is
 # written by experiments/smollm2/collect.py into experiments/smollm2/.
+#
+# The whole test split (7,331 rows, about 0.9 s a row on 2 CPU cores): each LLM run trains
+# and scores its TEST_ROWS subsample (a quick check), then `llmrec evaluate --rows all
+# --resume` scores every test row in chunk files under RUN/scores that survive a kill; with
+# PART=K/N it scores only the K-th of N ranges of chunks (N machines or sessions; copy their
+# RUN/scores into one run and run again without PART to write the metrics). FULL_TEST=0
+# keeps the subsample only. SEED (default 0) picks the seed of a whole repetition: runs of
+# another seed go to RUNS/seed<SEED>/ (its train subsample and initialisation differ; the
+# full test split is the same).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/ml-1m}
 RUNS=${RUNS:-runs/smollm2}
 TRAIN_ROWS=${TRAIN_ROWS:-8000}
 TEST_ROWS=${TEST_ROWS:-2000}
+FULL_TEST=${FULL_TEST:-1}
+SEED=${SEED:-0}
+MF_RUN="$RUNS/mf"  # one CF table for every seed: the LLM methods' spread, not MF's
+[[ "$SEED" == 0 ]] || RUNS="$RUNS/seed$SEED"
 mkdir -p "$RUNS"
 
 # the same rows for every method: the subsamples are seeded by --seed (train: seed, valid:
 # seed + 1, test: seed + 2); the budget deviations from the papers' settings (one epoch, a
 # 400-row validation every 250 steps) are the same for every LLM method
-COMMON=(--data "$DATA" --seed 0 --preset paper
+COMMON=(--data "$DATA" --seed "$SEED" --preset paper
         --max-train-rows "$TRAIN_ROWS" --max-valid-rows 400 --max-test-rows "$TEST_ROWS"
         --epochs 1 --eval-every 250 --save-every 50 --no-progress --resume)
 # --compile: the decoder layers compiled (1.1-1.2x faster steps on this CPU, the same masks
@@ -28,14 +41,24 @@ SMOL=(--llm smollm2 --llm-dtype bf16 --compile)
 done_run() { [[ -f "$1/metrics.json" ]]; }
 
 step_mf() {
-  done_run "$RUNS/mf" || llmrec train-cf --model mf --dim 256 --data "$DATA" --out "$RUNS/mf" \
-    --seed 0 --no-progress --predictions "$RUNS/mf/test_predictions.csv" --resume
+  done_run "$MF_RUN" || llmrec train-cf --model mf --dim 256 --data "$DATA" --out "$MF_RUN" \
+    --seed 0 --no-progress --predictions "$MF_RUN/test_predictions.csv" --resume
+}
+# the whole test split, in chunks (resumable) or one part of them; A-LLMRec scores episodes
+# and runs in one pass
+full_test() {  # full_test RUN_DIR METHOD
+  local run=$1 method=$2 chunked=(--resume ${PART:+--part "$PART"})
+  [[ "$FULL_TEST" == 1 && ! -f "$run/test_predictions.csv" ]] || return 0
+  [[ "$method" != allmrec ]] || chunked=()
+  llmrec evaluate --run "$run" --rows all "${chunked[@]}" --no-progress \
+    --metrics "$run/eval_test_all.json" --predictions "$run/test_predictions.csv"
 }
 llm_run() {  # llm_run NAME METHOD [ARGS...]
-  local name=$1 method=$2; shift 2
-  done_run "$RUNS/$name" && return 0
-  llmrec train --method "$method" --out "$RUNS/$name" "${COMMON[@]}" --cf "${CF:-$RUNS/mf}" \
-    --predictions "$RUNS/$name/test_predictions.csv" "$@"
+  local name=$1 method=$2 pred=test_predictions.csv; shift 2
+  [[ "$FULL_TEST" != 1 ]] || pred=subsample_predictions.csv
+  done_run "$RUNS/$name" || llmrec train --method "$method" --out "$RUNS/$name" "${COMMON[@]}" \
+    --cf "${CF:-$MF_RUN}" --predictions "$RUNS/$name/$pred" "$@"
+  full_test "$RUNS/$name" "$method"
 }
 step_zeroshot() { llm_run zeroshot frozen "${SMOL[@]}"; }
 step_tallrec() { llm_run tallrec tallrec "${SMOL[@]}"; }
@@ -44,11 +67,14 @@ step_cora() { llm_run cora cora "${SMOL[@]}"; }
 # equal, tests/model/test_collm_lora_from.py), so step 2 starts from the TALLRec run's LoRA, as
 # the reference's step 2 loads its step-1 checkpoint (cfg ckpt)
 step_collm() { llm_run collm collm "${SMOL[@]}" --collm-lora-from "$RUNS/tallrec"; }
+# the logit-offset-invariant score against the reference's "Yes" logit (issue 29): CoRA with
+# --answer-score yes, everything else equal
+step_cora_yes() { llm_run cora_yes cora "${SMOL[@]}" --answer-score yes; }
 step_allmrec() { llm_run allmrec allmrec "${SMOL[@]}"; }
 # ablations: the same CoRA on the random tiny LLM; CoRA on SmolLM2 with the CF zeroed
 step_cora_tiny() { llm_run cora_tiny cora --llm tiny; }
 step_cora_nocf() {
-  python experiments/smollm2/zero_cf.py "$RUNS/mf" "$RUNS/mf_zero"
+  python experiments/smollm2/zero_cf.py "$MF_RUN" "$RUNS/mf_zero"
   CF="$RUNS/mf_zero" llm_run cora_nocf cora "${SMOL[@]}"
 }
 
@@ -59,14 +85,14 @@ step_curve_tiny() {
   local n
   for n in ${CURVE_ROWS:-1000 2000 4000}; do
     local w=$(( 200 * n / TRAIN_ROWS ))
-    llm_run "curve/cora_tiny_$n" cora --llm tiny --max-train-rows "$n" --warmup-steps "$w"
+    FULL_TEST=0 llm_run "curve/cora_tiny_$n" cora --llm tiny --max-train-rows "$n" --warmup-steps "$w"
   done
 }
 step_curve_smollm2() {
   local n
   for n in ${CURVE_ROWS:-1000 2000 4000}; do
     local w=$(( 200 * n / TRAIN_ROWS ))
-    llm_run "curve/cora_$n" cora "${SMOL[@]}" --max-train-rows "$n" --warmup-steps "$w"
+    FULL_TEST=0 llm_run "curve/cora_$n" cora "${SMOL[@]}" --max-train-rows "$n" --warmup-steps "$w"
   done
 }
 step_curve() { step_curve_tiny; step_curve_smollm2; }
@@ -75,9 +101,9 @@ step_curve() { step_curve_tiny; step_curve_smollm2; }
 step_tiny_draws() {
   local s
   for s in ${TINY_SEEDS:-1 2}; do
-    llm_run "tiny_draws/cora_tiny_4000_s$s" cora --llm tiny --tiny-seed "$s" \
+    FULL_TEST=0 llm_run "tiny_draws/cora_tiny_4000_s$s" cora --llm tiny --tiny-seed "$s" \
       --max-train-rows 4000 --warmup-steps 100
-    llm_run "tiny_draws/cora_tiny_8000_s$s" cora --llm tiny --tiny-seed "$s"
+    FULL_TEST=0 llm_run "tiny_draws/cora_tiny_8000_s$s" cora --llm tiny --tiny-seed "$s"
   done
 }
 
