@@ -21,9 +21,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_cli import synthetic_data, train_tiny  # noqa: E402
+from tiny_cli import synthetic_data, train_tiny
 
-from llmrec.cli import main  # noqa: E402
+from llmrec.cli import main
 
 CORA = ["--rank", "4", "--generator", "mlp", "--max-his", "3", "--max-steps", "3"]
 OTHERS = {"tallrec": ["--max-his", "3", "--max-steps", "3"],
@@ -128,7 +128,7 @@ def test_save_pretrained_round_trip_in_python(runs, tmp_path):
     run_dir = runs["cora"]
     run = reopen_run(run_dir, device="cpu", progress=False)
     llmrec.save_pretrained(run.model, tmp_path / "a", method="cora", options=run.opts)
-    batch, want, ctx = run_scores(run_dir)
+    batch, want, _ = run_scores(run_dir)
     base, tok = fresh_base(run_dir)
     model = llmrec.from_pretrained(base, tmp_path / "a", tok)
     with torch.no_grad():
@@ -219,7 +219,7 @@ def test_corrupt_or_missing_files_and_wrong_inputs_are_refused(runs, exported, t
     weights.unlink()
     with pytest.raises(AdapterError, match="file not found"):
         llmrec.from_pretrained(base, exported, tok)
-    with pytest.raises(AdapterError, match="no adapter_config.json"):
+    with pytest.raises(AdapterError, match=r"no adapter_config\.json"):
         llmrec.from_pretrained(base, tmp_path / "nothing", tok)
     (exported / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterError, match="not readable JSON"):
