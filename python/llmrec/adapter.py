@@ -39,6 +39,7 @@ __all__ = [
     "is_adapter_dir",
     "read_adapter_config",
     "save_pretrained",
+    "save_run_adapter",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -422,6 +423,11 @@ def from_pretrained(
             model = method.build(ctx, opts)
         except (LLMRecError, ValueError) as exc:
             raise AdapterError(f"{adapter_dir}: cannot rebuild {config.method}: {exc}") from None
+        except (AttributeError, TypeError) as exc:  # e.g. A-LLMRec without its CF tables
+            raise AdapterError(
+                f"{adapter_dir}: cannot rebuild {config.method} ({type(exc).__name__}: {exc}); "
+                "pass the CF tables (user_table=, item_table=) and data= it needs"
+            ) from None
     model.to(device)
     _check_model(adapter_dir, config, model)
     try:
@@ -562,12 +568,22 @@ def export_run(
     _check_not_inside(directory, run_dir, info, data_path)
     _check_target(directory, force)
     run = reopen_run(run_dir, data_path=data_path, device=device, progress=False, state=state)
+    return save_run_adapter(run, directory, force=force)
+
+
+def save_run_adapter(run, directory: PathLike, *, force: bool = False) -> Path:
+    """A reopened run's model (:class:`llmrec.llm_training.OpenRun`, the state it loaded)
+    written with :func:`save_pretrained`, with the run's base model and CF records."""
+    from llmrec.run_store import read_run_info
+
+    run_dir = Path(run.ctx.cfg.out)
     if not run.method.trains:
         raise RunConfigError(f"{run_dir}: method {run.method.name!r} trains nothing to export")
+    info = read_run_info(run_dir)
     return save_pretrained(
         run.model, directory, method=run.method.name, options=run.opts,
         base_model=_base_record(run_dir, info), cf=_cf_record(info),
-        run={"created": info.get("created"), "state": str(run.state.name)},
+        run={"created": info.get("created"), "state": run.state.name if run.state else None},
         force=force,
     )  # fmt: skip
 

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_cli import synthetic_data, train_tiny
 
 from llmrec.cli import main
@@ -133,6 +130,14 @@ def test_save_pretrained_round_trip_in_python(runs, tmp_path):
     model = llmrec.from_pretrained(base, tmp_path / "a", tok)
     with torch.no_grad():
         assert torch.equal(model.score(batch), want)
+    # the reopened run saves itself with its base model's and CF records
+    run.save_pretrained(tmp_path / "b")
+    config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert config["base_model"]["weights_sha256"] and config["cf"]["sha256"]
+    assert (
+        config["tensors"]
+        == json.loads((tmp_path / "a" / "adapter_config.json").read_text())["tensors"]
+    )
 
 
 def test_export_refuses_occupied_or_protected_folders(runs, tmp_path, capsys):
@@ -299,3 +304,35 @@ def test_a_run_with_absolute_paths_still_loads(runs, tmp_path, capsys):
     assert read_run_info(run)["config"]["data"] == str(runs["data"])
     rc, err = cli(["evaluate", "--run", run, "--no-progress"], capsys)
     assert rc == 0, err
+
+
+def test_allmrec_round_trip_needs_its_data_and_tables(tmp_path, capsys):
+    """A-LLMRec's model reads the CF item table and the training rows' statistics when it is
+    built: rebuilt with them it scores every row as the run does; without them, one line."""
+    import numpy as np
+
+    import llmrec
+    from llmrec.errors import AdapterError
+    from llmrec.llm_training import reopen_run
+
+    data = synthetic_data(tmp_path)
+    kw = {"text_encoder": "random", "stage1_epochs": 1, "candidates": 4, "train_candidates": 3,
+          "episodes": 4, "valid_episodes": 0, "generate": False, "latent_dim": 8,
+          "ae_hidden": 8}  # fmt: skip
+    run_dir = train_tiny("allmrec", data, tmp_path / "allm", "--batch-size", "8",
+                         "--max-train-rows", "24", "--max-test-rows", "12",
+                         "--method-kwargs", json.dumps(kw))  # fmt: skip
+    assert cli(["export", run_dir, tmp_path / "adapter"], capsys)[0] == 0
+    run = reopen_run(run_dir, device="cpu", progress=False)
+    ctx, df = run.ctx, run.method.eval_rows(run.ctx, "test")
+    _, want = run.method.evaluate(ctx, run.model, run.opts, df, run.predict, full=False)
+    base, tok = fresh_base(run_dir)
+    with pytest.raises(AdapterError, match="data="):
+        llmrec.from_pretrained(base, tmp_path / "adapter", tok)
+    base, tok = fresh_base(run_dir)
+    model = llmrec.from_pretrained(
+        base, tmp_path / "adapter", tok, user_table=ctx.user_table,
+        item_table=ctx.item_table, data=ctx.data,
+    )  # fmt: skip
+    _, got = run.method.evaluate(ctx, model, run.opts, df, run.predict, full=False)
+    assert np.array_equal(got, want)
