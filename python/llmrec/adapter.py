@@ -491,6 +491,15 @@ def _check_base(adapter_dir: Path, config: AdapterConfig, base_model) -> None:
                 f"{adapter_dir}: the base model has {key} {value}, the adapter was trained on "
                 f"{base[key]} ({base.get('name_or_path')}); load that model"
             )
+    patched = [
+        name for name, m in base_model.named_modules()
+        if type(m).__module__.startswith("llmrec_kernels")
+    ]  # fmt: skip
+    if patched:  # a second patch would stack on the first: other scores, silently
+        raise AdapterError(
+            f"{adapter_dir}: the base model is already patched ({patched[0]}, ...); load a "
+            "fresh one for each adapter"
+        )
     dtype = _dtype_name(base_model.get_input_embeddings().weight.dtype)
     if base.get("dtype") and dtype != base["dtype"]:
         raise AdapterError(

@@ -243,6 +243,10 @@ def test_wrong_base_or_cf_dims_are_refused(runs, tmp_path, capsys):
         llmrec.from_pretrained(base, folder, tok, user_table=torch.zeros(5, cf_dim + 1))
     with pytest.raises(AdapterError, match="the base model is bfloat16"):
         llmrec.from_pretrained(base.to(torch.bfloat16), folder, tok)
+    base, tok = fresh_base(runs["cora"])
+    llmrec.from_pretrained(base, folder, tok)
+    with pytest.raises(AdapterError, match="already patched"):  # patched by the call before
+        llmrec.from_pretrained(base, folder, tok)
     other, tok2 = fresh_base(runs["tallrec"])  # another tiny LLM of the same sizes
     other.config.num_hidden_layers = 3
     with pytest.raises(AdapterError, match="num_hidden_layers 3"):
