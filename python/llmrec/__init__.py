@@ -23,6 +23,7 @@ _LAZY = {
     "from_pretrained": "llmrec.adapter",
     "read_adapter_config": "llmrec.adapter",
     "save_pretrained": "llmrec.adapter",
+    "save_run_adapter": "llmrec.adapter",
 }
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "from_pretrained",
     "read_adapter_config",
     "save_pretrained",
+    "save_run_adapter",
 ]
 
 

@@ -341,13 +341,6 @@ class OpenRun:
     model: Any
     state: Optional[Path] = None
 
-    def save_pretrained(self, directory, force: bool = False) -> Path:
-        """This run's model as an adapter folder (:func:`llmrec.adapter.save_run_adapter`:
-        ``adapter_config.json`` + ``adapter_model.safetensors``); returns the folder."""
-        from llmrec.adapter import save_run_adapter
-
-        return save_run_adapter(self, directory, force=force)
-
     def predict(self, source, desc: str = "predict"):
         trainer = Trainer(
             self.model, None, None, self.ctx.cfg.train, self.ctx.cfg.out,

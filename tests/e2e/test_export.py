@@ -131,7 +131,7 @@ def test_save_pretrained_round_trip_in_python(runs, tmp_path):
     with torch.no_grad():
         assert torch.equal(model.score(batch), want)
     # the reopened run saves itself with its base model's and CF records
-    run.save_pretrained(tmp_path / "b")
+    llmrec.save_run_adapter(run, tmp_path / "b")
     config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
     assert config["base_model"]["weights_sha256"] and config["cf"]["sha256"]
     assert (
