@@ -149,10 +149,12 @@ def save_pretrained(
     written under a temporary name and renamed into place.
     """
     from llmrec import __version__
-    from llmrec.method import get_method
+    from llmrec.config import RunConfig
+    from llmrec.method import get_method, parse_options
 
-    get_method(method)  # a registered method, else one line
+    # a registered method and options it takes, else one line (before anything is written)
     options = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
+    parse_options(type(get_method(method)), RunConfig(method=method, method_kwargs=options))
     directory = Path(directory)
     _check_target(directory, force)
     tensors = {

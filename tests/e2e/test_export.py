@@ -132,6 +132,13 @@ def test_save_pretrained_round_trip_in_python(runs, tmp_path):
         assert torch.equal(model.score(batch), want)
     # the reopened run saves itself with its base model's and CF records
     llmrec.save_run_adapter(run, tmp_path / "b")
+    # options the method does not take, or an unknown method: refused before any writing
+    from llmrec.errors import LLMRecError
+
+    for method, options in (("cora", {"ranks": 4}), ("lora9", {})):
+        with pytest.raises(LLMRecError, match="ranks|unknown method"):
+            llmrec.save_pretrained(run.model, tmp_path / "c", method=method, options=options)
+        assert not (tmp_path / "c").exists()
     config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
     assert config["base_model"]["weights_sha256"] and config["cf"]["sha256"]
     assert (
