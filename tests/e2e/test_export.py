@@ -136,7 +136,7 @@ def test_save_pretrained_round_trip_in_python(runs, tmp_path):
     from llmrec.errors import LLMRecError
 
     for method, options in (("cora", {"ranks": 4}), ("lora9", {})):
-        with pytest.raises(LLMRecError, match="ranks|unknown method"):
+        with pytest.raises(LLMRecError, match=r"ranks|unknown method"):
             llmrec.save_pretrained(run.model, tmp_path / "c", method=method, options=options)
         assert not (tmp_path / "c").exists()
     config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
