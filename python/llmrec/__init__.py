@@ -14,13 +14,30 @@ except _metadata.PackageNotFoundError:  # run from a source tree that was never 
     __version__ = "0+unknown"
 
 _LAZY = {
+    "AdapterError": "llmrec.errors",
     "CoRARecommender": "llmrec.methods.cora.model",
     "MLPGenerator": "llmrec.methods.cora.generator",
     "QFormerGenerator": "llmrec.methods.cora.generator",
     "build_generator": "llmrec.methods.cora.generator",
+    "export_run": "llmrec.adapter",
+    "from_pretrained": "llmrec.adapter",
+    "read_adapter_config": "llmrec.adapter",
+    "save_pretrained": "llmrec.adapter",
+    "save_run_adapter": "llmrec.adapter",
 }
 
-__all__ = ["CoRARecommender", "MLPGenerator", "QFormerGenerator", "build_generator"]
+__all__ = [
+    "AdapterError",
+    "CoRARecommender",
+    "MLPGenerator",
+    "QFormerGenerator",
+    "build_generator",
+    "export_run",
+    "from_pretrained",
+    "read_adapter_config",
+    "save_pretrained",
+    "save_run_adapter",
+]
 
 
 def __getattr__(name: str):

@@ -39,6 +39,7 @@ _HELP = {
     "evaluate": "score a split with a finished run (CF or LLM) and write its metrics",
     "recommend": "retrieve top-K items per user (Faiss over CF item embeddings), score only those",
     "make-data": "write the synthetic dataset (CoLLM schema) to a directory",
+    "export": "write a run's best state as an adapter folder (adapter_config.json + safetensors)",
 }
 
 
@@ -197,6 +198,27 @@ def _add_recommend(sub) -> None:
     _add_accept_flag(p)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help=_HELP["export"],
+        description="Rebuild a finished LLM run (its LLM, CF embeddings and data) with its best "
+        "state (or --state) and write DIR/adapter_config.json and DIR/adapter_model.safetensors: "
+        "the method, its options, the base model and CF records, every trained tensor. "
+        "llmrec.from_pretrained(base_model, DIR) rebuilds the model on a fresh base (docs/"
+        "training.md). DIR must be new or empty (or an adapter folder, with --force); never "
+        "inside a run or dataset.",
+    )
+    p.add_argument("run", metavar="RUN", help="run directory written by `llmrec train`")
+    p.add_argument("dir", metavar="DIR", help="the adapter folder to write")
+    p.add_argument("--force", action="store_true", help="replace the adapter already in DIR")
+    p.add_argument("--data", default=None, help="dataset directory (default: the run's data)")
+    p.add_argument("--state", default=None, metavar="PATH",
+                   help="export this trainable state instead of RUN/best.safetensors")  # fmt: skip
+    p.add_argument("--device", type=_device_arg, default="cpu", help="where the run is rebuilt")
+    _add_accept_flag(p)
+
+
 def _add_accept_flag(p) -> None:
     p.add_argument(
         "--accept-changed-inputs",
@@ -241,6 +263,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         "train": _add_train,
         "evaluate": _add_evaluate,
         "recommend": _add_recommend,
+        "export": _add_export,
     }
     for name, add in builders.items():
         if command is None or command == name:
@@ -376,6 +399,17 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from llmrec.adapter import export_run
+
+    out = export_run(
+        args.run, _abs(args.dir), force=args.force, data_path=_abs(args.data),
+        device=args.device, state=_abs(args.state),
+    )  # fmt: skip
+    _log(f"wrote the adapter of {args.run} to {out}")
+    return 0
+
+
 def _cmd_compare(args) -> int:
     from llmrec.compare import cmd_compare
 
@@ -439,11 +473,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         "make-data": _cmd_make_data,
         "recommend": _cmd_recommend,
         "compare": _cmd_compare,
+        "export": _cmd_export,
     }
     no_progress = (
         getattr(args, "no_progress", False) or getattr(args, "train.progress", True) is False
     )
-    if no_progress and args.command in ("train", "evaluate", "recommend"):
+    if (
+        no_progress and args.command in ("train", "evaluate", "recommend")
+    ) or args.command == "export":
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bars

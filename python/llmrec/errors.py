@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "USER_ERRORS",
+    "AdapterError",
     "CFEmbeddingError",
     "CheckpointError",
     "DataValidationError",
@@ -25,6 +26,10 @@ class LLMRecError(ValueError):
 
 class RunConfigError(LLMRecError):
     """The run's options are inconsistent (resume into another config, out dir in use, ...)."""
+
+
+class AdapterError(LLMRecError):
+    """An adapter folder is missing, edited, corrupt or does not fit the base model."""
 
 
 class CheckpointError(LLMRecError):

@@ -1,8 +1,9 @@
 """The sha256 of every input file a run reads, recorded in ``run.json`` and verified later.
 
-``run.json["inputs"]`` maps a group (``data``, ``cf``, ``llm``) to ``{absolute file path:
-sha256}``: the dataset's split files and ``meta.json``, the CF run's
-``embeddings.safetensors`` (or the ``--cf`` file), a local LLM directory's weight files.
+``run.json["inputs"]`` maps a group (``data``, ``cf``, ``llm``) to ``{file path: sha256}``
+(paths relative to the run folder, :mod:`llmrec.run_paths`): the dataset's split files and
+``meta.json``, the CF run's ``embeddings.safetensors`` (or the ``--cf`` file), a local LLM
+directory's weight files.
 ``evaluate``, ``recommend``, ``compare`` and ``--resume`` call :func:`verify_command_inputs`
 before they read anything else: a file whose content changed (or that is gone) is refused
 with one line naming it, unless ``--accept-changed-inputs`` is given; then the change is
@@ -81,6 +82,7 @@ def verify_run_inputs(
     the changes and the new digests are written to ``run.json``. ``skip``: groups the command
     does not read (``data`` when ``--data`` names another dataset).
     """
+    from llmrec.run_paths import WRITTEN_IN, resolve_run_path
     from llmrec.safe_files import atomic_write_json
 
     run_file = Path(run_dir) / "run.json"
@@ -92,10 +94,13 @@ def verify_run_inputs(
     if not isinstance(inputs, dict):
         return []  # an older run: nothing recorded
     changes: List[str] = []
+    written_in = info.get(WRITTEN_IN)
     for group, files in inputs.items():
         if group in skip or not isinstance(files, dict):
             continue
-        for path, old in files.items():
+        for recorded, old in files.items():
+            # a path relative to the run folder is checked where the run is now
+            path = resolve_run_path(recorded, run_dir, written_in)
             new = file_digest(path) if os.path.isfile(path) else None
             if new == old:
                 continue
@@ -107,7 +112,7 @@ def verify_run_inputs(
                 )
             changes.append(f"{path} {what}")
             if new is not None:
-                files[path] = new
+                files[recorded] = new
     if changes:
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         info.setdefault("accepted_input_changes", []).extend(
@@ -118,14 +123,14 @@ def verify_run_inputs(
 
 
 def verify_command_inputs(args, log=None) -> None:
-    """:func:`verify_run_inputs` for each run a parsed ``llmrec`` command reads: ``evaluate``
-    and ``recommend`` its ``--run``, ``compare`` its run directories, ``train`` /
+    """:func:`verify_run_inputs` for each run a parsed ``llmrec`` command reads: ``evaluate``,
+    ``recommend`` and ``export`` its run, ``compare`` its run directories, ``train`` /
     ``train-cf --resume`` its ``--out``."""
     get = lambda name: getattr(args, name, None)  # noqa: E731
     accept = any(get(f"{p}accept_changed_inputs") for p in ("", "run.", "cf."))
     cmd = args.command
     runs: List[Tuple[str, Tuple[str, ...]]] = []
-    if cmd in ("evaluate", "recommend"):
+    if cmd in ("evaluate", "recommend", "export"):
         runs = [(get("run"), ("data",) if get("data") is not None else ())]
     elif cmd == "compare":
         runs = [(p, ()) for p in get("runs") or [] if Path(p).is_dir()]

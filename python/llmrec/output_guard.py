@@ -142,10 +142,12 @@ def check_outputs(
 def _run_inputs(run_dir: Optional[PathLike]) -> List[Tuple[str, Optional[str]]]:
     """The data and CF paths a finished run recorded (nothing when run.json is unreadable:
     the command itself reports that)."""
+    from llmrec.run_paths import resolve_run_info
+
     if run_dir is None:
         return []
     try:
-        info = json.loads((Path(run_dir) / "run.json").read_text())
+        info = resolve_run_info(json.loads((Path(run_dir) / "run.json").read_text()), run_dir)
         config = info.get("config") or {}
         found = [("the run's data", config.get("data"))]
         if info.get("cf_path"):
@@ -181,6 +183,9 @@ def check_command_paths(args) -> None:
             outputs = {"--metrics": get("metrics"), "--predictions": get("predictions")}
         else:
             outputs = {"--out": get("out"), "--lists": get("lists")}
+    elif cmd == "export":  # DIR itself is checked by llmrec.adapter.export_run
+        reads = [("RUN", get("run")), ("--data", get("data")), *_run_inputs(get("run"))]
+        outputs = {"DIR": get("dir")}
     elif cmd == "compare":
         reads = [("RUN_DIR", p) for p in get("runs") or []]
         outputs = {"--json": get("json"), "--plot": None if get("no_plot") else get("plot")}

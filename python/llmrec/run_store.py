@@ -47,6 +47,7 @@ import numpy as np
 from llmrec.config import RunConfig, resume_keys, resume_mismatches
 from llmrec.errors import CheckpointError, RunConfigError
 from llmrec.metrics import json_safe
+from llmrec.run_paths import portable_run_info, resolve_run_info
 from llmrec.safe_files import (
     atomic_write_json,
     atomic_write_text,
@@ -106,7 +107,8 @@ PathLike = Union[str, Path]
 
 
 def write_run_info(out: PathLike, kind: str, name_key: str, name: str, config: dict, **extra):
-    """``<out>/run.json``: ``kind``, the method/model name, the config, ``created``, extras."""
+    """``<out>/run.json``: ``kind``, the method/model name, the config, ``created``, extras;
+    paths relative to ``out`` (:func:`portable_run_info`)."""
     info = {
         "kind": kind,
         name_key: name,
@@ -114,6 +116,7 @@ def write_run_info(out: PathLike, kind: str, name_key: str, name: str, config: d
         **extra,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+    info = portable_run_info(info, out)
     old = Path(out) / RUN_FILE
     if old.exists():  # input changes accepted earlier (--accept-changed-inputs) stay on record
         with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -124,7 +127,8 @@ def write_run_info(out: PathLike, kind: str, name_key: str, name: str, config: d
 
 
 def read_run_info(run_dir: PathLike) -> dict:
-    """The ``run.json`` of a run directory (:class:`RunConfigError` when there is none)."""
+    """The ``run.json`` of a run directory (:class:`RunConfigError` when there is none), its
+    relative paths made absolute for where the run is now (:func:`resolve_run_info`)."""
     run_dir = Path(run_dir)
     run_file = run_dir / RUN_FILE
     if not run_file.exists():
@@ -138,7 +142,7 @@ def read_run_info(run_dir: PathLike) -> dict:
         raise RunConfigError(
             f"{run_file}: malformed (expected an object with 'kind' llm or cf and a 'config')"
         )
-    return info
+    return resolve_run_info(info, run_dir)
 
 
 def write_metrics(

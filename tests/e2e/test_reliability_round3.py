@@ -399,7 +399,9 @@ def own_runs(env, tmp_path, capsys):
     train = ["train", "--method", "cora", "--data", data, "--cf", mf, "--out", cora,
              "--epochs", "1", "--max-steps", "2", "--save-every", "1", *TINY]  # fmt: skip
     assert cli(train, capsys)[0] == 0
-    recorded = json.loads((cora / "run.json").read_text())["inputs"]
+    from llmrec.run_store import read_run_info
+
+    recorded = read_run_info(cora)["inputs"]  # relative in the file, absolute once read
     assert set(recorded) == {"data", "cf"}
     assert str(mf / "embeddings.safetensors") in recorded["cf"]
     assert str(data / "test.csv") in recorded["data"]
