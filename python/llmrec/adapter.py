@@ -28,6 +28,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
+from llmrec.config import ANSWER_SCORES
 from llmrec.errors import AdapterError, LLMRecError, RunConfigError
 
 __all__ = [
@@ -58,6 +59,7 @@ _KEYS: Dict[str, tuple] = {
     "options": (dict,),
     "cf_dim": (int,),
     "yes_token_id": (int, type(None)),
+    "answer_score": (str,),
     "base_model": (dict,),
     "cf": (dict, type(None)),
     "run": (dict, type(None)),
@@ -79,6 +81,7 @@ class AdapterConfig:
     options: Dict[str, Any]
     cf_dim: int
     yes_token_id: Optional[int]
+    answer_score: str
     base_model: Dict[str, Any]
     cf: Optional[Dict[str, Any]]
     run: Optional[Dict[str, Any]]
@@ -167,6 +170,8 @@ def save_pretrained(
         options=options,
         cf_dim=int(getattr(model, "cf_dim", 0) or 0),
         yes_token_id=None if yes is None else int(yes),
+        # the score the model was trained on: "Yes" - "No", or "Yes" alone (llmrec.llm)
+        answer_score="yes" if getattr(model, "no_token_id", 0) is None else "yes-no",
         base_model=base_model_info(model.llm, **(base_model or {})),
         cf=cf,
         run=run,
@@ -289,6 +294,11 @@ def _check_method(path: Path, config: AdapterConfig) -> None:
         )
     if config.cf_dim < 0:
         raise AdapterError(f"{path}: cf_dim must be >= 0, got {config.cf_dim}")
+    if config.answer_score not in ANSWER_SCORES:
+        raise AdapterError(
+            f"{path}: answer_score must be one of {list(ANSWER_SCORES)}, got "
+            f"{config.answer_score!r}"
+        )
     if methods[config.method].uses_cf and config.cf_dim < 1:
         raise AdapterError(f"{path}: method {config.method!r} needs cf_dim >= 1")
     _method_options(path, config)  # options the method does not take: refused here
@@ -413,7 +423,9 @@ def from_pretrained(
     method = get_method(config.method)
     tokenizer = tokenizer if tokenizer is not None else _base_tokenizer(base_model)
     device = base_model.get_input_embeddings().weight.device
-    cfg = RunConfig(method=config.method, method_kwargs=config.options)
+    cfg = RunConfig(
+        method=config.method, method_kwargs=config.options, answer_score=config.answer_score
+    )
     ctx = _AdapterContext(
         cfg, data if data is not None else _NoData(config.method), base_model, tokenizer,
         device, DistEnv(), lambda m: None, None, user_table, item_table,

@@ -23,7 +23,8 @@ from tiny_cli import synthetic_data, train_tiny
 from llmrec.cli import main
 
 CORA = ["--rank", "4", "--generator", "mlp", "--max-his", "3", "--max-steps", "3"]
-OTHERS = {"tallrec": ["--max-his", "3", "--max-steps", "3"],
+# TALLRec scores the "Yes" logit alone: the adapter must carry the score it was trained on
+OTHERS = {"tallrec": ["--max-his", "3", "--max-steps", "3", "--answer-score", "yes"],
           "collm": ["--max-his", "3", "--max-steps", "2", "--collm-tuning", "one-step"]}  # fmt: skip
 
 
@@ -90,6 +91,7 @@ def test_export_then_from_pretrained_scores_bit_for_bit(runs, method, tmp_path, 
     assert config["base_model"]["weights_sha256"]  # the tiny LLM's weights identify it
     if method != "tallrec":
         assert config["cf_dim"] == ctx.cf_dim > 0 and config["cf"]["sha256"]
+    assert config["answer_score"] == ("yes" if method == "tallrec" else "yes-no")
     base, tokenizer = fresh_base(run_dir)
     with torch.no_grad():
         untrained = fresh_base(run_dir)[0]
@@ -201,6 +203,7 @@ def _edit(folder: Path, change) -> None:
         (lambda c: c["base_model"].update(hidden_size=64), "hidden_size 32"),
         (lambda c: c.update(cf_dim=c["cf_dim"] + 1), "options edited?"),
         (lambda c: c.update(weights_sha256="0" * 64), "weights_sha256 differs"),
+        (lambda c: c.update(answer_score="maybe"), "answer_score must be one of"),
         (lambda c: c["tensors"].popitem(), "tensors differ"),
         (lambda c: c["tensors"][next(iter(c["tensors"]))].update(shape=[1]), "lists [1]"),
     ],
