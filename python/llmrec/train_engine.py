@@ -76,15 +76,19 @@ class _LossModule(torch.nn.Module):
         return self.model.loss(batch)
 
 
-def wrap_ddp(model, params: List[torch.nn.Parameter], device: torch.device):
+def wrap_ddp(
+    model, params: List[torch.nn.Parameter], device: torch.device, *, static_graph: bool = True
+):
     """``model.loss`` under DistributedDataParallel, synchronising only ``params``.
 
     Every other parameter and every buffer is ignored by DDP: the frozen base model is loaded
     identically by every rank, so it is neither broadcast at construction nor reduced (a 4-bit
     base could not be broadcast at all). ``static_graph``: the trainable set is fixed for the
     wrapper's life (one per training stage), which lets DDP handle a parameter a method leaves
-    unused without ``find_unused_parameters``' per-step graph walk. ``params`` are broadcast
-    from rank 0 at construction. Call ``wrapped(batch)`` for the loss.
+    unused without ``find_unused_parameters``' per-step graph walk; it must be False when
+    steps use ``no_sync`` (gradient accumulation: torch 2.13's reducer fails an internal
+    assert on a static graph's first step under ``no_sync``). ``params`` are broadcast from
+    rank 0 at construction. Call ``wrapped(batch)`` for the loss.
     """
     if not isinstance(model, torch.nn.Module):
         raise RunConfigError(
@@ -102,7 +106,7 @@ def wrap_ddp(model, params: List[torch.nn.Parameter], device: torch.device):
         wrapper,
         device_ids=[device.index] if device.type == "cuda" and device.index is not None else None,
         broadcast_buffers=False,
-        static_graph=True,
+        static_graph=static_graph,
     )
 
 

@@ -670,7 +670,8 @@ class Trainer:
         if not self.params or self.train_data is None or self.cfg.epochs <= 0:
             st.done = True
         if self.env.enabled and not st.done:  # broadcasts rank 0's trainable state
-            self._ddp = wrap_ddp(self.model, self.params, self.device)
+            accumulates = _accum_steps(self.cfg) > 1  # no_sync: no static graph
+            self._ddp = wrap_ddp(self.model, self.params, self.device, static_graph=not accumulates)
         total, warmup = self.total_steps(), self.warmup_steps()
         spe = self.steps_per_epoch()
         if not st.done:
