@@ -87,8 +87,9 @@ def wrap_ddp(
     wrapper's life (one per training stage), which lets DDP handle a parameter a method leaves
     unused without ``find_unused_parameters``' per-step graph walk; it must be False when
     steps use ``no_sync`` (gradient accumulation: torch 2.13's reducer fails an internal
-    assert on a static graph's first step under ``no_sync``). ``params`` are broadcast from
-    rank 0 at construction. Call ``wrapped(batch)`` for the loss.
+    assert on a static graph's first step under ``no_sync``), and the graph walk is then on.
+    ``params`` are broadcast from rank 0 at construction. Call ``wrapped(batch)`` for the
+    loss.
     """
     if not isinstance(model, torch.nn.Module):
         raise RunConfigError(
@@ -107,6 +108,7 @@ def wrap_ddp(
         device_ids=[device.index] if device.type == "cuda" and device.index is not None else None,
         broadcast_buffers=False,
         static_graph=static_graph,
+        find_unused_parameters=not static_graph,
     )
 
 

@@ -204,12 +204,12 @@ def test_a_killed_rank_fails_the_job_in_one_line_and_resume_gives_the_same_resul
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    if os.environ.get("LLMREC_SHOW_FAULT"):
-        print(stderr)
     assert proc.returncode != 0
+    # torchrun reports the failed rank in its own block; the surviving rank (stopped by
+    # torchrun's SIGTERM, or failing on its dead peer first) says what happened in one line
     ours = [line for line in stderr.splitlines() if "llmrec train: error:" in line]
-    assert len(ours) <= 1, ours  # rank 0 says it once (or torchrun stopped it first)
-    assert "Traceback" not in "\n".join(ours)
+    assert len(ours) == 1, stderr[-3000:]
+    assert "another process of" in ours[0] and "--resume" in ours[0], ours
     assert not (out / "metrics.json").exists()
 
     done = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True,
