@@ -350,8 +350,8 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = option(
         False,
-        help="recompute the LLM's layer activations in the backward pass (Hugging Face "
-        "gradient_checkpointing_enable, non-reentrant): less memory, about a third more time",
+        help="recompute the LLM's decoder-layer activations in the backward pass (Hugging "
+        "Face activation checkpointing, non-reentrant): less memory, one more forward",
         group=OPTIM,
     )
 
