@@ -100,6 +100,7 @@ __all__ = [
     "parameter_bytes",
     "remove_cora",
     "static_lora_a",
+    "unfuse_qkv",
 ]
 
 _QKV_NAMES = ("q_proj", "k_proj", "v_proj")
@@ -448,6 +449,20 @@ def apply_cora_to_llama(
                 FusedQKV(members)
 
     model.__dict__[_STATE_ATTR] = state
+    return model
+
+
+def unfuse_qkv(model: nn.Module) -> nn.Module:
+    """Give every fused q/k/v projection of ``model`` its own weight and ``lora_B`` storage
+    back (same values) and stop fusing them: no parameter then shares storage with another
+    module's, which FSDP (``fully_shard``) and other sharding wrappers expect. Outputs are
+    unchanged (each call concatenates its operands). Returns ``model``; a model without
+    fused groups is left as it is."""
+    state = _get_state(model)
+    if state is not None:
+        for _, _, patched in state.patched:
+            if patched._group is not None and patched._group_index == 0:
+                patched._group.release()
     return model
 
 

@@ -8,6 +8,8 @@ buffer, and which are concatenated per call instead, is the ownership rule state
 
 from __future__ import annotations
 
+import copy
+import weakref
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
@@ -53,6 +55,14 @@ class FusedQKV:
     DTensor or quantised parameters). Such a part is concatenated per call instead (a copy,
     the same values, so the same results), which is what ``fuse_qkv=False`` avoids.
 
+    Ownership: only the parameter objects that were members at patch time are ever re-pointed.
+    A member whose parameter object was replaced (``fully_shard``/FSDP registering its own
+    parameters, ``load_state_dict(assign=True)``, a user's ``module.weight = ...``) belongs
+    to someone else: that part is never fused again and its buffer is released, whatever the
+    new parameter looks like (an FSDP unsharded parameter can look self-contained).
+    :meth:`release` (``llmrec_kernels.hf.unfuse_qkv``) gives every member its own storage
+    back and stops fusion for good, so that no two modules' parameters share storage.
+
     Layout checks: in eager mode every call compares the members' data pointers with the
     buffers' (integers, cached at fusion time; the buffers are held here, so their addresses
     cannot be reused); a part that drifted apart (``model.to(...)``, ``.data =``, a replaced
@@ -73,7 +83,25 @@ class FusedQKV:
             m._group_index = i
         self._clear()
         self._w_fused = self._w_ptrs = self._b_fused = self._b_ptrs = None
+        # the parameter objects this group may re-point (None: a part it never fuses again)
+        self._w_owned: Optional[tuple] = tuple(weakref.ref(p) for p in self._weights())
+        self._b_owned: Optional[tuple] = tuple(weakref.ref(p) for p in self._lora_bs())
         self.refuse()
+
+    def __deepcopy__(self, memo: dict) -> FusedQKV:
+        # A copied model's group owns the copies of its members' parameters (weak references
+        # are copied as themselves and would still name the originals).
+        new = object.__new__(FusedQKV)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key not in ("_w_owned", "_b_owned"):
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        for key in ("_w_owned", "_b_owned"):
+            refs = self.__dict__[key]
+            copies = [memo.get(id(ref())) for ref in refs] if refs is not None else [None]
+            owned = None if any(c is None for c in copies) else tuple(map(weakref.ref, copies))
+            new.__dict__[key] = owned
+        return new
 
     def _clear(self) -> None:
         self._x: Optional[torch.Tensor] = None
@@ -104,18 +132,45 @@ class FusedQKV:
     def _in_place(params: list, ptrs: Optional[tuple]) -> bool:
         return ptrs is not None and tuple(p.data_ptr() for p in params) == ptrs
 
+    @staticmethod
+    def _owns(owned: Optional[tuple], params: list) -> bool:
+        return owned is not None and all(ref() is p for ref, p in zip(owned, params))
+
     @torch.no_grad()
     def refuse(self, force: bool = True) -> None:
-        """Fuse each part (weights, ``lora_B``) whose members are self-contained; a part
-        already in place is kept unless ``force``."""
+        """Fuse each part (weights, ``lora_B``) whose members are self-contained and still
+        the parameter objects of patch time; a part already in place is kept unless
+        ``force``. A part whose parameters were replaced is given up for good."""
         weights, lora_bs = self._weights(), self._lora_bs()
+        if not self._owns(self._w_owned, weights):
+            self._w_owned = None
+        if not self._owns(self._b_owned, lora_bs):
+            self._b_owned = None
         if force or not self._in_place(weights, self._w_ptrs):
             # Drop the old buffer first: a failed fusion must not keep a stale copy alive.
             self._w_fused = self._w_ptrs = None
-            self._w_fused, self._w_ptrs = self._fuse(weights, self.sizes)
+            if self._w_owned is not None:
+                self._w_fused, self._w_ptrs = self._fuse(weights, self.sizes)
         if force or not self._in_place(lora_bs, self._b_ptrs):
             self._b_fused = self._b_ptrs = None
-            self._b_fused, self._b_ptrs = self._fuse(lora_bs, self.sizes)
+            if self._b_owned is not None:
+                self._b_fused, self._b_ptrs = self._fuse(lora_bs, self.sizes)
+        self.stale = False
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """Give every member still viewing a fused buffer its own storage (same values) and
+        never fuse again: afterwards no parameter shares storage with another's, as FSDP or
+        a sharding wrapper expects. Every call then concatenates its operands."""
+        for params, fused in ((self._weights(), self._w_fused), (self._lora_bs(), self._b_fused)):
+            if fused is None:
+                continue
+            base = fused.untyped_storage().data_ptr()
+            for p in params:
+                if p.untyped_storage().data_ptr() == base:
+                    p.data = p.detach().clone()
+        self._w_fused = self._w_ptrs = self._b_fused = self._b_ptrs = None
+        self._w_owned = self._b_owned = None
         self.stale = False
 
     def _layout_ok(self) -> bool:

@@ -488,6 +488,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from llmrec.input_digests import verify_command_inputs
 
     created = _new_out_dir(args)
+    previous_sigterm = _catch_sigterm()
     try:
         output_guard.check_command_paths(args)  # before anything is written
         verify_command_inputs(args, _log)  # the inputs a run recorded are still the same
@@ -498,16 +499,62 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         _clean_after_failure(args, created)
         return _fail(args.command, "interrupted" + _resume_hint(args, argv, created), 130)
+    except _Terminated:
+        _clean_after_failure(args, created)
+        why = "; under torchrun: another process of the job failed" if _distributed() else ""
+        return _fail(args.command, f"terminated (SIGTERM{why})" + _resume_hint(args, argv, created), 143)  # fmt: skip
     except Exception as exc:
         if _is_out_of_memory(exc):
             _clean_after_failure(args, created)
             msg = str(exc).split("\n")[0][:300]
             return _fail(args.command, f"out of memory ({msg}); lower --rank, --tiny-hidden, "
                          "--batch-size or --retrieve" + _resume_hint(args, argv, created), 1)  # fmt: skip
+        if _distributed() and _is_peer_failure(exc):
+            _clean_after_failure(args, created)
+            msg = str(exc).strip().split("\n")[0][:200]
+            return _fail(args.command, f"another process of this torchrun job failed ({msg})"
+                         + _resume_hint(args, argv, created), 1)  # fmt: skip
         if not _is_os_error(exc):
             raise  # a bug: its traceback is wanted
         _clean_after_failure(args, created)
         return _fail(args.command, f"{exc}" + _resume_hint(args, argv, created), 1)
+    finally:
+        if previous_sigterm is not None:  # main() may run inside a longer-lived program
+            import signal
+
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread: how torchrun stops the ranks of a failed job."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _catch_sigterm():
+    """SIGTERM becomes :class:`_Terminated` (one line, temporaries removed, exit 143)."""
+    import signal
+
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (a caller's worker thread): left as it is
+        return None
+
+
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    """A collective that failed because another rank went away (gloo or nccl)."""
+    if type(exc).__name__ in ("DistError", "DistBackendError", "DistNetworkError"):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL")
+    )
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -564,7 +611,8 @@ def _resume_hint(args, argv: List[str], created: Optional[Path]) -> str:
     again = [a for a in argv if a != "--force"]
     if "--resume" not in again:
         again.append("--resume")
-    return f"; resume with: llmrec {shlex.join(again)}"
+    launch = "the same torchrun launch of " if _distributed() else ""
+    return f"; resume with: {launch}llmrec {shlex.join(again)}"
 
 
 if __name__ == "__main__":

@@ -342,6 +342,22 @@ class TrainConfig:
         resume=True,  # the data order too
         group=OPTIM,
     )
+    # the position inside an epoch is counted in optimizer steps, each of N micro-batches
+    grad_accum_steps: int = option(
+        1,
+        help="micro-batches of --batch-size per optimizer step (gradients summed, then one "
+        "update: the step of a batch N times larger)",
+        parse=positive_int,
+        resume=True,
+        metavar="N",
+        group=OPTIM,
+    )
+    gradient_checkpointing: bool = option(
+        False,
+        help="recompute the LLM's decoder-layer activations in the backward pass (Hugging "
+        "Face activation checkpointing, non-reentrant): less memory, one more forward",
+        group=OPTIM,
+    )
 
 
 @dataclass

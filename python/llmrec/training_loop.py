@@ -7,9 +7,12 @@ training batches, a source of validation batches with a :class:`Metric`, and a
 decay on 1-D ones: :func:`param_groups`) with linear warm-up then cosine decay, evaluates the metric at every epoch end (and every ``eval_every``
 steps when set), stops after ``patience`` evaluations without improvement, keeps the best
 trainable state in ``best.safetensors``, autocasts to bf16/fp16 on a GPU, and under
-``torchrun`` runs DDP: each rank reads its share of every epoch, gradients of the trainable
-parameters are averaged with ``all_reduce`` after every backward (so they stay identical on
-all ranks), evaluation scores are gathered from all ranks before the metric is computed.
+``torchrun`` trains under :class:`torch.nn.parallel.DistributedDataParallel`: each rank reads
+its share of every epoch, DDP averages the gradients of the trainable parameters (only those:
+the frozen base is neither broadcast nor reduced), evaluation scores are gathered from all
+ranks before the metric is computed. ``grad_accum_steps`` N runs N micro-batches per optimizer
+step (DDP's ``no_sync`` on all but the last), ``gradient_checkpointing`` turns on Hugging
+Face's non-reentrant activation checkpointing in the model's LLM (:func:`enable_gradient_checkpointing`).
 Without validation batches it trains for the configured epochs and keeps the last state.
 
 Checkpoints (``<out>/checkpoints/ckpt-<seq>-step<step>/``, written by
@@ -30,7 +33,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -55,6 +57,14 @@ from llmrec.run_store import (
     write_checkpoint,
 )
 from llmrec.safe_files import save_trainable_atomic, verify_safetensors
+from llmrec.train_engine import (
+    DistEnv,
+    batch_rows,
+    enable_gradient_checkpointing,
+    init_distributed,
+    step_summary,
+    wrap_ddp,
+)
 from llmrec.train_log import TrainLog, step_record
 
 __all__ = [
@@ -65,6 +75,7 @@ __all__ = [
     "Metric",
     "Trainer",
     "check_trainable_compatible",
+    "enable_gradient_checkpointing",
     "init_distributed",
     "lr_factor",
     "param_groups",
@@ -94,70 +105,6 @@ class Metric:
 
 #: ROC AUC of the scores against the source's labels (``source.labels()``)
 AUC = Metric("auc", lambda scores, source: auc(source.labels(), scores))
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed helpers
-
-
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1).
-
-    gloo on the CPU, nccl on CUDA. A single process returns a trivial :class:`DistEnv`.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistEnv()
-    import torch.distributed as dist
-
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    if not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistEnv(rank=rank, world_size=world, local_rank=local)
-
-
-def _all_reduce_mean(tensors: List[torch.Tensor], env: DistEnv) -> None:
-    if not env.enabled or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    torch.distributed.all_reduce(flat)
-    flat /= env.world_size
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
-        offset += n
-
-
-def _broadcast(tensors: List[torch.Tensor], env: DistEnv) -> None:
-    if not env.enabled:
-        return
-    with torch.no_grad():
-        for t in tensors:
-            torch.distributed.broadcast(t.data, src=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +158,11 @@ def lr_factor(
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _accum_steps(cfg: TrainConfig) -> int:
+    # a config written before the field existed steps once per batch
+    return getattr(cfg, "grad_accum_steps", 1)
 
 
 def _warmup_start(cfg: TrainConfig) -> Optional[float]:
@@ -386,6 +338,10 @@ class Trainer:
         self.log = log or (lambda msg: None)
         self.callback = callback
         self.params = [p for p in model.trainable_parameters()]
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        # the DDP wrapper of model.loss under torchrun, inside fit() only
+        self._ddp: Optional[torch.nn.Module] = None
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.state = LoopState()
@@ -417,7 +373,11 @@ class Trainer:
         if self.train_data is None:
             return 0
         n = len(self.train_data) // self.env.world_size
-        return max(1, math.ceil(n / self.cfg.batch_size)) if n else 0
+        return max(1, math.ceil(n / self._step_rows())) if n else 0
+
+    def _step_rows(self) -> int:
+        """Rows of one optimizer step on one rank: ``grad_accum_steps`` micro-batches."""
+        return self.cfg.batch_size * _accum_steps(self.cfg)
 
     def total_steps(self) -> int:
         total = self.cfg.epochs * self.steps_per_epoch()
@@ -439,7 +399,7 @@ class Trainer:
         if self.cfg.group_by_length and callable(lengths):
             # grouped by the global batch (every rank's batch b together), before the ranks
             # take their rows: DDP then trains on the batches one process would
-            perm = group_by_length(perm, lengths(), self.cfg.batch_size * world, g)
+            perm = group_by_length(perm, lengths(), self._step_rows() * world, g)
         per_rank = n // world
         return perm[self.env.rank :: world][:per_rank]
 
@@ -604,23 +564,41 @@ class Trainer:
         if self.env.is_main and self._train_log is not None:
             self._train_log.write(record)
 
-    def _train_step(self, batch: Dict[str, torch.Tensor], lr: float) -> float:
+    def _train_step(self, batches: List[Dict[str, torch.Tensor]], lr: float) -> float:
+        """One optimizer step over its micro-batches; returns the step's loss.
+
+        Each micro-batch's mean loss is weighted by its share of the step's rows, so the
+        gradient is that of the mean over all of them (N equal micro-batches: the batch N times
+        larger). Under DDP only the last micro-batch's backward synchronises (``no_sync``).
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with self._autocast():
-            loss = self.model.loss(self._to_device(batch))
-        value = float(loss.detach())
-        self._stop_if_not_finite(value, loss.device)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        grads = []
+        rows = [batch_rows(b) for b in batches]
+        total_rows = max(1, sum(rows))
+        value = 0.0
+        for j, batch in enumerate(batches):
+            last = j == len(batches) - 1
+            sync = self._ddp.no_sync() if self._ddp is not None and not last else None
+            with sync or contextlib.nullcontext():
+                with self._autocast():
+                    if self._ddp is not None:
+                        loss = self._ddp(self._to_device(batch))
+                    else:
+                        loss = self.model.loss(self._to_device(batch))
+                part = float(loss.detach())
+                self._stop_if_not_finite(part, loss.device)
+                if len(batches) > 1:
+                    loss = loss * (rows[j] / total_rows)
+                    value += part * rows[j] / total_rows
+                else:
+                    value = part
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
         for p in self.params:
-            if p.grad is None:
+            if p.grad is None:  # a parameter this step did not reach still steps (moments)
                 p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        _all_reduce_mean(grads, self.env)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.grad_clip and self.cfg.grad_clip > 0:
@@ -679,6 +657,7 @@ class Trainer:
         try:
             return self._fit(resume)
         finally:
+            self._ddp = None  # its hooks go with it: the next stage wraps its own parameters
             if self._train_log is not None:
                 self._train_log.close()
                 self._train_log = None
@@ -687,10 +666,12 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self._clock = (time.perf_counter(), self.state.train_time_s)
-        _broadcast(self.params, self.env)
         st = self.state
         if not self.params or self.train_data is None or self.cfg.epochs <= 0:
             st.done = True
+        if self.env.enabled and not st.done:  # broadcasts rank 0's trainable state
+            accumulates = _accum_steps(self.cfg) > 1  # no_sync: no static graph
+            self._ddp = wrap_ddp(self.model, self.params, self.device, static_graph=not accumulates)
         total, warmup = self.total_steps(), self.warmup_steps()
         spe = self.steps_per_epoch()
         if not st.done:
@@ -712,16 +693,17 @@ class Trainer:
                 st.done = True
                 break
             indices = self._epoch_indices(st.epoch)
-            bs = self.cfg.batch_size
+            bs, step_rows = self.cfg.batch_size, self._step_rows()
             stop = False
             while st.step_in_epoch < spe and st.global_step < total:
                 b = st.step_in_epoch
                 step_start = time.perf_counter()
-                batch = self.train_data(indices[b * bs : (b + 1) * bs])
+                mine = indices[b * step_rows : (b + 1) * step_rows]
+                batches = [self.train_data(mine[j : j + bs]) for j in range(0, len(mine), bs)]
                 lr = self.cfg.lr * lr_factor(
                     st.global_step, total, warmup, self.cfg.min_lr_ratio, _warmup_start(self.cfg)
                 )
-                loss = self._train_step(batch, lr)
+                loss = self._train_step(batches, lr)
                 st.step_in_epoch += 1
                 st.global_step += 1
                 if self.env.is_main:
@@ -731,7 +713,7 @@ class Trainer:
                             epoch=st.epoch + st.step_in_epoch / spe,
                             loss=loss,
                             lr=lr,
-                            batch=batch,
+                            batch=step_summary(batches),
                             seconds=time.perf_counter() - step_start,
                             world_size=self.env.world_size,
                             device=self.device,

@@ -1,15 +1,24 @@
 """Two-process DDP on the CPU (gloo) under torchrun: ranks end with identical trainable state.
 
-The run is also compared with a single process using the doubled batch: rank ``r`` reads
-``perm[r::2]``, so the two ranks' batches ``b`` together are exactly the single process's
-batch ``b``, and averaging their gradients must give the same training up to float rounding.
+The run is also compared with a single process using the same global batch: rank ``r`` reads
+``perm[r::2]``, so the two ranks' steps ``b`` together are exactly the single process's batch
+``b``, and averaging their gradients must give the same training up to float rounding (each
+rank's step is two micro-batches of 8, ``--grad-accum-steps 2``: 2 x 2 x 8 = 32 rows).
+
+Faults: one rank killed (SIGKILL) mid-run ends the whole job with exit status != 0 within a
+timeout, the surviving rank saying so in one line; ``--resume`` then completes and gives the
+uninterrupted run's result exactly.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -27,6 +36,7 @@ ARGS = [
     "--lr", "1e-2",
     "--epochs", "1",
     "--max-train-rows", "320",
+    "--save-every", "2",
     "--max-valid-rows", "100",
     "--max-test-rows", "100",
     "--max-his", "3",
@@ -46,29 +56,60 @@ ARGS = [
 ]  # fmt: skip
 
 
-def test_two_process_gloo_ranks_identical_and_match_single_process(tmp_path):
+STEP_ARGS = ["--batch-size", "8", "--grad-accum-steps", "2", "--save-rank-state"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
     data, f = make_synthetic(
         n_users=60, n_items=50, per_user=20, dim=4, max_title_words=2, return_factors=True
     )
-    write_data(data, tmp_path / "data")
+    write_data(data, root / "data")
     save_cf_embeddings(
-        tmp_path / "cf" / "embeddings.safetensors",
+        root / "cf" / "embeddings.safetensors",
         torch.tensor(f.user, dtype=torch.float32),
         torch.tensor(f.item, dtype=torch.float32),
         "truth",
     )
-    out = tmp_path / "ddp"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [
+    return root, data
+
+
+def _torchrun_cmd(root: Path, out: Path, *extra: str) -> list:
+    return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "llmrec.cli", "train",
-        "--data", str(tmp_path / "data"), "--cf", str(tmp_path / "cf"), "--out", str(out),
-        "--batch-size", "16", "--save-rank-state", *ARGS,
+        "--data", str(root / "data"), "--cf", str(root / "cf"), "--out", str(out),
+        "--predictions", str(out.parent / f"{out.name}-pred.csv"), *STEP_ARGS, *ARGS, *extra,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(inputs):
+    root, _ = inputs
+    out = root / "ddp"
+    proc = subprocess.run(
+        _torchrun_cmd(root, out), env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _scores(path: Path) -> np.ndarray:
+    import pandas as pd
+
+    return pd.read_csv(path)["score"].to_numpy()
+
+
+def test_two_process_gloo_ranks_identical_and_match_single_process(inputs, uninterrupted):
+    root, data = inputs
+    out = uninterrupted
     r0 = load_file(str(out / "rank-0.safetensors"))
     r1 = load_file(str(out / "rank-1.safetensors"))
     assert r0.keys() == r1.keys() and r0
@@ -78,14 +119,14 @@ def test_two_process_gloo_ranks_identical_and_match_single_process(tmp_path):
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train"]["world_size"] == 2
-    assert metrics["train"]["steps"] == 10  # 320 rows / 2 ranks / 16
+    assert metrics["train"]["steps"] == 10  # 320 rows / 2 ranks / (2 x 8)
     assert metrics["test"]["rows"] == 100, "scores gathered from both ranks"
 
-    single = tmp_path / "single"
+    single = root / "single"
     cfg = RunConfig(
         method="cora",
-        data=str(tmp_path / "data"),
-        cf=str(tmp_path / "cf"),
+        data=str(root / "data"),
+        cf=str(root / "cf"),
         llm=str(out / "llm"),
         out=str(single),
         max_his=3,
@@ -100,6 +141,7 @@ def test_two_process_gloo_ranks_identical_and_match_single_process(tmp_path):
         max_train_rows=320,
         max_valid_rows=100,
         max_test_rows=100,
+        predictions=str(root / "single-pred.csv"),
         train=TrainConfig(
             epochs=1,
             batch_size=32,
@@ -114,4 +156,68 @@ def test_two_process_gloo_ranks_identical_and_match_single_process(tmp_path):
     s0 = load_file(str(single / "rank-0.safetensors"))
     for k in r0:
         torch.testing.assert_close(r0[k], s0[k], rtol=1e-3, atol=1e-4, msg=f"DDP vs single on {k}")
+    # the same predictions, up to the float rounding of another summation order
+    np.testing.assert_allclose(
+        _scores(root / "ddp-pred.csv"), _scores(root / "single-pred.csv"), rtol=1e-3, atol=1e-4
+    )
     assert metrics["test"]["auc"] == pytest.approx(ref["test"]["auc"], abs=0.02)
+
+
+def _ranks(torchrun_pid: int) -> dict:
+    """``{rank: pid}`` of the worker processes under a torchrun launcher."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if ppid == torchrun_pid:
+            for item in env:
+                if item.startswith(b"RANK="):
+                    found[int(item[5:])] = int(entry.name)
+    return found
+
+
+@pytest.mark.slow  # two torchrun launches: about 80 s on a busy 2-core machine
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks' processes in /proc")
+def test_a_killed_rank_fails_the_job_in_one_line_and_resume_gives_the_same_result(
+    inputs, uninterrupted
+):
+    root, _ = inputs
+    out = root / "killed"
+    cmd = _torchrun_cmd(root, out)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("checkpoints/ckpt-*")):  # the first step-2 checkpoint
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        ranks = _ranks(proc.pid)
+        os.kill(ranks[1], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)  # a failed peer must not hang the job
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    # torchrun reports the failed rank in its own block; the surviving rank (stopped by
+    # torchrun's SIGTERM, or failing on its dead peer first) says what happened in one line
+    ours = [line for line in stderr.splitlines() if "llmrec train: error:" in line]
+    assert len(ours) == 1, stderr[-3000:]
+    assert "another process of" in ours[0] and "--resume" in ours[0], ours
+    assert not (out / "metrics.json").exists()
+
+    done = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    want = load_file(str(uninterrupted / "rank-0.safetensors"))
+    got = load_file(str(out / "rank-0.safetensors"))
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), f"resumed run differs on {k}"
+    assert np.array_equal(_scores(root / "killed-pred.csv"), _scores(root / "ddp-pred.csv"))

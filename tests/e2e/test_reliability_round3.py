@@ -44,8 +44,8 @@ def one_error_line(err: str) -> str:
     return errors[0]
 
 
-def run_subprocess(argv, *, preexec=None, timeout=300, wait_for=None):
-    """``python -m llmrec.cli argv``; with ``wait_for`` (a path), SIGINT once it exists."""
+def run_subprocess(argv, *, preexec=None, timeout=300, wait_for=None, sig=signal.SIGINT):
+    """``python -m llmrec.cli argv``; with ``wait_for`` (a path), ``sig`` once it exists."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), str(ROOT / "python"), env.get("PYTHONPATH", "")]
@@ -59,7 +59,7 @@ def run_subprocess(argv, *, preexec=None, timeout=300, wait_for=None):
         while not Path(wait_for).exists() and proc.poll() is None:
             assert time.monotonic() < deadline, "the run never reached the interrupt point"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
 
@@ -274,6 +274,21 @@ def test_ctrl_c_is_one_line_exit_130_and_prints_the_resume_command(env, tmp_path
                   capsys)  # fmt: skip
     assert rc == 0, err
     assert (out / "metrics.json").exists()
+
+
+def test_sigterm_is_one_line_exit_143_and_prints_the_resume_command(env, tmp_path, capsys):
+    """How a scheduler (or torchrun, for the ranks of a failed job) stops a run."""
+    out = tmp_path / "run"
+    argv = [*env["train"], "--out", out, "--epochs", "30", "--max-steps", "400",
+            "--save-every", "1"]  # fmt: skip
+    rc, err = run_subprocess(argv, wait_for=out / "checkpoints" / "latest", sig=signal.SIGTERM)
+    assert rc == 143, err
+    line = one_error_line(err)
+    assert "llmrec train: error: terminated (SIGTERM)" in line, line
+    assert not temporaries(out)
+    again = _resume_argv(line)
+    rc, err = cli([*again[:-1], "--max-steps", "8", "--resume"], capsys)
+    assert rc == 0, err
 
 
 def test_an_interrupt_before_anything_resumable_leaves_nothing(env, tmp_path, capsys, monkeypatch):
