@@ -44,8 +44,9 @@ RUNS = [
 #: A-LLMRec's own test metrics, copied from its metrics.json: the target among ``candidates``
 #: titles (the target and unseen random items) ranked by their log-likelihood, and the
 #: generated title matched to the target (``hit@1_generated``, A-LLMRec's own measure)
-RANKING_KEYS = ("hit@1", "hit@5", "hit@10", "ndcg@5", "ndcg@10", "hit@1_generated",
-                "hit@1_generated_exact", "episodes", "candidates")  # fmt: skip
+RANKING_KEYS = ("hit@1", "popularity_hit@1", "cf_dot_hit@1", "hit@5", "hit@10", "ndcg@5",
+                "ndcg@10", "hit@1_generated", "hit@1_generated_exact", "episodes",
+                "candidates")  # fmt: skip
 #: ML-1M test AUC of each method on Vicuna-7B as the CoRA paper reports it (Table 2)
 PUBLISHED = {"mf": 0.6482, "tallrec": 0.7097, "collm": 0.7295, "cora": 0.7361}
 
@@ -105,6 +106,10 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
             "warm_rows": int(m["warm"]["rows"]), "cold_rows": int(m["cold"]["rows"]),
             # MF fits the whole train split (the CF embeddings every LLM method reads)
             "train_rows": train.get("rows") if name != "mf" else len(data["train"]),
+            # the budget: optimizer steps at the batch size (CoLLM: both steps)
+            "steps": train.get("steps"),
+            "batch_size": (cfg.get("train") or {}).get("batch_size"),
+            "answer_score": cfg.get("answer_score"),
             "train_time_s": train.get("train_time_s"),
             "wall_time_s": r["metrics"].get("wall_time_s"),
             "llm": cfg.get("llm"), "llm_dtype": cfg.get("llm_dtype"),
@@ -114,9 +119,42 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
         ranking = {k: v for k, v in r["metrics"].get("test", {}).items() if k in RANKING_KEYS}
         if ranking:
             out["methods"][name]["ranking"] = ranking
+    out["seeds"] = _seeds(runs_dir, rows, test, keys)
     out["curve"] = _curve(runs_dir, test, keys, out["methods"])
     out["tiny_draws"] = _tiny_draws(runs_dir, test, keys, out["curve"])
     return out
+
+
+def _seeds(runs_dir: Path, rows: dict, test, keys) -> list:
+    """Each method's AUC / UAUC under every seed run here (``RUNS/seed<S>/<name>``, written
+    by ``SEED=S run.sh``) beside seed 0, on the same test rows: the spread of one method."""
+    points = []
+    for seed_dir in sorted(runs_dir.glob("seed*")):
+        seed = int(seed_dir.name[4:])
+        for name, label in RUNS:
+            pred = seed_dir / name / "test_predictions.csv"
+            if name not in rows or not pred.exists():
+                continue
+            m = _test_metrics(pd.read_csv(pred), test, keys)
+            if int(m["rows"]) != len(keys or ()):
+                raise SystemExit(f"{pred}: scored on other test rows than seed 0's runs")
+            points.append({"name": name, "label": label, "seed": seed, "auc": m["auc"],
+                           "uauc": m["uauc"]})  # fmt: skip
+    return points
+
+
+def seeds_markdown(res: dict) -> str:
+    lines = ["| method | seed | AUC | UAUC |", "|---|---|---|---|"]
+    for name, m in res["methods"].items():
+        others = [p for p in res.get("seeds", []) if p["name"] == name]
+        if not others:
+            continue
+        aucs = [m["auc"]] + [p["auc"] for p in others]
+        lines.append(f"| {m['label']} | 0 | {_f(m['auc'])} | {_f(m['uauc'])} |")
+        for p in others:
+            lines.append(f"| | {p['seed']} | {_f(p['auc'])} | {_f(p['uauc'])} |")
+        lines.append(f"| | range | {_f(max(aucs) - min(aucs))} | |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def _rows_digest(keys) -> str | None:
@@ -341,17 +379,23 @@ def _minutes(seconds) -> str:
     return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
+def _budget(m: dict) -> str:
+    steps, batch = m.get("steps"), m.get("batch_size")
+    return f"{steps} x {batch}" if steps and batch else "-"
+
+
 def markdown(res: dict) -> str:
     lines = [
-        "| method | AUC | UAUC | warm AUC | cold AUC | cold UAUC | train rows | train time | "
-        "wall time | paper AUC (Vicuna-7B) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | AUC | UAUC | warm AUC | cold AUC | cold UAUC | train rows | steps x batch | "
+        "train time | wall time | paper AUC (Vicuna-7B) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in res["methods"].values():
         trained = bool(m["train_rows"])
         lines.append(
             f"| {m['label']} | {_f(m['auc'])} | {_f(m['uauc'])} | {_f(m['warm_auc'])} | "
             f"{_f(m['cold_auc'])} | {_f(m['cold_uauc'])} | {m['train_rows'] or '-'} | "
+            f"{_budget(m) if trained else '-'} | "
             f"{_minutes(m['train_time_s']) if trained else '-'} | "
             f"{_minutes(m['wall_time_s'])} | {_f(m['published_vicuna7b_auc'])} |"
         )
@@ -363,6 +407,7 @@ def markdown(res: dict) -> str:
         earlier = f" (rows marked in results.json collected at {', '.join(kept)})" if kept else ""
         lines.append(
             f"{any_m['rows']} test rows ({any_m['warm_rows']} warm, {any_m['cold_rows']} cold); "
+            f"test-row digest {str(res.get('test_rows_sha256'))[:12]}; "
             f"{res['machine']['cpu']}, {res['machine']['cores']} cores; "
             f"commit {res['commit']}{earlier}."
         )
@@ -402,6 +447,9 @@ def main() -> None:
     if ranking_markdown(res):
         text += "\nRanking (the test target among its candidates' titles):\n\n"
         text += ranking_markdown(res)
+    if seeds_markdown(res):
+        text += "\nSeeds (the same test rows; another seed draws other training rows and "
+        text += "initial weights):\n\n" + seeds_markdown(res)
     if res["curve"]:
         text += "\nLearning curve (CoRA, same test rows):\n\n" + curve_markdown(res)
         plot_curve(res, HERE / "learning_curve.png")
