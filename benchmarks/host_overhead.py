@@ -36,6 +36,7 @@ import torch.nn.functional as F
 __all__ = [
     "HOST_SHAPES",
     "build_host_case",
+    "cached_noop_triton_launches",
     "host_methods",
     "interleaved_host_us",
     "noop_triton_launches",
@@ -116,6 +117,73 @@ def noop_triton_launches() -> Iterator[object]:
         clear = getattr(launcher, "clear_config_cache", None)
         if clear is not None:
             clear()
+
+
+class _NoOpCompiled:
+    """Stands in for a compiled Triton kernel: its launcher counts launches, runs nothing."""
+
+    function = 0
+    packed_metadata = None
+
+    def __init__(self, launches: list):
+        self.launches = launches
+
+    def run(self, *args) -> None:
+        self.launches.append(None)
+
+
+class _Launches(list):
+    """One entry per cached launch; ``jit_launches`` counts those that went through the JIT."""
+
+    jit_launches = 0
+
+
+@contextlib.contextmanager
+def cached_noop_triton_launches() -> Iterator[tuple[object, _Launches]]:
+    """Import the Triton launcher with every kernel a real ``JITFunction`` whose compiled
+    kernel launches nothing, and the cached launch path on a stand-in CUDA device (stream
+    0); yield ``(module, launches)``.
+
+    What it measures is the host work of a GPU call whose compiled kernels are cached
+    (:mod:`llmrec_kernels.triton.launch`): the launcher's Python, the cache key and the call
+    into the compiled launcher, but not the driver's launch itself (it needs a GPU).
+    """
+    import os
+
+    from triton.runtime.jit import JITFunction
+
+    from llmrec_kernels.triton import cora_linear as launcher
+    from llmrec_kernels.triton import launch as launch_mod
+
+    launches = _Launches()
+    compiled = _NoOpCompiled(launches)
+
+    def jit_run(*args, grid, warmup, **kwargs):
+        launches.jit_launches += 1
+        return compiled
+
+    names = [n for n in dir(launcher) if n.startswith("_cora_") or n.endswith("_kernel")]
+    saved = {n: getattr(launcher, n) for n in names}
+    saved_device = launch_mod._device_and_stream
+    old_env = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    launcher.clear_config_cache()
+    try:
+        for n in names:
+            jit = JITFunction(getattr(saved[n], "fn", saved[n]))
+            jit.run = jit_run  # shadows JITFunction.run, as the AOT tracer does
+            setattr(launcher, n, jit)
+        launch_mod._device_and_stream = lambda tensor: (0, 0)
+        yield launcher, launches
+    finally:
+        for n, k in saved.items():
+            setattr(launcher, n, k)
+        launch_mod._device_and_stream = saved_device
+        if old_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old_env
+        launcher.clear_config_cache()
 
 
 def _inputs(b: int, length: int, d: int, r: int, dtype: torch.dtype, device: torch.device):

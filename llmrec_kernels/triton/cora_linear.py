@@ -51,6 +51,7 @@ from llmrec_kernels.triton.kernels import (
     _cora_shrink_kernel,
     _rows_transpose_matmul_kernel,
 )
+from llmrec_kernels.triton.launch import LaunchMeta, launch
 from llmrec_kernels.triton.shrink_splitk import (
     _cora_shrink_splitk_kernel,
     _cora_splitk_reduce_kernel,
@@ -165,7 +166,7 @@ def _shrink_plan(batch: int, length: int, rank: int, key: tuple, dropout: bool =
     dtype, precision, _, invariant = key
     cfg = shrink_config(length, dtype, invariant, dropout)
     grid = (_cdiv(length, cfg.BLOCK_M), batch)
-    meta = dict(
+    meta = LaunchMeta(
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_K=cfg.BLOCK_K,
         BLOCK_R=block_r(rank),
@@ -197,7 +198,7 @@ def _splitk_plan(
     if not k_split or k_split >= k:
         return None
     split = _cdiv(k, k_split)
-    meta = dict(
+    meta = LaunchMeta(
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_K=cfg.BLOCK_K,
         BLOCK_R=block_r(rank),
@@ -206,7 +207,7 @@ def _splitk_plan(
         num_stages=cfg.num_stages,
     )
     red = split_reduce_config()
-    red_meta = dict(BLOCK=red.BLOCK, num_warps=red.num_warps, num_stages=red.num_stages)
+    red_meta = LaunchMeta(BLOCK=red.BLOCK, num_warps=red.num_warps, num_stages=red.num_stages)
     grid = (_cdiv(length, cfg.BLOCK_M), split, batch)
     red_grid = (_cdiv(batch * length * rank, red.BLOCK),)
     return split, k_split, grid, meta, red_grid, red_meta
@@ -254,7 +255,7 @@ def _gemm_plan(
     cfg = gemm_config(kernel, rows, dtype, rank, cols, sm_count, invariant, dropout)
     grid = (_cdiv(rows, cfg.BLOCK_M) * _cdiv(cols, cfg.BLOCK_N),)
     # The dx kernel's output columns are x's (K); its names swap BLOCK_N and BLOCK_K.
-    meta = dict(
+    meta = LaunchMeta(
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_N=cfg.BLOCK_N if kernel == "fwd" else cfg.BLOCK_K,
         BLOCK_K=cfg.BLOCK_K if kernel == "fwd" else cfg.BLOCK_N,
@@ -309,6 +310,8 @@ def _a_strides(lora_a: torch.Tensor) -> tuple[int, int, int]:
 
 
 _NO_DROP: dict = {}
+# The forward kernel's one per-call compile-time argument, as launch() extras.
+_HAS_BIAS, _NO_BIAS = {"HAS_BIAS": True}, {"HAS_BIAS": False}
 
 
 def _drop_args(dropout: Optional[tuple]) -> Optional[dict]:
@@ -345,27 +348,22 @@ def _launch_shrink(
     if split_plan is not None:
         split, k_split, grid, meta, red_grid, red_meta = split_plan
         ws = torch.empty((split, batch * length, rank), dtype=torch.float32, device=out.device)
-        _cora_shrink_splitk_kernel[grid](
-            inp, mat, ws,
-            length, k, rank, k_split,
-            sb, sl, sk,
-            *mat_strides,
-            batch * length * rank, rank,  # ws's strides (contiguous), without two calls
-            **meta,
+        launch(
+            _cora_shrink_splitk_kernel, grid,
+            (inp, mat, ws),
+            (length, k, rank, k_split, sb, sl, sk, *mat_strides,
+             batch * length * rank, rank),  # ws's strides (contiguous), without two calls
+            meta,
         )  # fmt: skip
-        _cora_splitk_reduce_kernel[red_grid](
-            ws, out, batch * length * rank, split, ws.stride(0), scaling, **red_meta
-        )
+        launch(
+            _cora_splitk_reduce_kernel, red_grid,
+            (ws, out), (batch * length * rank, split, batch * length * rank, scaling), red_meta,
+        )  # fmt: skip
         return
     grid, meta = plain_plan
-    _cora_shrink_kernel[grid](
-        inp, mat, out,
-        length, k, rank,
-        sb, sl, sk,
-        *mat_strides,
-        scaling,
-        **(drop or _NO_DROP),
-        **meta,
+    launch(
+        _cora_shrink_kernel, grid,
+        (inp, mat, out), (length, k, rank, sb, sl, sk, *mat_strides, scaling), meta, drop,
     )  # fmt: skip
 
 
@@ -481,14 +479,11 @@ def forward(
         if n == 0:
             return y, s
         bias_arg = bias.contiguous() if bias is not None else y
-        _cora_linear_fwd_kernel[grid](
-            x, weight, bias_arg, s, lora_b, y,
-            rows, n, k, rank, length,
-            *x.stride(),
-            *weight.stride(),
-            *lora_b.stride(),
-            HAS_BIAS=bias is not None,
-            **meta,
+        launch(
+            _cora_linear_fwd_kernel, grid,
+            (x, weight, bias_arg, s, lora_b, y),
+            (rows, n, k, rank, length, *x.stride(), *weight.stride(), *lora_b.stride()),
+            meta, _HAS_BIAS if bias is not None else _NO_BIAS,
         )  # fmt: skip
     return y, s
 
@@ -545,17 +540,13 @@ def backward(
                     "bwd_dx", rows, k, rank, _key(x.dtype), gpu.sm_count if gpu else None,
                     drop is not None,
                 )  # fmt: skip
-                _cora_linear_bwd_dx_kernel[grid](
-                    dy, weight, lora_a, lora_b, ds, dx,
-                    rows, n, k, rank, length, length if per_sample else rows,
-                    *dy.stride(),
-                    *weight.stride(),
-                    *_a_strides(lora_a),
-                    *lora_b.stride(),
-                    ds_scale,
-                    COMPUTE_DS=fuse_ds,
-                    **(drop or _NO_DROP),
-                    **meta,
+                launch(
+                    _cora_linear_bwd_dx_kernel, grid,
+                    (dy, weight, lora_a, lora_b, ds, dx),
+                    (rows, n, k, rank, length, length if per_sample else rows,
+                     *dy.stride(), *weight.stride(), *_a_strides(lora_a), *lora_b.stride(),
+                     ds_scale),
+                    meta, {"COMPUTE_DS": fuse_ds, **(drop or _NO_DROP)},
                 )  # fmt: skip
         if need_da:
             groups, rows_per_group = (batch, length) if per_sample else (1, rows)
