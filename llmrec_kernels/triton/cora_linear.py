@@ -557,18 +557,5 @@ def backward(
     return dx, da, db
 
 
-def forward_multi(x, weight, lora_a, lora_b, bias, scaling, sizes, dropout=None):
-    """One fused launch pair per projection (see :func:`llmrec_kernels._multi.forward_multi`)."""
-    return _multi.forward_multi(forward, x, weight, lora_a, lora_b, bias, scaling, sizes, dropout)
-
-
-def backward_multi(
-    dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx, need_da, need_dbs,
-    dropout=None,
-):  # fmt: skip
-    """:func:`backward` per projection, dx and dA summed (:func:`llmrec_kernels._multi.
-    backward_multi`)."""
-    return _multi.backward_multi(
-        backward, dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx, need_da,
-        need_dbs, dropout,
-    )  # fmt: skip
+# One call (launch pair) per projection, dx and dA summed: llmrec_kernels._multi.
+forward_multi, backward_multi = _multi.per_projection(forward, backward)
