@@ -259,3 +259,19 @@ def test_launcher_python_per_call_is_bounded_against_a_calibration_loop():
 # Measured on the 2-core CPU (contended): ours / calibration about 1.2 (27 us against 23 us;
 # the launcher with no launch at all: 16 us, so the two cached launches add about 5 us each).
 BOUND = 3.0
+
+
+def test_gpu_check_summary_judges_the_triton_host_time():
+    """The GPU check's verdict row for item 4: host us per Triton decode call <= 35."""
+    from benchmarks.gpu_check_summary import ratio_rows
+
+    def rows(host_us, jit_us=None):
+        rec = {"role": "decode_b32", "method": "ours[triton]", "status": "ok", "median_ms": 0.02,
+               "host_us_per_call": host_us, "host_us_per_call_jit": jit_us}  # fmt: skip
+        return {r["key"]: r for r in ratio_rows([rec], [], None)}["triton_host_us"]
+
+    assert (
+        rows(30.0, 70.0)["status"] == "pass" and "JIT launcher 70.0 us" in rows(30.0, 70.0)["which"]
+    )
+    assert rows(36.0)["status"] == "FAIL" and rows(36.0)["target"] == 35.0
+    assert rows(None)["status"] == "not measured"
