@@ -277,6 +277,7 @@ def clear_config_cache() -> None:
     _splitk_plan.cache_clear()
     _gemm_plan.cache_clear()
     _forward_plan.cache_clear()
+    _reduce_plan.cache_clear()
 
 
 @functools.cache
@@ -395,6 +396,27 @@ def _shrink(
     _launch_shrink(inp, mat, mat_strides, out, scaling, layout, split_plan, plain_plan)
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _reduce_plan(
+    p: int, rank: int, groups: int, rows_per_group: int, programs: int, key: tuple, dropout: bool
+) -> tuple:
+    """``(splits, rows per split, grid, kwargs)`` of one :func:`_rows_transpose_matmul`
+    launch; ``programs``: how many programs fill the device (:func:`_target_programs`)."""
+    dtype, precision, _, _ = key
+    cfg = reduce_config(dtype, rank, dropout)
+    p_tiles = _cdiv(p, cfg.BLOCK_P)
+    max_splits = max(1, _cdiv(rows_per_group, cfg.BLOCK_ROWS))
+    splits = min(max_splits, max(1, _cdiv(programs, p_tiles * groups)))
+    rows_per_split = _cdiv(_cdiv(rows_per_group, splits), cfg.BLOCK_ROWS) * cfg.BLOCK_ROWS
+    splits = max(1, _cdiv(rows_per_group, rows_per_split))
+    meta = LaunchMeta(
+        BLOCK_P=cfg.BLOCK_P, BLOCK_ROWS=cfg.BLOCK_ROWS, BLOCK_R=block_r(rank),
+        INPUT_PRECISION=precision, SPLIT_RHS=dtype != torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return splits, rows_per_split, (p_tiles, splits, groups), meta
+
+
 def _rows_transpose_matmul(
     lhs: torch.Tensor,
     rhs: torch.Tensor,
@@ -409,27 +431,16 @@ def _rows_transpose_matmul(
     """
     _, length, p = lhs.shape
     rank = rhs.shape[-1]
-    cfg = reduce_config(lhs.dtype, rank, drop is not None)
-    p_tiles = _cdiv(p, cfg.BLOCK_P)
-    max_splits = max(1, _cdiv(rows_per_group, cfg.BLOCK_ROWS))
-    splits = min(max_splits, max(1, _cdiv(_target_programs(lhs.device), p_tiles * groups)))
-    rows_per_split = _cdiv(_cdiv(rows_per_group, splits), cfg.BLOCK_ROWS) * cfg.BLOCK_ROWS
-    splits = max(1, _cdiv(rows_per_group, rows_per_split))
+    splits, rows_per_split, grid, meta = _reduce_plan(
+        p, rank, groups, rows_per_group, _target_programs(lhs.device), _key(lhs.dtype),
+        drop is not None,
+    )  # fmt: skip
     out = torch.empty((splits, groups, p, rank), dtype=torch.float32, device=lhs.device)
-    grid = (p_tiles, splits, groups)
-    _rows_transpose_matmul_kernel[grid](
-        lhs, rhs, out,
-        rows_per_group, p, rank, length, rows_per_split,
-        *lhs.stride(),
-        out.stride(0), out.stride(1),
-        **(drop or _NO_DROP),
-        BLOCK_P=cfg.BLOCK_P,
-        BLOCK_ROWS=cfg.BLOCK_ROWS,
-        BLOCK_R=block_r(rank),
-        INPUT_PRECISION=_input_precision(lhs.dtype),
-        SPLIT_RHS=lhs.dtype != torch.float32,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    launch(
+        _rows_transpose_matmul_kernel, grid,
+        (lhs, rhs, out),
+        (rows_per_group, p, rank, length, rows_per_split, *lhs.stride(), *out.stride()[:2]),
+        meta, drop,
     )  # fmt: skip
     # Fixed-order sum of the per-chunk partials: deterministic, unlike atomics.
     return out.sum(0) if splits > 1 else out[0]
