@@ -12,10 +12,11 @@ in a decode loop):
 * ``base``: ``F.linear(x, W)`` alone;
 * ``ours[torch]``: ``fused_cora_linear(..., backend="torch")``, the whole public call;
 * ``ours[triton]``: the Triton launcher's Python side (config choice, allocation, grid and
-  argument packing) with every kernel launch replaced by a no-op, so it runs on a CPU and
-  measures only host work (Triton's own binder and the driver launch are not included: they
-  need a GPU); on a GPU (``--device cuda``) the real launches run and the time is host time
-  per call (no synchronisation inside the loop);
+  argument packing) and its cached launches (:mod:`llmrec_kernels.triton.launch`: the cache
+  key and the call into the compiled launcher) with compiled kernels that launch nothing
+  (:func:`cached_noop_triton_launches`), so it runs on a CPU and measures only host work
+  (the driver's launch is not included: it needs a GPU); on a GPU (``--device cuda``) the
+  real launches run and the time is host time per call (no synchronisation inside the loop);
 * ``ours[cuda]``: ``fused_cora_linear(..., backend="cuda")`` where the extension is built.
 
 Run ``python -m benchmarks.host_overhead`` for a table; the suite's ``host`` op records the
@@ -200,7 +201,7 @@ def host_methods(
 ) -> dict[str, tuple[Optional[Callable[[], object]], Optional[str]]]:
     """``{method: (fn, skip_reason)}``; ``fn`` runs one call in inference mode.
 
-    ``ours[triton]`` on a CPU must be called inside :func:`noop_triton_launches`.
+    ``ours[triton]`` on a CPU must be called inside :func:`cached_noop_triton_launches`.
     """
     from llmrec_kernels import fused_cora_linear
 
@@ -273,7 +274,7 @@ def build_host_case(wl, device: torch.device, mem_budget: int = 0):
 
     Each runnable method gets an error check against an fp64 computation; ``ours[triton]`` on
     a CPU is a skipped method whose ``host_fn`` (the launcher with no-op launches) the suite
-    times inside :func:`noop_triton_launches`.
+    times inside :func:`cached_noop_triton_launches`.
     """
     from benchmarks.methods import Case, MethodCase, error_fields
 
@@ -292,7 +293,7 @@ def build_host_case(wl, device: torch.device, mem_budget: int = 0):
             cases.append(
                 MethodCase(
                     name,
-                    skip_reason="no GPU: host_us is the launcher's Python with no-op launches",
+                    skip_reason="no GPU: host_us is the launcher's Python, cached no-op launches",
                     host_fn=fn,
                     backend="triton",
                 )
@@ -317,7 +318,7 @@ def measure(
     for b, length, d, r in shapes:
         methods = host_methods(b, length, d, r, dtype, dev)
         runnable = {name: fn for name, (fn, _) in methods.items() if fn is not None}
-        guard = noop_triton_launches() if dev.type == "cpu" else contextlib.nullcontext()
+        guard = cached_noop_triton_launches() if dev.type == "cpu" else contextlib.nullcontext()
         with guard:
             times = interleaved_host_us(runnable)
         for name, (fn, reason) in methods.items():

@@ -313,7 +313,7 @@ def _measure_host(case: Case, runnable: dict, recs: dict, cfg: SuiteConfig) -> N
     host_only = {mc.name: mc.host_fn for mc in case.methods if mc.fn is None and mc.host_fn}
     if host_only:
         guard = (
-            host_overhead.noop_triton_launches()
+            host_overhead.cached_noop_triton_launches()
             if cfg.device.type == "cpu"
             else contextlib.nullcontext()
         )
