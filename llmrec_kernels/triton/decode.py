@@ -30,7 +30,8 @@ __all__ = ["forward_into", "workspace_numel"]
 
 # The expand-add's tiles: 16 rows (decode batches) by 64 columns, 4 warps; at B 32, d_out
 # 4096 that is 128 programs, one wave on an H100/H200.
-EXPAND_BLOCK_M, EXPAND_BLOCK_N, EXPAND_WARPS = 16, 64, 4
+# The rank is walked 16 at a time: a whole rank-128 B tile in fp32 spilled (AOT check).
+EXPAND_BLOCK_M, EXPAND_BLOCK_N, EXPAND_WARPS, EXPAND_R_CHUNK = 16, 64, 4, 16
 
 
 def _plans(x: torch.Tensor, lora_a: torch.Tensor, rank: int, k_split: Optional[int]):
@@ -57,7 +58,8 @@ def _expand_plan(rows: int, cols: int, rank: int) -> tuple:
     grid = (-(-rows // EXPAND_BLOCK_M), -(-cols // EXPAND_BLOCK_N))
     meta = LaunchMeta(
         BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=block_r(rank),
-        INPUT_PRECISION="ieee", num_warps=EXPAND_WARPS, num_stages=1,
+        R_CHUNK=min(block_r(rank), EXPAND_R_CHUNK), INPUT_PRECISION="ieee",
+        num_warps=EXPAND_WARPS, num_stages=1,
     )  # fmt: skip
     return grid, meta
 
