@@ -32,6 +32,7 @@ TARGETS = (
     ("layer_8x256", "decoder layer fwd+bwd 8x256: best ours / base", 1.05),
     ("scoring_whole_model", "whole-model CoRA scoring (LLaMA-7B shape): ours / unpatched", 1.08),
     ("errors", "every error vs fp64: worst ours / torch path's (projection workloads)", 1.00),
+    ("triton_host_us", "Triton host time per decode call B 32, us (cached launches)", 35.0),
 )
 OURS_PROJ = ("ours[torch]", "ours[triton]", "ours[cuda]")
 FUSED = ("ours[triton]", "ours[cuda]")
@@ -152,6 +153,16 @@ def ratio_rows(bench: list[dict], hopper: list[dict], whole: Optional[dict]) -> 
                     worst = (ratio, f"{name} {role} {field}")
     if worst:
         values["errors"] = worst
+
+    # Issue 25 item 4: host time per Triton call (back-to-back calls, no synchronisation),
+    # cached launches against Triton's JIT launcher in the same run.
+    triton_rec = _times(bench, "decode_b32").get("ours[triton]", {})
+    if triton_rec.get("host_us_per_call"):
+        jit = triton_rec.get("host_us_per_call_jit")
+        values["triton_host_us"] = (
+            triton_rec["host_us_per_call"],
+            "ours[triton]" + (f"; through the JIT launcher {jit:.1f} us" if jit else ""),
+        )
 
     rows = []
     for key, what, target in TARGETS:

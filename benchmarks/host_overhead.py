@@ -12,10 +12,11 @@ in a decode loop):
 * ``base``: ``F.linear(x, W)`` alone;
 * ``ours[torch]``: ``fused_cora_linear(..., backend="torch")``, the whole public call;
 * ``ours[triton]``: the Triton launcher's Python side (config choice, allocation, grid and
-  argument packing) with every kernel launch replaced by a no-op, so it runs on a CPU and
-  measures only host work (Triton's own binder and the driver launch are not included: they
-  need a GPU); on a GPU (``--device cuda``) the real launches run and the time is host time
-  per call (no synchronisation inside the loop);
+  argument packing) and its cached launches (:mod:`llmrec_kernels.triton.launch`: the cache
+  key and the call into the compiled launcher) with compiled kernels that launch nothing
+  (:func:`cached_noop_triton_launches`), so it runs on a CPU and measures only host work
+  (the driver's launch is not included: it needs a GPU); on a GPU (``--device cuda``) the
+  real launches run and the time is host time per call (no synchronisation inside the loop);
 * ``ours[cuda]``: ``fused_cora_linear(..., backend="cuda")`` where the extension is built.
 
 Run ``python -m benchmarks.host_overhead`` for a table; the suite's ``host`` op records the
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 __all__ = [
     "HOST_SHAPES",
     "build_host_case",
+    "cached_noop_triton_launches",
     "host_methods",
     "interleaved_host_us",
     "noop_triton_launches",
@@ -118,6 +120,73 @@ def noop_triton_launches() -> Iterator[object]:
             clear()
 
 
+class _NoOpCompiled:
+    """Stands in for a compiled Triton kernel: its launcher counts launches, runs nothing."""
+
+    function = 0
+    packed_metadata = None
+
+    def __init__(self, launches: list):
+        self.launches = launches
+
+    def run(self, *args) -> None:
+        self.launches.append(None)
+
+
+class _Launches(list):
+    """One entry per cached launch; ``jit_launches`` counts those that went through the JIT."""
+
+    jit_launches = 0
+
+
+@contextlib.contextmanager
+def cached_noop_triton_launches() -> Iterator[tuple[object, _Launches]]:
+    """Import the Triton launcher with every kernel a real ``JITFunction`` whose compiled
+    kernel launches nothing, and the cached launch path on a stand-in CUDA device (stream
+    0); yield ``(module, launches)``.
+
+    What it measures is the host work of a GPU call whose compiled kernels are cached
+    (:mod:`llmrec_kernels.triton.launch`): the launcher's Python, the cache key and the call
+    into the compiled launcher, but not the driver's launch itself (it needs a GPU).
+    """
+    import os
+
+    from triton.runtime.jit import JITFunction
+
+    from llmrec_kernels.triton import cora_linear as launcher
+    from llmrec_kernels.triton import launch as launch_mod
+
+    launches = _Launches()
+    compiled = _NoOpCompiled(launches)
+
+    def jit_run(*args, grid, warmup, **kwargs):
+        launches.jit_launches += 1
+        return compiled
+
+    names = [n for n in dir(launcher) if n.startswith("_cora_") or n.endswith("_kernel")]
+    saved = {n: getattr(launcher, n) for n in names}
+    saved_device = launch_mod._device_and_stream
+    old_env = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    launcher.clear_config_cache()
+    try:
+        for n in names:
+            jit = JITFunction(getattr(saved[n], "fn", saved[n]))
+            jit.run = jit_run  # shadows JITFunction.run, as the AOT tracer does
+            setattr(launcher, n, jit)
+        launch_mod._device_and_stream = lambda tensor: (0, 0)
+        yield launcher, launches
+    finally:
+        for n, k in saved.items():
+            setattr(launcher, n, k)
+        launch_mod._device_and_stream = saved_device
+        if old_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old_env
+        launcher.clear_config_cache()
+
+
 def _inputs(b: int, length: int, d: int, r: int, dtype: torch.dtype, device: torch.device):
     gen = torch.Generator().manual_seed(0)
 
@@ -132,7 +201,7 @@ def host_methods(
 ) -> dict[str, tuple[Optional[Callable[[], object]], Optional[str]]]:
     """``{method: (fn, skip_reason)}``; ``fn`` runs one call in inference mode.
 
-    ``ours[triton]`` on a CPU must be called inside :func:`noop_triton_launches`.
+    ``ours[triton]`` on a CPU must be called inside :func:`cached_noop_triton_launches`.
     """
     from llmrec_kernels import fused_cora_linear
 
@@ -205,7 +274,7 @@ def build_host_case(wl, device: torch.device, mem_budget: int = 0):
 
     Each runnable method gets an error check against an fp64 computation; ``ours[triton]`` on
     a CPU is a skipped method whose ``host_fn`` (the launcher with no-op launches) the suite
-    times inside :func:`noop_triton_launches`.
+    times inside :func:`cached_noop_triton_launches`.
     """
     from benchmarks.methods import Case, MethodCase, error_fields
 
@@ -224,7 +293,7 @@ def build_host_case(wl, device: torch.device, mem_budget: int = 0):
             cases.append(
                 MethodCase(
                     name,
-                    skip_reason="no GPU: host_us is the launcher's Python with no-op launches",
+                    skip_reason="no GPU: host_us is the launcher's Python, cached no-op launches",
                     host_fn=fn,
                     backend="triton",
                 )
@@ -249,7 +318,7 @@ def measure(
     for b, length, d, r in shapes:
         methods = host_methods(b, length, d, r, dtype, dev)
         runnable = {name: fn for name, (fn, _) in methods.items() if fn is not None}
-        guard = noop_triton_launches() if dev.type == "cpu" else contextlib.nullcontext()
+        guard = cached_noop_triton_launches() if dev.type == "cpu" else contextlib.nullcontext()
         with guard:
             times = interleaved_host_us(runnable)
         for name, (fn, reason) in methods.items():

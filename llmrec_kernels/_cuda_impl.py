@@ -189,21 +189,8 @@ def backward(
     return (dx if need_dx else None), (da if need_da else None), (db if need_db else None)
 
 
-def forward_multi(x, weight, lora_a, lora_b, bias, scaling, sizes, dropout=None):
-    """One fused call per projection (:func:`llmrec_kernels._multi.forward_multi`)."""
-    return _multi.forward_multi(forward, x, weight, lora_a, lora_b, bias, scaling, sizes, dropout)
-
-
-def backward_multi(
-    dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx, need_da, need_dbs,
-    dropout=None,
-):  # fmt: skip
-    """:func:`backward` per projection, dx and dA summed (:func:`llmrec_kernels._multi.
-    backward_multi`)."""
-    return _multi.backward_multi(
-        backward, dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx, need_da,
-        need_dbs, dropout,
-    )  # fmt: skip
+# One call (launch pair) per projection, dx and dA summed: llmrec_kernels._multi.
+forward_multi, backward_multi = _multi.per_projection(forward, backward)
 
 
 def shrink(x: torch.Tensor, lora_a: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Fused-projection (q/k/v) forward and backward built from a backend's one-projection calls.
 
 Backends whose kernels compute one projection per call (Triton, CUDA) get their
-``forward_multi``/``backward_multi`` from here; the torch backend has its own, which runs
+``forward_multi``/``backward_multi`` from :func:`per_projection`, one factory over their
+one-projection functions; the torch backend has its own, which runs
 the shrink once and sums the outputs' low-rank gradients before they meet ``A``. The
 ``forward``/``backward`` passed in have the one-projection signature of
 :class:`llmrec_kernels.backends.CoraBackend` (they may be the backend's functions or the
@@ -14,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["backward_multi", "forward_multi"]
+__all__ = ["backward_multi", "forward_multi", "per_projection"]
 
 
 def forward_multi(
@@ -78,3 +79,27 @@ def backward_multi(
             dbs[j] = gb if need_dbs[j] else None
         start = stop
     return dx, da, dbs
+
+
+def per_projection(forward: Callable, backward: Callable) -> tuple[Callable, Callable]:
+    """A backend's ``(forward_multi, backward_multi)``, with the signatures of
+    :class:`llmrec_kernels.backends.CoraBackend`, from its one-projection ``forward`` and
+    ``backward``: :func:`forward_multi` and :func:`backward_multi` bound to them (written
+    once for every backend that computes one projection per call)."""
+
+    def forward_multi_bound(x, weight, lora_a, lora_b, bias, scaling, sizes, dropout=None):
+        return forward_multi(forward, x, weight, lora_a, lora_b, bias, scaling, sizes, dropout)
+
+    def backward_multi_bound(
+        dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx, need_da, need_dbs,
+        dropout=None,
+    ):  # fmt: skip
+        return backward_multi(
+            backward, dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx,
+            need_da, need_dbs, dropout,
+        )  # fmt: skip
+
+    forward_multi_bound.__doc__ = forward_multi.__doc__
+    backward_multi_bound.__doc__ = backward_multi.__doc__
+    forward_multi_bound.__name__, backward_multi_bound.__name__ = "forward_multi", "backward_multi"
+    return forward_multi_bound, backward_multi_bound

@@ -51,6 +51,7 @@ from llmrec_kernels.triton.kernels import (
     _cora_shrink_kernel,
     _rows_transpose_matmul_kernel,
 )
+from llmrec_kernels.triton.launch import LaunchMeta, launch
 from llmrec_kernels.triton.shrink_splitk import (
     _cora_shrink_splitk_kernel,
     _cora_splitk_reduce_kernel,
@@ -165,7 +166,7 @@ def _shrink_plan(batch: int, length: int, rank: int, key: tuple, dropout: bool =
     dtype, precision, _, invariant = key
     cfg = shrink_config(length, dtype, invariant, dropout)
     grid = (_cdiv(length, cfg.BLOCK_M), batch)
-    meta = dict(
+    meta = LaunchMeta(
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_K=cfg.BLOCK_K,
         BLOCK_R=block_r(rank),
@@ -197,7 +198,7 @@ def _splitk_plan(
     if not k_split or k_split >= k:
         return None
     split = _cdiv(k, k_split)
-    meta = dict(
+    meta = LaunchMeta(
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_K=cfg.BLOCK_K,
         BLOCK_R=block_r(rank),
@@ -206,7 +207,7 @@ def _splitk_plan(
         num_stages=cfg.num_stages,
     )
     red = split_reduce_config()
-    red_meta = dict(BLOCK=red.BLOCK, num_warps=red.num_warps, num_stages=red.num_stages)
+    red_meta = LaunchMeta(BLOCK=red.BLOCK, num_warps=red.num_warps, num_stages=red.num_stages)
     grid = (_cdiv(length, cfg.BLOCK_M), split, batch)
     red_grid = (_cdiv(batch * length * rank, red.BLOCK),)
     return split, k_split, grid, meta, red_grid, red_meta
@@ -254,7 +255,7 @@ def _gemm_plan(
     cfg = gemm_config(kernel, rows, dtype, rank, cols, sm_count, invariant, dropout)
     grid = (_cdiv(rows, cfg.BLOCK_M) * _cdiv(cols, cfg.BLOCK_N),)
     # The dx kernel's output columns are x's (K); its names swap BLOCK_N and BLOCK_K.
-    meta = dict(
+    meta = LaunchMeta(
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_N=cfg.BLOCK_N if kernel == "fwd" else cfg.BLOCK_K,
         BLOCK_K=cfg.BLOCK_K if kernel == "fwd" else cfg.BLOCK_N,
@@ -276,6 +277,7 @@ def clear_config_cache() -> None:
     _splitk_plan.cache_clear()
     _gemm_plan.cache_clear()
     _forward_plan.cache_clear()
+    _reduce_plan.cache_clear()
 
 
 @functools.cache
@@ -309,6 +311,8 @@ def _a_strides(lora_a: torch.Tensor) -> tuple[int, int, int]:
 
 
 _NO_DROP: dict = {}
+# The forward kernel's one per-call compile-time argument, as launch() extras.
+_HAS_BIAS, _NO_BIAS = {"HAS_BIAS": True}, {"HAS_BIAS": False}
 
 
 def _drop_args(dropout: Optional[tuple]) -> Optional[dict]:
@@ -345,27 +349,22 @@ def _launch_shrink(
     if split_plan is not None:
         split, k_split, grid, meta, red_grid, red_meta = split_plan
         ws = torch.empty((split, batch * length, rank), dtype=torch.float32, device=out.device)
-        _cora_shrink_splitk_kernel[grid](
-            inp, mat, ws,
-            length, k, rank, k_split,
-            sb, sl, sk,
-            *mat_strides,
-            batch * length * rank, rank,  # ws's strides (contiguous), without two calls
-            **meta,
+        launch(
+            _cora_shrink_splitk_kernel, grid,
+            (inp, mat, ws),
+            (length, k, rank, k_split, sb, sl, sk, *mat_strides,
+             batch * length * rank, rank),  # ws's strides (contiguous), without two calls
+            meta,
         )  # fmt: skip
-        _cora_splitk_reduce_kernel[red_grid](
-            ws, out, batch * length * rank, split, ws.stride(0), scaling, **red_meta
-        )
+        launch(
+            _cora_splitk_reduce_kernel, red_grid,
+            (ws, out), (batch * length * rank, split, batch * length * rank, scaling), red_meta,
+        )  # fmt: skip
         return
     grid, meta = plain_plan
-    _cora_shrink_kernel[grid](
-        inp, mat, out,
-        length, k, rank,
-        sb, sl, sk,
-        *mat_strides,
-        scaling,
-        **(drop or _NO_DROP),
-        **meta,
+    launch(
+        _cora_shrink_kernel, grid,
+        (inp, mat, out), (length, k, rank, sb, sl, sk, *mat_strides, scaling), meta, drop,
     )  # fmt: skip
 
 
@@ -397,6 +396,27 @@ def _shrink(
     _launch_shrink(inp, mat, mat_strides, out, scaling, layout, split_plan, plain_plan)
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _reduce_plan(
+    p: int, rank: int, groups: int, rows_per_group: int, programs: int, key: tuple, dropout: bool
+) -> tuple:
+    """``(splits, rows per split, grid, kwargs)`` of one :func:`_rows_transpose_matmul`
+    launch; ``programs``: how many programs fill the device (:func:`_target_programs`)."""
+    dtype, precision, _, _ = key
+    cfg = reduce_config(dtype, rank, dropout)
+    p_tiles = _cdiv(p, cfg.BLOCK_P)
+    max_splits = max(1, _cdiv(rows_per_group, cfg.BLOCK_ROWS))
+    splits = min(max_splits, max(1, _cdiv(programs, p_tiles * groups)))
+    rows_per_split = _cdiv(_cdiv(rows_per_group, splits), cfg.BLOCK_ROWS) * cfg.BLOCK_ROWS
+    splits = max(1, _cdiv(rows_per_group, rows_per_split))
+    meta = LaunchMeta(
+        BLOCK_P=cfg.BLOCK_P, BLOCK_ROWS=cfg.BLOCK_ROWS, BLOCK_R=block_r(rank),
+        INPUT_PRECISION=precision, SPLIT_RHS=dtype != torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return splits, rows_per_split, (p_tiles, splits, groups), meta
+
+
 def _rows_transpose_matmul(
     lhs: torch.Tensor,
     rhs: torch.Tensor,
@@ -411,27 +431,16 @@ def _rows_transpose_matmul(
     """
     _, length, p = lhs.shape
     rank = rhs.shape[-1]
-    cfg = reduce_config(lhs.dtype, rank, drop is not None)
-    p_tiles = _cdiv(p, cfg.BLOCK_P)
-    max_splits = max(1, _cdiv(rows_per_group, cfg.BLOCK_ROWS))
-    splits = min(max_splits, max(1, _cdiv(_target_programs(lhs.device), p_tiles * groups)))
-    rows_per_split = _cdiv(_cdiv(rows_per_group, splits), cfg.BLOCK_ROWS) * cfg.BLOCK_ROWS
-    splits = max(1, _cdiv(rows_per_group, rows_per_split))
+    splits, rows_per_split, grid, meta = _reduce_plan(
+        p, rank, groups, rows_per_group, _target_programs(lhs.device), _key(lhs.dtype),
+        drop is not None,
+    )  # fmt: skip
     out = torch.empty((splits, groups, p, rank), dtype=torch.float32, device=lhs.device)
-    grid = (p_tiles, splits, groups)
-    _rows_transpose_matmul_kernel[grid](
-        lhs, rhs, out,
-        rows_per_group, p, rank, length, rows_per_split,
-        *lhs.stride(),
-        out.stride(0), out.stride(1),
-        **(drop or _NO_DROP),
-        BLOCK_P=cfg.BLOCK_P,
-        BLOCK_ROWS=cfg.BLOCK_ROWS,
-        BLOCK_R=block_r(rank),
-        INPUT_PRECISION=_input_precision(lhs.dtype),
-        SPLIT_RHS=lhs.dtype != torch.float32,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    launch(
+        _rows_transpose_matmul_kernel, grid,
+        (lhs, rhs, out),
+        (rows_per_group, p, rank, length, rows_per_split, *lhs.stride(), *out.stride()[:2]),
+        meta, drop,
     )  # fmt: skip
     # Fixed-order sum of the per-chunk partials: deterministic, unlike atomics.
     return out.sum(0) if splits > 1 else out[0]
@@ -481,14 +490,11 @@ def forward(
         if n == 0:
             return y, s
         bias_arg = bias.contiguous() if bias is not None else y
-        _cora_linear_fwd_kernel[grid](
-            x, weight, bias_arg, s, lora_b, y,
-            rows, n, k, rank, length,
-            *x.stride(),
-            *weight.stride(),
-            *lora_b.stride(),
-            HAS_BIAS=bias is not None,
-            **meta,
+        launch(
+            _cora_linear_fwd_kernel, grid,
+            (x, weight, bias_arg, s, lora_b, y),
+            (rows, n, k, rank, length, *x.stride(), *weight.stride(), *lora_b.stride()),
+            meta, _HAS_BIAS if bias is not None else _NO_BIAS,
         )  # fmt: skip
     return y, s
 
@@ -545,17 +551,13 @@ def backward(
                     "bwd_dx", rows, k, rank, _key(x.dtype), gpu.sm_count if gpu else None,
                     drop is not None,
                 )  # fmt: skip
-                _cora_linear_bwd_dx_kernel[grid](
-                    dy, weight, lora_a, lora_b, ds, dx,
-                    rows, n, k, rank, length, length if per_sample else rows,
-                    *dy.stride(),
-                    *weight.stride(),
-                    *_a_strides(lora_a),
-                    *lora_b.stride(),
-                    ds_scale,
-                    COMPUTE_DS=fuse_ds,
-                    **(drop or _NO_DROP),
-                    **meta,
+                launch(
+                    _cora_linear_bwd_dx_kernel, grid,
+                    (dy, weight, lora_a, lora_b, ds, dx),
+                    (rows, n, k, rank, length, length if per_sample else rows,
+                     *dy.stride(), *weight.stride(), *_a_strides(lora_a), *lora_b.stride(),
+                     ds_scale),
+                    meta, {"COMPUTE_DS": fuse_ds, **(drop or _NO_DROP)},
                 )  # fmt: skip
         if need_da:
             groups, rows_per_group = (batch, length) if per_sample else (1, rows)
@@ -566,18 +568,5 @@ def backward(
     return dx, da, db
 
 
-def forward_multi(x, weight, lora_a, lora_b, bias, scaling, sizes, dropout=None):
-    """One fused launch pair per projection (see :func:`llmrec_kernels._multi.forward_multi`)."""
-    return _multi.forward_multi(forward, x, weight, lora_a, lora_b, bias, scaling, sizes, dropout)
-
-
-def backward_multi(
-    dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx, need_da, need_dbs,
-    dropout=None,
-):  # fmt: skip
-    """:func:`backward` per projection, dx and dA summed (:func:`llmrec_kernels._multi.
-    backward_multi`)."""
-    return _multi.backward_multi(
-        backward, dys, x, weight, lora_a, lora_b, s_scaled, scaling, sizes, need_dx, need_da,
-        need_dbs, dropout,
-    )  # fmt: skip
+# One call (launch pair) per projection, dx and dA summed: llmrec_kernels._multi.
+forward_multi, backward_multi = _multi.per_projection(forward, backward)

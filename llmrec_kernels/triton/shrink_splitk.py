@@ -106,3 +106,58 @@ def _cora_splitk_reduce_kernel(
     for j in range(0, SPLIT):
         acc += tl.load(ws_ptr + j * stride_wss + offs, mask=mask, other=0.0)
     tl.store(s_ptr + offs, acc * scaling, mask=mask)
+
+
+@triton.jit
+def _cora_splitk_expand_add_kernel(
+    ws_ptr, b_ptr, y_ptr,
+    M, N, R, SPLIT,
+    stride_wss, stride_wsm,
+    stride_bn, stride_br,
+    stride_ym, stride_yn,
+    scaling,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    R_CHUNK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr = "ieee",
+):  # fmt: skip
+    """``y[m, n] += scaling * sum_r (ws[0, m, r] + ws[1, m, r] + ...) * B[n, r]``: the decode
+    path's one expand-add (issue 25 item 2), the split-K reduction folded into it.
+
+    Grid: ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))``. ``ws`` holds the split-K shrink's fp32
+    partials ``(SPLIT, M, R)`` (row stride ``stride_wsm``, rank stride 1), summed in the fixed
+    order ``j = 0, 1, ...`` (bitwise reproducible, as :func:`_cora_splitk_reduce_kernel`);
+    ``B`` is ``(N, R)`` with ``BLOCK_R`` columns in memory (zero beyond ``R``); ``y`` ``(M, N)``
+    holds the base product ``x W^T (+ bias)`` and gets the low-rank term added in place, in
+    fp32, rounded once (as cuBLAS's ``addmm_`` into a 16-bit ``y``). The rank is walked in
+    ``R_CHUNK`` steps (a whole rank-128 B tile in fp32 spilled). The rank-``R`` product is a
+    few FMAs per output at decode: an fp32 dot, IEEE by default (no tensor cores needed;
+    ``INPUT_PRECISION`` names it for the AOT checks).
+    """
+    stride_wss, stride_wsm = _wide(stride_wss), _wide(stride_wsm)
+    stride_bn, stride_br = _wide(stride_bn), _wide(stride_br)
+    stride_ym, stride_yn = _wide(stride_ym), _wide(stride_yn)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, BLOCK_R, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        s_mask = m_mask[:, None] & (offs_r < R)[None, :]
+        ws_ptrs = ws_ptr + offs_m[:, None] * stride_wsm + offs_r[None, :]
+        s = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
+        for j in range(0, SPLIT):
+            s += tl.load(ws_ptrs + j * stride_wss, mask=s_mask, other=0.0)
+        b_t = tl.load(
+            b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+            mask=n_mask[None, :], other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(s, b_t.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    base = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, (base.to(tl.float32) + acc * scaling).to(base.dtype), mask=y_mask)
