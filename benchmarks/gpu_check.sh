@@ -40,7 +40,8 @@
 # from what was measured. The exit status is non-zero when any step failed.
 # --dry-run does the same on a CPU-only machine with nothing installed or built: the tests
 # are collected, not run, the benchmarks use toy shapes on the CPU and the Hopper step checks
-# its arguments (CI runs this, tests/e2e/test_gpu_check.py, in well under a minute).
+# its arguments (CI runs this, tests/e2e/test_gpu_check.py, in a few minutes); its limits
+# are wider (840 s in all), since it checks that each step works, not how fast.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -79,7 +80,8 @@ export PYTHONUNBUFFERED=1
 SUMMARY="$OUT/summary.md"
 FAILED=0
 START=$SECONDS
-TOTAL="${GPU_CHECK_TOTAL:-345}"
+# the dry run checks that every step works on a CPU (a shared one in CI), not its speed
+if [ "$DRY_RUN" -eq 1 ]; then TOTAL="${GPU_CHECK_TOTAL:-840}"; else TOTAL="${GPU_CHECK_TOTAL:-345}"; fi
 
 printf '# GPU check\n\n| step | status | seconds |\n| --- | --- | --- |\n' > "$SUMMARY"
 
@@ -134,12 +136,12 @@ cat "$OUT/env.txt"
 
 if [ "$DRY_RUN" -eq 1 ]; then
   run_step install 60 "$PYTHON" -c "import llmrec_kernels, benchmarks; print('importable from', llmrec_kernels.__file__)"
-  run_step gpu-tests 60 "$PYTHON" -m pytest -q -m gpu --collect-only -p no:cacheprovider tests
+  run_step gpu-tests 150 "$PYTHON" -m pytest -q -m gpu --collect-only -p no:cacheprovider tests
   run_step dispatch 60 "$PYTHON" -m benchmarks --dispatch --out "$OUT/dispatch.txt"
-  run_step bench 120 "$PYTHON" -m benchmarks --gpu-check --tiny --device cpu --no-progress \
+  run_step bench 240 "$PYTHON" -m benchmarks --gpu-check --tiny --device cpu --no-progress \
     --out "$OUT/bench.json" --plot "$OUT/bench.png" --markdown "$OUT/bench.md"
   run_step hopper 30 "$PYTHON" -m benchmarks.hopper_mainloop --dry-run --json "$OUT/hopper.json"
-  run_step whole-model 120 "$PYTHON" -m benchmarks.whole_model --tiny \
+  run_step whole-model 200 "$PYTHON" -m benchmarks.whole_model --tiny \
     --json "$OUT/whole_model.json" --markdown "$OUT/whole_model.md"
   run_step dispatch-table 60 "$PYTHON" -m benchmarks.dispatch_table "$OUT/bench.json" \
     --out "$OUT/dispatch_tables"

@@ -214,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         with args.append.open("a") as fh:
             fh.write("\n" + table)
         if whole:
-            from benchmarks.whole_model import markdown
+            from benchmarks.whole_model_report import markdown
 
             with args.append.open("a") as fh:
                 fh.write("\n## Whole model\n\n" + markdown(whole))
