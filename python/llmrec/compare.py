@@ -298,8 +298,11 @@ def compare_runs(
     text = render_table(rows, title=f"llmrec runs ({split})", markdown=markdown)
     if plot:
         plot_rows(rows, plot, title=f"llmrec runs ({split})")
-    if json_out:
-        Path(json_out).write_text(json.dumps(rows, indent=2) + "\n")
+    if json_out:  # atomic: a full disk leaves no half-written file
+        from llmrec.safe_files import atomic_write_text
+
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json_out, json.dumps(rows, indent=2) + "\n")
     return rows, text
 
 

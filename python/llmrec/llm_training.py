@@ -183,6 +183,7 @@ def prepare_context(
 def build_model(ctx: RunContext, method: Method, opts):
     """The method's model on the run's device; ``init_from`` loaded, a resume checked."""
     cfg = ctx.cfg
+    method.check_prompt_lengths(ctx, opts)  # a --max-length no prompt fits: refused here
     torch.manual_seed(cfg.train.seed)  # the trainable initialisation depends on the seed only
     model = method.build(ctx, opts)
     model.to(ctx.device)

@@ -32,6 +32,7 @@ import torch
 from llmrec.cli_options import coerce_option
 from llmrec.config import RunConfig, TrainConfig, field_default
 from llmrec.data.batching import RecCollator, make_examples, pad_id_of
+from llmrec.data.lengths import longest_title_row
 from llmrec.errors import RunConfigError
 from llmrec.metrics import evaluate_predictions
 from llmrec.training_loop import AUC, BatchSource, Metric
@@ -181,6 +182,13 @@ class Method:
             max_length=ctx.cfg.max_length,
         )
         return RecCollator(ex, pad_id_of(ctx.tokenizer), ctx.user_table, ctx.item_table, ctx.cf_dim)
+
+    def check_prompt_lengths(self, ctx: RunContext, opts) -> None:
+        """Step 4 of the length rule (:mod:`llmrec.data.lengths`) before any model is built:
+        the prompt of the data's longest title (in tokens, after the cut) with no history must
+        fit ``--max-length``, else :class:`~llmrec.data.lengths.PromptTooLong` (one line).
+        Every other row then fits by dropping history, so no split fails later."""
+        self.source(ctx, longest_title_row(ctx.data, ctx.tokenizer))
 
     def stages(self, ctx: RunContext, model, opts) -> List[Stage]:
         """One stage on the run's train rows, early stopping on the validation AUC."""

@@ -157,9 +157,9 @@ def write_metrics(
     """Write ``metrics`` to ``metrics_path`` (default ``<out>/metrics.json``) and, when
     ``predictions`` is given, ``pred_df``'s rows with ``scores`` as a CSV. Returns the path."""
     target = Path(metrics_path) if metrics_path else Path(out) / METRICS_FILE
-    atomic_write_json(target, metrics)
-    if predictions:
+    if predictions:  # first: a failed predictions write (full disk) leaves the metrics as they were
         write_predictions(predictions, pred_df, scores)
+    atomic_write_json(target, metrics)
     return target
 
 
@@ -472,7 +472,13 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
-        os.write(fd, f"{what} pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode())
+        try:
+            os.write(
+                fd, f"{what} pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode()
+            )
+        except OSError:  # a full disk: drop the lock now, so the failed start can be cleaned up
+            self.release()
+            raise
 
     def release(self) -> None:
         if self.fd is not None:

@@ -31,7 +31,7 @@ TINY = [
     "--rank", "2", "--alpha", "4", "--generator", "mlp", "--max-his", "3",
     "--tiny-hidden", "16", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-kv-heads", "1",
     "--tiny-vocab", "300", "--backend", "torch", "--batch-size", "16",
-    "--eval-batch-size", "256", "--max-length", "96", "--no-progress",
+    "--eval-batch-size", "256", "--max-length", "160", "--no-progress",
 ]  # fmt: skip
 
 

@@ -152,7 +152,7 @@ def test_collm_examples_and_text_only_examples():
     assert all(s.count(USER_SLOT) == 1 and s.count(ITEM_SLOT) == 1 for s in ex.input_ids)
     plain = make_collm_examples(df, tok, template="cora")  # step 1: text only, no slots
     assert all(min(s) >= 0 for s in plain.input_ids)
-    with pytest.raises(ValueError, match="cuts a CF slot"):
+    with pytest.raises(ValueError, match="raise --max-length to at least"):
         make_collm_examples(df, tok, template="collm", max_length=4)
 
 

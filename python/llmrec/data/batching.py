@@ -2,20 +2,23 @@
 
 Prompts are tokenised once (:func:`encode_prompts`); :class:`RecCollator` pads each batch on
 the LEFT so every prompt's last token sits at position ``T - 1``, where the "Yes" logit is
-read. A prompt longer than ``max_length`` keeps its first token when it is BOS and its last
-``max_length - 1`` tokens (the end of the prompt, with the target and ``#Answer:``, matters
-most).
+read. :func:`make_examples` applies the length rule (:mod:`llmrec.data.lengths`: titles cut to
+a token budget, then the oldest history titles dropped until the prompt fits ``max_length``);
+:func:`encode_prompts` alone keeps, of a prompt longer than ``max_length``, its first token when
+it is BOS and its last ``max_length - 1`` tokens.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from llmrec.data.prompts import MAX_HIS, build_prompts
+from llmrec.data.lengths import TitleCutter, fit_history, refusal_line
+from llmrec.data.prompts import MAX_HIS, TEMPLATES, build_prompt, build_prompts
 
 __all__ = [
     "MODEL_KEYS",
@@ -24,6 +27,7 @@ __all__ = [
     "encode_prompts",
     "make_examples",
     "pad_id_of",
+    "recent_titles",
 ]
 
 #: keys of a batch that the models' ``score`` / ``loss`` read
@@ -35,6 +39,17 @@ def pad_id_of(tokenizer) -> int:
         if tid is not None:
             return int(tid)
     return 0
+
+
+def recent_titles(
+    titles: Sequence[str], max_his: int, cut: Optional[Callable[[str], str]] = None
+) -> List[str]:
+    """Steps 1 and 2 of the length rule: the last ``max_his`` non-empty titles of a history
+    (oldest first), each passed through ``cut`` (a :class:`~llmrec.data.lengths.TitleCutter`)."""
+    if max_his <= 0:
+        return []
+    kept = [t for t in titles if t][-max_his:]
+    return [cut(t) for t in kept] if cut is not None else kept
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int = 512) -> List[List[int]]:
@@ -95,9 +110,30 @@ def make_examples(
     max_his: int = MAX_HIS,
     max_length: int = 512,
 ) -> RecExamples:
-    """Build prompts for every row of a split frame and tokenise them."""
-    prompts = build_prompts(df["his_title"], df["title"], template=template, max_his=max_his)
-    ids = encode_prompts(tokenizer, prompts, max_length=max_length)
+    """Build prompts for every row of a split frame and tokenise them.
+
+    The length rule (:mod:`llmrec.data.lengths`) makes every prompt fit ``max_length``: titles
+    cut to :data:`~llmrec.data.lengths.MAX_TITLE_TOKENS` tokens, then the oldest history
+    titles dropped; a prompt that cannot fit with no history raises
+    :class:`~llmrec.data.lengths.PromptTooLong`.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    cut = TitleCutter(tokenizer)
+    histories = [recent_titles(h, max_his, cut) for h in df["his_title"]]
+    targets = [cut(t) for t in df["title"]]
+    prompts = build_prompts(histories, targets, template=template, max_his=max_his)
+    ids = encode_prompts(tokenizer, prompts, max_length=sys.maxsize)  # nothing cut here
+    refusal = refusal_line(
+        f"a {template if template in TEMPLATES else 'custom'} prompt", max_length
+    )
+    for row in np.flatnonzero(np.array([len(x) for x in ids]) > max_length):
+
+        def encode(his, target=targets[row]):
+            text = build_prompt(his, target, template, max_his)
+            return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+        ids[row] = fit_history(encode, histories[row], max_length, refusal)
     return RecExamples(
         ids,
         df["uid"].to_numpy(),

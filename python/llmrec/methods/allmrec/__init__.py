@@ -25,6 +25,7 @@ from llmrec.methods.allmrec.stage2_prompt import (
     PROJECTIONS,
     ALLMRec,
     CandidatePairs,
+    Episode,
     EpisodeBatches,
     EpisodeCollator,
     hit_ndcg,
@@ -149,6 +150,17 @@ class ALLMRecMethod(Method):
             )  # fmt: skip
             self._shared = _Prompting(titles, catalogue, seen_items(ctx.data, ALL_SPLITS), coll)
         return self._shared
+
+    def check_prompt_lengths(self, ctx: RunContext, opts: Options) -> None:
+        """Step 4 of the length rule before anything trains or scores: a prompt with no
+        history, the data's longest titles as its candidates and the longest as its target
+        must fit (else one line naming --max-length)."""
+        coll = self._prompting(ctx).coll
+        n = max(opts.candidates, opts.train_candidates)
+        by_length = sorted(coll.titles, key=lambda item: (-len(coll.target_ids(item)), item))
+        longest = by_length[:n]
+        if longest:
+            coll.encode(Episode(0, [], longest, longest[0]), "target")
 
     def stages(self, ctx: RunContext, model: ALLMRec, opts: Options) -> List[Stage]:
         p, tcfg = self._prompting(ctx), ctx.cfg.train

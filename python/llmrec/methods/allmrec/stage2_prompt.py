@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmrec.data.lengths import PromptTooLong, TitleCutter, fit_history, refusal_line
 from llmrec.data.slots import ITEM_SLOT, USER_SLOT, Slot, encode_slotted, slot_marker
 from llmrec.errors import LLMRecError
 from llmrec.llm import decoder_body
@@ -130,13 +131,18 @@ def _titled_items(items: Sequence[int], titles: Mapping[int, str]) -> list:
     return pieces
 
 
+def recent_items(his: Sequence[int], titles: Mapping[int, str], max_his: int) -> List[int]:
+    """The last ``max_his`` items of a history (oldest first) that have a title."""
+    if max_his <= 0:
+        return []
+    return [int(i) for i in his if int(i) != 0 and int(i) in titles][-max_his:]
+
+
 def allmrec_pieces(
     his: Sequence[int], candidates: Sequence[int], titles: Mapping[int, str], max_his: int = 10
 ) -> list:
     """A-LLMRec's prompt as pieces: the user slot first, an item slot after every title."""
-    his = (
-        [int(i) for i in his if int(i) != 0 and int(i) in titles][-max_his:] if max_his > 0 else []
-    )
+    his = recent_items(his, titles, max_his)
     return [
         Slot("user"),
         PROMPT_HEAD,
@@ -260,8 +266,17 @@ class EpisodeCollator:
     ):
         from llmrec.data.batching import pad_id_of
 
-        self.tok, self.titles, self.user_table = tokenizer, titles, user_table
+        # step 1 of the length rule (llmrec.data.lengths): every title in a prompt, and so
+        # every generated title's reference, is cut to MAX_TITLE_TOKENS tokens
+        cut = TitleCutter(tokenizer)
+        self.tok, self.user_table = tokenizer, user_table
+        self.titles = {item: cut(title) for item, title in titles.items()}
         self.max_his, self.max_length = max_his, max_length
+        self.refusal = refusal_line(
+            "an A-LLMRec prompt with its longest candidate and target titles", max_length,
+            "A-LLMRec takes at least 1024; or lower --allmrec-candidates / "
+            "--allmrec-train-candidates",
+        )  # fmt: skip
         self.pad = pad_id_of(tokenizer)
         self.marker = slot_marker(tokenizer)
         eos = tokenizer.eos_token_id
@@ -277,16 +292,25 @@ class EpisodeCollator:
     def encode(
         self, ep: Episode, mode: str, target: Optional[int] = None
     ) -> tuple[list, list, int]:
-        pieces = allmrec_pieces(ep.his, ep.candidates, self.titles, self.max_his)
-        ids, items = encode_slotted(self.tok, pieces, marker=self.marker)
+        # steps 2 to 4 of the length rule (llmrec.data.lengths): the oldest history items
+        # (titles and their slots) are dropped until the prompt and the longest title of its
+        # candidates fit, so the prompt keeps the same history whichever candidate follows it
+        # (training's target batches and scoring's candidate batches agree)
+        room = max((len(self.target_ids(item)) for item in ep.candidates), default=0)
+
+        def encode_prompt(his: Sequence[int]) -> tuple[List[int], List[int]]:
+            pieces = allmrec_pieces(his, ep.candidates, self.titles, len(his))
+            return encode_slotted(self.tok, pieces, marker=self.marker)
+
+        ids, items = fit_history(
+            encode_prompt, recent_items(ep.his, self.titles, self.max_his), self.max_length,
+            self.refusal, size=lambda encoded: len(encoded[0]) + room,
+        )  # fmt: skip
         n_prompt = len(ids)
         if mode == "target":
             ids = ids + self.target_ids(ep.target if target is None else target)
-        if len(ids) > self.max_length:
-            raise ValueError(
-                f"an A-LLMRec prompt has {len(ids)} tokens > max_length={self.max_length}; "
-                "raise --max-length or lower the history/candidate counts"
-            )
+        if len(ids) > self.max_length:  # a target that is none of the candidates
+            raise PromptTooLong(self.refusal(len(ids)))
         return ids, items, n_prompt
 
     def __call__(

@@ -41,7 +41,6 @@ from llmrec.data.slots import (
     Slot,
     encode_slotted,
     slot_marker,
-    truncate_slotted,
 )
 from llmrec.llm import answer_ids, answer_logit, decoder_body
 from llmrec_kernels.lora import (
@@ -121,7 +120,8 @@ def make_collm_examples(
     """:class:`~llmrec.data.RecExamples` for CoLLM: slotted prompts (template ``"collm"`` or
     a template string with ``<UserID>`` / ``<TargetItemID>``), or text-only prompts for any
     template without slots (``"cora"``, the first step of two-step tuning)."""
-    from llmrec.data.batching import RecExamples, make_examples
+    from llmrec.data.batching import RecExamples, make_examples, recent_titles
+    from llmrec.data.lengths import TitleCutter, fit_history, refusal_line
     from llmrec.data.prompts import TEMPLATES
 
     text = TEMPLATES.get(template, template)
@@ -131,14 +131,22 @@ def make_collm_examples(
         )
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
-    bos = tokenizer.bos_token_id
     marker = slot_marker(tokenizer)
+    cut = TitleCutter(tokenizer)  # the length rule (llmrec.data.lengths): no slot is ever cut
+    refusal = refusal_line("a CoLLM prompt", max_length)
+
+    def encode(titles: Sequence[str], target: str) -> List[int]:
+        pieces = build_collm_pieces(titles, target, text, max_his)
+        return encode_slotted(tokenizer, pieces, marker=marker)[0]
+
     ids = []
     for his, title in zip(df["his_title"], df["title"]):
-        row, _ = encode_slotted(
-            tokenizer, build_collm_pieces(his, title, text, max_his), marker=marker
+        target = cut(title)
+        history = recent_titles(his, max_his, cut)
+        row = fit_history(
+            lambda ts, target=target: encode(ts, target), history, max_length, refusal
         )
-        ids.append(truncate_slotted(row, max_length, bos))
+        ids.append(row)
     return RecExamples(
         ids,
         df["uid"].to_numpy(),
