@@ -280,10 +280,10 @@ def test_allmrec_learns_an_answer_the_cf_embeddings_encode():
 def test_soft_tokens_start_at_the_scale_of_the_llms_token_embeddings(hidden):
     """Xavier-initialised projections give soft tokens of norm ~0.65 sqrt(d_model) whatever
     the LLM: on SmolLM2 15.8 against its token embeddings' 3.2 (issue 29), so every soft
-    token outweighs the text around it in the residual stream. By default a constant factor
-    on the projections' outputs starts the user and item soft tokens at the LLM's mean
-    token-embedding norm (here computed independently, in fp64); ``xavier`` keeps the
-    reference's unscaled outputs, far off that scale."""
+    token outweighs the text around it in the residual stream. ``embeddings``: a constant
+    factor on the projections' outputs starts the user and item soft tokens at the LLM's
+    mean token-embedding norm (here computed independently, in fp64); ``xavier`` (the
+    default) keeps the reference's unscaled outputs, far off that scale."""
     from llmrec.tiny_llm import build_tiny_llm
 
     titles = {i: f"film {i}" for i in range(1, 31)}
@@ -313,6 +313,9 @@ def test_soft_tokens_start_at_the_scale_of_the_llms_token_embeddings(hidden):
         assert 0.8 < got / reference < 1.25, (got, reference)
     for got in norms["xavier"]:
         assert got / reference > 5, (got, reference)
+    # the default is the reference's (rescaling showed no gain on SmolLM2, allmrec_probe.md)
+    default = ALLMRec(llm, tok, cf_dim=16, text_dim=16, latent_dim=8)
+    assert default.user_scale == default.item_scale == 1.0
 
 
 def test_an_unknown_projection_scale_is_refused():

@@ -403,7 +403,7 @@ class ALLMRec(nn.Module):
         projection: str = "reference",
         repetition_penalty: float = 1.5,
         standardize: bool = True,
-        projection_scale: str = "embeddings",
+        projection_scale: str = "xavier",
     ):
         super().__init__()
         if cf_dim < 1:
@@ -421,9 +421,9 @@ class ALLMRec(nn.Module):
             self.item_proj = _projection(projection, latent_dim, proj_hidden, hidden, nn.GELU)
             self.user_proj.to(device)
             self.item_proj.to(device)
-        # departure (issue 29): Xavier soft tokens are 5x the norm of SmolLM2's token
-        # embeddings (15.8 against 3.2), so each one dominates the residual stream at its
-        # position through every layer. A constant factor on the projections' outputs starts
+        # issue 29: Xavier soft tokens are 5x the norm of SmolLM2's token embeddings (15.8
+        # against 3.2), so each one dominates the residual stream at its position through
+        # every layer. ``embeddings``: a constant factor on the projections' outputs starts
         # them at the LLM's own scale; the parameters keep the reference's init, and Adam
         # (invariant to a gradient's scale) moves them exactly as it would without it
         self.user_scale = self.item_scale = 1.0
