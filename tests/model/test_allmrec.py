@@ -156,9 +156,10 @@ def test_embed_equals_hand_built_sequence_and_logprob_equals_full_forward(world)
             for t in range(got.shape[1]):
                 v = int(b["input_ids"][r, t])
                 if v == USER_SLOT:
-                    want[r, t] = model.user_proj(b["user_emb"][r])
+                    want[r, t] = model.user_scale * model.user_proj(b["user_emb"][r])
                 elif v == ITEM_SLOT:
-                    want[r, t] = model.item_proj(model.aligner.joint(item[b["slot_items"][r, t]]))
+                    z = model.aligner.joint(item[b["slot_items"][r, t]])
+                    want[r, t] = model.item_scale * model.item_proj(z)
                 else:
                     want[r, t] = table[v]
         logits = model.llm(inputs_embeds=want, attention_mask=b["attention_mask"]).logits

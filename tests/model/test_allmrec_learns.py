@@ -274,3 +274,53 @@ def test_allmrec_learns_an_answer_the_cf_embeddings_encode():
         opt.step()
     after = hit_at_1()
     assert after >= 0.4 and after > before + 0.1, (before, after)
+
+
+@pytest.mark.parametrize("hidden", [32, 96])
+def test_soft_tokens_start_at_the_scale_of_the_llms_token_embeddings(hidden):
+    """Xavier-initialised projections give soft tokens of norm ~0.65 sqrt(d_model) whatever
+    the LLM: on SmolLM2 15.8 against its token embeddings' 3.2 (issue 29), so every soft
+    token outweighs the text around it in the residual stream. ``embeddings``: a constant
+    factor on the projections' outputs starts the user and item soft tokens at the LLM's
+    mean token-embedding norm (here computed independently, in fp64); ``xavier`` (the
+    default) keeps the reference's unscaled outputs, far off that scale."""
+    from llmrec.tiny_llm import build_tiny_llm
+
+    titles = {i: f"film {i}" for i in range(1, 31)}
+    llm, tok = build_tiny_llm(
+        [f'"{t}"' for t in titles.values()] + ["is a user representation"],
+        config={**TINY, "hidden_size": hidden},
+    )
+    reference = float(llm.get_input_embeddings().weight.detach().double().norm(dim=-1).mean())
+    g = torch.Generator().manual_seed(0)
+    users = 0.03 * torch.randn(21, 16, generator=g) + 0.02  # MF-like: small entries
+    items = 0.03 * torch.randn(31, 16, generator=g) + 0.02
+    norms = {}
+    for scale in ("embeddings", "xavier"):
+        model = ALLMRec(llm, tok, cf_dim=16, text_dim=16, latent_dim=8, projection_scale=scale)
+        model.set_tables(items)
+        model.fit_input_statistics(users)
+        model.fit_latent_statistics()
+        coll = EpisodeCollator(tok, titles, users)
+        item_tok, user_tok = soft_tokens(model, coll, list(range(1, 31)), range(1, 21))
+        norms[scale] = (
+            float(item_tok.double().norm(dim=-1).mean()),
+            float(user_tok.double().norm(dim=-1).mean()),
+        )
+        # the rescaling changes no direction: the item tokens stay distinct
+        assert mean_pairwise_cosine(item_tok) < 0.9
+    for got in norms["embeddings"]:
+        assert 0.8 < got / reference < 1.25, (got, reference)
+    for got in norms["xavier"]:
+        assert got / reference > 5, (got, reference)
+    # the default is the reference's (rescaling showed no gain on SmolLM2, allmrec_probe.md)
+    default = ALLMRec(llm, tok, cf_dim=16, text_dim=16, latent_dim=8)
+    assert default.user_scale == default.item_scale == 1.0
+
+
+def test_an_unknown_projection_scale_is_refused():
+    from llmrec.tiny_llm import build_tiny_llm
+
+    llm, tok = build_tiny_llm(["a b c"], config=TINY)
+    with pytest.raises(ValueError, match="projection_scale"):
+        ALLMRec(llm, tok, cf_dim=4, text_dim=16, latent_dim=8, projection_scale="huge")

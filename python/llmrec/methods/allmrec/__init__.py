@@ -22,6 +22,7 @@ from llmrec.methods.allmrec.ranking_baselines import baseline_ranking
 from llmrec.methods.allmrec.stage1_align import ALIGNERS, SBERT_DIM, AlignRows, text_table
 from llmrec.methods.allmrec.stage2_prompt import (
     HIT_AT_1,
+    PROJECTION_SCALES,
     PROJECTIONS,
     ALLMRec,
     CandidatePairs,
@@ -83,6 +84,16 @@ class ALLMRecMethod(Method):
             help="reference (Linear-LayerNorm-act-Linear, Xavier) or mlp",
             choices=PROJECTIONS,
         )
+        # Xavier soft tokens are 5x SmolLM2's token-embedding norm (issue 29); rescaling them
+        # made no measurable difference in CF-oracle A/Bs of 120-400 episodes on SmolLM2
+        # (experiments/smollm2/allmrec_probe.md), so the reference's stays the default
+        projection_scale: str = option(
+            "xavier",
+            help="soft-token scale: embeddings (the projections' outputs times a constant that "
+            "starts them at the mean norm of the LLM's token embeddings) or xavier (the "
+            "reference's unscaled outputs)",
+            choices=PROJECTION_SCALES,
+        )
         proj_hidden: Optional[int] = option(
             None, help="projection hidden width (none: d_model; an int: projection mlp)"
         )
@@ -129,7 +140,7 @@ class ALLMRecMethod(Method):
             ctx.llm, ctx.tokenizer, ctx.cf_dim, text_dim=SBERT_DIM, latent_dim=opts.latent_dim,
             ae_hidden=opts.ae_hidden, proj_hidden=opts.proj_hidden, aligner=opts.aligner,
             projection=opts.projection, repetition_penalty=opts.repetition_penalty,
-            standardize=opts.standardize,
+            standardize=opts.standardize, projection_scale=opts.projection_scale,
         )  # fmt: skip
         model.set_tables(ctx.item_table)
         train = ctx.data["train"]

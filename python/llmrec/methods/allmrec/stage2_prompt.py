@@ -64,6 +64,7 @@ __all__ = [
     "HIT_AT_1",
     "IGNORE",
     "PROJECTIONS",
+    "PROJECTION_SCALES",
     "ALLMRec",
     "CandidatePairs",
     "Episode",
@@ -72,8 +73,10 @@ __all__ = [
     "allmrec_pieces",
     "hit_ndcg",
     "make_episodes",
+    "probe_output_norm",
     "row_episodes",
     "target_text",
+    "token_embedding_norm",
 ]
 
 
@@ -101,6 +104,33 @@ def _reference_projection(d_in: int, d_model: int, act: Callable[[], nn.Module])
     nn.init.xavier_normal_(net[0].weight)
     nn.init.xavier_normal_(net[3].weight)
     return net
+
+
+#: ``embeddings``: the projections' outputs times a constant that starts the soft tokens at
+#: the mean norm of the LLM's token embeddings; ``xavier``: A-LLMRec's plain
+#: Xavier-normal init, whose soft tokens have norm ~0.65 sqrt(d_model) whatever the LLM
+#: (15.8 on SmolLM2, whose token embeddings have norm 3.2)
+PROJECTION_SCALES = ("embeddings", "xavier")
+
+
+def token_embedding_norm(llm: nn.Module) -> float:
+    """Mean Euclidean norm of the rows of ``llm``'s input embedding matrix (fp32, computed in
+    chunks so a large vocabulary never needs an fp32 copy of the whole matrix)."""
+    weight = llm.get_input_embeddings().weight.detach()
+    total = 0.0
+    for start in range(0, weight.shape[0], 8192):
+        total += float(weight[start : start + 8192].float().norm(dim=-1).sum())
+    return total / weight.shape[0]
+
+
+@torch.no_grad()
+def probe_output_norm(net: nn.Module, d_in: int, samples: int = 512) -> float:
+    """Mean norm of ``net``'s outputs for standard-normal inputs ``(samples, d_in)`` (what the
+    z-scored CF inputs and latent are). The probe draws from its own seeded generator, so
+    the global random stream is untouched."""
+    param = next(net.parameters())
+    probe = torch.randn(samples, d_in, generator=torch.Generator().manual_seed(0))
+    return float(net(probe.to(device=param.device, dtype=param.dtype)).float().norm(dim=-1).mean())
 
 
 def _projection(kind: str, d_in: int, hidden: Optional[int], d_model: int, act) -> nn.Module:
@@ -397,6 +427,7 @@ class ALLMRec(nn.Module):
         projection: str = "reference",
         repetition_penalty: float = 1.5,
         standardize: bool = True,
+        projection_scale: str = "xavier",
     ):
         super().__init__()
         if cf_dim < 1:
@@ -414,6 +445,20 @@ class ALLMRec(nn.Module):
             self.item_proj = _projection(projection, latent_dim, proj_hidden, hidden, nn.GELU)
             self.user_proj.to(device)
             self.item_proj.to(device)
+        # issue 29: Xavier soft tokens are 5x the norm of SmolLM2's token embeddings (15.8
+        # against 3.2), so each one dominates the residual stream at its position through
+        # every layer. ``embeddings``: a constant factor on the projections' outputs starts
+        # them at the LLM's own scale; the parameters keep the reference's init, and Adam
+        # (invariant to a gradient's scale) moves them exactly as it would without it
+        self.user_scale = self.item_scale = 1.0
+        if projection_scale == "embeddings":
+            target = token_embedding_norm(llm)
+            self.user_scale = target / probe_output_norm(self.user_proj, cf_dim)
+            self.item_scale = target / probe_output_norm(self.item_proj, latent_dim)
+        elif projection_scale != "xavier":
+            raise ValueError(
+                f"projection_scale must be one of {PROJECTION_SCALES}, got {projection_scale!r}"
+            )
         # z-scores of the CF inputs and of the frozen stage-1 latent (issue 29): raw MF entries
         # are a few hundredths, the encoder's sigmoid maps every item to ~0.5 and the item soft
         # tokens collapse (mean pairwise cosine 0.9988); buffers, saved with the state
@@ -496,11 +541,12 @@ class ALLMRec(nn.Module):
         kind = ids[rows, cols]
         if bool(((kind != USER_SLOT) & (kind != ITEM_SLOT)).any()):
             raise ValueError("input_ids hold an unknown negative id (only -1 and -2 are slots)")
-        user_vec = self.user_proj(self.user_norm(batch["user_emb"].to(self.item_table.dtype)))[rows]
+        user_in = self.user_norm(batch["user_emb"].to(self.item_table.dtype))
+        user_vec = self.user_scale * self.user_proj(user_in)[rows]
         items = batch["slot_items"][rows, cols]
         with torch.no_grad():  # stage 1 is frozen in stage 2
             z = self.latent_norm(self.aligner.joint(self.item_norm(self.item_table[items])))
-        item_vec = self.item_proj(z)
+        item_vec = self.item_scale * self.item_proj(z)
         src = torch.where((kind == USER_SLOT)[:, None], user_vec, item_vec)
         return emb.index_put((rows, cols), src.to(emb.dtype))
 
