@@ -36,7 +36,14 @@ COMMON=(--data "$DATA" --seed "$SEED" --preset paper
         --epochs 1 --eval-every 250 --save-every 50 --no-progress --resume)
 # --compile: the decoder layers compiled (1.1-1.2x faster steps on this CPU, the same masks
 # and arithmetic up to rounding); MF, zero-shot and CoRA ran without it
-SMOL=(--llm smollm2 --llm-dtype bf16 --compile)
+# bf16 where the CPU computes it natively (AVX512-BF16 or AMX: about 1.75x faster than fp32);
+# fp32 elsewhere: an AVX2-only CPU (AMD Zen 3) emulates bf16 about 45x slower than fp32
+# (experiments/smollm2/allmrec_probe.md). LLM_DTYPE overrides; each run.json records it.
+if [[ -z "${LLM_DTYPE:-}" ]]; then
+  LLM_DTYPE=fp32
+  grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && LLM_DTYPE=bf16
+fi
+SMOL=(--llm smollm2 --llm-dtype "$LLM_DTYPE" --compile)
 
 done_run() { [[ -f "$1/metrics.json" ]]; }
 

@@ -521,7 +521,8 @@ class RunConfig:
     llm_dtype: str = option(
         "auto",
         help="dtype of the frozen LLM's weights (auto: bf16 on a GPU, fp32 on a CPU; bf16 "
-        "trains about 2x faster on CPUs with AVX512-BF16 or AMX)",
+        "trains about 2x faster on CPUs with AVX512-BF16 or AMX, and tens of times slower "
+        "on CPUs without them, which emulate it)",
         choices=("auto", "fp32", "bf16", "fp16"),
         group=OPTIM,
     )
