@@ -38,6 +38,7 @@ __all__ = [
     "positive_int",
     "projection_list",
     "resume_mismatches",
+    "with_legacy_defaults",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -569,8 +570,7 @@ class RunConfig:
         train = TrainConfig(**d.pop("train", {}))
         known = {f.name for f in dataclasses.fields(cls)}
         legacy = {k: d[k] for k in LEGACY_METHOD_KEYS if k in d}
-        # runs written before the option scored the "Yes" logit alone
-        d.setdefault("answer_score", "yes")
+        d = with_legacy_defaults(d)
         cfg = cls(train=train, **{k: v for k, v in d.items() if k in known})
         cfg.legacy_options = legacy
         return cfg
@@ -587,6 +587,16 @@ LEGACY_METHOD_KEYS = (
     "fuse_qkv",
     "backend",
 )
+
+#: what a run written before an option existed did, where that differs from the option's
+#: default now (runs before ``answer_score`` scored the "Yes" logit alone)
+LEGACY_DEFAULTS = {"answer_score": "yes"}
+
+
+def with_legacy_defaults(config: dict) -> dict:
+    """A copy of a ``run.json`` config with :data:`LEGACY_DEFAULTS` for the keys it lacks."""
+    return {**LEGACY_DEFAULTS, **config}
+
 
 _MISSING = object()
 

@@ -62,6 +62,7 @@ from llmrec.run_store import (
     write_stage_done,
 )
 from llmrec.safe_files import state_file_in, verify_safetensors
+from llmrec.scoring_parts import DEFAULT_CHUNK_ROWS
 from llmrec.train_log import require_tensorboard
 from llmrec.training_loop import (
     DistEnv,
@@ -412,7 +413,7 @@ def run_evaluation(
     state: Optional[str] = None,
     resume: bool = False,
     part: Optional[tuple] = None,
-    chunk_rows: int = 256,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> Optional[dict]:
     """Score ``split`` with a finished run (LLM method or CF model) and write its metrics.
 
@@ -477,7 +478,7 @@ def _evaluate_locked(
     state=None,
     resume=False,
     part=None,
-    chunk_rows=256,
+    chunk_rows=DEFAULT_CHUNK_ROWS,
 ) -> Optional[dict]:
     start = time.perf_counter()
     if info.get("kind") == "cf":

@@ -44,7 +44,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
-from llmrec.config import RunConfig, resume_keys, resume_mismatches
+from llmrec.config import RunConfig, resume_keys, resume_mismatches, with_legacy_defaults
 from llmrec.errors import CheckpointError, RunConfigError
 from llmrec.metrics import json_safe
 from llmrec.run_paths import portable_run_info, resolve_run_info
@@ -206,8 +206,7 @@ def check_resume_config(
         return
     if not (out / RUN_FILE).exists():
         return
-    old = dict(read_run_info(out)["config"])
-    old.setdefault("answer_score", "yes")  # runs before the option scored "Yes" alone
+    old = with_legacy_defaults(read_run_info(out)["config"])
     new = cfg.to_dict()
     diffs = resume_mismatches(old, new, resume_keys(RunConfig))
     if options_of is not None:

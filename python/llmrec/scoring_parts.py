@@ -146,23 +146,24 @@ def score_resumably(
         mine = range((k - 1) * len(bounds) // parts, k * len(bounds) // parts)
     scores = np.full(n, np.nan)
     todo: List[int] = []
+    done = 0
     for i, (start, stop) in enumerate(bounds):
         path = _chunk_file(folder, start, stop)
         if path.exists():
             scores[start:stop] = _read_chunk(path, digest, stop - start)
+            done += 1
         elif i in mine:
             todo.append(i)
     if todo:
-        done = sum(1 for s, e in bounds if _chunk_file(folder, s, e).exists())
         log(f"scoring {len(todo)} chunk(s) of {chunk} rows into {folder} ({done} of "
             f"{len(bounds)} already there)")  # fmt: skip
+    import torch
+
     for i in tqdm(todo, desc="chunks", disable=not progress, leave=False):
         start, stop = bounds[i]
         got = np.asarray(score_rows(df.iloc[start:stop]), dtype=np.float64)
         if got.shape != (stop - start,):
             raise RuntimeError(f"scored {got.shape} for rows {start}..{stop}")
-        import torch
-
         save_safetensors(_chunk_file(folder, start, stop), {"scores": torch.from_numpy(got)},
                          metadata={"key": digest, "rows": f"{start}-{stop}"})  # fmt: skip
         scores[start:stop] = got
