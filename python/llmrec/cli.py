@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
 from llmrec.config import absolute_path as _abs
-from llmrec.config import device_name as _device_arg
-from llmrec.config import output_file as _output_file
 from llmrec.config import positive_int as _positive_int
 
 if TYPE_CHECKING:  # the CLI imports the model layer only for the command that runs
@@ -121,102 +119,56 @@ def _add_train(sub) -> None:
     )
 
 
+def _add_command(sub, name: str, description: str, positionals=()) -> None:
+    """A subcommand whose flags are the fields of its options dataclass
+    (:data:`llmrec.command_options.COMMAND_OPTIONS`); ``positionals``: ``(name, metavar,
+    help)`` of the fields given as positional arguments."""
+    from llmrec.cli_options import add_field_flags
+    from llmrec.command_options import COMMAND_OPTIONS
+
+    p = sub.add_parser(name, help=_HELP[name], description=description)
+    for dest, metavar, help_text in positionals:
+        p.add_argument(dest, metavar=metavar, help=help_text)
+    add_field_flags(lambda _: p, COMMAND_OPTIONS[name], "")
+
+
 def _add_evaluate(sub) -> None:
-    from llmrec.data.loader import SPLITS
-
-    p = sub.add_parser(
+    _add_command(
+        sub,
         "evaluate",
-        help=_HELP["evaluate"],
-        description="Rebuild a run from RUN/run.json, load its best state (or --state) and score "
-        "the rows it used for a split (--rows all: the whole split); "
-        "writes RUN/eval_<split>.json (or --metrics).",
+        "Rebuild a run from RUN/run.json, load its best state (or --state) and score the rows "
+        "it used for a split (--rows all: the whole split); writes RUN/eval_<split>.json (or "
+        "--metrics).",
     )
-    p.add_argument("--run", required=True, help="run directory written by train or train-cf")
-    p.add_argument("--data", default=None, help="dataset directory (default: the run's data)")
-    p.add_argument("--split", choices=SPLITS, default="test", help="split to score (test)")
-    p.add_argument("--rows", choices=["run", "all"], default="run",
-                   help="run: the rows the run scored for this split (its --max-*-rows "
-                   "subsample, so its metrics are reproduced); all: the whole split")  # fmt: skip
-    p.add_argument("--state", default=None, metavar="PATH",
-                   help="score this trainable state instead of RUN/best.safetensors: a "
-                   ".safetensors file or a checkpoint directory (RUN/checkpoints/ckpt-...)")  # fmt: skip
-    p.add_argument("--metrics", default=None, type=_output_file,
-                   help="metrics JSON path (RUN/eval_<split>.json)")  # fmt: skip
-    p.add_argument("--predictions", default=None, type=_output_file, metavar="PATH",
-                   help="predictions CSV")  # fmt: skip
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="eval batch size")
-    p.add_argument("--resume", action="store_true",
-                   help="score in chunks of 256 rows saved under RUN/scores and reuse the chunks "
-                   "an earlier (interrupted) call saved; metrics once every chunk is there")  # fmt: skip
-    p.add_argument("--part", type=_part_arg, default=None, metavar="K/N",
-                   help="score only the K-th of N equal ranges of chunks (implies --resume): N "
-                   "machines or sessions share a split; copy their RUN/scores into one run and "
-                   "run --resume to write the metrics")  # fmt: skip
-    p.add_argument("--chunk-rows", type=_positive_int, default=256,
-                   help="rows per chunk file of --resume/--part (256)")  # fmt: skip
-    p.add_argument("--device", type=_device_arg, default="auto")
-    p.add_argument("--no-progress", action="store_true")
-    _add_accept_flag(p)
-
-
-def _part_arg(text: str):
-    from llmrec.scoring_parts import parse_part
-
-    try:
-        return parse_part(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_recommend(sub) -> None:
-    from llmrec.retrieval import INDEX_KINDS
-
-    p = sub.add_parser(
+    _add_command(
+        sub,
         "recommend",
-        help=_HELP["recommend"],
-        description="Retrieval-first recommendation with a finished run: a Faiss index over the "
-        "run's CF item embeddings gives K candidates per user, the run's model (CoLLM, CoRA, ...) "
-        "scores only those K. Writes RUN/recommend_k<K>_<index>.json: retrieval recall@K against "
-        "the full catalogue, HR/NDCG/recall@N of the re-ranked list, seconds per user for K "
+        "Retrieval-first recommendation with a finished run: a Faiss index over the run's CF "
+        "item embeddings gives K candidates per user, the run's model (CoLLM, CoRA, ...) scores "
+        "only those K. Writes RUN/recommend_k<K>_<index>.json: retrieval recall@K against the "
+        "full catalogue, HR/NDCG/recall@N of the re-ranked list, seconds per user for K "
         "candidates against scoring every item.",
     )
-    p.add_argument("--run", required=True, help="run directory written by train or train-cf")
-    p.add_argument("--retrieve", type=_positive_int, required=True, metavar="K", help="candidates")
-    p.add_argument("--index", choices=list(INDEX_KINDS), default="exact", help="(exact)")
-    p.add_argument("--users", type=_positive_int, default=None, help="random sample of users")
-    p.add_argument("--top-n", type=_positive_int, default=10, help="list length scored (10)")
-    p.add_argument(
-        "--full-users", type=int, default=2, help="users also scored on every item, for timing (2)"
-    )
-    p.add_argument("--data", default=None, help="dataset directory (default: the run's data)")
-    p.add_argument("--out", default=None, help="metrics JSON (RUN/recommend_k<K>_<index>.json)")
-    p.add_argument("--lists", default=None, metavar="PATH", help="top-N lists CSV")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="LLM batch size (64)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    _add_accept_flag(p)
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser(
+    _add_command(
+        sub,
         "export",
-        help=_HELP["export"],
-        description="Rebuild a finished LLM run (its LLM, CF embeddings and data) with its best "
-        "state (or --state) and write DIR/adapter_config.json and DIR/adapter_model.safetensors: "
-        "the method, its options, the base model and CF records, every trained tensor. "
+        "Rebuild a finished LLM run (its LLM, CF embeddings and data) with its best state (or "
+        "--state) and write DIR/adapter_config.json and DIR/adapter_model.safetensors: the "
+        "method, its options, the base model and CF records, every trained tensor. "
         "llmrec.from_pretrained(base_model, DIR) rebuilds the model on a fresh base (docs/"
         "training.md). DIR must be new or empty (or an adapter folder, with --force); never "
         "inside a run or dataset.",
+        positionals=[
+            ("run", "RUN", "run directory written by `llmrec train`"),
+            ("dir", "DIR", "the adapter folder to write"),
+        ],
     )
-    p.add_argument("run", metavar="RUN", help="run directory written by `llmrec train`")
-    p.add_argument("dir", metavar="DIR", help="the adapter folder to write")
-    p.add_argument("--force", action="store_true", help="replace the adapter already in DIR")
-    p.add_argument("--data", default=None, help="dataset directory (default: the run's data)")
-    p.add_argument("--state", default=None, metavar="PATH",
-                   help="export this trainable state instead of RUN/best.safetensors")  # fmt: skip
-    p.add_argument("--device", type=_device_arg, default="cpu", help="where the run is rebuilt")
-    _add_accept_flag(p)
 
 
 def _add_accept_flag(p) -> None:
@@ -378,35 +330,37 @@ def _cmd_train(args) -> int:
 def _cmd_evaluate(args) -> int:
     from llmrec.llm_training import run_evaluation
 
+    opts = args.options
     metrics = run_evaluation(
-        args.run,
-        data_path=_abs(args.data),
-        split=args.split,
-        predictions=args.predictions,
-        metrics_path=args.metrics,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=not args.no_progress,
-        rows=args.rows,
-        state=_abs(args.state),
-        resume=args.resume,
-        part=args.part,
-        chunk_rows=args.chunk_rows,
+        opts.run,
+        data_path=opts.data,
+        split=opts.split,
+        predictions=opts.predictions,
+        metrics_path=opts.metrics,
+        batch_size=opts.batch_size,
+        device=opts.device,
+        progress=opts.progress,
+        rows=opts.rows,
+        state=opts.state,
+        resume=opts.resume,
+        part=opts.part,
+        chunk_rows=opts.chunk_rows,
     )
     if metrics is None:
         return 0  # chunks of other parts are missing; score_resumably said which
-    _log(_summary(metrics, args.split) + f" | {metrics['wall_time_s']:.1f}s")
+    _log(_summary(metrics, opts.split) + f" | {metrics['wall_time_s']:.1f}s")
     return 0
 
 
 def _cmd_export(args) -> int:
     from llmrec.adapter import export_run
 
+    opts = args.options
     out = export_run(
-        args.run, _abs(args.dir), force=args.force, data_path=_abs(args.data),
-        device=args.device, state=_abs(args.state),
+        opts.run, _abs(opts.dir), force=opts.force, data_path=opts.data,
+        device=opts.device, state=opts.state,
     )  # fmt: skip
-    _log(f"wrote the adapter of {args.run} to {out}")
+    _log(f"wrote the adapter of {opts.run} to {out}")
     return 0
 
 
@@ -419,20 +373,21 @@ def _cmd_compare(args) -> int:
 def _cmd_recommend(args) -> int:
     from llmrec.retrieval import run_recommend
 
+    opts = args.options
     res = run_recommend(
-        args.run,
-        args.retrieve,
-        index_kind=args.index,
-        users=args.users,
-        top_n=args.top_n,
-        full_users=args.full_users,
-        data_path=_abs(args.data),
-        device=args.device,
-        batch_size=args.batch_size,
-        out=args.out,
-        lists_path=args.lists,
-        progress=not args.no_progress,
-        seed=args.seed,
+        opts.run,
+        opts.retrieve,
+        index_kind=opts.index,
+        users=opts.users,
+        top_n=opts.top_n,
+        full_users=opts.full_users,
+        data_path=opts.data,
+        device=opts.device,
+        batch_size=opts.batch_size,
+        out=opts.out,
+        lists_path=opts.lists,
+        progress=opts.progress,
+        seed=opts.seed,
     )
     r, k, n = res["recommend"], args.retrieve, args.top_n
     full = r.get("full_catalogue", {})
@@ -475,8 +430,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "compare": _cmd_compare,
         "export": _cmd_export,
     }
+    if args.command in ("evaluate", "recommend", "export"):
+        from llmrec.command_options import command_options
+
+        args.options = command_options(args)  # every value, also onto args for the checks
     no_progress = (
-        getattr(args, "no_progress", False) or getattr(args, "train.progress", True) is False
+        getattr(args, "progress", True) is False or getattr(args, "train.progress", True) is False
     )
     if (
         no_progress and args.command in ("train", "evaluate", "recommend")

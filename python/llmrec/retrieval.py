@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from llmrec.command_options import INDEX_KINDS  # the CLI's choices, defined once
 from llmrec.data.catalogue import seen_items, test_positives, title_map, user_histories
 from llmrec.run_store import RunLock
 from llmrec.safe_files import atomic_write_json, write_csv
@@ -55,7 +56,7 @@ __all__ = [
     "user_histories",
 ]
 
-INDEX_KINDS = ("exact", "ivf", "hnsw")
+
 #: share of the IVF lists probed by default: the smallest round share reaching >= 95% of
 #: the exact top-K on ML-1M (MF d 256: nprobe 24 of 57 lists gave 94-96%, 32 gave 97-98%)
 IVF_PROBE_SHARE = 0.6

@@ -176,3 +176,73 @@ def test_runs_written_before_answer_score_keep_the_yes_logit_and_cannot_resume_a
         check_resume_config(new, tmp_path)
     new.answer_score = "yes"
     check_resume_config(new, tmp_path)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "recommend", "export"])
+def test_every_flag_of_evaluate_recommend_and_export_comes_from_one_dataclass_field(command):
+    from llmrec.cli_options import flag_of
+    from llmrec.command_options import COMMAND_OPTIONS
+
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    cls = COMMAND_OPTIONS[command]
+    hints = __import__("typing").get_type_hints(cls)
+    declared = {flag_of(f, hints[f.name]): f.name for f in dataclasses.fields(cls)}
+    for action in sub._actions:
+        if action.dest == "help":
+            continue
+        if not action.option_strings:  # export's RUN and DIR: fields the parser fills
+            assert cls.__dataclass_fields__[action.dest].metadata["cli"] is False
+            continue
+        (flag,) = action.option_strings
+        assert declared.get(flag) == action.dest, flag
+
+
+def test_command_defaults_are_the_dataclass_defaults_and_reach_args(tmp_path):
+    from llmrec.command_options import EvaluateOptions, command_options
+    from llmrec.llm_training import run_evaluation
+    from llmrec.scoring_parts import DEFAULT_CHUNK_ROWS
+
+    args = build_parser("evaluate").parse_args(["evaluate", "--run", "r", "--data", "d"])
+    opts = command_options(args)
+    assert opts == EvaluateOptions(run="r", data=os.path.abspath("d"))
+    # the chunk size a later --resume must find is the one default of the scoring layer
+    default = inspect_default(run_evaluation, "chunk_rows")
+    assert opts.chunk_rows == DEFAULT_CHUNK_ROWS == default
+    # the output and input checks read args: every field is there, flags given or not
+    assert args.predictions is None and args.progress is True and args.part is None
+    args = build_parser("evaluate").parse_args(
+        ["evaluate", "--run", "r", "--part", "2/3", "--no-progress", "--chunk-rows", "64"]
+    )
+    opts = command_options(args)
+    assert (opts.part, opts.progress, opts.chunk_rows) == ((2, 3), False, 64)
+    args = build_parser("export").parse_args(["export", "runA", "out", "--state", "s.st"])
+    opts = command_options(args)
+    assert (opts.run, opts.dir, opts.state, opts.device) == (
+        "runA", "out", os.path.abspath("s.st"), "cpu",
+    )  # fmt: skip
+
+
+def inspect_default(fn, name):
+    import inspect
+
+    return inspect.signature(fn).parameters[name].default
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["evaluate", "--run", "r", "--part", "0/2"],
+        ["evaluate", "--run", "r", "--chunk-rows", "0"],
+        ["recommend", "--run", "r", "--retrieve", "-1"],
+        ["recommend", "--run", "r", "--retrieve", "5", "--full-users", "-1"],
+        ["recommend", "--run", "r", "--retrieve", "5", "--index", "flat"],
+        ["export", "r"],
+    ],
+)
+def test_bad_command_flags_are_one_line_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser(argv[0]).parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0]
