@@ -325,6 +325,24 @@ def _check_base_record(path: Path, base: Mapping[str, Any]) -> None:
             )
 
 
+def _tensors_differ(want: Mapping[str, Any], have: Mapping[str, Any], where: str) -> str:
+    """What differs between the tensors ``where`` lists (``{name: {"shape", "dtype"}}``) and
+    ``have`` (``{name: shape}`` or ``{name: (shape, dtype)}``); "" when nothing does."""
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    if missing or extra:
+        return f"tensors differ from {where}'s (missing {missing[:3]}, unlisted {extra[:3]})"
+    for name, spec in want.items():
+        shape, dtype = have[name] if isinstance(have[name], tuple) else (have[name], None)
+        listed = spec.get("shape") if isinstance(spec, dict) else spec
+        listed_dtype = spec.get("dtype") if isinstance(spec, dict) else None
+        if shape != listed or (dtype is not None and dtype != listed_dtype):
+            mine = f"{dtype} {shape}" if dtype else f"shape {shape}"
+            theirs = f"{listed_dtype} {listed}" if dtype else f"{listed}"
+            return f"tensor {name} has {mine}, {where} lists {theirs}"
+    return ""
+
+
 def _check_weights(directory: Path, config: AdapterConfig) -> None:
     from safetensors import safe_open
 
@@ -343,19 +361,9 @@ def _check_weights(directory: Path, config: AdapterConfig) -> None:
             f"{weights}: not the weights {ADAPTER_CONFIG} names (weights_sha256 differs); "
             "the two files come from different adapters"
         )
-    missing = sorted(set(config.tensors) - set(stored))
-    extra = sorted(set(stored) - set(config.tensors))
-    if missing or extra:
-        raise AdapterError(
-            f"{weights}: tensors differ from {ADAPTER_CONFIG}'s (missing {missing[:3]}, "
-            f"unlisted {extra[:3]})"
-        )
-    for name, want in config.tensors.items():
-        if not isinstance(want, dict) or stored[name] != want.get("shape"):
-            raise AdapterError(
-                f"{weights}: tensor {name} has shape {stored[name]}, "
-                f"{ADAPTER_CONFIG} lists {want.get('shape') if isinstance(want, dict) else want}"
-            )
+    problem = _tensors_differ(config.tensors, stored, where=ADAPTER_CONFIG)
+    if problem:
+        raise AdapterError(f"{weights}: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,21 +543,15 @@ def _check_tables(adapter_dir: Path, config: AdapterConfig, user_table, item_tab
 
 def _check_model(adapter_dir: Path, config: AdapterConfig, model) -> None:
     """The rebuilt model must hold exactly the tensors the config lists, shapes and dtypes."""
-    own = model.trainable_state()
-    missing = sorted(set(config.tensors) - set(own))
-    extra = sorted(set(own) - set(config.tensors))
-    if missing or extra:
+    own = {
+        name: (list(t.shape), _dtype_name(t.dtype)) for name, t in model.trainable_state().items()
+    }
+    problem = _tensors_differ(config.tensors, own, where="the adapter")
+    if problem:
         raise AdapterError(
-            f"{adapter_dir}: the rebuilt {config.method} model does not hold the adapter's "
-            f"tensors (not in the model {missing[:3]}, not in the adapter {extra[:3]})"
+            f"{adapter_dir}: the rebuilt {config.method} model does not fit: {problem} "
+            "(options edited?)"
         )
-    for name, want in config.tensors.items():
-        shape, dtype = list(own[name].shape), _dtype_name(own[name].dtype)
-        if shape != want["shape"] or dtype != want.get("dtype"):
-            raise AdapterError(
-                f"{adapter_dir}: tensor {name} is {dtype} {shape} in the rebuilt model, "
-                f"{want.get('dtype')} {want['shape']} in the adapter (options edited?)"
-            )
     yes = getattr(model, "yes_token_id", None)
     if config.yes_token_id is not None and yes is not None and int(yes) != config.yes_token_id:
         raise AdapterError(
