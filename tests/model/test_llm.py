@@ -137,3 +137,33 @@ def test_answer_difference_is_two_rows_of_the_full_head_and_ignores_a_logit_offs
     assert not torch.equal(shifted_yes, plain_yes)
     with pytest.raises(ValueError, match="answer_score"):
         answer_ids(tok, "no")
+
+
+def test_the_zero_shot_score_builds_no_kv_cache_and_equals_a_cached_forward():
+    """A scoring pass reads one position's logits: a KV cache is memory thrown away, and each
+    decoder layer's cache object is a guard of its own under ``--compile`` (30 layers, a
+    recompile each, then dynamo's recompile limit left the rest eager)."""
+    from llmrec.methods.frozen import FrozenLLMScorer
+    from llmrec.tiny_llm import build_tiny_llm
+
+    cfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 400}  # fmt: skip
+    llm, tok = build_tiny_llm(CORPUS[:40], cfg, seed=0)
+    scorer = FrozenLLMScorer(llm, tok)
+    body = decoder_body(llm)
+    seen = []
+    hook = body.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True
+    )
+    ids = torch.randint(3, len(tok), (3, 7), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        score = scorer.score(batch)
+    hook.remove()
+    assert seen == [False]
+    with torch.no_grad():  # the cache changes nothing it returns
+        cached = body(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=True)
+        want = answer_logit(
+            llm, cached.last_hidden_state[:, -1], scorer.yes_token_id, scorer.no_token_id
+        )
+    torch.testing.assert_close(score, want, rtol=0, atol=0)

@@ -24,7 +24,7 @@ class FrozenLLMScorer(nn.Module):
 
     def score(self, batch) -> torch.Tensor:
         out = decoder_body(self.llm)(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         )
         return answer_logit(
             self.llm, out.last_hidden_state[:, -1], self.yes_token_id, self.no_token_id
