@@ -7,7 +7,11 @@
   ``--force`` moves aside only runs.
 * No output path (``--out``, ``--predictions``, ``--metrics``, ``--lists``, ``--plot``,
   ``--json``) may name a file inside a run or dataset the command reads (its ``--data``, the
-  CF run, the evaluated run, ``--init-from``, the compared runs).
+  CF run, the evaluated run, ``--init-from``, the compared runs), with one exception:
+  ``evaluate`` and ``recommend`` write their reports into the run they read by default
+  (``RUN/eval_<split>.json``), so a report file of theirs may sit directly in that run
+  (``RUN/eval_test_all.json``, ``RUN/test_predictions.csv``): a ``.json`` or ``.csv``
+  that is not one of the run's own records (:data:`RUN_RECORDS`).
 
 :func:`check_command_paths` applies both to parsed CLI arguments; it only reads the file
 system. :func:`check_out_dir` is also called by ``claim_run_dir`` itself, so the rule holds
@@ -24,7 +28,14 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from llmrec.errors import RunConfigError
 
-__all__ = ["check_command_paths", "check_out_dir", "check_outputs", "is_dataset", "is_run"]
+__all__ = [
+    "check_command_paths",
+    "check_out_dir",
+    "check_outputs",
+    "is_dataset",
+    "is_report_of",
+    "is_run",
+]
 
 PathLike = Union[str, Path]
 
@@ -38,6 +49,9 @@ DATASET_FILES = (
     ),
 )
 _RUN_MARKS = ("run.json", ".llmrec.lock")
+#: the report files of a run that its commands read back: never another command's output
+RUN_RECORDS = ("run.json", "metrics.json", "stage_done.json")
+_REPORT_SUFFIXES = (".json", ".csv")
 
 
 def is_dataset(path: PathLike) -> bool:
@@ -106,16 +120,33 @@ def _resolved(path: PathLike) -> Path:
     return Path(os.path.realpath(os.path.expanduser(str(path))))
 
 
+def is_report_of(path: PathLike, run_dir: PathLike) -> bool:
+    """Whether ``path`` is a report file ``evaluate``/``recommend`` may write into the run
+    they read: directly in ``run_dir``, a ``.json`` or ``.csv``, not a hidden file, not one of
+    the run's own records (:data:`RUN_RECORDS`)."""
+    p, run = _resolved(path), _resolved(run_dir)
+    return (
+        p.parent == run
+        and p.suffix in _REPORT_SUFFIXES
+        and not p.name.startswith(".")
+        and p.name not in RUN_RECORDS
+        and not p.is_dir()
+    )
+
+
 def check_outputs(
     outputs: Iterable[Tuple[str, Optional[PathLike]]],
     reads: Iterable[Tuple[str, Optional[PathLike]]],
+    reports_into: Optional[PathLike] = None,
 ) -> None:
     """Refuse an output path inside (or equal to) a run or dataset the command reads.
 
     ``outputs`` and ``reads``: ``(flag, path)`` pairs; ``None`` paths are skipped. A read path
     that is a file (``--init-from X.safetensors``, ``--cf RUN/embeddings.safetensors``)
-    protects the run or dataset directory holding it.
+    protects the run or dataset directory holding it. ``reports_into``: the run whose
+    report files (:func:`is_report_of`) the command may write.
     """
+    own = _resolved(reports_into) if reports_into is not None else None
     folders: List[Tuple[str, Path]] = []
     for flag, path in reads:
         if path is None:
@@ -129,11 +160,19 @@ def check_outputs(
             continue
         p = _resolved(path)
         for read_flag, folder in folders:
+            if folder == own and is_report_of(p, folder):
+                continue
             if _inside(p, folder):
                 what = "dataset" if is_dataset(folder) else "run" if is_run(folder) else "input"
                 raise RunConfigError(
                     f"{flag} {path} is inside the {what} {folder} ({read_flag}), which this "
                     f"command reads; write it elsewhere"
+                    + (
+                        " (a report file of its own may sit directly in the run: a new .json "
+                        "or .csv name)"
+                        if folder == own
+                        else ""
+                    )
                 )
         if not p.is_dir():
             check_writable_parent(p, flag)
@@ -192,7 +231,8 @@ def check_command_paths(args) -> None:
     elif cmd == "make-data":
         check_out_dir(get("out"), kind="dataset")
         return
-    check_outputs(outputs.items(), reads)
+    reports_into = get("run") if cmd in ("evaluate", "recommend") else None
+    check_outputs(outputs.items(), reads, reports_into)
 
 
 # ---------------------------------------------------------------------------------------------

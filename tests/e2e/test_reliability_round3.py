@@ -126,6 +126,9 @@ def test_no_output_path_inside_what_the_command_reads(env, tmp_path, capsys):
         (["evaluate", "--run", cora, "--predictions", cora / "best.safetensors"], "inside the run"),
         (["evaluate", "--run", mf, "--predictions", mf / "model.safetensors"], "inside the run"),
         (["evaluate", "--run", mf, "--metrics", mf / "run.json"], "inside the run"),
+        (["evaluate", "--run", mf, "--metrics", mf / "metrics.json"], "a new .json or .csv"),
+        (["evaluate", "--run", mf, "--predictions", mf / "sub" / "p.csv"], "inside the run"),
+        (["evaluate", "--run", mf, "--predictions", mf / "p.safetensors"], "inside the run"),
         # the data the run read, found through its run.json
         (["evaluate", "--run", mf, "--metrics", data / "train.csv"], "inside the dataset"),
         (["train-cf", "--data", data, "--out", tmp_path / "a", "--predictions",
@@ -146,6 +149,23 @@ def test_no_output_path_inside_what_the_command_reads(env, tmp_path, capsys):
         assert expected in one_error_line(err), (argv, err)
     assert {d: snapshot(d) for d in (data, mf, cora)} == before
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_evaluate_may_write_new_report_files_directly_into_the_run_it_reads(env, capsys):
+    """Its default report is RUN/eval_<split>.json; another report name beside it is the
+    same kind of file (experiments/smollm2/run.sh writes RUN/eval_test_all.json)."""
+    mf = env["mf"]
+    before = snapshot(mf)
+    argv = ["evaluate", "--run", mf, "--rows", "all", "--no-progress",
+            "--metrics", mf / "eval_test_all.json", "--predictions", mf / "all_predictions.csv"]  # fmt: skip
+    rc, err = cli(argv, capsys)
+    assert rc == 0, err
+    after = snapshot(mf)
+    new = set(after) - set(before)
+    assert new == {"eval_test_all.json", "all_predictions.csv"}, new
+    assert {k: after[k] for k in before} == before  # every file the run had is unchanged
+    for name in new:
+        (mf / name).unlink()
 
 
 def test_force_still_moves_a_run_aside(env, tmp_path, capsys):
