@@ -118,8 +118,9 @@ class CFRunConfig:
         "SASRec's task (as A-LLMRec's pre_train/sasrec): each positive training row (its "
         "history of earlier positives) against one item the user did not rate in the training "
         "split, drawn afresh each epoch (batches of --batch-size positives plus their "
-        "negatives). Either way early stopping keeps the best AUC on the labelled validation "
-        "split (the reference trains a fixed 200 epochs and selects nothing)",
+        "negatives); its early stopping keeps the best AUC of the validation positives "
+        "against one item each the user rated in neither split (the like/dislike AUC does not "
+        "measure this task; the reference trains a fixed 200 epochs and selects nothing)",
         choices=list(OBJECTIVES),
         resume=True,
     )
@@ -142,6 +143,12 @@ class CFRunConfig:
         group=_R,
     )
 
+
+#: what ``best_valid_auc`` measures, per objective (``llmrec.cf.cf_training.validation_rows``)
+SELECTED_ON = {
+    "labels": "AUC of the labelled validation split",
+    "next-item": "AUC of the validation positives against one unrated item each",
+}
 
 #: the CF training loop's state after its last finished epoch (for ``--resume``)
 STATE_FILE = "cf_state.safetensors"
@@ -255,6 +262,7 @@ def _train_cf_locked(cfg: CFRunConfig, data, log) -> dict:
             "best_epoch": res.best_epoch,
             "epochs_run": res.epochs_run,
             "best_valid_auc": res.best_valid_auc,
+            "selected_on": SELECTED_ON[cfg.objective],
             "train_time_s": res.wall_time_s,
             "history": res.history,
         },

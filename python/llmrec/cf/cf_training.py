@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from llmrec.cf.models import bce, pad_histories
-from llmrec.cf.next_item import NextItemPairs
+from llmrec.cf.next_item import NextItemPairs, ranking_rows
 from llmrec.errors import CFEmbeddingError, NumericalError
 from llmrec.metrics import auc
 from llmrec.run_store import RUN_FILE
@@ -108,6 +108,16 @@ class _TrainBatches:
             yield batch if negatives is None else NextItemPairs.pair(batch, negatives[idx])
 
 
+def validation_rows(data, cfg: CFConfig) -> pd.DataFrame:
+    """The rows whose AUC selects the epoch: ``labels``: the labelled ``cfg.valid_split``;
+    ``next-item``: its positives against one unrated item each
+    (:func:`llmrec.cf.next_item.ranking_rows`). The like/dislike labels do not measure the
+    next-item task (a next-item model that learnt popularity alone may rank them at chance)."""
+    if cfg.objective == "next-item":
+        return ranking_rows(data, cfg.valid_split, seed=cfg.seed)
+    return data[cfg.valid_split]
+
+
 def _needs_his(model) -> bool:
     return getattr(model, "kind", "") == "sasrec"
 
@@ -182,7 +192,7 @@ def train_cf(
     resume: bool = False,
 ) -> CFResult:
     """BCE training with Adam (L2 ``weight_decay``) on the rows of ``cfg.objective``; keeps
-    the weights of the best AUC on the labelled ``cfg.valid_split`` (either objective).
+    the weights of the best validation AUC (on :func:`validation_rows`).
 
     With ``state_path`` the loop's whole state is saved there (atomically) after every epoch;
     ``resume`` continues from it when it exists, with the result of an uninterrupted run.
@@ -195,7 +205,7 @@ def train_cf(
     if getattr(model, "kind", "") == "lightgcn":
         model.set_graph(data["train"])
     batches = _TrainBatches(data, cfg, _needs_his(model))
-    valid_df = data[cfg.valid_split]
+    valid_df = validation_rows(data, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))
     history: List[dict] = []

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["NextItemPairs", "draw_unrated"]
+__all__ = ["NextItemPairs", "draw_unrated", "ranking_rows"]
 
 
 def draw_unrated(
@@ -58,12 +58,10 @@ class NextItemPairs:
     """
 
     def __init__(self, train_df: pd.DataFrame, n_items: int, seed: int = 0):
-        from llmrec.data.catalogue import seen_items
-
         self.positives = train_df[train_df["label"] == 1].reset_index(drop=True)
         if len(self.positives) == 0:
             raise ValueError("the training split has no positive rows to learn next items from")
-        self.seen = seen_items({"train": train_df}, ("train",))
+        self.seen = seen_items_of({"train": train_df}, ("train",))
         self.catalogue = np.arange(1, n_items + 1, dtype=np.int64)
         if len(self.catalogue) < 2:
             raise ValueError("the catalogue must hold at least 2 items to draw negatives from")
@@ -87,3 +85,28 @@ class NextItemPairs:
         out["iid"] = torch.cat([batch["iid"], negatives])
         out["labels"] = torch.cat([torch.ones(len(negatives)), torch.zeros(len(negatives))])
         return out
+
+
+def ranking_rows(data, split: str, seed: int = 0) -> pd.DataFrame:
+    """The positive rows of ``data[split]`` (label 1) then, in the same order, one negative
+    each (label 0): the same user and history, an item of ``1..n_items`` the user rated in
+    neither the training split nor ``split``. The AUC of a model's scores on these rows is
+    the next-item task's held-out measure (the chance a held-out positive outranks an unrated
+    item, what A-LLMRec's ranking episodes ask); the draws are fixed by ``seed``."""
+    df = data[split]
+    pos = df[df["label"] == 1].reset_index(drop=True)
+    if len(pos) == 0:
+        raise ValueError(f"the {split!r} split has no positive rows to rank")
+    seen = seen_items_of(data, ("train", split))
+    rng = np.random.default_rng([int(seed), 1])
+    neg = pos.copy()
+    neg["iid"] = draw_unrated(pos["uid"].to_numpy(np.int64), pos["iid"].to_numpy(np.int64),
+                              np.arange(1, data.n_items + 1, dtype=np.int64), seen, rng)  # fmt: skip
+    neg["label"] = 0
+    return pd.concat([pos, neg], ignore_index=True)
+
+
+def seen_items_of(data, splits) -> Dict[int, set]:
+    from llmrec.data.catalogue import seen_items
+
+    return seen_items(data, splits)
