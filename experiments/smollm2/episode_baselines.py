@@ -40,11 +40,13 @@ def episodes(data, seed: int, n: int = 500, candidates: int = 20) -> dict:
 
 
 def run_label(run: Path) -> str:
-    """``model objective d=dim`` of a train-cf run, its selection epoch and training time."""
+    """``model objective d=dim batch B`` of a train-cf run, its selection epoch and training
+    time."""
     metrics = json.loads((run / "metrics.json").read_text())
     cfg, train = metrics["config"], metrics["train"]
     objective = cfg.get("objective", "labels")
-    return (f"{cfg['model']} {objective} d={cfg['dim']} (best epoch {train['best_epoch']} of "
+    return (f"{cfg['model']} {objective} d={cfg['dim']} batch {cfg['batch_size']} (best epoch "
+            f"{train['best_epoch']} of "
             f"{train['epochs_run']}, {train['train_time_s'] / 60:.1f} min)")  # fmt: skip
 
 
