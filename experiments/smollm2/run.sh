@@ -25,6 +25,7 @@ TEST_ROWS=${TEST_ROWS:-2000}
 FULL_TEST=${FULL_TEST:-1}
 SEED=${SEED:-0}
 MF_RUN="$RUNS/mf"  # one CF table for every seed: the LLM methods' spread, not MF's
+SASREC_RUN="$RUNS/sasrec"  # A-LLMRec's CF table, likewise one for every seed
 [[ "$SEED" == 0 ]] || RUNS="$RUNS/seed$SEED"
 mkdir -p "$RUNS"
 
@@ -50,6 +51,14 @@ done_run() { [[ -f "$1/metrics.json" ]]; }
 step_mf() {
   done_run "$MF_RUN" || llmrec train-cf --model mf --dim 256 --data "$DATA" --out "$MF_RUN" \
     --seed 0 --no-progress --predictions "$MF_RUN/test_predictions.csv" --resume
+}
+# A-LLMRec's stage-1 CF model as the reference trains it: SASRec on the next-item task
+# (each positive against one random unrated item; issue 29). d 64 (the reference's SASRec
+# width is 50); 15 epochs at most, patience 5: about 100 s an epoch on 2 contended cores
+# (experiments/smollm2/allmrec_probe.md)
+step_sasrec() {
+  done_run "$SASREC_RUN" || llmrec train-cf --model sasrec --objective next-item --dim 64 \
+    --epochs 15 --patience 5 --data "$DATA" --out "$SASREC_RUN" --seed 0 --no-progress --resume
 }
 # the whole test split, in chunks (resumable) or one part of them; A-LLMRec scores episodes
 # and runs in one pass
@@ -77,7 +86,7 @@ step_collm() { llm_run collm collm "${SMOL[@]}" --collm-lora-from "$RUNS/tallrec
 # the logit-offset-invariant score against the reference's "Yes" logit (issue 29): CoRA with
 # --answer-score yes, everything else equal
 step_cora_yes() { llm_run cora_yes cora "${SMOL[@]}" --answer-score yes; }
-step_allmrec() { llm_run allmrec allmrec "${SMOL[@]}"; }
+step_allmrec() { CF="$SASREC_RUN" llm_run allmrec allmrec "${SMOL[@]}"; }
 # ablations: the same CoRA on the random tiny LLM; CoRA on SmolLM2 with the CF zeroed
 step_cora_tiny() { llm_run cora_tiny cora --llm tiny; }
 step_cora_nocf() {
@@ -115,7 +124,7 @@ step_tiny_draws() {
 }
 
 STEPS=("$@")
-[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(mf zeroshot tallrec cora cora_tiny collm allmrec cora_nocf curve)
+[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(mf zeroshot tallrec cora cora_tiny collm sasrec allmrec cora_nocf curve)
 for s in "${STEPS[@]}"; do
   echo "=== $s ($(date -u +%FT%TZ))"
   "step_$s"

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmrec.cf.cf_training import (
+    OBJECTIVES,
     CFConfig,
     CFEmbeddingError,
     predict_cf,
@@ -111,6 +112,18 @@ class CFRunConfig:
     patience: int = option(10, help="early-stopping patience", parse=positive_int, resume=True)
     seed: int = option(0, help="random seed", parse=int, resume=True, group=_R)
     valid_split: str = option("valid", help="split for early stopping", resume=True)
+    objective: str = option(
+        "labels",
+        help="training rows: 'labels' = BCE on the labelled training rows; 'next-item' = "
+        "SASRec's task (as A-LLMRec's pre_train/sasrec): each positive training row (its "
+        "history of earlier positives) against one item the user did not rate in the training "
+        "split, drawn afresh each epoch (batches of --batch-size positives plus their "
+        "negatives); its early stopping keeps the best AUC of the validation positives "
+        "against one item each the user rated in neither split (the like/dislike AUC does not "
+        "measure this task; the reference trains a fixed 200 epochs and selects nothing)",
+        choices=list(OBJECTIVES),
+        resume=True,
+    )
     device: str = option("cpu", help="cpu or cuda", parse=device_name, metavar="DEVICE")
     predictions: Optional[str] = option(
         None,
@@ -130,6 +143,12 @@ class CFRunConfig:
         group=_R,
     )
 
+
+#: what ``best_valid_auc`` measures, per objective (``llmrec.cf.cf_training.validation_rows``)
+SELECTED_ON = {
+    "labels": "AUC of the labelled validation split",
+    "next-item": "AUC of the validation positives against one unrated item each",
+}
 
 #: the CF training loop's state after its last finished epoch (for ``--resume``)
 STATE_FILE = "cf_state.safetensors"
@@ -178,7 +197,9 @@ def _check_cf_resume(cfg: CFRunConfig, log) -> Optional[dict]:
     if not cfg.resume or not (out / RUN_FILE).exists():
         return None
     info = read_run_info(out)
-    diffs = resume_mismatches(info["config"], dataclasses.asdict(cfg), resume_keys(CFRunConfig))
+    # a run of a version before --objective trained on the labels
+    old = {"objective": "labels", **info["config"]}
+    diffs = resume_mismatches(old, dataclasses.asdict(cfg), resume_keys(CFRunConfig))
     if diffs:
         raise RunConfigError(f"--resume: the options differ from the run in {out} "
                              f"({'; '.join(diffs)})")  # fmt: skip
@@ -216,6 +237,7 @@ def _train_cf_locked(cfg: CFRunConfig, data, log) -> dict:
         seed=cfg.seed,
         valid_split=cfg.valid_split,
         his_len=cfg.his_len,
+        objective=cfg.objective,
     )
     if cfg.resume and (out / STATE_FILE).exists():
         log(f"{out}: continuing the CF training after its last finished epoch")
@@ -233,12 +255,14 @@ def _train_cf_locked(cfg: CFRunConfig, data, log) -> dict:
     valid_df = data[cfg.valid_split]
     metrics = {
         "model": cfg.model,
+        "objective": cfg.objective,
         "test": _metrics(test_df, test_scores),
         "valid": {"split": cfg.valid_split, **_metrics(valid_df, predict_cf(model, valid_df))},
         "train": {
             "best_epoch": res.best_epoch,
             "epochs_run": res.epochs_run,
             "best_valid_auc": res.best_valid_auc,
+            "selected_on": SELECTED_ON[cfg.objective],
             "train_time_s": res.wall_time_s,
             "history": res.history,
         },

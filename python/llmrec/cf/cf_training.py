@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from llmrec.cf.models import bce, pad_histories
+from llmrec.cf.next_item import NextItemPairs, ranking_rows
 from llmrec.errors import CFEmbeddingError, NumericalError
 from llmrec.metrics import auc
 from llmrec.run_store import RUN_FILE
@@ -26,6 +27,7 @@ from llmrec.safe_files import read_json, save_safetensors, verify_safetensors
 
 __all__ = [
     "EMBEDDINGS_FILE",
+    "OBJECTIVES",
     "CFConfig",
     "CFEmbeddingError",
     "CFEmbeddings",
@@ -49,6 +51,9 @@ class CFConfig:
     seed: int = 0
     valid_split: str = "valid"
     his_len: int = 50
+    # "labels": BCE on the labelled training rows; "next-item": each positive training row
+    # against one random unrated item (llmrec.cf.next_item.NextItemPairs)
+    objective: str = "labels"
 
 
 @dataclass
@@ -70,6 +75,47 @@ def _tensors(df: pd.DataFrame, needs_his: bool, his_len: int) -> Dict[str, torch
     if needs_his:
         out["his"] = pad_histories(df["his"].tolist(), his_len)
     return out
+
+
+OBJECTIVES = ("labels", "next-item")
+
+
+class _TrainBatches:
+    """One epoch's shuffled training batches of ``cfg.objective`` (tensors on the CPU).
+
+    ``labels``: batches of ``batch_size`` labelled rows. ``next-item``: batches of
+    ``batch_size`` positive rows, each followed by its negative (``2 * batch_size`` rows).
+    The shuffle draws from ``gen`` alone, so "labels" draws what it drew before the option.
+    """
+
+    def __init__(self, data, cfg: CFConfig, needs_his: bool):
+        if cfg.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
+        self.pairs = None
+        train_df = data["train"]
+        if cfg.objective == "next-item":
+            self.pairs = NextItemPairs(train_df, data.n_items, seed=cfg.seed)
+            train_df = self.pairs.positives
+        self.rows = _tensors(train_df, needs_his, cfg.his_len)
+        self.n, self.batch_size = len(train_df), cfg.batch_size
+
+    def __call__(self, epoch: int, gen: torch.Generator):
+        negatives = self.pairs.negatives(epoch) if self.pairs is not None else None
+        perm = torch.randperm(self.n, generator=gen)
+        for start in range(0, self.n, self.batch_size):
+            idx = perm[start : start + self.batch_size]
+            batch = {k: v[idx] for k, v in self.rows.items()}
+            yield batch if negatives is None else NextItemPairs.pair(batch, negatives[idx])
+
+
+def validation_rows(data, cfg: CFConfig) -> pd.DataFrame:
+    """The rows whose AUC selects the epoch: ``labels``: the labelled ``cfg.valid_split``;
+    ``next-item``: its positives against one unrated item each
+    (:func:`llmrec.cf.next_item.ranking_rows`). The like/dislike labels do not measure the
+    next-item task (a next-item model that learnt popularity alone may rank them at chance)."""
+    if cfg.objective == "next-item":
+        return ranking_rows(data, cfg.valid_split, seed=cfg.seed)
+    return data[cfg.valid_split]
 
 
 def _needs_his(model) -> bool:
@@ -145,7 +191,8 @@ def train_cf(
     state_path: Optional[Union[str, Path]] = None,
     resume: bool = False,
 ) -> CFResult:
-    """BCE training with Adam (L2 ``weight_decay``); keeps the weights of the best valid AUC.
+    """BCE training with Adam (L2 ``weight_decay``) on the rows of ``cfg.objective``; keeps
+    the weights of the best validation AUC (on :func:`validation_rows`).
 
     With ``state_path`` the loop's whole state is saved there (atomically) after every epoch;
     ``resume`` continues from it when it exists, with the result of an uninterrupted run.
@@ -157,11 +204,9 @@ def train_cf(
     model.to(device)
     if getattr(model, "kind", "") == "lightgcn":
         model.set_graph(data["train"])
-    needs_his = _needs_his(model)
-    train = _tensors(data["train"], needs_his, cfg.his_len)
-    valid_df = data[cfg.valid_split]
+    batches = _TrainBatches(data, cfg, _needs_his(model))
+    valid_df = validation_rows(data, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = len(data["train"])
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))
     history: List[dict] = []
     bad, stop, before = 0, False, 0.0
@@ -179,22 +224,21 @@ def train_cf(
     epoch = len(history)
     for epoch in bar:
         model.train()
-        perm = torch.randperm(n, generator=gen)
-        total = 0.0
-        for start in range(0, n, cfg.batch_size):
-            idx = perm[start : start + cfg.batch_size]
-            batch = {k: v[idx].to(device) for k, v in train.items()}
+        total, n = 0.0, 0
+        for step, rows in enumerate(batches(epoch, gen), 1):
+            batch = {k: v.to(device) for k, v in rows.items()}
             loss = bce(model(batch), batch["labels"])
             if not torch.isfinite(loss):  # before it reaches the weights
                 raise NumericalError(
-                    f"epoch {epoch}, step {start // cfg.batch_size + 1}: the training loss is "
+                    f"epoch {epoch}, step {step}: the training loss is "
                     f"{float(loss.detach())} (not finite); stopped, nothing of this epoch was saved; "
                     f"lower --lr (now {cfg.lr:g}) and start again with --force"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            total += float(loss.detach()) * len(batch["labels"])
+            n += len(batch["labels"])
         try:
             valid_auc = auc(valid_df["label"], predict_cf(model, valid_df, his_len=cfg.his_len))
         except NumericalError as exc:

@@ -135,13 +135,17 @@ def make_synthetic(
     max_title_words: int = 3,
     seed: int = 0,
     return_factors: bool = False,
+    popularity: float = 0.0,
 ):
     """Generate a :class:`RecData` (and optionally its :class:`SyntheticFactors`).
 
     ``per_user`` interactions per user (distinct items); labels are
     ``1[<p_u, q_i> + noise * eps > 0]`` with zero-mean factors, so about half are positive
     and no item is globally popular. ``cold_frac`` of the items appear only after the
-    training period. ``valid_small`` is every second valid row.
+    training period. ``valid_small`` is every second valid row. ``popularity`` ``s > 0``
+    makes the items popular to a Zipf law: each user draws their items with probability
+    proportional to ``rank ** -s`` (a random ranking of the items), independently of the
+    factors and so of the labels (0: uniform, the same data as before the option).
     """
     if per_user > n_items:
         raise ValueError(f"per_user={per_user} exceeds n_items={n_items}")
@@ -155,9 +159,13 @@ def make_synthetic(
     n_cold = round(cold_frac * n_items)
     cold = set((rng.permutation(n_items)[:n_cold] + 1).tolist())
     t_train_end = split_frac[0]
+    draw_p = None
+    if popularity > 0:
+        ranks = rng.permutation(n_items) + 1.0
+        draw_p = ranks**-popularity / (ranks**-popularity).sum()
     rows = []
     for u in range(1, n_users + 1):
-        items = rng.choice(n_items, size=per_user, replace=False) + 1
+        items = rng.choice(n_items, size=per_user, replace=False, p=draw_p) + 1
         times = rng.uniform(0.0, 1.0, size=per_user)
         # cold items are only interacted with after the training period
         times = np.array(

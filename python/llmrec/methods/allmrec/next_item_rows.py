@@ -5,7 +5,8 @@ the representation of the history, the next item (label 1) and one random item t
 never interacted with (label 0), drawn afresh every batch. :class:`NextItemRows` gives the
 same pairs from this project's data: every positive training row ``(uid, iid)`` is a
 positive (the item that came after the row's history), and each batch draws one random
-unrated catalogue item per positive as its negative.
+unrated catalogue item per positive as its negative (:func:`llmrec.cf.next_item.draw_unrated`,
+the sampler ``train-cf --objective next-item`` uses too).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Dict, Mapping, Optional
 
 import numpy as np
 import torch
+
+from llmrec.cf.next_item import draw_unrated
 
 __all__ = ["NextItemRows"]
 
@@ -71,18 +74,7 @@ class NextItemRows:
     def negatives(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One random item per row of ``rows`` that its user never rated and is not its
         positive; ``(len(rows),)`` int64."""
-        out = np.empty(len(rows), np.int64)
-        for k, r in enumerate(rows):
-            u, pos = int(self.uid[r]), int(self.iid[r])
-            banned = self.seen.get(u, set())
-            for _ in range(1000):
-                cand = int(self.catalogue[rng.integers(len(self.catalogue))])
-                if cand != pos and cand not in banned:
-                    break
-            else:
-                raise ValueError(f"user {u} has no unrated catalogue item to draw as negative")
-            out[k] = cand
-        return out
+        return draw_unrated(self.uid[rows], self.iid[rows], self.catalogue, self.seen, rng)
 
     def __call__(self, indices) -> Dict[str, torch.Tensor]:
         rows = np.asarray(indices, np.int64)
