@@ -52,6 +52,13 @@ LONGEST_FILES_FIRST = (
 )
 
 
+def pytest_configure(config):
+    # xdist's default (--loadscope-reorder) hands out the files with the most tests first,
+    # which put the one-test SmolLM2 file last; collection order (below) is the order wanted.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def _schedule_rank(item) -> int:
     path = item.nodeid.split("::", 1)[0]
     return (
