@@ -20,7 +20,7 @@ README_MAX_LINES = 260
 #: The quickstart, byte for byte: CI (.ci/run) and users run exactly these two lines.
 QUICKSTART = (
     'pip install torch==2.13.0 -e ".[bench]" && python -m benchmarks --quick',
-    'pip install torch==2.13.0 -e ".[dev]" && python -m pytest -q',
+    'pip install torch==2.13.0 -e ".[dev]" && python -m pytest -q -n auto --dist loadfile',
 )
 #: Top-level folders that may hold Python files, and the one top-level script.
 # tools/: build-time tools that are not installed (the AOT table builder, `python -m tools.aot`)
