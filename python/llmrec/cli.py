@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
+from llmrec.config import ACCEPT_CHANGED_INPUTS_HELP
 from llmrec.config import absolute_path as _abs
 from llmrec.config import positive_int as _positive_int
 
@@ -175,8 +176,7 @@ def _add_accept_flag(p) -> None:
     p.add_argument(
         "--accept-changed-inputs",
         action="store_true",
-        help="use the run's inputs (data, CF embeddings, LLM weights) even when their content "
-        "changed since the run recorded their sha256; the change is recorded in RUN/run.json",
+        help=ACCEPT_CHANGED_INPUTS_HELP,
     )
 
 

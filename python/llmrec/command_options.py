@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Optional, Tuple
 
 from llmrec.config import (
+    ACCEPT_CHANGED_INPUTS_HELP,
     absolute_path,
     device_name,
     nonneg_int,
@@ -39,10 +40,6 @@ INDEX_KINDS = ("exact", "ivf", "hnsw")
 
 _RUN_HELP = "run directory written by train or train-cf"
 _DATA_HELP = "dataset directory (default: the run's data)"
-_ACCEPT_HELP = (
-    "use the run's inputs (data, CF embeddings, LLM weights) even when their content changed "
-    "since the run recorded their sha256; the change is recorded in RUN/run.json"
-)
 
 
 def _part(text: str) -> Tuple[int, int]:
@@ -101,7 +98,7 @@ class EvaluateOptions:
         "auto", parse=device_name, metavar="DEVICE", help="auto, cpu, cuda or cuda:N"
     )
     progress: bool = option(True, help="tqdm progress bars")
-    accept_changed_inputs: bool = option(False, help=_ACCEPT_HELP)
+    accept_changed_inputs: bool = option(False, help=ACCEPT_CHANGED_INPUTS_HELP)
 
 
 @dataclass
@@ -134,7 +131,7 @@ class RecommendOptions:
     )
     seed: int = option(0, parse=int, help="seed of the user sample")
     progress: bool = option(True, help="tqdm progress bars")
-    accept_changed_inputs: bool = option(False, help=_ACCEPT_HELP)
+    accept_changed_inputs: bool = option(False, help=ACCEPT_CHANGED_INPUTS_HELP)
 
 
 @dataclass
@@ -154,7 +151,7 @@ class ExportOptions:
     device: str = option(
         "cpu", parse=device_name, metavar="DEVICE", help="where the run is rebuilt"
     )
-    accept_changed_inputs: bool = option(False, help=_ACCEPT_HELP)
+    accept_changed_inputs: bool = option(False, help=ACCEPT_CHANGED_INPUTS_HELP)
 
 
 #: the option dataclass of each command that has one here

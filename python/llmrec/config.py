@@ -166,6 +166,13 @@ def absolute_path(path: Optional[str]) -> Optional[str]:
     return None if path is None else os.path.abspath(path)
 
 
+#: the help of ``--accept-changed-inputs``, a flag of every command that reads a run
+ACCEPT_CHANGED_INPUTS_HELP = (
+    "use the run's inputs (data, CF embeddings, LLM weights) even when their content changed "
+    "since the run recorded their sha256; the change is recorded in RUN/run.json"
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # the field helper
 
