@@ -600,9 +600,10 @@ LEGACY_METHOD_KEYS = (
 LEGACY_DEFAULTS = {"answer_score": "yes"}
 
 
-def with_legacy_defaults(config: dict) -> dict:
-    """A copy of a ``run.json`` config with :data:`LEGACY_DEFAULTS` for the keys it lacks."""
-    return {**LEGACY_DEFAULTS, **config}
+def with_legacy_defaults(config: dict, defaults: Optional[dict] = None) -> dict:
+    """A copy of a ``run.json`` config with ``defaults`` (an LLM run's: :data:`LEGACY_DEFAULTS`;
+    a CF run's: ``llmrec.cf.cf_run.LEGACY_DEFAULTS``) for the keys it lacks."""
+    return {**(LEGACY_DEFAULTS if defaults is None else defaults), **config}
 
 
 _MISSING = object()

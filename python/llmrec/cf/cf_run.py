@@ -43,6 +43,7 @@ from llmrec.config import (
     positive_int,
     resume_keys,
     resume_mismatches,
+    with_legacy_defaults,
 )
 from llmrec.errors import RunConfigError
 from llmrec.input_digests import digest_inputs
@@ -144,6 +145,9 @@ class CFRunConfig:
     )
 
 
+#: what a CF run written before an option existed did (before ``objective``: the labels)
+LEGACY_DEFAULTS = {"objective": "labels"}
+
 #: what ``best_valid_auc`` measures, per objective (``llmrec.cf.cf_training.validation_rows``)
 SELECTED_ON = {
     "labels": "AUC of the labelled validation split",
@@ -197,8 +201,7 @@ def _check_cf_resume(cfg: CFRunConfig, log) -> Optional[dict]:
     if not cfg.resume or not (out / RUN_FILE).exists():
         return None
     info = read_run_info(out)
-    # a run of a version before --objective trained on the labels
-    old = {"objective": "labels", **info["config"]}
+    old = with_legacy_defaults(info["config"], LEGACY_DEFAULTS)
     diffs = resume_mismatches(old, dataclasses.asdict(cfg), resume_keys(CFRunConfig))
     if diffs:
         raise RunConfigError(f"--resume: the options differ from the run in {out} "
