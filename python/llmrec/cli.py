@@ -120,17 +120,21 @@ def _add_train(sub) -> None:
     )
 
 
-def _add_command(sub, name: str, description: str, positionals=()) -> None:
-    """A subcommand whose flags are the fields of its options dataclass
-    (:data:`llmrec.command_options.COMMAND_OPTIONS`); ``positionals``: ``(name, metavar,
-    help)`` of the fields given as positional arguments."""
+def _add_command(sub, name: str, description: str) -> None:
+    """A subcommand whose arguments are the fields of its options dataclass
+    (:data:`llmrec.command_options.COMMAND_OPTIONS`): a field the flags leave out
+    (``cli=False``: export's RUN and DIR) is a positional argument."""
+    import dataclasses
+
     from llmrec.cli_options import add_field_flags
     from llmrec.command_options import COMMAND_OPTIONS
 
+    cls = COMMAND_OPTIONS[name]
     p = sub.add_parser(name, help=_HELP[name], description=description)
-    for dest, metavar, help_text in positionals:
-        p.add_argument(dest, metavar=metavar, help=help_text)
-    add_field_flags(lambda _: p, COMMAND_OPTIONS[name], "")
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            p.add_argument(f.name, metavar=f.name.upper(), help=f.metadata["help"])
+    add_field_flags(lambda _: p, cls, "")
 
 
 def _add_evaluate(sub) -> None:
@@ -165,10 +169,6 @@ def _add_export(sub) -> None:
         "llmrec.from_pretrained(base_model, DIR) rebuilds the model on a fresh base (docs/"
         "training.md). DIR must be new or empty (or an adapter folder, with --force); never "
         "inside a run or dataset.",
-        positionals=[
-            ("run", "RUN", "run directory written by `llmrec train`"),
-            ("dir", "DIR", "the adapter folder to write"),
-        ],
     )
 
 
