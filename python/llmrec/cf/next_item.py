@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from llmrec.data.catalogue import seen_items
+
 __all__ = ["NextItemPairs", "draw_unrated", "ranking_rows"]
 
 
@@ -61,7 +63,7 @@ class NextItemPairs:
         self.positives = train_df[train_df["label"] == 1].reset_index(drop=True)
         if len(self.positives) == 0:
             raise ValueError("the training split has no positive rows to learn next items from")
-        self.seen = seen_items_of({"train": train_df}, ("train",))
+        self.seen = seen_items({"train": train_df}, ("train",))
         self.catalogue = np.arange(1, n_items + 1, dtype=np.int64)
         if len(self.catalogue) < 2:
             raise ValueError("the catalogue must hold at least 2 items to draw negatives from")
@@ -97,16 +99,10 @@ def ranking_rows(data, split: str, seed: int = 0) -> pd.DataFrame:
     pos = df[df["label"] == 1].reset_index(drop=True)
     if len(pos) == 0:
         raise ValueError(f"the {split!r} split has no positive rows to rank")
-    seen = seen_items_of(data, ("train", split))
+    seen = seen_items(data, ("train", split))
     rng = np.random.default_rng([int(seed), 1])
     neg = pos.copy()
     neg["iid"] = draw_unrated(pos["uid"].to_numpy(np.int64), pos["iid"].to_numpy(np.int64),
                               np.arange(1, data.n_items + 1, dtype=np.int64), seen, rng)  # fmt: skip
     neg["label"] = 0
     return pd.concat([pos, neg], ignore_index=True)
-
-
-def seen_items_of(data, splits) -> Dict[int, set]:
-    from llmrec.data.catalogue import seen_items
-
-    return seen_items(data, splits)
