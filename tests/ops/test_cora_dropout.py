@@ -90,6 +90,33 @@ def test_torch_philox_equals_triton_randint4x():
                            want[:, 0])  # fmt: skip
 
 
+def _philox4x_python(seed: int, counter: int) -> list:
+    """Philox4x32-10 on Python integers (Salmon et al. 2011), one counter at a time."""
+    m32 = 0xFFFFFFFF
+    c = [counter & m32, (counter >> 32) & m32, 0, 0]
+    k0, k1 = seed & m32, (seed >> 32) & m32
+    for _ in range(10):
+        prod_b, prod_a = 0xCD9E8D57 * c[2], 0xD2511F53 * c[0]
+        c = [(prod_b >> 32) ^ c[1] ^ k0, prod_b & m32, (prod_a >> 32) ^ c[3] ^ k1, prod_a & m32]
+        k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
+    return c
+
+
+def test_torch_philox_equals_the_python_integer_philox():
+    """The int64 tensor arithmetic (products that wrap past 2**63) against exact integers,
+    at the extremes of seed and counter, on CPU and the test device."""
+    seeds = (0, 1, 12345, 2**32 - 1, 2**32, 2**40 + 7, 2**62 + 2**31, 2**63 - 1)
+    counters = [0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**33 - 5, 2**62, 2**63 - 1]
+    counters += torch.randint(
+        0, 2**63 - 1, (24,), generator=torch.Generator().manual_seed(3)
+    ).tolist()
+    for device in {torch.device("cpu"), DEV}:
+        for seed in seeds:
+            got = torch.stack(philox4x(seed, torch.tensor(counters, device=device)), dim=1)
+            want = torch.tensor([_philox4x_python(seed, c) for c in counters], device=device)
+            assert torch.equal(got, want), (seed, device)
+
+
 def test_mask_reads_eight_16_bit_values_per_philox_call():
     """The documented layout, element by element, from an offset inside a call's 8."""
     seed, offset, p = 77, 13, 0.3
