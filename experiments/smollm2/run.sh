@@ -35,8 +35,10 @@ mkdir -p "$RUNS"
 COMMON=(--data "$DATA" --seed "$SEED" --preset paper
         --max-train-rows "$TRAIN_ROWS" --max-valid-rows 400 --max-test-rows "$TEST_ROWS"
         --epochs 1 --eval-every 250 --save-every 50 --no-progress --resume)
-# --compile: the decoder layers compiled (1.1-1.2x faster steps on this CPU, the same masks
-# and arithmetic up to rounding); MF, zero-shot and CoRA ran without it
+# --compile: the decoder layers compiled (the same masks and arithmetic up to rounding). On
+# this 2-core EPYC a CoRA training step with the preset's LoRA dropout gains nothing from it
+# (each dropout projection runs eagerly, a graph break: 44.1 s against 44.6 s eager over the
+# same 7 steps; without dropout 1.05x). Every SmolLM2 run below uses it.
 # bf16 where the CPU computes it natively (AVX512-BF16 or AMX: about 1.75x faster than fp32);
 # fp32 elsewhere: an AVX2-only CPU (AMD Zen 3) emulates bf16 about 45x slower than fp32
 # (experiments/smollm2/allmrec_probe.md). LLM_DTYPE overrides; each run.json records it.
