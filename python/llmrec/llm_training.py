@@ -54,6 +54,7 @@ from llmrec.run_store import (
     check_stage_dir_free,
     claim_run_dir,
     latest_checkpoint,
+    machine_info,
     read_run_info,
     read_stage_done,
     reopen_config,
@@ -319,6 +320,7 @@ def _train_and_evaluate(cfg: RunConfig, method, opts, env: DistEnv, log, callbac
         "options": dataclasses.asdict(opts),  # the method's options, resolved
         "data": ctx.data.summary(),
         "device": str(ctx.device),
+        "machine": machine_info(str(ctx.device)),
         "wall_time_s": time.perf_counter() - start,
     }
     if env.is_main:
@@ -440,8 +442,10 @@ def run_evaluation(
 
 
 def _score_in_chunks(run, info, df, run_dir, part, progress, chunk_rows):
-    """Scores of ``df`` from chunk files under ``RUN/scores`` (:mod:`llmrec.scoring_parts`)."""
-    from llmrec.scoring_parts import score_key, score_resumably
+    """``(scores, costs)`` of ``df`` from chunk files under ``RUN/scores``
+    (:mod:`llmrec.scoring_parts`): scores None while chunks are missing; costs as
+    :func:`~llmrec.scoring_parts.chunk_costs`."""
+    from llmrec.scoring_parts import chunk_costs, score_key, score_resumably
 
     if type(run.method).evaluate is not Method.evaluate:
         raise RunConfigError(
@@ -460,7 +464,14 @@ def _score_in_chunks(run, info, df, run_dir, part, progress, chunk_rows):
     def log(msg: str) -> None:  # evaluate's context logs nothing; these lines say what is left
         print(f"[llmrec] {msg}", file=sys.stderr, flush=True)
 
-    return score_resumably(df, score_rows, run_dir, key, part, log=log, progress=progress)
+    scores = score_resumably(df, score_rows, run_dir, key, part, log=log, progress=progress,
+                             machine=_machine_line(machine_info(str(ctx.device))))  # fmt: skip
+    return scores, chunk_costs(run_dir, key)
+
+
+def _machine_line(info: dict) -> str:
+    """One line for a chunk file's metadata: CPU (or GPU) and torch's threads."""
+    return f"{info['gpu'] or info['cpu']}; {info['torch_threads']} threads"
 
 
 def _evaluate_locked(
@@ -504,8 +515,9 @@ def _evaluate_locked(
             f"{ctx.data.source}: no {split!r} split (has {sorted(ctx.data.splits)})"
         )
     df = run.method.eval_rows(ctx, split, rows)
+    scoring = None
     if resume:
-        scores = _score_in_chunks(run, info, df, run_dir, part, progress, chunk_rows)
+        scores, scoring = _score_in_chunks(run, info, df, run_dir, part, progress, chunk_rows)
         if scores is None:
             return None
         block = split_metrics(scores, df)
@@ -520,8 +532,11 @@ def _evaluate_locked(
         "chunked": bool(resume),
         "config": ctx.cfg.to_dict(),
         "data": ctx.data.summary(),
+        "machine": machine_info(str(ctx.device)),
         "wall_time_s": time.perf_counter() - start,
     }
+    if scoring is not None:  # the chunks' own scoring times, over every process that wrote one
+        metrics["scoring"] = scoring
     if env.is_main:
         write_metrics(
             run_dir, metrics, metrics_path=metrics_path or run_dir / f"eval_{split}.json",

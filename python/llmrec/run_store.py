@@ -106,6 +106,31 @@ PathLike = Union[str, Path]
 # run.json, metrics, reopening
 
 
+def machine_info(device: Optional[str] = None) -> Dict[str, object]:
+    """Where a run or a scoring pass ran, for its metrics: the CPU model, its logical cores,
+    torch's intra-op threads and, on a CUDA ``device``, the GPU's name.
+
+    Wall times are only comparable between equal entries: the results tables print these.
+    """
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)  # fmt: skip
+    except OSError:
+        pass
+    gpu = None
+    wants_gpu = device is not None and str(device).split(":")[0] in ("cuda", "auto")
+    if wants_gpu and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(None if device == "auto" else torch.device(device))
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": gpu}  # fmt: skip
+
+
 def write_run_info(out: PathLike, kind: str, name_key: str, name: str, config: dict, **extra):
     """``<out>/run.json``: ``kind``, the method/model name, the config, ``created``, extras;
     paths relative to ``out`` (:func:`portable_run_info`)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -28,7 +29,7 @@ import numpy as np
 from llmrec.errors import CheckpointError
 from llmrec.safe_files import save_safetensors, verify_safetensors
 
-__all__ = ["DEFAULT_CHUNK_ROWS", "parse_part", "score_key", "score_resumably"]
+__all__ = ["DEFAULT_CHUNK_ROWS", "chunk_costs", "parse_part", "score_key", "score_resumably"]
 
 #: rows per chunk file: about 4 minutes of SmolLM2 scoring on a 2-core CPU
 DEFAULT_CHUNK_ROWS = 256
@@ -114,6 +115,7 @@ def score_resumably(
     part: Optional[Tuple[int, int]] = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    machine: str = "",
 ) -> Optional[np.ndarray]:
     """Scores ``(len(df),)`` float64 of every row of ``df``, chunk by chunk, reusing the chunk
     files already under ``run_dir/scores/<key>/``; None when ``part`` leaves rows unscored.
@@ -123,6 +125,8 @@ def score_resumably(
         run_dir: the run folder (chunks go to ``run_dir/scores``).
         key: :func:`score_key` of the rows; part: ``(K, N)`` to score only the K-th of N
             contiguous ranges of chunks (None: all of them).
+        machine: where this process scores, recorded with each chunk it writes beside the
+            chunk's scoring time (:func:`chunk_costs` sums them).
     """
     from tqdm.auto import tqdm
 
@@ -161,11 +165,15 @@ def score_resumably(
 
     for i in tqdm(todo, desc="chunks", disable=not progress, leave=False):
         start, stop = bounds[i]
+        began = time.perf_counter()
         got = np.asarray(score_rows(df.iloc[start:stop]), dtype=np.float64)
         if got.shape != (stop - start,):
             raise RuntimeError(f"scored {got.shape} for rows {start}..{stop}")
-        save_safetensors(_chunk_file(folder, start, stop), {"scores": torch.from_numpy(got)},
-                         metadata={"key": digest, "rows": f"{start}-{stop}"})  # fmt: skip
+        meta = {"key": digest, "rows": f"{start}-{stop}", "machine": machine,
+                "seconds": f"{time.perf_counter() - began:.3f}"}  # fmt: skip
+        save_safetensors(
+            _chunk_file(folder, start, stop), {"scores": torch.from_numpy(got)}, metadata=meta
+        )
         scores[start:stop] = got
     missing = int(np.isnan(scores).sum())
     if missing:
@@ -175,3 +183,30 @@ def score_resumably(
             "--part, then the metrics are written")  # fmt: skip
         return None
     return scores
+
+
+def chunk_costs(run_dir: Path, key: Dict[str, Any]) -> Dict[str, Any]:
+    """What scoring ``key``'s chunk files cost, read from their metadata.
+
+    Returns ``{"chunks", "timed_chunks", "seconds", "machines"}``: the chunk files present,
+    how many of them recorded their scoring time (files written before it was recorded did
+    not), the sum of those times (the scoring's compute time, however many processes,
+    sessions or machines wrote the chunks) and the distinct machines that wrote them.
+    """
+    from safetensors import safe_open
+
+    folder = Path(run_dir) / "scores" / _key_digest(key)[:16]
+    chunks, timed, seconds, machines = 0, 0, 0.0, set()
+    for path in sorted(folder.glob("rows-*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        chunks += 1
+        try:
+            seconds += float(meta["seconds"])
+            timed += 1
+        except (KeyError, ValueError):
+            pass
+        if meta.get("machine"):
+            machines.add(meta["machine"])
+    return {"chunks": chunks, "timed_chunks": timed, "seconds": round(seconds, 3),
+            "machines": sorted(machines)}  # fmt: skip

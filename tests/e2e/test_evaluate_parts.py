@@ -76,6 +76,13 @@ def test_parts_then_resume_give_the_one_pass_metrics(run):
     assert diff.max() <= 1e-5 * max(spread, 1.0)  # fp32 rounding of other batch shapes
     assert got["test"]["auc"] == pytest.approx(one["test"]["auc"], abs=1.0 / n)
     assert got["test"]["rows_sha256"] == one["test"]["rows_sha256"]
+    # the scoring's cost is the sum over both processes' chunks, each timed where it was scored
+    cost = got["scoring"]
+    assert cost["chunks"] == cost["timed_chunks"] == n_chunks and cost["seconds"] > 0
+    assert cost["machines"] == [
+        f"{got['machine']['cpu']}; {got['machine']['torch_threads']} threads"
+    ]
+    assert "scoring" not in one and one["machine"]["logical_cores"] == os.cpu_count()
 
 
 def test_a_kill_mid_chunk_loses_only_that_chunk(run):

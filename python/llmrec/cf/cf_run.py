@@ -52,6 +52,7 @@ from llmrec.run_store import (
     METRICS_FILE,
     RUN_FILE,
     claim_run_dir,
+    machine_info,
     read_run_info,
     write_metrics,
     write_run_info,
@@ -271,6 +272,7 @@ def _train_cf_locked(cfg: CFRunConfig, data, log) -> dict:
         },
         "config": dataclasses.asdict(cfg),
         "data": data.summary(),
+        "machine": machine_info(str(cfg.device)),
         "wall_time_s": time.perf_counter() - start,
     }
     write_metrics(out, metrics, predictions=cfg.predictions, pred_df=test_df, scores=test_scores)
@@ -331,6 +333,7 @@ def evaluate_cf_run(
         split: _metrics(df, scores),
         "config": dataclasses.asdict(cfg),
         "data": data.summary(),
+        "machine": machine_info(str(dev)),
         "wall_time_s": time.perf_counter() - start,
     }
     target = Path(metrics_path) if metrics_path else run_dir / f"eval_{split}.json"
