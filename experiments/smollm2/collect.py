@@ -1,23 +1,26 @@
 """The SmolLM2 experiment's table, recomputed from every run's test predictions.
 
-    python experiments/smollm2/collect.py [RUNS_DIR] [--data DIR]
+    python experiments/smollm2/collect.py [RUNS_DIR] [--data DIR] [--fresh]
 
-Every method is scored on the same seeded test rows (the LLM runs' --max-test-rows
-subsample; the MF run's predictions over the whole test split are cut to those rows), so
-the metrics are recomputed here from ``test_predictions.csv`` with one function rather than
-copied from each run's ``metrics.json``. Writes ``experiments/smollm2/results.json`` and
-``results.md`` (the README's table) beside this file.
+The main table scores every method on the whole test split (``test_predictions.csv``:
+MF's own, and each LLM run's ``llmrec evaluate --rows all`` predictions, written by
+``run.sh`` with ``FULL_TEST=1``); a run still scoring it is left out. Every method is also
+scored on the runs' seeded 2,000-row subsample (``subsample_predictions.csv``), the rows of
+the other seeds' runs and of the learning curve, so those compare on equal rows. The
+metrics are recomputed here with one function, not copied from each run's
+``metrics.json``; the row sets are named by :func:`llmrec.metrics.rows_digest`, the digest
+``llmrec evaluate`` and ``llmrec compare`` print. Writes ``experiments/smollm2/results.json``
+and ``results.md`` (the README's table) beside this file, and ``learning_curve.png``.
 
 Runs live on one machine's disk and are git-ignored, so a later machine may hold only the
 runs it re-ran: an entry of the committed ``results.json`` whose run directory is absent
 here is kept (marked with the commit it was collected at), as long as it was scored on the
-same test rows; ``--fresh`` drops them.
+same rows; ``--fresh`` drops them.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import subprocess
@@ -27,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from llmrec.data import load_run_data
-from llmrec.metrics import evaluate_predictions
+from llmrec.metrics import evaluate_predictions, rows_digest
 
 HERE = Path(__file__).resolve().parent
 #: (run directory, label) in the table's order
@@ -70,33 +73,56 @@ def _commit() -> str:
         return "unknown"
 
 
+def _keys(pred) -> set:
+    return set(zip(pred["uid"], pred["iid"]))
+
+
+def _same_rows(named: dict, what: str):
+    """The one ``(uid, iid)`` set of ``named``'s predictions ({name: frame}); None if empty."""
+    keys = None
+    for name, pred in named.items():
+        k = _keys(pred)
+        if keys is not None and k != keys:
+            raise SystemExit(f"{name}: its {what} rows differ from the other LLM runs'")
+        keys = k
+    return keys
+
+
 def collect(runs_dir: Path, data_dir: str) -> dict:
     data = load_run_data(data_dir)
     test = data["test"][["uid", "iid", "label", "not_cold"]]
-    rows, keys = {}, None
+    rows = {}
     for name, label in RUNS:
-        pred_path = runs_dir / name / "test_predictions.csv"
-        metrics_path = runs_dir / name / "metrics.json"
-        if not pred_path.exists():
-            continue
-        pred = pd.read_csv(pred_path)
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-        rows[name] = {"label": label, "pred": pred, "metrics": metrics}
-        if name != "mf":
-            k = set(zip(pred["uid"], pred["iid"]))
-            if keys is not None and k != keys:
-                raise SystemExit(f"{name}: its test rows differ from the other LLM runs'")
-            keys = k
-    curve_pred = next(iter(sorted(runs_dir.glob("*/*/test_predictions.csv"))), None)
-    if keys is None and curve_pred is not None:  # only MF in the table: a curve run's rows
-        pred = pd.read_csv(curve_pred, usecols=["uid", "iid"])
-        keys = set(zip(pred["uid"], pred["iid"]))
+        run = runs_dir / name
+        if not (run / "test_predictions.csv").exists():
+            continue  # not run here, or still scoring the whole split
+        sub_path = run / "subsample_predictions.csv"
+        rows[name] = {
+            "label": label,
+            "pred": pd.read_csv(run / "test_predictions.csv"),
+            "sub": pd.read_csv(sub_path) if sub_path.exists() else None,
+            "metrics": _json(run / "metrics.json"),
+            "eval": _json(run / "eval_test_all.json"),
+        }
+    llm = {n: r for n, r in rows.items() if n != "mf"}
+    keys = _same_rows({n: r["pred"] for n, r in llm.items()}, "test")
+    sub_keys = _same_rows({n: r["sub"] for n, r in llm.items() if r["sub"] is not None},
+                          "subsample")  # fmt: skip
+    if sub_keys is None:  # no LLM run here yet: a curve or seed run names the subsample
+        found = next(iter(sorted(runs_dir.glob("*/*/test_predictions.csv"))), None)
+        sub_keys = _keys(pd.read_csv(found, usecols=["uid", "iid"])) if found else None
     out = {"machine": {"cpu": _cpu(), "cores": __import__("os").cpu_count()},
-           "commit": _commit(), "test_rows_sha256": _rows_digest(keys), "methods": {}}  # fmt: skip
+           "commit": _commit(), "test_rows_sha256": _rows_digest(test, keys),
+           "test_rows": len(keys) if keys else None,
+           "subsample_rows_sha256": _rows_digest(test, sub_keys),
+           "subsample_rows": len(sub_keys) if sub_keys else None, "methods": {}}  # fmt: skip
     for name, r in rows.items():
         m = _test_metrics(r["pred"], test, keys)
+        sub = _subsample_pred(r) if sub_keys else None
+        sub_m = _test_metrics(sub, test, sub_keys) if sub is not None else None
         train = r["metrics"].get("train", {})
         cfg = r["metrics"].get("config", {})
+        scoring = r["eval"].get("scoring") or {}
         out["methods"][name] = {
             "label": r["label"],
             "rows": int(m["rows"]),
@@ -104,6 +130,8 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
             "warm_auc": m["warm"]["auc"], "warm_uauc": m["warm"]["uauc"],
             "cold_auc": m["cold"]["auc"], "cold_uauc": m["cold"]["uauc"],
             "warm_rows": int(m["warm"]["rows"]), "cold_rows": int(m["cold"]["rows"]),
+            "subsample_auc": sub_m["auc"] if sub_m else None,
+            "subsample_uauc": sub_m["uauc"] if sub_m else None,
             # MF fits the whole train split (the CF embeddings every LLM method reads)
             "train_rows": train.get("rows") if name != "mf" else len(data["train"]),
             # the budget: optimizer steps at the batch size (CoLLM: both steps)
@@ -112,6 +140,11 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
             "answer_score": cfg.get("answer_score"),
             "train_time_s": train.get("train_time_s"),
             "wall_time_s": r["metrics"].get("wall_time_s"),
+            # the whole split's scoring, summed over the chunks of every session that wrote one
+            "scoring_time_s": scoring.get("seconds"),
+            "scoring_chunks": scoring.get("chunks"),
+            "scoring_timed_chunks": scoring.get("timed_chunks"),
+            "machine": r["metrics"].get("machine") or r["eval"].get("machine"),
             "llm": cfg.get("llm"), "llm_dtype": cfg.get("llm_dtype"),
             "published_vicuna7b_auc": PUBLISHED.get(name),
         }  # fmt: skip
@@ -119,15 +152,26 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
         ranking = {k: v for k, v in r["metrics"].get("test", {}).items() if k in RANKING_KEYS}
         if ranking:
             out["methods"][name]["ranking"] = ranking
-    out["seeds"] = _seeds(runs_dir, rows, test, keys)
-    out["curve"] = _curve(runs_dir, test, keys, out["methods"])
-    out["tiny_draws"] = _tiny_draws(runs_dir, test, keys, out["curve"])
+    out["seeds"] = _seeds(runs_dir, rows, test, sub_keys)
+    out["curve"] = _curve(runs_dir, rows, test, sub_keys)
+    out["tiny_draws"] = _tiny_draws(runs_dir, test, sub_keys, out["curve"])
     return out
 
 
-def _seeds(runs_dir: Path, rows: dict, test, keys) -> list:
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _subsample_pred(r: dict):
+    """A run's predictions on the subsample: its ``subsample_predictions.csv``, or the whole
+    split's (MF's, and a run scored on the subsample only) to be cut to the subsample."""
+    return r["sub"] if r["sub"] is not None else r["pred"]
+
+
+def _seeds(runs_dir: Path, rows: dict, test, sub_keys) -> list:
     """Each method's AUC / UAUC under every seed run here (``RUNS/seed<S>/<name>``, written
-    by ``SEED=S run.sh``) beside seed 0, on the same test rows: the spread of one method."""
+    by ``SEED=S FULL_TEST=0 run.sh``) beside seed 0's, all on the 2,000-row subsample: the
+    spread of one method."""
     points = []
     for seed_dir in sorted(runs_dir.glob("seed*")):
         seed = int(seed_dir.name[4:])
@@ -135,11 +179,14 @@ def _seeds(runs_dir: Path, rows: dict, test, keys) -> list:
             pred = seed_dir / name / "test_predictions.csv"
             if name not in rows or not pred.exists():
                 continue
-            m = _test_metrics(pd.read_csv(pred), test, keys)
-            if int(m["rows"]) != len(keys or ()):
-                raise SystemExit(f"{pred}: scored on other test rows than seed 0's runs")
+            other = pd.read_csv(pred)
+            if sub_keys is None or _keys(other) != sub_keys:
+                raise SystemExit(f"{pred}: scored on other test rows than seed 0's subsample")
+            base = _test_metrics(_subsample_pred(rows[name]), test, sub_keys)
+            m = _test_metrics(other, test, sub_keys)
             points.append({"name": name, "label": label, "seed": seed, "auc": m["auc"],
-                           "uauc": m["uauc"]})  # fmt: skip
+                           "uauc": m["uauc"], "seed0_auc": base["auc"],
+                           "seed0_uauc": base["uauc"]})  # fmt: skip
     return points
 
 
@@ -149,46 +196,55 @@ def seeds_markdown(res: dict) -> str:
         others = [p for p in res.get("seeds", []) if p["name"] == name]
         if not others:
             continue
-        aucs = [m["auc"]] + [p["auc"] for p in others]
-        lines.append(f"| {m['label']} | 0 | {_f(m['auc'])} | {_f(m['uauc'])} |")
+        aucs = [others[0]["seed0_auc"]] + [p["auc"] for p in others]
+        lines.append(f"| {m['label']} | 0 | {_f(aucs[0])} | {_f(others[0]['seed0_uauc'])} |")
         for p in others:
             lines.append(f"| | {p['seed']} | {_f(p['auc'])} | {_f(p['uauc'])} |")
         lines.append(f"| | range | {_f(max(aucs) - min(aucs))} | |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
-def _rows_digest(keys) -> str | None:
-    """A digest of the LLM runs' test rows (sorted ``(uid, iid)`` pairs), to tell whether two
-    collections scored the same rows."""
+def _rows_digest(test, keys) -> str | None:
+    """:func:`llmrec.metrics.rows_digest` of ``test``'s rows whose ``(uid, iid)`` is in
+    ``keys``: the digest ``llmrec evaluate`` writes for the same rows (``rows_sha256``)."""
     if keys is None:
         return None
-    text = ";".join(f"{u},{i}" for u, i in sorted(keys))
-    return hashlib.sha256(text.encode()).hexdigest()
+    rows = test[[k in keys for k in zip(test["uid"], test["iid"])]]
+    return rows_digest(rows["uid"], rows["iid"], rows["label"])
 
 
 def merge_earlier(res: dict, earlier: dict) -> dict:
     """``res`` plus the entries of an ``earlier`` collection whose runs ``res`` lacks (a run
     re-run here replaces its earlier entry). Each kept entry names the commit it was
-    collected at; a kept entry scored on other test rows stops the merge."""
-    digest, old_digest = res.get("test_rows_sha256"), earlier.get("test_rows_sha256")
-    if digest and old_digest and digest != old_digest:
-        raise SystemExit("results.json was scored on other test rows; rerun with --fresh")
-    if earlier.get("methods") and not digest:
-        raise SystemExit("no LLM run here names the test rows to cut MF's predictions to")
-    counts = {(m["rows"], m["warm_rows"], m["cold_rows"]) for m in res["methods"].values()}
+    collected at. Method entries are kept only from a collection of the same whole-split
+    rows, curve, seed and tiny-LLM entries only from one of the same subsample; other rows
+    stop the merge."""
     commit = earlier.get("commit", "unknown")
-    methods = {}
-    for name, _ in RUNS:
-        if name in res["methods"]:
-            methods[name] = res["methods"][name]
-        elif name in earlier.get("methods", {}):
-            old = dict(earlier["methods"][name])
-            if counts and (old["rows"], old["warm_rows"], old["cold_rows"]) not in counts:
-                raise SystemExit(f"results.json's {name} was scored on other test rows")
-            old.setdefault("collected_at_commit", commit)
-            methods[name] = old
-    merged = dict(res, methods=methods)
-    merged["test_rows_sha256"] = digest or old_digest
+
+    def same(field: str) -> bool:
+        new, old = res.get(field), earlier.get(field)
+        if new and old and new != old:
+            raise SystemExit(f"results.json's {field} differs from the runs here; rerun "
+                             "with --fresh")  # fmt: skip
+        return bool(old) and (not new or new == old)
+
+    merged = dict(res)
+    if earlier.get("methods") and same("test_rows_sha256"):
+        methods = {}
+        for name, _ in RUNS:
+            if name in res["methods"]:
+                methods[name] = res["methods"][name]
+            elif name in earlier["methods"]:
+                old = dict(earlier["methods"][name])
+                old.setdefault("collected_at_commit", commit)
+                methods[name] = old
+        merged["methods"] = methods
+        for field in ("test_rows_sha256", "test_rows"):
+            merged[field] = res.get(field) or earlier.get(field)
+    if not same("subsample_rows_sha256"):
+        return merged
+    for field in ("subsample_rows_sha256", "subsample_rows"):
+        merged[field] = res.get(field) or earlier.get(field)
 
     def union(new: list, old: list, key) -> list:
         have = {key(p) for p in new}
@@ -201,6 +257,8 @@ def merge_earlier(res: dict, earlier: dict) -> dict:
     draws = earlier.get("tiny_draws", [])
     draws = union(res["tiny_draws"], draws, lambda p: (p["train_rows"], p["draw"]))
     merged["tiny_draws"] = sorted(draws, key=lambda p: (p["train_rows"], p["draw"]))
+    seeds = union(res["seeds"], earlier.get("seeds", []), lambda p: (p["name"], p["seed"]))
+    merged["seeds"] = sorted(seeds, key=lambda p: (p["name"], p["seed"]))
     return merged
 
 
@@ -238,21 +296,23 @@ def _test_metrics(pred, test, keys) -> dict:
 CURVES = [("SmolLM2", "cora", "cora_"), ("tiny random LLM", "cora_tiny", "cora_tiny_")]
 
 
-def _curve(runs_dir: Path, test, keys, methods: dict) -> list:
-    """CoRA's test metrics against its training rows, per LLM: the full-budget run from
-    ``methods`` (the table's rows), the smaller budgets from runs/curve/<prefix><rows>."""
+def _curve(runs_dir: Path, rows: dict, test, sub_keys) -> list:
+    """CoRA's subsample metrics against its training rows, per LLM: the full-budget run of
+    the table (``rows``) and the smaller budgets from runs/curve/<prefix><rows>."""
     points = []
     for series, full, prefix in CURVES:
-        if full in methods:
-            m = methods[full]
+        if full in rows and sub_keys is not None:
+            r = rows[full]
+            m = _test_metrics(_subsample_pred(r), test, sub_keys)
+            train = r["metrics"].get("train", {})
             points.append({
-                "llm": series, "run": full, "train_rows": m["train_rows"],
+                "llm": series, "run": full, "train_rows": train.get("rows"),
                 "auc": m["auc"], "uauc": m["uauc"],
-                "warm_auc": m["warm_auc"], "cold_auc": m["cold_auc"],
-                "train_time_s": m["train_time_s"],
+                "warm_auc": m["warm"]["auc"], "cold_auc": m["cold"]["auc"],
+                "train_time_s": train.get("train_time_s"),
             })  # fmt: skip
         for d in sorted((runs_dir / "curve").glob(prefix + "[0-9]*")):
-            point = _run_point(d, test, keys)
+            point = _run_point(d, test, sub_keys)
             if point is not None:
                 points.append({"llm": series, **point})
     return sorted(points, key=lambda p: (p["llm"], p["train_rows"] or 0))
@@ -264,8 +324,8 @@ def _run_point(run: Path, test, keys) -> dict | None:
     if not (pred_path.exists() and metrics_path.exists()):
         return None
     pred = pd.read_csv(pred_path)
-    if keys is not None and set(zip(pred["uid"], pred["iid"])) != keys:
-        raise SystemExit(f"{run}: its test rows differ from the other LLM runs'")
+    if keys is not None and _keys(pred) != keys:
+        raise SystemExit(f"{run}: its test rows differ from the other runs' subsample")
     m = _test_metrics(pred, test, keys)
     train = json.loads(metrics_path.read_text()).get("train", {})
     return {
@@ -319,13 +379,14 @@ def curve_markdown(res: dict) -> str:
     if not res.get("curve"):
         return ""
     lines = [
-        "| LLM | train rows | AUC | UAUC | warm AUC | cold AUC | train time |",
-        "|---|---|---|---|---|---|---|",
+        "| LLM | train rows | AUC | UAUC | warm AUC | cold AUC | train time | collected at |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in res["curve"]:
         lines.append(
             f"| {p['llm']} | {p['train_rows']} | {_f(p['auc'])} | {_f(p['uauc'])} | "
-            f"{_f(p['warm_auc'])} | {_f(p['cold_auc'])} | {_minutes(p['train_time_s'])} |"
+            f"{_f(p['warm_auc'])} | {_f(p['cold_auc'])} | {_minutes(p['train_time_s'])} | "
+            f"{p.get('collected_at_commit', res['commit'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -384,20 +445,40 @@ def _budget(m: dict) -> str:
     return f"{steps} x {batch}" if steps and batch else "-"
 
 
+def _scoring(m: dict) -> str:
+    """The whole split's scoring time: every chunk's own time, summed (``-`` where chunks
+    were written before chunks recorded their time)."""
+    seconds, chunks, timed = (
+        m.get("scoring_time_s"),
+        m.get("scoring_chunks"),
+        m.get("scoring_timed_chunks"),
+    )
+    if not chunks or not timed:
+        return "-"
+    return _minutes(seconds) + ("" if timed == chunks else f" ({timed} of {chunks} chunks)")
+
+
+def _machine(m: dict) -> str | None:
+    info = m.get("machine")
+    if not info:
+        return None
+    return f"{info.get('gpu') or info.get('cpu')}, {info.get('torch_threads')} threads"
+
+
 def markdown(res: dict) -> str:
     lines = [
-        "| method | AUC | UAUC | warm AUC | cold AUC | cold UAUC | train rows | steps x batch | "
-        "train time | wall time | paper AUC (Vicuna-7B) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | AUC | UAUC | warm AUC | cold AUC | cold UAUC | AUC on the subsample | "
+        "train rows | steps x batch | train time | test scoring time | paper AUC (Vicuna-7B) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in res["methods"].values():
         trained = bool(m["train_rows"])
         lines.append(
             f"| {m['label']} | {_f(m['auc'])} | {_f(m['uauc'])} | {_f(m['warm_auc'])} | "
-            f"{_f(m['cold_auc'])} | {_f(m['cold_uauc'])} | {m['train_rows'] or '-'} | "
-            f"{_budget(m) if trained else '-'} | "
-            f"{_minutes(m['train_time_s']) if trained else '-'} | "
-            f"{_minutes(m['wall_time_s'])} | {_f(m['published_vicuna7b_auc'])} |"
+            f"{_f(m['cold_auc'])} | {_f(m['cold_uauc'])} | {_f(m.get('subsample_auc'))} | "
+            f"{m['train_rows'] or '-'} | {_budget(m) if trained else '-'} | "
+            f"{_minutes(m['train_time_s']) if trained else '-'} | {_scoring(m)} | "
+            f"{_f(m['published_vicuna7b_auc'])} |"
         )
     any_m = next(iter(res["methods"].values()), None)
     if any_m:
@@ -405,11 +486,18 @@ def markdown(res: dict) -> str:
         kept = sorted({m["collected_at_commit"] for m in res["methods"].values()
                        if "collected_at_commit" in m})  # fmt: skip
         earlier = f" (rows marked in results.json collected at {', '.join(kept)})" if kept else ""
+        machines = sorted({_machine(m) for m in res["methods"].values()} - {None})
+        where = (
+            "; ".join(machines)
+            if machines
+            else (f"{res['machine']['cpu']}, {res['machine']['cores']} cores")
+        )
         lines.append(
-            f"{any_m['rows']} test rows ({any_m['warm_rows']} warm, {any_m['cold_rows']} cold); "
-            f"test-row digest {str(res.get('test_rows_sha256'))[:12]}; "
-            f"{res['machine']['cpu']}, {res['machine']['cores']} cores; "
-            f"commit {res['commit']}{earlier}."
+            f"{any_m['rows']} test rows ({any_m['warm_rows']} warm, {any_m['cold_rows']} cold), "
+            f"the whole test split: rows digest {str(res.get('test_rows_sha256'))[:12]}. "
+            f"The subsample: {res.get('subsample_rows')} of them, digest "
+            f"{str(res.get('subsample_rows_sha256'))[:12]}. Run on {where}; "
+            f"collected at commit {res['commit']}{earlier}."
         )
     return "\n".join(lines) + "\n"
 
@@ -448,13 +536,13 @@ def main() -> None:
         text += "\nRanking (the test target among its candidates' titles):\n\n"
         text += ranking_markdown(res)
     if seeds_markdown(res):
-        text += "\nSeeds (the same test rows; another seed draws other training rows and "
+        text += "\nSeeds (on the subsample; another seed draws other training rows and "
         text += "initial weights):\n\n" + seeds_markdown(res)
     if res["curve"]:
-        text += "\nLearning curve (CoRA, same test rows):\n\n" + curve_markdown(res)
+        text += "\nLearning curve (CoRA, on the subsample):\n\n" + curve_markdown(res)
         plot_curve(res, HERE / "learning_curve.png")
     if res["tiny_draws"]:
-        text += "\nCoRA on other random tiny LLMs (same rows):\n\n" + tiny_draws_markdown(res)
+        text += "\nCoRA on other random tiny LLMs (the subsample):\n\n" + tiny_draws_markdown(res)
     (HERE / "results.md").write_text(text)
     print(text)
 
