@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
-from llmrec.config import ACCEPT_CHANGED_INPUTS_HELP
 from llmrec.config import absolute_path as _abs
 from llmrec.config import positive_int as _positive_int
 
@@ -45,6 +44,7 @@ _HELP = {
 def _add_train_cf(sub) -> None:
     from llmrec.cf.cf_run import CFRunConfig
     from llmrec.cli_options import add_field_flags, show_value
+    from llmrec.command_options import InputCheckOptions
     from llmrec.presets import DEFAULT_PRESET, PRESETS, preset_help
 
     p = sub.add_parser(
@@ -69,11 +69,12 @@ def _add_train_cf(sub) -> None:
         return f"default {show_value(default, ',')}"
 
     add_field_flags(groups.get, CFRunConfig, "cf.", defaults=shown)
-    _add_accept_flag(groups["run"])
+    add_field_flags(lambda _: groups["run"], InputCheckOptions, "")
 
 
 def _add_train(sub) -> None:
     from llmrec.cli_options import add_field_flags, add_method_flags, show_value
+    from llmrec.command_options import InputCheckOptions
     from llmrec.config import RunConfig, TinyLLMOptions, TrainConfig
     from llmrec.method import available_methods
     from llmrec.presets import DEFAULT_PRESET, PRESETS, preset_help
@@ -112,7 +113,7 @@ def _add_train(sub) -> None:
     add_field_flags(group, RunConfig, "run.", defaults=shown)
     add_field_flags(group, TrainConfig, "train.", defaults=shown)
     add_field_flags(lambda _: group("tiny LLM (--llm tiny)"), TinyLLMOptions, "tiny.")
-    _add_accept_flag(group("run"))
+    add_field_flags(lambda _: group("run"), InputCheckOptions, "")
     p.set_defaults(
         method_flags=add_method_flags(
             p, registry, lambda m, name, default: preset_help(name, default, method=m)
@@ -169,14 +170,6 @@ def _add_export(sub) -> None:
         "llmrec.from_pretrained(base_model, DIR) rebuilds the model on a fresh base (docs/"
         "training.md). DIR must be new or empty (or an adapter folder, with --force); never "
         "inside a run or dataset.",
-    )
-
-
-def _add_accept_flag(p) -> None:
-    p.add_argument(
-        "--accept-changed-inputs",
-        action="store_true",
-        help=ACCEPT_CHANGED_INPUTS_HELP,
     )
 
 

@@ -163,7 +163,8 @@ def add_field_flags(
     """
     hints = typing.get_type_hints(cls)
     skip = set(skip)
-    for f in dataclasses.fields(cls):
+    # a keyword-only base's fields (command_options.InputCheckOptions) after the command's own
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.kw_only is True):
         if not f.metadata.get("cli", True) or f.name in skip or not _declared(f):
             continue
         default = _cli_default(f)

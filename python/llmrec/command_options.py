@@ -1,4 +1,5 @@
-"""Every option of ``llmrec evaluate``, ``recommend`` and ``export``, defined once.
+"""Every option of ``llmrec evaluate``, ``recommend`` and ``export`` (and the input check
+that ``train`` and ``train-cf`` share with them), defined once.
 
 As :mod:`llmrec.config` does for ``llmrec train``: each option is one typed dataclass field
 (:func:`llmrec.config.option`) with its help text, parser, choices and default;
@@ -31,6 +32,7 @@ __all__ = [
     "INDEX_KINDS",
     "EvaluateOptions",
     "ExportOptions",
+    "InputCheckOptions",
     "RecommendOptions",
     "command_options",
 ]
@@ -49,8 +51,17 @@ def _part(text: str) -> Tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+@dataclass(kw_only=True)
+class InputCheckOptions:
+    """The check of a run's recorded inputs (:mod:`llmrec.input_digests`), an option of every
+    command that reads a run: ``evaluate``, ``recommend``, ``export``, and ``train`` /
+    ``train-cf`` with ``--resume``."""
+
+    accept_changed_inputs: bool = option(False, help=ACCEPT_CHANGED_INPUTS_HELP)
+
+
 @dataclass
-class EvaluateOptions:
+class EvaluateOptions(InputCheckOptions):
     """``llmrec evaluate``: score a split with a finished run."""
 
     run: str = option(required=True, metavar="RUN", help=_RUN_HELP)
@@ -98,11 +109,10 @@ class EvaluateOptions:
         "auto", parse=device_name, metavar="DEVICE", help="auto, cpu, cuda or cuda:N"
     )
     progress: bool = option(True, help="tqdm progress bars")
-    accept_changed_inputs: bool = option(False, help=ACCEPT_CHANGED_INPUTS_HELP)
 
 
 @dataclass
-class RecommendOptions:
+class RecommendOptions(InputCheckOptions):
     """``llmrec recommend``: retrieval-first top-N lists re-ranked by a finished run."""
 
     run: str = option(required=True, metavar="RUN", help=_RUN_HELP)
@@ -131,11 +141,10 @@ class RecommendOptions:
     )
     seed: int = option(0, parse=int, help="seed of the user sample")
     progress: bool = option(True, help="tqdm progress bars")
-    accept_changed_inputs: bool = option(False, help=ACCEPT_CHANGED_INPUTS_HELP)
 
 
 @dataclass
-class ExportOptions:
+class ExportOptions(InputCheckOptions):
     """``llmrec export RUN DIR``: a run's best state as an adapter folder."""
 
     run: str = option(cli=False, help="run directory written by `llmrec train`")
@@ -151,7 +160,6 @@ class ExportOptions:
     device: str = option(
         "cpu", parse=device_name, metavar="DEVICE", help="where the run is rebuilt"
     )
-    accept_changed_inputs: bool = option(False, help=ACCEPT_CHANGED_INPUTS_HELP)
 
 
 #: the option dataclass of each command that has one here

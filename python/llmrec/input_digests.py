@@ -127,7 +127,7 @@ def verify_command_inputs(args, log=None) -> None:
     ``recommend`` and ``export`` its run, ``compare`` its run directories, ``train`` /
     ``train-cf --resume`` its ``--out``."""
     get = lambda name: getattr(args, name, None)  # noqa: E731
-    accept = any(get(f"{p}accept_changed_inputs") for p in ("", "run.", "cf."))
+    accept = bool(get("accept_changed_inputs"))  # command_options.InputCheckOptions
     cmd = args.command
     runs: List[Tuple[str, Tuple[str, ...]]] = []
     if cmd in ("evaluate", "recommend", "export"):

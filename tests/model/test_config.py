@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from llmrec.cli import build_parser, train_config
+from llmrec.command_options import InputCheckOptions
 from llmrec.config import RunConfig, TrainConfig, resume_keys
 from llmrec.method import available_methods, parse_options, resume_options
 
@@ -37,16 +38,19 @@ def test_every_train_flag_comes_from_one_dataclass_field():
     for action in _train_parser()._actions:
         for flag in action.option_strings:
             by_dest.setdefault(action.dest, []).append(flag)
-    # the subcommand's own selectors, the one flag every command shares (defined once, in
-    # cli._add_accept_flag: it belongs to the command, not to the run it reads), then fields:
-    # run./train./tiny. or a method's option
-    hand_written = {"help", "method", "preset", "method_flags", "accept_changed_inputs"}
+    # the subcommand's own selectors, then fields: run./train./tiny., a method's option, or
+    # the input check every command that reads a run shares (InputCheckOptions: it belongs
+    # to the command, not to the run it reads)
+    hand_written = {"help", "method", "preset", "method_flags"}
+    shared = {f.name for f in dataclasses.fields(InputCheckOptions)}
     for dest in by_dest:
         assert (
             dest in hand_written
+            or dest in shared
             or dest.split(".")[0] in ("run", "train", "tiny")
             or (dest.startswith("method:"))
         ), dest
+    assert shared <= set(by_dest)
     fields = {f"run.{f.name}" for f in dataclasses.fields(RunConfig)}
     fields |= {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
     assert {d for d in by_dest if d.startswith(("run.", "train."))} <= fields
