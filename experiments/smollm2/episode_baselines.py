@@ -4,7 +4,9 @@ The episodes are the ones an A-LLMRec run on ML-1M draws (20 candidates: the tar
 items the user rated in no split): 500 validation episodes (drawn from the whole validation
 split with seed + 3, as the method's early stopping sees them) and 500 test episodes (seed
 + 7, subset with seed). Each CF run's tables rank the same episodes by ``<e_u, e_i>``;
-popularity (positive training rows per item) is the same for every run.
+popularity (positive training rows per item) is the same for every run. A SASRec run's user
+vector is its encoding of each episode's history (:mod:`llmrec.cf.user_vectors`), as
+A-LLMRec reads it.
 
     python experiments/smollm2/episode_baselines.py RUN [RUN ...] [--data DIR] [--seed 0]
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from llmrec.cf import load_cf_embeddings
+from llmrec.cf.user_vectors import load_user_vectors
 from llmrec.data import load_run_data
 from llmrec.data.catalogue import seen_items, title_map
 from llmrec.methods.allmrec import ALL_SPLITS, _subset
@@ -61,7 +64,8 @@ def main() -> None:
     rows = []
     for i, run in enumerate(args.runs):
         emb = load_cf_embeddings(run, data.n_users, data.n_items)
-        res = {s: baseline_ranking(e, data["train"], emb.user, emb.item, (1, 10), args.seed)
+        users = load_user_vectors(run, emb.user, data)  # SASRec: each episode's history
+        res = {s: baseline_ranking(e, data["train"], users, emb.item, (1, 10), args.seed)
                for s, e in eps.items()}  # fmt: skip
         if i == 0:
             rows.append(("popularity (training positives)", res, "popularity_"))

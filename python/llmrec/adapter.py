@@ -408,7 +408,10 @@ def from_pretrained(
         user_table, item_table: the CF embeddings ``(n_users + 1, d_cf)`` /
             ``(n_items + 1, d_cf)`` float; checked against the adapter's ``cf_dim`` when
             given, needed by A-LLMRec (the scoring batches of CoRA and CoLLM carry rows of
-            them, see :class:`llmrec.data.batching.RecCollator`).
+            them, see :class:`llmrec.data.batching.RecCollator`). An A-LLMRec adapter
+            trained on a SASRec CF run (``user_vectors`` ``history``) needs the model that
+            encodes histories: pass ``user_table=llmrec.cf.user_vectors.load_user_vectors(
+            cf_run, table, data)``.
         data: the dataset (:func:`llmrec.data.load_run_data`), for a method whose model
             needs it to be built (A-LLMRec).
         backend: the kernel backend of the patched projections (default: the adapter's).
@@ -532,6 +535,7 @@ def _check_base(adapter_dir: Path, config: AdapterConfig, base_model) -> None:
 
 def _check_tables(adapter_dir: Path, config: AdapterConfig, user_table, item_table) -> None:
     for name, table in (("user_table", user_table), ("item_table", item_table)):
+        table = getattr(table, "table", table)  # a UserVectors: its exported table
         if table is None:
             continue
         if table.dim() != 2 or int(table.shape[1]) != config.cf_dim:

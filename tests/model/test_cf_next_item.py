@@ -191,3 +191,12 @@ def test_allmrec_trains_end_to_end_from_a_next_item_sasrec_run(tmp_path):
     losses = [h["train_loss"] for h in stage1["history"] if "train_loss" in h]
     assert losses and all(np.isfinite(losses)), stage1
     assert metrics["config"]["cf"] == str(cf)  # the soft tokens came from the SASRec run
+    # ... whose user representation is its encoding of each row's history, as the reference's
+    assert metrics["options"]["user_vectors"] == "history"
+    # a user table cannot give that: asking for it with an MF run is refused before training
+    mf = tmp_path / "mf"
+    train_cf_run(CFRunConfig(model="mf", out=str(mf), dim=16, epochs=1, progress=False), data=data)
+    refused = dataclasses.replace(cfg, out=str(tmp_path / "run_mf"), cf=str(mf),
+                                  method_kwargs={**kw, "user_vectors": "history"})  # fmt: skip
+    with pytest.raises(RunConfigError, match="needs a sequential CF run"):
+        T.run_training(refused, data=data)

@@ -281,6 +281,45 @@ def _train_cf_locked(cfg: CFRunConfig, data, log) -> dict:
     return metrics
 
 
+def cf_run_config(run_dir: Path, info: Optional[dict] = None) -> CFRunConfig:
+    """The :class:`CFRunConfig` a finished CF run recorded in its ``run.json``."""
+    run_dir = Path(run_dir)
+    if info is None:
+        info = read_json(run_dir / RUN_FILE, CFEmbeddingError)
+    if info.get("complete") is False:
+        raise RunConfigError(f"{run_dir}: the CF run did not finish (train-cf --resume it)")
+    return CFRunConfig(
+        **{k: v for k, v in info["config"].items() if k in CFRunConfig.__annotations__}
+    )
+
+
+def load_cf_model(run_dir: Path, cfg: CFRunConfig, data) -> torch.nn.Module:
+    """The trained CF model of a run (its ``model.safetensors``) for ``data``'s ids, on the
+    CPU in train mode; CFEmbeddingError (one line) for a missing, unreadable, non-finite or
+    mismatched file."""
+    model = build_cf_model(cfg.model, data.n_users, data.n_items, **_model_kwargs(cfg))
+    model_file = Path(run_dir) / "model.safetensors"
+    verify_safetensors(model_file, CFEmbeddingError)
+    try:
+        state = load_file(str(model_file))
+    except Exception as exc:
+        raise CFEmbeddingError(f"{model_file}: not a readable safetensors file ({exc})") from None
+    bad_values = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad_values:
+        raise CFEmbeddingError(f"{model_file}: NaN or infinite values in {bad_values[:3]}")
+    own = model.state_dict()
+    bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise CFEmbeddingError(
+            f"{model_file}: CF model does not match the data "
+            f"({', '.join(f'{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in bad)})"
+        )
+    model.load_state_dict(state, strict=False)
+    if cfg.model == "lightgcn":
+        model.set_graph(data["train"])
+    return model
+
+
 def evaluate_cf_run(
     run_dir,
     info: dict,
@@ -295,34 +334,11 @@ def evaluate_cf_run(
 
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    if info.get("complete") is False:
-        raise RunConfigError(f"{run_dir}: the CF run did not finish (train-cf --resume it)")
-    cfg = CFRunConfig(
-        **{k: v for k, v in info["config"].items() if k in CFRunConfig.__annotations__}
-    )
+    cfg = cf_run_config(run_dir, info)
     data = load_run_data(data_path if data_path is not None else cfg.data)
     if split not in data:
         raise RunConfigError(f"{data.source}: no {split!r} split (has {sorted(data.splits)})")
-    model = build_cf_model(cfg.model, data.n_users, data.n_items, **_model_kwargs(cfg))
-    model_file = run_dir / "model.safetensors"
-    verify_safetensors(model_file, CFEmbeddingError)
-    try:
-        state = load_file(str(model_file))
-    except Exception as exc:
-        raise CFEmbeddingError(f"{model_file}: not a readable safetensors file ({exc})") from None
-    bad_values = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
-    if bad_values:
-        raise CFEmbeddingError(f"{model_file}: NaN or infinite values in {bad_values[:3]}")
-    own = model.state_dict()
-    bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if bad:
-        raise CFEmbeddingError(
-            f"{run_dir / 'model.safetensors'}: CF model does not match the data "
-            f"({', '.join(f'{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in bad)})"
-        )
-    model.load_state_dict(state, strict=False)
-    if cfg.model == "lightgcn":
-        model.set_graph(data["train"])
+    model = load_cf_model(run_dir, cfg, data)
     dev = "cpu" if device == "auto" else device
     model.to(dev)
     df = data[split]

@@ -13,8 +13,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from llmrec.cf.user_vectors import UserVectors, load_user_vectors
 from llmrec.config import option, parse_bool
 from llmrec.data.catalogue import seen_items, title_map
+from llmrec.errors import RunConfigError
 from llmrec.method import Method, RunContext, Stage, register, split_metrics
 from llmrec.methods.allmrec.generation import generate_hits, score_episodes, score_rows
 from llmrec.methods.allmrec.next_item_rows import NextItemRows
@@ -45,6 +47,7 @@ class _Prompting:
     catalogue: np.ndarray
     seen: Dict[int, set]
     coll: EpisodeCollator
+    users: UserVectors  # the CF run's user representation of a row (llmrec.cf.user_vectors)
 
 
 @register
@@ -110,6 +113,13 @@ class ALLMRecMethod(Method):
             "reference's next-item pairs: model pre_train_phase1 pos/neg)",
             choices=("labels", "next_item"),
         )
+        user_vectors: str = option(
+            "auto",
+            choices=("auto", "history", "table"),
+            help="the user representation: history (a sequential CF model's encoding of each "
+            "row's history, as the reference's SASRec log_feats), table (the CF run's user "
+            "table), auto (history for SASRec, else table); recorded resolved",
+        )
         # departure (issue 29): z-scores of the CF inputs and of the stage-1 latent, so that
         # MF's small entries do not collapse every item soft token onto one (see ALLMRec)
         standardize: bool = option(
@@ -144,10 +154,15 @@ class ALLMRecMethod(Method):
         )  # fmt: skip
         model.set_tables(ctx.item_table)
         train = ctx.data["train"]
-        model.fit_input_statistics(
-            ctx.user_table, torch.as_tensor(train["uid"].to_numpy(np.int64, copy=True)),
-            torch.as_tensor(train["iid"].to_numpy(np.int64, copy=True)),
-        )  # fmt: skip
+        items = torch.as_tensor(train["iid"].to_numpy(np.int64, copy=True))
+        users = self._resolve_users(ctx, opts)
+        if users.from_history:  # one vector per training row: the statistics over rows
+            per_row = users.of_rows(train)  # as a table with row 0 padding: rows 1..N
+            padded = torch.cat([per_row.new_zeros((1, per_row.shape[1])), per_row])
+            model.fit_input_statistics(padded, torch.arange(1, len(padded)), items)
+        else:
+            uids = torch.as_tensor(train["uid"].to_numpy(np.int64, copy=True))
+            model.fit_input_statistics(users.table, uids, items)
         return model
 
     def _prompting(self, ctx: RunContext) -> _Prompting:
@@ -155,12 +170,37 @@ class ALLMRecMethod(Method):
             titles = title_map(ctx.data)
             n = ctx.data.n_items
             catalogue = np.array(sorted(i for i in titles if 1 <= i <= n), np.int64)
+            # from_pretrained may pass UserVectors as its user_table (a SASRec-fed adapter)
+            users = ctx.user_table
+            if not isinstance(users, UserVectors):
+                users = load_user_vectors(ctx.cf_path, ctx.user_table, ctx.data)
             coll = EpisodeCollator(
-                ctx.tokenizer, titles, ctx.user_table, max_his=ctx.cfg.max_his,
+                ctx.tokenizer, titles, users, max_his=ctx.cfg.max_his,
                 max_length=max(ctx.cfg.max_length, 1024),
             )  # fmt: skip
-            self._shared = _Prompting(titles, catalogue, seen_items(ctx.data, ALL_SPLITS), coll)
+            seen = seen_items(ctx.data, ALL_SPLITS)
+            self._shared = _Prompting(titles, catalogue, seen, coll, users)
         return self._shared
+
+    def _resolve_users(self, ctx: RunContext, opts: Options) -> UserVectors:
+        """The user representation ``opts.user_vectors`` asks for, made the one every batch
+        uses; ``opts.user_vectors`` is set to the resolved ``history`` or ``table``."""
+        p = self._prompting(ctx)
+        users = p.users
+        if opts.user_vectors == "history" and not users.from_history:
+            raise RunConfigError(
+                "--allmrec-user-vectors history needs a sequential CF run (train-cf --model "
+                "sasrec) as --cf; this one has a user table only"
+                + ("" if ctx.cf_path else " (from_pretrained: pass user_table=UserVectors)")
+            )
+        if opts.user_vectors == "table" and users.from_history:
+            users = UserVectors(users.table)
+        p.users = p.coll.users = users
+        opts.user_vectors = "history" if users.from_history else "table"
+        if users.from_history:
+            ctx.log("A-LLMRec: the user representation is the CF model's encoding of each "
+                    "row's history (SASRec, as the reference)")  # fmt: skip
+        return users
 
     def check_prompt_lengths(self, ctx: RunContext, opts: Options) -> None:
         """Step 4 of the length rule before anything trains or scores: a prompt with no
@@ -176,7 +216,7 @@ class ALLMRecMethod(Method):
     def stages(self, ctx: RunContext, model: ALLMRec, opts: Options) -> List[Stage]:
         p, tcfg = self._prompting(ctx), ctx.cfg.train
         text = text_table(p.titles, ctx.data.n_items, opts.text_encoder, ctx.log, ctx.device)
-        rows = {k: ctx.data["train"][k].to_numpy() for k in ("uid", "iid", "label")}
+        rows = {k: ctx.data["train"][k].to_numpy() for k in ("uid", "iid", "label", "his")}
         # stage 1 is plain Adam at a constant rate over every training interaction
         align_cfg = dataclasses.replace(
             tcfg, epochs=opts.stage1_epochs, batch_size=opts.stage1_batch_size,
@@ -184,13 +224,13 @@ class ALLMRecMethod(Method):
             grad_clip=0.0, max_steps=None, eval_every=0, save_every=0,
         )  # fmt: skip
         if opts.stage1_rows == "labels":
-            align_rows = AlignRows(rows, ctx.user_table, ctx.item_table, text)
+            align_rows = AlignRows(rows, p.users, ctx.item_table, text)
         elif opts.stage1_rows == "next_item":
             pos = rows["label"] == 1
             align_rows = NextItemRows(
-                rows["uid"][pos], rows["iid"][pos], ctx.user_table,
+                rows["uid"][pos], rows["iid"][pos], p.users,
                 {"item_emb": ctx.item_table, "text_emb": text}, p.catalogue, p.seen,
-                seed=tcfg.seed,
+                seed=tcfg.seed, his=rows["his"][pos],
             )  # fmt: skip
         else:
             raise ValueError(
@@ -258,7 +298,7 @@ class ALLMRecMethod(Method):
         block.update(hit_ndcg(sc, tpos, opts.ks))
         # the same episodes ranked by training popularity and by the CF dot product
         block.update(
-            baseline_ranking(eps, ctx.data["train"], ctx.user_table, ctx.item_table, opts.ks, seed)
+            baseline_ranking(eps, ctx.data["train"], p.users, ctx.item_table, opts.ks, seed)
         )
         block.update({"episodes": len(eps), "candidates": opts.candidates})
         if opts.generate and eps:

@@ -11,12 +11,13 @@ the sampler ``train-cf --objective next-item`` uses too).
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
 from llmrec.cf.next_item import draw_unrated
+from llmrec.cf.user_vectors import as_user_vectors
 
 __all__ = ["NextItemRows"]
 
@@ -24,8 +25,9 @@ __all__ = ["NextItemRows"]
 class NextItemRows:
     """Stage-1 batches of positives and random negatives.
 
-    ``uid``, ``iid``: ``(N,)`` int arrays of positive interactions. ``user_table``
-    ``(n_users + 1, d)``; ``item_tables``: name -> ``(n_items + 1, d_name)`` float tables,
+    ``uid``, ``iid``: ``(N,)`` int arrays of positive interactions. ``users``: a
+    :class:`~llmrec.cf.user_vectors.UserVectors` or a user table ``(n_users + 1, d)``;
+    ``his``: each row's history (needed when ``users`` encodes histories); ``item_tables``: name -> ``(n_items + 1, d_name)`` float tables,
     looked up by item id (e.g. ``{"item_emb": cf_items, "text_emb": titles}``).
     ``catalogue``: the item ids negatives are drawn from; ``seen``: uid -> items never to
     draw as that user's negative (the positive itself is always excluded).
@@ -43,11 +45,12 @@ class NextItemRows:
         self,
         uid: np.ndarray,
         iid: np.ndarray,
-        user_table: torch.Tensor,
+        users,
         item_tables: Mapping[str, torch.Tensor],
         catalogue: np.ndarray,
         seen: Optional[Mapping[int, set]] = None,
         seed: int = 0,
+        his: Optional[Sequence] = None,
     ):
         self.uid = np.asarray(uid, np.int64)
         self.iid = np.asarray(iid, np.int64)
@@ -57,7 +60,10 @@ class NextItemRows:
         self.catalogue = np.asarray(catalogue, np.int64)
         if len(self.catalogue) < 2:
             raise ValueError("catalogue must hold at least 2 items to draw negatives from")
-        self.user_table = user_table.float()
+        users = as_user_vectors(users)
+        if users.from_history and (his is None or len(his) != len(self.uid)):
+            raise ValueError("a history-encoding CF model needs his, one history per row")
+        self.user_emb = users(self.uid, list(his) if users.from_history else [()] * len(self.uid))
         self.item_tables = {k: v.float() for k, v in item_tables.items()}
         if "user_emb" in self.item_tables or "labels" in self.item_tables:
             raise ValueError("item_tables may not be named 'user_emb' or 'labels'")
@@ -81,9 +87,8 @@ class NextItemRows:
         rng = np.random.default_rng([self.seed, self.calls])
         self.calls += 1
         items = np.concatenate([self.iid[rows], self.negatives(rows, rng)])
-        users = torch.from_numpy(np.concatenate([self.uid[rows], self.uid[rows]]))
         item_ids = torch.from_numpy(items)
-        batch = {"user_emb": self.user_table[users]}
+        batch = {"user_emb": self.user_emb[torch.from_numpy(np.concatenate([rows, rows]))]}
         batch.update({k: v[item_ids] for k, v in self.item_tables.items()})
         batch["labels"] = torch.cat([torch.ones(len(rows)), torch.zeros(len(rows))])
         return batch

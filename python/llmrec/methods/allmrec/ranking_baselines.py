@@ -13,6 +13,8 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
+from llmrec.cf.user_vectors import as_user_vectors
+
 __all__ = ["baseline_ranking", "episode_grid", "popularity_counts", "ranks_of_targets"]
 
 
@@ -62,29 +64,33 @@ def _metrics(ranks: np.ndarray, ks: Sequence[int], prefix: str) -> Dict[str, flo
 def baseline_ranking(
     episodes: Sequence,
     train_df,
-    user_table: torch.Tensor,
+    users,
     item_table: torch.Tensor,
     ks: Sequence[int] = (1, 5, 10),
     seed: int = 0,
 ) -> Dict[str, float]:
-    """Hit@K / NDCG@K of two baselines on ``episodes`` (objects with ``uid``, ``candidates``,
-    ``target``): ``popularity_*`` ranks candidates by their positive training rows in
-    ``train_df`` (``iid``, ``label``); ``cf_dot_*`` by ``<e_u, e_i>`` of the CF tables
-    ``user_table`` ``(n_users + 1, d)`` and ``item_table`` ``(n_items + 1, d)`` (float).
-    Ties are broken at random (``seed``). Keys: ``popularity_hit@1``, ``cf_dot_ndcg@10``, ...
+    """Hit@K / NDCG@K of two baselines on ``episodes`` (objects with ``uid``, ``his``,
+    ``candidates``, ``target``): ``popularity_*`` ranks candidates by their positive training
+    rows in ``train_df`` (``iid``, ``label``); ``cf_dot_*`` by ``<e_u, e_i>``, ``e_u`` each
+    episode's user representation from ``users`` (a
+    :class:`~llmrec.cf.user_vectors.UserVectors`, or a user table ``(n_users + 1, d)``) and
+    ``e_i`` rows of ``item_table`` ``(n_items + 1, d)`` (float). Ties are broken at random
+    (``seed``). Keys: ``popularity_hit@1``, ``cf_dot_ndcg@10``, ...
     """
-    if user_table.dim() != 2 or item_table.dim() != 2 or user_table.shape[1] != item_table.shape[1]:
+    users = as_user_vectors(users)
+    if item_table.dim() != 2 or users.dim != item_table.shape[1]:
         raise ValueError(
-            f"user_table and item_table must be (n, d) of one d, got "
-            f"{tuple(user_table.shape)} and {tuple(item_table.shape)}"
+            f"the user vectors ({users.dim}) and item_table {tuple(item_table.shape)} must be "
+            "(n, d) of one d"
         )
     counts = popularity_counts(train_df, item_table.shape[0] - 1)
-    users = user_table.detach().double().cpu().numpy()
+    user_of = users.of_episodes(episodes).double().cpu().numpy()
+    row_of = {id(ep): e for e, ep in enumerate(episodes)}
     items = item_table.detach().double().cpu().numpy()
     out: Dict[str, float] = {}
     for name, score in (
         ("popularity_", lambda ep, cands: counts[cands]),
-        ("cf_dot_", lambda ep, cands: items[cands] @ users[int(ep.uid)]),
+        ("cf_dot_", lambda ep, cands: items[cands] @ user_of[row_of[id(ep)]]),
     ):
         grid, tpos = episode_grid(episodes, score)
         out.update(_metrics(ranks_of_targets(grid, tpos, seed), ks, name))

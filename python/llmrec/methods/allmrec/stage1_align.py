@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmrec.cf.user_vectors import as_user_vectors
+
 __all__ = [
     "ALIGNERS",
     "DEFAULT_STAGE1_WEIGHTS",
@@ -207,28 +209,32 @@ def random_text_embeddings(
 class AlignRows:
     """Stage-1 batches: interaction rows with their CF and text embeddings.
 
-    ``rows`` holds ``uid``, ``iid``, ``label`` arrays; a batch has ``user_emb``, ``item_emb``
+    ``rows`` holds ``uid``, ``iid``, ``label`` arrays (and ``his``, each row's history, when
+    ``users`` encodes histories); ``users``: a :class:`~llmrec.cf.user_vectors.UserVectors`
+    or a user table ``(n_users + 1, d_cf)``. A batch has ``user_emb``, ``item_emb``
     (B, d_cf), ``text_emb`` (B, d_text) float32 and ``labels`` (B,) float32.
     """
 
-    def __init__(self, rows: Mapping[str, np.ndarray], user_table, item_table, text_table):
-        self.uid = torch.as_tensor(np.array(rows["uid"], np.int64))
+    def __init__(self, rows: Mapping[str, np.ndarray], users, item_table, text_table):
         self.iid = torch.as_tensor(np.array(rows["iid"], np.int64))
         self.label = np.array(rows["label"], np.float32)
-        self.user_table, self.item_table = user_table.float(), item_table.float()
+        users = as_user_vectors(users)
+        his = list(rows["his"]) if users.from_history else [()] * len(self.iid)
+        self.user_emb = users(np.array(rows["uid"], np.int64), his)  # (N, d_cf), one per row
+        self.item_table = item_table.float()
         self.text_table = text_table.float()
 
     def __len__(self) -> int:
-        return len(self.uid)
+        return len(self.iid)
 
     def labels(self) -> np.ndarray:
         return self.label
 
     def __call__(self, indices) -> Dict[str, torch.Tensor]:
         idx = torch.as_tensor(np.asarray(indices, np.int64))
-        u, i = self.uid[idx], self.iid[idx]
+        i = self.iid[idx]
         return {
-            "user_emb": self.user_table[u],
+            "user_emb": self.user_emb[idx],
             "item_emb": self.item_table[i],
             "text_emb": self.text_table[i],
             "labels": torch.from_numpy(self.label[idx.numpy()]),

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmrec.cf.user_vectors import as_user_vectors
 from llmrec.data.lengths import PromptTooLong, TitleCutter, fit_history, refusal_line
 from llmrec.data.slots import ITEM_SLOT, USER_SLOT, Slot, encode_slotted, slot_marker
 from llmrec.errors import LLMRecError
@@ -289,7 +290,7 @@ class EpisodeCollator:
         self,
         tokenizer,
         titles: Mapping[int, str],
-        user_table: torch.Tensor,
+        users,
         *,
         max_his: int = 10,
         max_length: int = 1024,
@@ -299,7 +300,8 @@ class EpisodeCollator:
         # step 1 of the length rule (llmrec.data.lengths): every title in a prompt, and so
         # every generated title's reference, is cut to MAX_TITLE_TOKENS tokens
         cut = TitleCutter(tokenizer)
-        self.tok, self.user_table = tokenizer, user_table
+        # a UserVectors (a sequential CF model encodes each episode's history) or a table
+        self.tok, self.users = tokenizer, as_user_vectors(users)
         self.titles = {item: cut(title) for item, title in titles.items()}
         self.max_his, self.max_length = max_his, max_length
         self.refusal = refusal_line(
@@ -368,12 +370,11 @@ class EpisodeCollator:
             slot_items[r, off + slots] = torch.as_tensor(items, dtype=torch.long)
             if mode == "target":
                 labels[r, off + n_prompt :] = t[n_prompt:]
-        uid = torch.as_tensor([ep.uid for ep in episodes], dtype=torch.long)
         return {
             "input_ids": input_ids,
             "attention_mask": mask,
             "slot_items": slot_items,
-            "user_emb": self.user_table[uid].float(),
+            "user_emb": self.users.of_episodes(episodes),
             "labels": labels,
         }
 
