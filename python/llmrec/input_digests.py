@@ -2,7 +2,8 @@
 
 ``run.json["inputs"]`` maps a group (``data``, ``cf``, ``llm``) to ``{file path: sha256}``
 (paths relative to the run folder, :mod:`llmrec.run_paths`): the dataset's split files and
-``meta.json``, the CF run's ``embeddings.safetensors`` (or the ``--cf`` file), a local LLM
+``meta.json``, the CF run's ``embeddings.safetensors`` (and a SASRec run's
+``model.safetensors``, which encodes histories; or the ``--cf`` file), a local LLM
 directory's weight files.
 ``evaluate``, ``recommend``, ``compare`` and ``--resume`` call :func:`verify_command_inputs`
 before they read anything else: a file whose content changed (or that is gone) is refused
@@ -54,10 +55,18 @@ def _files(group: str, path: PathLike) -> List[Path]:
     if group == "data":
         return [path / n for n in DATASET_FILES if (path / n).is_file()]
     if group == "cf":
-        return (
-            [path / "embeddings.safetensors"] if (path / "embeddings.safetensors").is_file() else []
-        )
+        files = [path / n for n in ("embeddings.safetensors", "model.safetensors") if
+                 (path / n).is_file() and (n == "embeddings.safetensors" or _sequential(path))]  # fmt: skip
+        return files
     return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+
+
+def _sequential(cf_run: Path) -> bool:
+    """A CF run whose model the LLM methods run too (SASRec: llmrec.cf.user_vectors)."""
+    try:
+        return json.loads((cf_run / "run.json").read_text())["config"]["model"] == "sasrec"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def digest_inputs(**groups: Optional[PathLike]) -> Dict[str, Dict[str, str]]:

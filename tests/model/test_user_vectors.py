@@ -105,3 +105,12 @@ def test_user_vectors_refuses_mismatched_histories(runs):
     users = load_user_vectors(out["sasrec"], emb.user, data)
     with pytest.raises(ValueError, match="2 uids but 1 histories"):
         users([1, 2], [[3]])
+
+
+def test_a_sasrec_runs_model_file_is_a_recorded_input(runs):
+    from llmrec.input_digests import digest_inputs
+
+    _, out = runs
+    names = {k: {p.rsplit("/", 1)[1] for p in digest_inputs(cf=v)["cf"]} for k, v in out.items()}
+    assert names == {"mf": {"embeddings.safetensors"},
+                     "sasrec": {"embeddings.safetensors", "model.safetensors"}}  # fmt: skip
