@@ -350,3 +350,43 @@ def test_allmrec_round_trip_needs_its_data_and_tables(tmp_path, capsys):
     )  # fmt: skip
     _, got = run.method.evaluate(ctx, model, run.opts, df, run.predict, full=False)
     assert np.array_equal(got, want)
+
+
+def test_allmrec_on_sasrec_exports_its_history_encoding(tmp_path, capsys):
+    """An A-LLMRec run fed by a SASRec CF run reads each row's history through SASRec: its
+    adapter records that, refuses a plain user table, and scores as the run does when
+    given the SASRec run's user vectors."""
+    import numpy as np
+
+    import llmrec
+    from llmrec.cf.cf_run import CFRunConfig, train_cf_run
+    from llmrec.cf.user_vectors import load_user_vectors
+    from llmrec.errors import AdapterError
+    from llmrec.llm_training import reopen_run
+
+    data = synthetic_data(tmp_path)
+    sasrec = tmp_path / "sasrec"
+    train_cf_run(CFRunConfig(model="sasrec", data=str(data), out=str(sasrec), dim=8, layers=1,
+                             his_len=10, epochs=1, progress=False))  # fmt: skip
+    kw = {"text_encoder": "random", "stage1_epochs": 1, "candidates": 4, "train_candidates": 3,
+          "episodes": 4, "valid_episodes": 0, "generate": False, "latent_dim": 8,
+          "ae_hidden": 8}  # fmt: skip
+    run_dir = train_tiny("allmrec", data, tmp_path / "allm", "--batch-size", "8",
+                         "--max-train-rows", "24", "--max-test-rows", "12", "--cf", str(sasrec),
+                         "--method-kwargs", json.dumps(kw))  # fmt: skip
+    assert cli(["export", run_dir, tmp_path / "adapter"], capsys)[0] == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["options"]["user_vectors"] == "history"
+    run = reopen_run(run_dir, device="cpu", progress=False)
+    ctx, df = run.ctx, run.method.eval_rows(run.ctx, "test")
+    _, want = run.method.evaluate(ctx, run.model, run.opts, df, run.predict, full=False)
+    base, tok = fresh_base(run_dir)
+    with pytest.raises(AdapterError, match="user_table=UserVectors"):
+        llmrec.from_pretrained(base, tmp_path / "adapter", tok, user_table=ctx.user_table,
+                               item_table=ctx.item_table, data=ctx.data)  # fmt: skip
+    base, tok = fresh_base(run_dir)
+    users = load_user_vectors(sasrec, ctx.user_table, ctx.data)
+    model = llmrec.from_pretrained(base, tmp_path / "adapter", tok, user_table=users,
+                                   item_table=ctx.item_table, data=ctx.data)  # fmt: skip
+    _, got = run.method.evaluate(ctx, model, run.opts, df, run.predict, full=False)
+    assert np.array_equal(got, want)
