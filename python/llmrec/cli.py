@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
 from llmrec.config import absolute_path as _abs
-from llmrec.config import positive_int as _positive_int
 
 if TYPE_CHECKING:  # the CLI imports the model layer only for the command that runs
     from llmrec.cf.cf_run import CFRunConfig
@@ -174,18 +173,11 @@ def _add_export(sub) -> None:
 
 
 def _add_make_data(sub) -> None:
-    p = sub.add_parser(
+    _add_command(
+        sub,
         "make-data",
-        help=_HELP["make-data"],
-        description="Write a synthetic dataset whose labels depend on latent CF factors only.",
+        "Write a synthetic dataset whose labels depend on latent CF factors only.",
     )
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=["parquet", "csv"], default="parquet")
-    p.add_argument("--users", type=_positive_int, default=200)
-    p.add_argument("--items", type=_positive_int, default=100)
-    p.add_argument("--per-user", type=_positive_int, default=40)
-    p.add_argument("--dim", type=_positive_int, default=4, help="latent factor size")
-    p.add_argument("--seed", type=int, default=0)
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
@@ -209,6 +201,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         "evaluate": _add_evaluate,
         "recommend": _add_recommend,
         "export": _add_export,
+        "make-data": _add_make_data,
     }
     for name, add in builders.items():
         if command is None or command == name:
@@ -216,7 +209,6 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         else:
             sub.add_parser(name, help=_HELP[name])
     add_compare_parser(sub)  # torch-free
-    _add_make_data(sub)
     return parser
 
 
@@ -396,11 +388,13 @@ def _cmd_recommend(args) -> int:
 def _cmd_make_data(args) -> int:
     from llmrec.data import make_synthetic, write_data
 
+    opts = args.options
     data = make_synthetic(
-        n_users=args.users, n_items=args.items, per_user=args.per_user, dim=args.dim, seed=args.seed
-    )
-    write_data(data, args.out, fmt=args.format)
-    _log(f"wrote {data.summary()['rows']} to {args.out}")
+        n_users=opts.users, n_items=opts.items, per_user=opts.per_user, dim=opts.dim,
+        seed=opts.seed,
+    )  # fmt: skip
+    write_data(data, opts.out, fmt=opts.format)
+    _log(f"wrote {data.summary()['rows']} to {opts.out}")
     return 0
 
 
@@ -423,7 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "compare": _cmd_compare,
         "export": _cmd_export,
     }
-    if args.command in ("evaluate", "recommend", "export"):
+    if args.command in ("evaluate", "recommend", "export", "make-data"):
         from llmrec.command_options import command_options
 
         args.options = command_options(args)  # every value, also onto args for the checks

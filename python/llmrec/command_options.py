@@ -1,5 +1,5 @@
-"""Every option of ``llmrec evaluate``, ``recommend`` and ``export`` (and the input check
-that ``train`` and ``train-cf`` share with them), defined once.
+"""Every option of ``llmrec evaluate``, ``recommend``, ``export`` and ``make-data`` (and the
+input check that ``train`` and ``train-cf`` share with them), defined once.
 
 As :mod:`llmrec.config` does for ``llmrec train``: each option is one typed dataclass field
 (:func:`llmrec.config.option`) with its help text, parser, choices and default;
@@ -33,6 +33,7 @@ __all__ = [
     "EvaluateOptions",
     "ExportOptions",
     "InputCheckOptions",
+    "MakeDataOptions",
     "RecommendOptions",
     "command_options",
 ]
@@ -162,16 +163,31 @@ class ExportOptions(InputCheckOptions):
     )
 
 
+@dataclass
+class MakeDataOptions:
+    """``llmrec make-data``: a synthetic dataset whose labels depend on latent CF factors
+    only (:func:`llmrec.data.make_synthetic`)."""
+
+    out: str = option(required=True, metavar="DIR", help="the dataset directory to write")
+    format: str = option("parquet", choices=("parquet", "csv"), help="file format of the splits")
+    users: int = option(200, parse=positive_int, help="users")
+    items: int = option(100, parse=positive_int, help="items")
+    per_user: int = option(40, parse=positive_int, help="rated items per user")
+    dim: int = option(4, parse=positive_int, help="latent factor size")
+    seed: int = option(0, parse=int, help="seed of the factors and the ratings")
+
+
 #: the option dataclass of each command that has one here
 COMMAND_OPTIONS = {
     "evaluate": EvaluateOptions,
     "recommend": RecommendOptions,
     "export": ExportOptions,
+    "make-data": MakeDataOptions,
 }
 
 
 def command_options(args: argparse.Namespace):
-    """The options dataclass of a parsed ``evaluate``/``recommend``/``export`` command line
+    """The options dataclass of a parsed command line of :data:`COMMAND_OPTIONS`
     (each flag given, else the field's default), also written back onto ``args`` so the
     output rules and input checks that read ``args`` see every value."""
     from llmrec.cli_options import given_fields

@@ -182,8 +182,8 @@ def test_runs_written_before_answer_score_keep_the_yes_logit_and_cannot_resume_a
     check_resume_config(new, tmp_path)
 
 
-@pytest.mark.parametrize("command", ["evaluate", "recommend", "export"])
-def test_every_flag_of_evaluate_recommend_and_export_comes_from_one_dataclass_field(command):
+@pytest.mark.parametrize("command", ["evaluate", "recommend", "export", "make-data"])
+def test_every_flag_of_the_option_commands_comes_from_one_dataclass_field(command):
     from llmrec.cli_options import flag_of
     from llmrec.command_options import COMMAND_OPTIONS
 
