@@ -62,12 +62,11 @@ step_sasrec() {
   done_run "$SASREC_RUN" || llmrec train-cf --model sasrec --objective next-item --dim 64 \
     --epochs 15 --patience 5 --data "$DATA" --out "$SASREC_RUN" --seed 0 --no-progress --resume
 }
-# the whole test split, in chunks (resumable) or one part of them; A-LLMRec scores episodes
-# and runs in one pass
+# the whole test split, in chunks (resumable) or one part of them (A-LLMRec's chunks hold
+# whole users; its ranking episodes are scored once the chunks are complete)
 full_test() {  # full_test RUN_DIR METHOD
-  local run=$1 method=$2 chunked=(--resume ${PART:+--part "$PART"})
+  local run=$1 chunked=(--resume ${PART:+--part "$PART"})
   [[ "$FULL_TEST" == 1 && ! -f "$run/test_predictions.csv" ]] || return 0
-  [[ "$method" != allmrec ]] || chunked=()
   llmrec evaluate --run "$run" --rows all "${chunked[@]}" --no-progress \
     --metrics "$run/eval_test_all.json" --predictions "$run/test_predictions.csv"
 }

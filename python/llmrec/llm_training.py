@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
+import numpy as np
 import torch
 
 from llmrec.config import RunConfig, TrainConfig
@@ -444,28 +445,34 @@ def run_evaluation(
 def _score_in_chunks(run, info, df, run_dir, part, progress, chunk_rows):
     """``(scores, costs)`` of ``df`` from chunk files under ``RUN/scores``
     (:mod:`llmrec.scoring_parts`): scores None while chunks are missing; costs as
-    :func:`~llmrec.scoring_parts.chunk_costs`."""
+    :func:`~llmrec.scoring_parts.chunk_costs`. A method that ranks a user's rows among each
+    other (``scores_by_user``) is scored in chunks of whole users, ``df`` ordered by user."""
     from llmrec.scoring_parts import chunk_costs, score_key, score_resumably
 
-    if type(run.method).evaluate is not Method.evaluate:
-        raise RunConfigError(
-            f"evaluate --resume/--part: method {run.ctx.cfg.method!r} scores episodes, not "
-            "rows; score it in one pass"
-        )
     ctx = run.ctx
+    by_user = run.method.scores_by_user
+    order = np.argsort(df["uid"].to_numpy(), kind="stable") if by_user else np.arange(len(df))
+    frame = df.iloc[order]
     inputs = {g: sorted(v.values()) for g, v in (info.get("inputs") or {}).items()
               if isinstance(v, dict)}  # fmt: skip
-    key = score_key(df, ctx.cfg.to_dict(), run.state, inputs, ctx.cfg.train.eval_batch_size,
+    key = score_key(frame, ctx.cfg.to_dict(), run.state, inputs, ctx.cfg.train.eval_batch_size,
                     chunk_rows)  # fmt: skip
+    if by_user:
+        key["whole_users"] = True
 
-    def score_rows(frame):
-        return run.predict(run.method.source(ctx, frame), "test")
+    def score_rows(chunk):
+        return run.method.score_frame(ctx, run.model, run.opts, chunk, run.predict, "test")
 
     def log(msg: str) -> None:  # evaluate's context logs nothing; these lines say what is left
         print(f"[llmrec] {msg}", file=sys.stderr, flush=True)
 
-    scores = score_resumably(df, score_rows, run_dir, key, part, log=log, progress=progress,
-                             machine=_machine_line(machine_info(str(ctx.device))))  # fmt: skip
+    groups = frame["uid"].to_numpy() if by_user else None
+    got = score_resumably(frame, score_rows, run_dir, key, part, log=log, progress=progress,
+                          machine=_machine_line(machine_info(str(ctx.device))), groups=groups)  # fmt: skip
+    if got is None:
+        return None, None
+    scores = np.empty(len(df))
+    scores[order] = got
     return scores, chunk_costs(run_dir, key)
 
 
@@ -521,6 +528,7 @@ def _evaluate_locked(
         if scores is None:
             return None
         block = split_metrics(scores, df)
+        block.update(run.method.extra_metrics(ctx, run.model, run.opts, df, run.predict))
     else:
         block, scores = run.method.evaluate(ctx, run.model, run.opts, df, run.predict)
     metrics = {

@@ -168,6 +168,9 @@ class Method:
     single_process: ClassVar[bool] = False
     #: ``(key, header, format)`` of test-block metrics ``llmrec compare`` shows for the method
     report_columns: ClassVar[tuple] = ()
+    #: a row's score depends on the user's other rows of the frame scored (A-LLMRec ranks a
+    #: user's rows among each other): chunked scoring keeps each user's rows in one chunk
+    scores_by_user: ClassVar[bool] = False
 
     def build(self, ctx: RunContext, opts) -> Recommender:
         raise NotImplementedError
@@ -196,11 +199,25 @@ class Method:
         valid = self.source(ctx, ctx.rows(ctx.valid_split))
         return [Stage("train", train, valid, ctx.cfg.train)]
 
+    def score_frame(self, ctx: RunContext, model, opts, df, predict, desc: str = "test"):
+        """Scores ``(len(df),)`` float of ``df``'s rows; ``predict(source, desc)`` scores a
+        batch source with the trainer. Chunked scoring (``llmrec evaluate --resume``) calls
+        this per chunk (whole users per chunk when :attr:`scores_by_user`)."""
+        return predict(self.source(ctx, df), desc)
+
+    def extra_metrics(self, ctx: RunContext, model, opts, df, predict) -> Dict[str, Any]:
+        """Test metrics beyond the rows' (A-LLMRec's ranking episodes), computed once per
+        evaluation of ``df``, chunked or not."""
+        return {}
+
     def evaluate(self, ctx: RunContext, model, opts, df, predict, full: bool = True):
-        """``(metrics block, scores (len(df),))`` of ``df``; ``predict(source, desc)`` scores a
-        batch source with the trainer. ``full`` False: the pointwise metrics only (validation)."""
-        scores = predict(self.source(ctx, df), "test" if full else "valid")
-        return split_metrics(scores, df), scores
+        """``(metrics block, scores (len(df),))`` of ``df``. ``full`` False: the pointwise
+        metrics only (validation)."""
+        scores = self.score_frame(ctx, model, opts, df, predict, "test" if full else "valid")
+        block = split_metrics(scores, df)
+        if full:
+            block.update(self.extra_metrics(ctx, model, opts, df, predict))
+        return block, scores
 
     def eval_rows(self, ctx: RunContext, split: str, rows: str = "run"):
         """The rows ``llmrec evaluate`` scores.

@@ -116,6 +116,7 @@ def score_resumably(
     log: Callable[[str], None] = print,
     progress: bool = True,
     machine: str = "",
+    groups: Optional[np.ndarray] = None,
 ) -> Optional[np.ndarray]:
     """Scores ``(len(df),)`` float64 of every row of ``df``, chunk by chunk, reusing the chunk
     files already under ``run_dir/scores/<key>/``; None when ``part`` leaves rows unscored.
@@ -127,6 +128,9 @@ def score_resumably(
             contiguous ranges of chunks (None: all of them).
         machine: where this process scores, recorded with each chunk it writes beside the
             chunk's scoring time (:func:`chunk_costs` sums them).
+        groups: ``(len(df),)`` a group label per row, each group's rows contiguous: a chunk
+            then ends at a group's end (it may hold more than ``chunk_rows`` rows), so no group
+            is split between chunks (whole users, for a method that ranks a user's rows).
     """
     from tqdm.auto import tqdm
 
@@ -142,7 +146,7 @@ def score_resumably(
         from llmrec.safe_files import atomic_write_json
 
         atomic_write_json(key_file, {**key, "sha256": digest})
-    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    bounds = _chunk_bounds(n, chunk, groups)
     if part is None:
         mine = range(len(bounds))
     else:
@@ -183,6 +187,26 @@ def score_resumably(
             "--part, then the metrics are written")  # fmt: skip
         return None
     return scores
+
+
+def _chunk_bounds(n: int, chunk: int, groups: Optional[np.ndarray]) -> List[Tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(n)``: ``chunk`` rows each, or, with
+    ``groups``, extended to the end of the group the chunk's last row belongs to."""
+    if groups is None:
+        return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    groups = np.asarray(groups)
+    if len(groups) != n:
+        raise ValueError(f"groups must have one label per row ({n}), got {len(groups)}")
+    change = np.flatnonzero(groups[1:] != groups[:-1]) + 1  # first row of each later group
+    if len(np.unique(groups[np.r_[0, change]])) != len(change) + 1:
+        raise ValueError("each group's rows must be contiguous")
+    bounds, start = [], 0
+    while start < n:
+        after = change[change >= min(start + chunk, n)]
+        stop = int(after[0]) if len(after) else n
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 def chunk_costs(run_dir: Path, key: Dict[str, Any]) -> Dict[str, Any]:

@@ -124,3 +124,53 @@ def test_bad_part_and_cf_runs_are_refused():
     for bad in ("0/4", "5/4", "2", "a/b", "1/0"):
         with pytest.raises(ValueError, match="--part"):
             parse_part(bad)
+
+
+def test_chunks_of_whole_groups():
+    from llmrec.scoring_parts import _chunk_bounds
+
+    groups = np.array([1, 1, 1, 2, 3, 3, 3, 3, 4, 5, 5])
+    assert _chunk_bounds(11, 3, None) == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    # a chunk ends where the group of its last row ends; a group larger than a chunk is whole
+    assert _chunk_bounds(11, 3, groups) == [(0, 3), (3, 8), (8, 11)]
+    assert _chunk_bounds(11, 2, groups) == [(0, 3), (3, 8), (8, 11)]
+    assert _chunk_bounds(11, 1, groups) == [(0, 3), (3, 4), (4, 8), (8, 9), (9, 11)]
+    assert _chunk_bounds(11, 100, groups) == [(0, 11)]
+    with pytest.raises(ValueError, match="contiguous"):
+        _chunk_bounds(4, 2, np.array([1, 2, 1, 3]))
+
+
+@pytest.fixture(scope="module")
+def allmrec_run(tmp_path_factory):
+    """A tiny A-LLMRec run: it ranks each user's rows among each other, so its chunks hold
+    whole users."""
+    root = tmp_path_factory.mktemp("evalparts_allm")
+    data = synthetic_data(root, seed=6)
+    kw = {"text_encoder": "random", "stage1_epochs": 1, "candidates": 4, "train_candidates": 3,
+          "episodes": 6, "valid_episodes": 0, "generate": False, "latent_dim": 8,
+          "ae_hidden": 8}  # fmt: skip
+    return train_tiny("allmrec", data, root / "run", "--batch-size", "8",
+                      "--max-train-rows", "24", "--max-test-rows", "12",
+                      "--method-kwargs", json.dumps(kw))  # fmt: skip
+
+
+def test_allmrec_scores_in_chunks_of_whole_users_as_in_one_pass(allmrec_run):
+    out = allmrec_run
+    rc, err, one, one_pred = _evaluate(out, "allm_one")
+    assert rc == 0, err
+    rc, err, got, _ = _evaluate(out, "allm_p1", "--part", "1/2", "--chunk-rows", "5")
+    assert rc == 0 and got is None, err
+    rc, err, got, pred = _evaluate(out, "allm_p2", "--part", "2/2", "--chunk-rows", "5")
+    assert rc == 0 and got is not None, err
+    assert pred[["uid", "iid", "label"]].equals(one_pred[["uid", "iid", "label"]])
+    diff = np.abs(pred["score"].to_numpy() - one_pred["score"].to_numpy())
+    assert diff.max() <= 1e-5 * max(np.abs(one_pred["score"].to_numpy()).max(), 1.0)
+    # no user's rows were split between chunks
+    frame = pred.sort_values("uid", kind="stable")
+    for path in sorted((out / "scores").glob("*/rows-*.safetensors")):
+        start, stop = (int(v) for v in path.stem.split("-")[1:])
+        inside = set(frame["uid"].iloc[start:stop])
+        assert not inside & (set(frame["uid"].iloc[:start]) | set(frame["uid"].iloc[stop:]))
+    # the ranking episodes are scored once either way
+    assert got["test"]["hit@1"] == one["test"]["hit@1"]
+    assert got["test"]["episodes"] == one["test"]["episodes"] == 6

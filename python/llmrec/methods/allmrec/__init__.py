@@ -17,7 +17,7 @@ from llmrec.cf.user_vectors import UserVectors, load_user_vectors
 from llmrec.config import option, parse_bool
 from llmrec.data.catalogue import seen_items, title_map
 from llmrec.errors import RunConfigError
-from llmrec.method import Method, RunContext, Stage, register, split_metrics
+from llmrec.method import Method, RunContext, Stage, register
 from llmrec.methods.allmrec.generation import generate_hits, score_episodes, score_rows
 from llmrec.methods.allmrec.next_item_rows import NextItemRows
 from llmrec.methods.allmrec.ranking_baselines import baseline_ranking
@@ -278,24 +278,34 @@ class ALLMRecMethod(Method):
         )  # fmt: skip
         return [align, prompt]
 
-    def evaluate(self, ctx: RunContext, model: ALLMRec, opts: Options, df, predict, full=True):
-        """AUC / UAUC of every row (its title's log-likelihood among the user's rows of the
-        split, in chunks of ``candidates``); with ``full``, the ranking metrics of episodes."""
+    scores_by_user = True  # a row is ranked among its user's rows (row_episodes)
+
+    def score_frame(self, ctx: RunContext, model: ALLMRec, opts: Options, df, predict,
+                    desc: str = "test"):  # fmt: skip
+        """Each row's title log-likelihood among its user's rows of ``df``, in chunks of
+        ``candidates`` (:func:`row_episodes`: each user's chunks drawn from that user's own
+        seed, so a frame of whole users scores as it does inside a larger one)."""
+        p, cfg = self._prompting(ctx), ctx.cfg
+        model.set_stage("prompt")
+        df = df.reset_index(drop=True)  # row_episodes returns positions through the index
+        row_eps, rows = row_episodes(df, opts.candidates, seed=cfg.train.seed)
+        scores = np.empty(len(df))
+        scores[rows] = score_rows(model, p.coll, row_eps, cfg.train.eval_batch_size, ctx.device,
+                                  cfg.train.progress, desc="rows")  # fmt: skip
+        return scores
+
+    def extra_metrics(self, ctx: RunContext, model: ALLMRec, opts: Options, df, predict):
+        """The ranking metrics of ``episodes`` episodes drawn from ``df``'s positives, with the
+        popularity and CF-dot baselines on the same episodes and the generated Hit@1."""
         p, cfg = self._prompting(ctx), ctx.cfg
         model.set_stage("prompt")
         bs, dev, progress = cfg.train.eval_batch_size, ctx.device, cfg.train.progress
-        row_eps, rows = row_episodes(df, opts.candidates, seed=cfg.train.seed)
-        scores = np.empty(len(df))
-        scores[rows] = score_rows(model, p.coll, row_eps, bs, dev, progress, desc="rows")
-        block = split_metrics(scores, df)
-        if not full:
-            return block, scores
         seed = cfg.train.seed
         eps = make_episodes(df, p.catalogue, opts.candidates, seen=p.seen, seed=seed + 7)
         eps = _subset(eps, opts.episodes, seed)
         sc = score_episodes(model, p.coll, eps, bs, dev, progress, desc="episodes")
         tpos = np.array([ep.candidates.index(ep.target) for ep in eps])
-        block.update(hit_ndcg(sc, tpos, opts.ks))
+        block = dict(hit_ndcg(sc, tpos, opts.ks))
         # the same episodes ranked by training popularity and by the CF dot product
         block.update(
             baseline_ranking(eps, ctx.data["train"], p.users, ctx.item_table, opts.ks, seed)
@@ -304,12 +314,11 @@ class ALLMRecMethod(Method):
         if opts.generate and eps:
             block.update(generate_hits(model, p.coll, eps, bs, dev, opts.max_new_tokens, progress))
         ctx.log(
-            f"A-LLMRec {len(df)} rows: AUC {block['auc']:.4f} UAUC {block['uauc']:.4f} "
-            f"hit@1 {block.get('hit@1', float('nan')):.4f} (popularity "
-            f"{block.get('popularity_hit@1', float('nan')):.4f}, CF dot "
+            f"A-LLMRec {len(eps)} episodes: hit@1 {block.get('hit@1', float('nan')):.4f} "
+            f"(popularity {block.get('popularity_hit@1', float('nan')):.4f}, CF dot "
             f"{block.get('cf_dot_hit@1', float('nan')):.4f})"
         )
-        return block, scores
+        return block
 
 
 def _subset(episodes: List, n: int, seed: int) -> List:

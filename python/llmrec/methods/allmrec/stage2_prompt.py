@@ -256,12 +256,13 @@ def make_episodes(
 def row_episodes(df, candidates: int, seed: int = 0) -> tuple[List[Episode], np.ndarray]:
     """Pointwise scoring of a split's rows: per user, the user's rows in chunks of
     ``candidates`` form the candidate set; one episode per row (target = the row's item).
+    Each user's rows are shuffled by a generator of ``(seed, uid)``, so a user's episodes
+    do not depend on the other users of ``df`` (chunked scoring of whole users).
     Returns the episodes and, for each, the row index in ``df``."""
-    rng = np.random.default_rng(seed)
     eps, rows = [], []
-    for _, g in df.groupby("uid", sort=True):
+    for uid, g in df.groupby("uid", sort=True):
         idx = g.index.to_numpy().copy()
-        rng.shuffle(idx)
+        np.random.default_rng([seed, int(uid)]).shuffle(idx)
         # the user's history at their first row of the split (no later row leaks into it)
         first = g["timestamp"].idxmin() if "timestamp" in g.columns else g.index[0]
         his = list(g.loc[first, "his"])
