@@ -450,6 +450,13 @@ def _score_in_chunks(run, info, df, run_dir, part, progress, chunk_rows):
     from llmrec.scoring_parts import chunk_costs, score_key, score_resumably
 
     ctx = run.ctx
+    kind = type(run.method)
+    if kind.evaluate is not Method.evaluate and kind.score_frame is Method.score_frame:
+        raise RunConfigError(
+            f"evaluate --resume/--part: method {ctx.cfg.method!r} overrides evaluate but not "
+            "score_frame, so its chunks cannot be scored as its evaluate scores; score it in "
+            "one pass"
+        )
     by_user = run.method.scores_by_user
     order = np.argsort(df["uid"].to_numpy(), kind="stable") if by_user else np.arange(len(df))
     frame = df.iloc[order]

@@ -74,6 +74,11 @@ def test_a_method_from_one_file_trains_evaluates_and_compares_through_the_cli(tm
     # reopened with its best state, the run scores the test split as it did after training
     assert ev["method"] == "toy-bilinear"
     assert ev["test"]["auc"] == pytest.approx(metrics["test"]["auc"])
+    # its evaluate adds a metric: chunked scoring, which calls score_frame per chunk and
+    # extra_metrics once, cannot reproduce an evaluate override, so it is refused in one line
+    assert main(["evaluate", "--run", str(out), "--resume", "--metrics",
+                 str(tmp_path / "chunked.json"), "--no-progress"]) == 2  # fmt: skip
+    assert not (tmp_path / "chunked.json").exists()
 
     table = tmp_path / "rows.json"
     assert main(["compare", str(out), "--no-plot", "--json", str(table)]) == 0
