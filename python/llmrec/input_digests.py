@@ -56,15 +56,18 @@ def _files(group: str, path: PathLike) -> List[Path]:
         return [path / n for n in DATASET_FILES if (path / n).is_file()]
     if group == "cf":
         files = [path / n for n in ("embeddings.safetensors", "model.safetensors") if
-                 (path / n).is_file() and (n == "embeddings.safetensors" or _sequential(path))]  # fmt: skip
+                 (path / n).is_file() and (n == "embeddings.safetensors" or sequential_cf_run(path))]  # fmt: skip
         return files
     return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
 
 
-def _sequential(cf_run: Path) -> bool:
-    """A CF run whose model the LLM methods run too (SASRec: llmrec.cf.user_vectors)."""
+def sequential_cf_run(cf_run: PathLike) -> bool:
+    """Whether ``cf_run`` is a CF run directory of a sequential model (SASRec), whose model the
+    LLM methods run on each row's history (:mod:`llmrec.cf.user_vectors`); False for any
+    other model, a file, or a directory whose ``run.json`` does not say."""
     try:
-        return json.loads((cf_run / "run.json").read_text())["config"]["model"] == "sasrec"
+        info = json.loads((Path(cf_run) / "run.json").read_text())
+        return info["config"]["model"] == "sasrec"
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

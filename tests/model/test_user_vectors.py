@@ -114,3 +114,22 @@ def test_a_sasrec_runs_model_file_is_a_recorded_input(runs):
     names = {k: {p.rsplit("/", 1)[1] for p in digest_inputs(cf=v)["cf"]} for k, v in out.items()}
     assert names == {"mf": {"embeddings.safetensors"},
                      "sasrec": {"embeddings.safetensors", "model.safetensors"}}  # fmt: skip
+
+
+def test_a_broken_sasrec_model_file_is_one_line_and_an_odd_run_json_is_a_table(runs, tmp_path):
+    import shutil
+
+    from llmrec.cf import CFEmbeddingError
+
+    data, out = runs
+    emb = load_cf_embeddings(out["sasrec"], data.n_users, data.n_items)
+    broken = tmp_path / "sasrec"
+    shutil.copytree(out["sasrec"], broken)
+    raw = bytearray((broken / "model.safetensors").read_bytes())
+    raw[-5] ^= 0xFF
+    (broken / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CFEmbeddingError, match="model.safetensors"):
+        load_user_vectors(broken, emb.user, data)
+    # a run.json that names no model (edited, or another tool's): the table, as before
+    (broken / "run.json").write_text('{"kind": "cf"}')
+    assert not load_user_vectors(broken, emb.user, data).from_history

@@ -94,14 +94,11 @@ def load_user_vectors(
     (``model.safetensors``, frozen, on the CPU); every other model, or an embeddings file
     given alone, looks the table up."""
     from llmrec.cf.cf_run import cf_run_config, load_cf_model
+    from llmrec.input_digests import sequential_cf_run
 
-    path = Path(cf_path) if cf_path is not None else None
-    if path is None or not path.is_dir() or not (path / "run.json").is_file():
+    if cf_path is None or not sequential_cf_run(cf_path):
         return UserVectors(table)
-    cfg = cf_run_config(path)
-    if cfg.model != "sasrec":
-        return UserVectors(table)
-    return UserVectors(table, load_cf_model(path, cfg, data))
+    return UserVectors(table, load_cf_model(Path(cf_path), cf_run_config(Path(cf_path)), data))
 
 
 def as_user_vectors(users: Union[UserVectors, torch.Tensor]) -> UserVectors:
