@@ -128,7 +128,7 @@ def test_a_broken_sasrec_model_file_is_one_line_and_an_odd_run_json_is_a_table(r
     raw = bytearray((broken / "model.safetensors").read_bytes())
     raw[-5] ^= 0xFF
     (broken / "model.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(CFEmbeddingError, match="model.safetensors"):
+    with pytest.raises(CFEmbeddingError, match=r"model\.safetensors"):
         load_user_vectors(broken, emb.user, data)
     # a run.json that names no model (edited, or another tool's): the table, as before
     (broken / "run.json").write_text('{"kind": "cf"}')
