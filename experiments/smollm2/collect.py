@@ -1,6 +1,6 @@
 """The SmolLM2 experiment's table, recomputed from every run's test predictions.
 
-    python experiments/smollm2/collect.py [RUNS_DIR] [--data DIR] [--fresh]
+    python experiments/smollm2/collect.py [RUNS_DIR] [--data DIR] [--fresh] [--readme README.md]
 
 The main table scores every method on the whole test split (``test_predictions.csv``:
 MF's own, and each LLM run's ``llmrec evaluate --rows all`` predictions, written by
@@ -520,12 +520,30 @@ def ranking_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+#: the README lines between these markers are the main table (``--readme``)
+README_MARKERS = ("<!-- smollm2-results:begin -->", "<!-- smollm2-results:end -->")
+
+
+def write_readme(path: Path, table: str) -> None:
+    """Replace the lines between :data:`README_MARKERS` in ``path`` with ``table``."""
+    text = path.read_text()
+    begin, end = README_MARKERS
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise SystemExit(f"{path}: needs one {begin} line before one {end} line")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{table.rstrip()}\n{end}{tail}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="?", default="runs/smollm2", type=Path)
     p.add_argument("--data", default=str(HERE.parents[1].parent / "shared" / "data" / "ml-1m"))
     p.add_argument("--fresh", action="store_true",
                    help="drop results.json's entries whose runs are not in RUNS")  # fmt: skip
+    p.add_argument("--readme", type=Path, default=None,
+                   help="also write the main table into this README between its "
+                   f"{README_MARKERS[0]} and {README_MARKERS[1]} lines")  # fmt: skip
     args = p.parse_args()
     res = collect(args.runs, args.data)
     if not args.fresh and (HERE / "results.json").exists():
@@ -544,6 +562,8 @@ def main() -> None:
     if res["tiny_draws"]:
         text += "\nCoRA on other random tiny LLMs (the subsample):\n\n" + tiny_draws_markdown(res)
     (HERE / "results.md").write_text(text)
+    if args.readme is not None:
+        write_readme(args.readme, markdown(res))
     print(text)
 
 

@@ -138,3 +138,21 @@ def test_earlier_entries_are_kept_only_for_the_same_rows(setup):
     earlier["subsample_rows_sha256"] = "0" * 64
     with pytest.raises(SystemExit, match="subsample_rows_sha256 differs"):
         collect.merge_earlier(res, earlier)
+
+
+def test_readme_table_is_replaced_between_its_markers(setup, tmp_path):
+    collect = _collect_module()
+    res = collect.collect(setup["runs"], setup["data"])
+    begin, end = collect.README_MARKERS
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nintro\n\n{begin}\n| old | table |\n{end}\n\nafter\n")
+    collect.write_readme(readme, collect.markdown(res))
+    text = readme.read_text()
+    assert text.startswith("# x\n\nintro\n\n" + begin + "\n| method | AUC")
+    assert "| old | table |" not in text and text.endswith(f"{end}\n\nafter\n")
+    assert f"digest {res['test_rows_sha256'][:12]}" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="needs one"):
+        collect.write_readme(readme, "table")
+    # the project's README has its markers
+    assert (ROOT / "README.md").read_text().count(begin) == 1
