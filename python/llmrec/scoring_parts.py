@@ -197,6 +197,8 @@ def _chunk_bounds(n: int, chunk: int, groups: Optional[np.ndarray]) -> List[Tupl
     groups = np.asarray(groups)
     if len(groups) != n:
         raise ValueError(f"groups must have one label per row ({n}), got {len(groups)}")
+    if n == 0:
+        return []
     change = np.flatnonzero(groups[1:] != groups[:-1]) + 1  # first row of each later group
     if len(np.unique(groups[np.r_[0, change]])) != len(change) + 1:
         raise ValueError("each group's rows must be contiguous")

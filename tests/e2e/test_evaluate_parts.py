@@ -136,6 +136,7 @@ def test_chunks_of_whole_groups():
     assert _chunk_bounds(11, 2, groups) == [(0, 3), (3, 8), (8, 11)]
     assert _chunk_bounds(11, 1, groups) == [(0, 3), (3, 4), (4, 8), (8, 9), (9, 11)]
     assert _chunk_bounds(11, 100, groups) == [(0, 11)]
+    assert _chunk_bounds(0, 4, np.array([], np.int64)) == _chunk_bounds(0, 4, None) == []
     with pytest.raises(ValueError, match="contiguous"):
         _chunk_bounds(4, 2, np.array([1, 2, 1, 3]))
 
