@@ -310,6 +310,7 @@ def _curve(runs_dir: Path, rows: dict, test, sub_keys) -> list:
                 "auc": m["auc"], "uauc": m["uauc"],
                 "warm_auc": m["warm"]["auc"], "cold_auc": m["cold"]["auc"],
                 "train_time_s": train.get("train_time_s"),
+                "llm_dtype": (r["metrics"].get("config") or {}).get("llm_dtype"),
             })  # fmt: skip
         for d in sorted((runs_dir / "curve").glob(prefix + "[0-9]*")):
             point = _run_point(d, test, sub_keys)
@@ -327,11 +328,13 @@ def _run_point(run: Path, test, keys) -> dict | None:
     if keys is not None and _keys(pred) != keys:
         raise SystemExit(f"{run}: its test rows differ from the other runs' subsample")
     m = _test_metrics(pred, test, keys)
-    train = json.loads(metrics_path.read_text()).get("train", {})
+    metrics = json.loads(metrics_path.read_text())
+    train = metrics.get("train", {})
     return {
         "run": run.name, "train_rows": train.get("rows"), "auc": m["auc"], "uauc": m["uauc"],
         "warm_auc": m["warm"]["auc"], "cold_auc": m["cold"]["auc"],
         "train_time_s": train.get("train_time_s"),
+        "llm_dtype": (metrics.get("config") or {}).get("llm_dtype"),
     }  # fmt: skip
 
 
@@ -379,14 +382,15 @@ def curve_markdown(res: dict) -> str:
     if not res.get("curve"):
         return ""
     lines = [
-        "| LLM | train rows | AUC | UAUC | warm AUC | cold AUC | train time | collected at |",
-        "|---|---|---|---|---|---|---|---|",
+        "| LLM | train rows | AUC | UAUC | warm AUC | cold AUC | train time | dtype | "
+        "collected at |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in res["curve"]:
         lines.append(
             f"| {p['llm']} | {p['train_rows']} | {_f(p['auc'])} | {_f(p['uauc'])} | "
             f"{_f(p['warm_auc'])} | {_f(p['cold_auc'])} | {_minutes(p['train_time_s'])} | "
-            f"{p.get('collected_at_commit', res['commit'])} |"
+            f"{p.get('llm_dtype') or '-'} | {p.get('collected_at_commit', res['commit'])} |"
         )
     return "\n".join(lines) + "\n"
 

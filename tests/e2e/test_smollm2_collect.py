@@ -59,7 +59,7 @@ def setup(tmp_path):
     runs = tmp_path / "runs"
     machine = {"cpu": "Test CPU", "logical_cores": 2, "torch_threads": 2, "gpu": None}
     train = {"rows": 800, "steps": 100, "train_time_s": 600.0}
-    cfg = {"train": {"batch_size": 8}}
+    cfg = {"train": {"batch_size": 8}, "llm_dtype": "fp32"}
     _run(runs / "mf", {"train": {"train_time_s": 3.0}}, full=_pred(test, 1))
     preds = {}
     for i, name in enumerate(("zeroshot", "cora")):
@@ -102,6 +102,7 @@ def test_table_metrics_are_recomputed_on_the_intended_rows(setup):
     by_rows = {p["train_rows"]: p for p in res["curve"]}
     assert by_rows[200]["auc"] == pytest.approx(_auc(setup["curve_pred"], test)["auc"])
     assert by_rows[800]["auc"] == pytest.approx(_auc(setup["preds"]["cora"][1], test)["auc"])
+    assert by_rows[800]["llm_dtype"] == "fp32" and by_rows[200]["llm_dtype"] is None
     text = collect.markdown(res)
     assert f"digest {res['test_rows_sha256'][:12]}" in text and "20.6 min" in text
     assert "Test CPU, 2 threads" in text
