@@ -150,6 +150,11 @@ def _import_backend(name: str):
 def get_backend(name: str) -> CoraBackend:
     """The module implementing a concrete backend (``"torch"``, ``"triton"`` or ``"cuda"``),
     imported on first use (the Triton one imports ``triton``)."""
+    if torch.compiler.is_compiling():
+        # A traced read of _LOADED guards on its contents: a graph traced before the first
+        # eager call would be recompiled once that call fills it. Import statements leave
+        # no guard.
+        return _import_backend(name)
     module = _LOADED.get(name)
     if module is None:
         module = _LOADED[name] = _import_backend(name)

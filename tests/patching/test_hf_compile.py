@@ -322,3 +322,21 @@ def test_plain_lora_dropout_under_compile_draws_the_eager_masks():
     explained = torch._dynamo.explain(lambda i: logits(model, i))(ids)
     reasons = {str(r.reason).splitlines()[0] for r in explained.break_reasons}
     assert reasons == {"Skip calling `torch.compiler.disable()`d function"}, reasons
+
+
+def test_a_compiled_patched_model_is_not_recompiled_on_its_second_call():
+    """The first call of a freshly imported backend inside a compiled region used to leave a
+    guard on the backends' cache; the second call then recompiled every compiled frame."""
+    import llmrec_kernels.backends as backends
+
+    model = patched_model()
+    model.eval()
+    ids, a = inputs()
+    torch._dynamo.reset()
+    backends._LOADED.clear()  # as in a fresh process: no backend imported yet
+    compiled = torch.compile(lambda i: logits(model, i))
+    with torch.no_grad(), cora_weights(model, a):
+        first = compiled(ids)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            second = compiled(ids)
+    assert torch.equal(first, second)
