@@ -84,7 +84,10 @@ def target_checks(records: list[dict]) -> list[dict]:
 
 def _host_checks(records: list[dict]) -> list[dict]:
     """Host op (CPU): ours[torch] per call <= 1.5 x the three plain calls; the Triton
-    launcher's Python (no-op launches) <= 15 us per call."""
+    launcher's host time with cached no-op launches, reported without a verdict
+    (``"pass": None``): it includes neither a driver launch nor a GPU, so it cannot judge
+    issue 25's target (<= 35 us per Triton call), which the GPU check measures; the unit
+    test bounds it against a calibration loop."""
     checks = []
     shapes: dict = defaultdict(dict)
     for rec in records:
@@ -106,10 +109,11 @@ def _host_checks(records: list[dict]) -> list[dict]:
         if "ours[triton]" in us:
             checks.append(
                 {
-                    "target": f"host us of the Triton launcher (no-op launches) / 15 us, {where}",
-                    "ratio": us["ours[triton]"] / 15.0, "bound": "<= 1",
-                    "pass": us["ours[triton]"] <= 15.0,
-                    "numerator_ms": us["ours[triton]"], "denominator_ms": 15.0,
+                    "target": f"host us of the Triton launcher (cached no-op launches) / the "
+                    f"GPU target of 35 us, {where}",
+                    "ratio": us["ours[triton]"] / 35.0, "bound": "judged on a GPU",
+                    "pass": None,
+                    "numerator_ms": us["ours[triton]"], "denominator_ms": 35.0,
                     "method": "host cost", "unit": "us",
                 }
             )  # fmt: skip
@@ -213,6 +217,11 @@ HEADERS = [
 ]  # fmt: skip
 
 
+def _verdict(passed: Optional[bool]) -> str:
+    """PASS, FAIL, or INFO for a measurement this machine cannot judge (``None``)."""
+    return "INFO" if passed is None else ("PASS" if passed else "FAIL")
+
+
 def print_table(results: dict, console=None) -> None:
     """Print the records as a rich table (plain Markdown without rich), then the checks."""
     try:
@@ -222,9 +231,7 @@ def print_table(results: dict, console=None) -> None:
     except ImportError:
         print(markdown_table(results))
         for c in results.get("checks", []):
-            print(
-                f"{'PASS' if c['pass'] else 'FAIL'} {c['target']}: {c['ratio']:.2f} ({c['bound']})"
-            )
+            print(f"{_verdict(c['pass'])} {c['target']}: {c['ratio']:.2f} ({c['bound']})")
         return
 
     console = console or Console(width=220)
@@ -257,7 +264,9 @@ def print_table(results: dict, console=None) -> None:
     for n in sorted(notes):
         console.print(f"[dim]roofline %: {escape(n)}[/dim]")
     for c in results.get("checks", []):
-        mark = "[green]PASS[/green]" if c["pass"] else "[red]FAIL[/red]"
+        mark = {"PASS": "[green]PASS[/green]", "FAIL": "[red]FAIL[/red]"}.get(
+            _verdict(c["pass"]), "[dim]INFO[/dim]"
+        )
         ceiling = c.get("naive_over_base")
         extra = f"; naive / base = {ceiling:.2f}" if ceiling is not None else ""
         console.print(

@@ -201,3 +201,25 @@ def test_whole_model_rejects_bad_arguments():
         whole_main(["--tiny", "--layers", "0"])
     with pytest.raises(SystemExit):
         whole_main(["--tiny", "--reps", "0"])
+
+
+def test_host_checks_judge_the_torch_path_and_only_report_the_triton_launcher(capsys):
+    """The CPU's no-op launches cannot judge the GPU's 35 us target: INFO, never PASS/FAIL;
+    the torch path's ratio to three plain calls is judged against 1.5."""
+    from benchmarks.report import print_table, target_checks
+
+    def rec(method, us):
+        return {"op": "host", "device": "cpu", "B": 1, "L": 1, "d_in": 64, "r": 16,
+                "method": method, "host_us": us}  # fmt: skip
+
+    checks = target_checks(
+        [rec("plain3", 10.0), rec("ours[torch]", 16.0), rec("ours[triton]", 90.0)]
+    )
+    by_method = {("triton" if "Triton" in c["target"] else "torch"): c for c in checks}
+    assert by_method["torch"]["pass"] is False and by_method["torch"]["ratio"] == 1.6
+    assert by_method["triton"]["pass"] is None
+    print_table({"meta": {"device": "cpu", "dtype": "float32", "machine": "test"},
+                 "records": [], "checks": checks})  # fmt: skip
+    out = capsys.readouterr().out
+    assert "FAIL host us ours[torch]" in out and "INFO host us of the Triton launcher" in out
+    assert "PASS" not in out
