@@ -222,6 +222,13 @@ def _verdict(passed: Optional[bool]) -> str:
     return "INFO" if passed is None else ("PASS" if passed else "FAIL")
 
 
+_VERDICT_MARKUP = {
+    "PASS": "[green]PASS[/green]",
+    "FAIL": "[red]FAIL[/red]",
+    "INFO": "[dim]INFO[/dim]",
+}
+
+
 def print_table(results: dict, console=None) -> None:
     """Print the records as a rich table (plain Markdown without rich), then the checks."""
     try:
@@ -264,9 +271,7 @@ def print_table(results: dict, console=None) -> None:
     for n in sorted(notes):
         console.print(f"[dim]roofline %: {escape(n)}[/dim]")
     for c in results.get("checks", []):
-        mark = {"PASS": "[green]PASS[/green]", "FAIL": "[red]FAIL[/red]"}.get(
-            _verdict(c["pass"]), "[dim]INFO[/dim]"
-        )
+        mark = _VERDICT_MARKUP[_verdict(c["pass"])]
         ceiling = c.get("naive_over_base")
         extra = f"; naive / base = {ceiling:.2f}" if ceiling is not None else ""
         console.print(
