@@ -84,7 +84,11 @@ __all__ = [
 
 
 class BatchSource(Protocol):
-    """Rows that become batches: ``len(source)`` rows, ``source(indices)`` a batch dict."""
+    """Rows that become batches: ``len(source)`` rows, ``source(indices)`` a batch dict.
+
+    Optional: ``lengths()`` ``(len(source),)`` (prediction batches rows of similar length),
+    or ``batches(batch_size)``, the prediction's index batches themselves (each row once).
+    """
 
     def __len__(self) -> int: ...
 
@@ -412,23 +416,32 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         n = len(data)
-        lengths = getattr(data, "lengths", None)
-        # rows of similar length together: less padding per batch
-        order = np.argsort(lengths(), kind="stable") if callable(lengths) else np.arange(n)
-        mine = order[self.env.rank :: self.env.world_size]
-        scores = np.empty(len(mine), dtype=np.float64)
         bs = self.cfg.eval_batch_size
+        plan = getattr(data, "batches", None)
+        if callable(plan):
+            # the source knows which examples share work (A-LLMRec: one prompt per episode)
+            batches = [np.asarray(b, dtype=np.int64) for b in plan(bs)]
+            mine_batches = batches[self.env.rank :: self.env.world_size]
+        else:
+            lengths = getattr(data, "lengths", None)
+            # rows of similar length together: less padding per batch
+            order = np.argsort(lengths(), kind="stable") if callable(lengths) else np.arange(n)
+            own = order[self.env.rank :: self.env.world_size]
+            mine_batches = [own[s : s + bs] for s in range(0, len(own), bs)]
+        mine = np.concatenate(mine_batches) if mine_batches else np.empty(0, dtype=np.int64)
+        scores = np.empty(len(mine), dtype=np.float64)
         bar = tqdm(
-            range(0, len(mine), bs),
+            mine_batches,
             desc=desc,
             disable=not (self.cfg.progress and self.env.is_main),
             leave=False,
         )
-        for start in bar:
-            idx = mine[start : start + bs]
+        start = 0
+        for idx in bar:
             with self._autocast():
                 out = self.model.score(self._to_device(data(idx)))
             scores[start : start + len(idx)] = out.float().cpu().numpy()
+            start += len(idx)
         self.model.train(was_training)
         if self.env.enabled:
             parts: List[Any] = [None] * self.env.world_size

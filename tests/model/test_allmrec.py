@@ -184,9 +184,10 @@ def test_embed_equals_hand_built_sequence_and_logprob_equals_full_forward(world)
      ("eager", torch.bfloat16)],
 )  # fmt: skip
 def test_candidate_batches_score_as_the_full_sequences(world, attn, dtype, monkeypatch):
-    """Shared-prompt candidate scoring (each prompt once, its cache repeated per title) gives
-    the log-likelihoods of the full prompt + title sequences: prompts of different lengths
-    (left padding), titles of different lengths (right padding), a chunk that cuts episodes."""
+    """Shared-prompt candidate scoring (each prompt once, its titles packed after it behind a
+    block-diagonal mask) gives the log-likelihoods of the full prompt + title sequences:
+    prompts of different lengths (left padding), titles of different lengths, a chunk that
+    cuts episodes, pairs of different prompts interleaved."""
     from llmrec.methods.allmrec.generation import score_episodes
     from llmrec.methods.allmrec.stage2_prompt import CandidatePairs
 
@@ -202,7 +203,8 @@ def test_candidate_batches_score_as_the_full_sequences(world, attn, dtype, monke
            Episode(5, [], [1, 20, 21], 21)]  # fmt: skip
     assert len({len(coll.target_ids(i)) for ep in eps for i in ep.candidates}) > 1
     pairs = CandidatePairs(coll, eps)
-    for idx in (range(len(pairs)), range(2, 8)):
+    shuffled = [int(j) for j in np.random.default_rng(0).permutation(len(pairs))]
+    for idx in (range(len(pairs)), range(2, 8), shuffled):
         batch = pairs(idx)
         assert batch["input_ids"].shape[0] == len({pairs.pairs[j][0] for j in idx})
         full = coll(
@@ -253,6 +255,58 @@ def test_row_scores_share_a_users_prompt_and_equal_the_full_sequences(world):
             torch.as_tensor(got, dtype=torch.float32), model.sequence_logprob(full),
             model64.sequence_logprob(full64), "row scores",
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 20, 64])
+def test_prompt_batches_keep_each_prompt_whole_when_it_fits(batch_size):
+    from llmrec.methods.allmrec.stage2_prompt import prompt_batches
+
+    rng = np.random.default_rng(batch_size)
+    prompt_of = np.repeat(np.arange(30), rng.integers(1, 25, size=30)).tolist()
+    spans = prompt_batches(prompt_of, batch_size)
+    # every pair once, in order, no span over batch_size
+    assert [i for s, e in spans for i in range(s, e)] == list(range(len(prompt_of)))
+    assert all(0 < e - s <= batch_size for s, e in spans)
+    # a prompt's run lies in ceil(run / batch_size) spans: never split for want of room
+    for j in set(prompt_of):
+        run = prompt_of.count(j)
+        touched = sum(1 for s, e in spans if j in prompt_of[s:e])
+        assert touched == -(-run // batch_size), (j, run, touched)
+    # the spans are not needlessly many: two neighbours never fit into one
+    assert all(e2 - s1 > batch_size for (s1, _), (_, e2) in zip(spans, spans[1:]))
+    with pytest.raises(ValueError, match="batch_size"):
+        prompt_batches(prompt_of, 0)
+
+
+def test_validation_runs_each_episodes_prompt_once(world, tmp_path):
+    """The trainer's prediction takes CandidatePairs' own batches: with 20-candidate
+    episodes and 32 pairs a batch, one prompt per forward (fixed-size chunks of 32 would run
+    about 1.6 prompts per episode), and the scores are those of any other batching."""
+    from llmrec.config import TrainConfig
+    from llmrec.methods.allmrec.generation import score_pairs
+    from llmrec.methods.allmrec.stage2_prompt import CandidatePairs
+    from llmrec.training_loop import Trainer
+
+    _, titles, user, _, _, tok = world
+    model = make_model(world)
+    model.set_stage("prompt")
+    coll = EpisodeCollator(tok, titles, user)
+    eps = [Episode(u, [0, 2], list(range(1 + u, 21 + u)), 5 + u) for u in range(3, 7)]
+    source = CandidatePairs(coll, eps)
+    prompts_run = []
+    real = model.candidate_logprob
+
+    def counting(batch):
+        prompts_run.append(batch["input_ids"].shape[0])
+        return real(batch)
+
+    model.candidate_logprob = counting
+    trainer = Trainer(model, None, source, TrainConfig(eval_batch_size=32, progress=False),
+                      tmp_path)  # fmt: skip
+    got = trainer.predict(source)
+    assert prompts_run == [1] * len(eps)
+    want = score_pairs(model, coll, source.episodes, source.pairs, 7, "cpu")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_training_step_moves_only_the_projections(world):

@@ -9,7 +9,13 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from llmrec.methods.allmrec.stage2_prompt import ALLMRec, CandidatePairs, Episode, EpisodeCollator
+from llmrec.methods.allmrec.stage2_prompt import (
+    ALLMRec,
+    CandidatePairs,
+    Episode,
+    EpisodeCollator,
+    prompt_batches,
+)
 
 __all__ = [
     "generate_hits",
@@ -33,17 +39,18 @@ def score_pairs(
     desc="score",
 ) -> np.ndarray:
     """``(P,)`` log-likelihood of each pair's title: ``(j, item)`` is ``prompts[j]``'s prompt
-    followed by ``item``'s title. ``batch_size`` pairs per forward; the distinct prompts of a
-    batch run once each (:meth:`EpisodeCollator.candidates`), so list pairs of one prompt
-    together."""
+    followed by ``item``'s title. The distinct prompts of a batch run once each
+    (:meth:`EpisodeCollator.candidates`), so list pairs of one prompt together: a batch
+    holds whole runs of one prompt's pairs, up to ``batch_size`` pairs (a run longer than
+    that is cut into ``batch_size`` pieces), so no prompt runs twice for want of room."""
     from tqdm.auto import tqdm
 
     model.eval()
     out = np.empty(len(pairs))
-    for s in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress, leave=False):
-        chunk = pairs[s : s + batch_size]
-        batch = {k: v.to(device) for k, v in coll.candidates(prompts, chunk).items()}
-        out[s : s + len(chunk)] = model.score(batch).float().cpu().numpy()
+    spans = prompt_batches([j for j, _ in pairs], batch_size)
+    for s, e in tqdm(spans, desc=desc, disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in coll.candidates(prompts, pairs[s:e]).items()}
+        out[s:e] = model.score(batch).float().cpu().numpy()
     return out
 
 

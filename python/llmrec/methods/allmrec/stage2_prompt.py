@@ -43,8 +43,6 @@ random items the user never rated):
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -75,6 +73,7 @@ __all__ = [
     "hit_ndcg",
     "make_episodes",
     "probe_output_norm",
+    "prompt_batches",
     "row_episodes",
     "target_text",
     "token_embedding_norm",
@@ -145,13 +144,6 @@ def _projection(kind: str, d_in: int, hidden: Optional[int], d_model: int, act) 
     if kind == "mlp":
         return two_layer_mlp(d_in, 256 if hidden is None else hidden, d_model)
     raise ValueError(f"projection must be one of {PROJECTIONS}, got {kind!r}")
-
-
-@functools.cache
-def _cache_argument(forward: Callable) -> str:
-    """The name a decoder body's ``forward`` gives its KV cache: transformers 5.x ``cache``,
-    4.x ``past_key_values`` (looked up once per class, not per scored batch)."""
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _titled_items(items: Sequence[int], titles: Mapping[int, str]) -> list:
@@ -606,39 +598,63 @@ class ALLMRec(nn.Module):
         """``(P,)`` total log-likelihood of each pair's title (EOS included) for a
         :meth:`EpisodeCollator.candidates` batch.
 
-        Each distinct prompt runs once and leaves its keys and values in a cache; the cache
-        rows are repeated per pair and only the titles run on top of them. The ranking
-        evaluation's 20 candidates per episode thus cost one prompt and 20 short titles
-        instead of 20 prompts. Positions continue from the left-padded prompt, so every
-        title token keeps its distance to every prompt token (RoPE sees what the full
-        ``"target"`` sequence would give).
+        Each distinct prompt runs once, with the titles of all of its pairs packed after it
+        in the same sequence: a title token sees the prompt and its own title's earlier
+        tokens, never another title (a block-diagonal custom mask), and takes the position
+        it would have right after the prompt. The ranking evaluation's 20 candidates per
+        episode thus cost one forward of the prompt and the 20 titles, without copying
+        the prompt's keys and values per pair. Every title token keeps its distance to
+        every prompt token (RoPE sees what the full ``"target"`` sequence would give).
         """
-        from transformers import DynamicCache
-
         body = decoder_body(self.llm)
-        cache_arg = _cache_argument(type(body).forward)
-        mask = batch["attention_mask"]
-        cache = DynamicCache()
-        out = body(
-            inputs_embeds=self.embed(batch), attention_mask=mask, use_cache=True,
-            **{cache_arg: cache},
-        )  # fmt: skip
-        pick = batch["cand_prompt"]
-        cache.batch_select_indices(pick)
-        cand_mask = batch["cand_mask"]
-        tail = body(
-            input_ids=batch["cand_ids"],
-            attention_mask=torch.cat([mask[pick], cand_mask], dim=1),
-            use_cache=True,
-            **{cache_arg: cache},
+        prompt_mask = batch["attention_mask"].bool()
+        pick, cand_ids = batch["cand_prompt"], batch["cand_ids"]
+        lengths = batch["cand_mask"].sum(1).tolist()
+        n_rows, n_prompt = prompt_mask.shape
+        # where each title starts in its prompt's tail (titles packed in pair order)
+        fill, starts = [0] * n_rows, []
+        for u, n in zip(pick.tolist(), lengths):
+            starts.append(fill[u])
+            fill[u] += n
+        dev = cand_ids.device
+        p_of, j_of = batch["cand_mask"].bool().nonzero(as_tuple=True)  # (N,) pair, token
+        u_of = pick[p_of]
+        slot = torch.as_tensor(starts, dtype=torch.long, device=dev)[p_of] + j_of
+        tail = max(fill)
+        tail_ids = torch.full((n_rows, tail), self.tokenizer.pad_token_id or 0, device=dev)
+        tail_ids[u_of, slot] = cand_ids[p_of, j_of]
+        tail_pair = torch.full((n_rows, tail), -1, dtype=torch.long, device=dev)
+        tail_pair[u_of, slot] = p_of
+        tail_step = torch.zeros((n_rows, tail), dtype=torch.long, device=dev)
+        tail_step[u_of, slot] = j_of
+
+        emb = torch.cat([self.embed(batch), self.llm.get_input_embeddings()(tail_ids)], dim=1)
+        prompt_pos = torch.arange(n_prompt, device=dev).expand(n_rows, n_prompt)
+        position_ids = torch.cat([prompt_pos, n_prompt + tail_step], dim=1)
+        # allowed[u, q, k]: prompt keys (valid ones) for every prompt query at or after
+        # them and for every title token; title keys for the same title's later tokens
+        width = n_prompt + tail
+        q_prompt = torch.arange(width, device=dev)[:, None] < n_prompt
+        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+        key_valid = torch.cat([prompt_mask, tail_pair >= 0], dim=1)[:, None, :]
+        pair = torch.cat([torch.full_like(prompt_pos, -2), tail_pair], dim=1)
+        to_prompt = (torch.arange(width, device=dev) < n_prompt)[None, None, :]
+        same_title = pair[:, :, None] == pair[:, None, :]
+        allowed = key_valid & causal & (to_prompt | (~q_prompt & same_title))
+        # a padding query sees itself: no fully masked softmax row (NaN in eager attention)
+        allowed |= torch.eye(width, dtype=torch.bool, device=dev)
+        neg = torch.finfo(emb.dtype).min
+        mask4d = torch.zeros(allowed.shape, dtype=emb.dtype, device=dev).masked_fill_(
+            ~allowed, neg
+        )[:, None]
+        hidden = body(
+            inputs_embeds=emb, attention_mask=mask4d, position_ids=position_ids, use_cache=False
         ).last_hidden_state
-        # the prompt's last position predicts a title's first token; title token t, token t + 1
-        hidden = torch.cat([out.last_hidden_state[pick, -1:], tail[:, :-1]], dim=1)
-        sel = cand_mask.bool()
-        logits = self.llm.get_output_embeddings()(hidden[sel]).float()
-        lp = torch.log_softmax(logits, dim=-1).gather(1, batch["cand_ids"][sel][:, None])[:, 0]
-        rows = sel.nonzero(as_tuple=True)[0]
-        return torch.zeros(pick.shape[0], device=lp.device).index_add(0, rows, lp)
+        # a title's first token is predicted by the prompt's last position, token j by j - 1
+        col = torch.where(j_of == 0, n_prompt - 1, n_prompt + slot - 1)
+        logits = self.llm.get_output_embeddings()(hidden[u_of, col]).float()
+        lp = torch.log_softmax(logits, dim=-1).gather(1, cand_ids[p_of, j_of][:, None])[:, 0]
+        return torch.zeros(pick.shape[0], device=lp.device).index_add(0, p_of, lp)
 
     @torch.no_grad()
     def generate(self, batch: Mapping[str, torch.Tensor], max_new_tokens: int = 40) -> List[str]:
@@ -700,6 +716,25 @@ class EpisodeBatches:
         return self.coll([self.episodes[int(j)] for j in indices], "target")
 
 
+def prompt_batches(prompt_of: Sequence[int], batch_size: int) -> List[tuple[int, int]]:
+    """``[start, end)`` spans over pairs whose prompts are ``prompt_of``: consecutive runs of
+    one prompt kept whole and packed up to ``batch_size`` pairs a span."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    runs, s = [], 0
+    for e in range(1, len(prompt_of) + 1):
+        if e == len(prompt_of) or prompt_of[e] != prompt_of[s]:
+            runs.extend((a, min(a + batch_size, e)) for a in range(s, e, batch_size))
+            s = e
+    spans: List[tuple[int, int]] = []
+    for a, b in runs:
+        if spans and b - spans[-1][0] <= batch_size:
+            spans[-1] = (spans[-1][0], b)
+        else:
+            spans.append((a, b))
+    return spans
+
+
 class CandidatePairs:
     """Every (episode, candidate) pair, scored by the candidate title's log-likelihood; the
     metric :data:`HIT_AT_1` reads the scores back as ``(episodes, candidates)``."""
@@ -715,6 +750,12 @@ class CandidatePairs:
     def __call__(self, indices) -> Dict[str, torch.Tensor]:
         """The pairs at ``indices`` (:meth:`EpisodeCollator.candidates`: each prompt once)."""
         return self.coll.candidates(self.episodes, [self.pairs[int(j)] for j in indices])
+
+    def batches(self, batch_size: int) -> List[np.ndarray]:
+        """Index batches of at most ``batch_size`` pairs that never split an episode's
+        candidates needlessly (:func:`prompt_batches`): each prompt runs once."""
+        spans = prompt_batches([e for e, _ in self.pairs], batch_size)
+        return [np.arange(s, e) for s, e in spans]
 
     def grid(self, scores: np.ndarray) -> np.ndarray:
         """``(E, C)`` scores, ``-inf`` where an episode has fewer candidates."""
