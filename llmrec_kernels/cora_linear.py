@@ -5,9 +5,11 @@
 never formed.
 
 The op is registered with ``torch.library.custom_op`` as two ops, ``llmrec_kernels::
-cora_linear_forward`` and ``llmrec_kernels::cora_linear_backward``, with fake (meta)
+cora_linear_fwd`` and ``llmrec_kernels::cora_linear_bwd``, with fake (meta)
 implementations and an autograd formula, so it works under ``torch.compile(fullgraph=True)``
-and passes ``torch.library.opcheck``. The backend (Triton, CUDA or PyTorch) is resolved in
+and passes ``torch.library.opcheck``. The dropout seed is a tensor argument (compiled graphs
+draw it: :mod:`llmrec_kernels.dropout`). The ops take a new name whenever their arguments
+change: Inductor's on-disk cache would otherwise replay calls with the old arguments. The backend (Triton, CUDA or PyTorch) is resolved in
 Python before the op is called; see :mod:`llmrec_kernels.backends`.
 
 Host cost: the custom-op dispatcher costs tens of microseconds per call, more than the maths
@@ -41,7 +43,7 @@ import torch
 from llmrec_kernels import _multi, _torch_impl
 from llmrec_kernels._validation import check_cora_linear_args
 from llmrec_kernels.backends import get_backend, resolve_backend
-from llmrec_kernels.dropout import check_dropout_args
+from llmrec_kernels.dropout import check_dropout_args, seed_int
 
 __all__ = ["fused_cora_linear", "fused_cora_linear_multi"]
 
@@ -84,9 +86,33 @@ def _forward_no_grad(
     return get_backend(backend).forward(x, weight, lora_a, lora_b, bias, scaling, False, dropout)[0]
 
 
-def _dropout_spec(dropout_p: float, dropout_seed: int, dropout_offset: int) -> Optional[tuple]:
-    """The backends' ``dropout`` argument: ``None`` (no dropout) or ``(p, seed, offset)``."""
-    return (dropout_p, dropout_seed, dropout_offset) if dropout_p > 0 else None
+def _dropout_spec(
+    dropout_p: float, dropout_seed: Optional[torch.Tensor], dropout_offset: int
+) -> Optional[tuple]:
+    """The backends' ``dropout`` argument: ``None`` (no dropout) or ``(p, seed, offset)``
+    with an int seed (the custom ops carry it as a 0-d tensor, read here, inside the op)."""
+    if dropout_p > 0:
+        return (dropout_p, seed_int(dropout_seed), dropout_offset)
+    return None
+
+
+def _op_dropout(dropout: tuple) -> tuple:
+    """``(p, seed, offset)`` as the custom ops take it: the seed a 0-d int64 CPU tensor (a
+    value a compiled graph passes along, not a constant it specialises on)."""
+    if not dropout:
+        return ()
+    p, seed, offset = dropout
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64)
+    return (p, seed, offset)
+
+
+def _eager_dropout(dropout: tuple) -> Optional[tuple]:
+    """``(p, seed, offset)`` with an int seed for the backends called directly."""
+    if not dropout:
+        return None
+    p, seed, offset = dropout
+    return (p, seed_int(seed), offset)
 
 
 def _check_dropout(dropout_p, dropout_seed, dropout_offset, backend: str) -> None:
@@ -98,7 +124,7 @@ def _check_dropout(dropout_p, dropout_seed, dropout_offset, backend: str) -> Non
         )
 
 
-@torch.library.custom_op("llmrec_kernels::cora_linear_forward", mutates_args=())
+@torch.library.custom_op("llmrec_kernels::cora_linear_fwd", mutates_args=())
 def _cora_linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -108,7 +134,7 @@ def _cora_linear_forward(
     scaling: float,
     backend: str,
     dropout_p: float = 0.0,
-    dropout_seed: int = 0,
+    dropout_seed: Optional[torch.Tensor] = None,
     dropout_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``(B, L, d_in)`` -> ``(y (B, L, d_out) in x.dtype, s = scaling * x A (B, L, r))``.
@@ -122,16 +148,16 @@ def _cora_linear_forward(
 
 
 def _backend_forward(
-    x, weight, lora_a, lora_b, bias, scaling, backend, dropout_p=0.0, dropout_seed=0,
+    x, weight, lora_a, lora_b, bias, scaling, backend, dropout_p=0.0, dropout_seed=None,
     dropout_offset=0,
 ):  # fmt: skip
-    """The body of ``cora_linear_forward``, callable without the custom-op dispatcher."""
+    """The body of ``cora_linear_fwd``, callable without the custom-op dispatcher."""
     dropout = _dropout_spec(dropout_p, dropout_seed, dropout_offset)
     return get_backend(backend).forward(x, weight, lora_a, lora_b, bias, scaling, True, dropout)
 
 
 @_cora_linear_forward.register_fake
-def _(x, weight, lora_a, lora_b, bias, scaling, backend, dropout_p=0.0, dropout_seed=0,
+def _(x, weight, lora_a, lora_b, bias, scaling, backend, dropout_p=0.0, dropout_seed=None,
       dropout_offset=0):  # fmt: skip
     batch, length, _ = x.shape
     y = x.new_empty((batch, length, weight.shape[0]))
@@ -139,7 +165,7 @@ def _(x, weight, lora_a, lora_b, bias, scaling, backend, dropout_p=0.0, dropout_
     return y, s
 
 
-@torch.library.custom_op("llmrec_kernels::cora_linear_backward", mutates_args=())
+@torch.library.custom_op("llmrec_kernels::cora_linear_bwd", mutates_args=())
 def _cora_linear_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -153,7 +179,7 @@ def _cora_linear_backward(
     need_da: bool,
     need_db: bool,
     dropout_p: float = 0.0,
-    dropout_seed: int = 0,
+    dropout_seed: Optional[torch.Tensor] = None,
     dropout_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dA, dB)`` of the forward; a gradient not asked for is an empty tensor.
@@ -168,9 +194,9 @@ def _cora_linear_backward(
 
 def _backend_backward(
     dy, x, weight, lora_a, lora_b, s_scaled, scaling, backend, need_dx, need_da, need_db,
-    dropout_p=0.0, dropout_seed=0, dropout_offset=0,
+    dropout_p=0.0, dropout_seed=None, dropout_offset=0,
 ):  # fmt: skip
-    """The body of ``cora_linear_backward``: the backend's gradients, an empty tensor of its
+    """The body of ``cora_linear_bwd``: the backend's gradients, an empty tensor of its
     own for each not asked for (a custom op returns tensors, none aliasing another)."""
     dx, da, db = get_backend(backend).backward(
         dy, x, weight, lora_a, lora_b, s_scaled, scaling, need_dx, need_da, need_db,
@@ -185,7 +211,7 @@ def _backend_backward(
 
 @_cora_linear_backward.register_fake
 def _(dy, x, weight, lora_a, lora_b, s_scaled, scaling, backend, need_dx, need_da, need_db,
-      dropout_p=0.0, dropout_seed=0, dropout_offset=0):  # fmt: skip
+      dropout_p=0.0, dropout_seed=None, dropout_offset=0):  # fmt: skip
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     da = lora_a.new_empty(lora_a.shape) if need_da else x.new_empty(0)
     db = lora_b.new_empty(lora_b.shape) if need_db else x.new_empty(0)
@@ -195,28 +221,32 @@ def _(dy, x, weight, lora_a, lora_b, s_scaled, scaling, backend, need_dx, need_d
 def _setup_context(ctx, inputs, output):
     x, weight, lora_a, lora_b, bias, scaling, backend, *dropout = inputs
     _, s_scaled = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, s_scaled)
+    # the seed tensor (dropout[1]) goes through save_for_backward, not a ctx attribute
+    seed = dropout[1] if len(dropout) > 1 else None
+    ctx.save_for_backward(x, weight, lora_a, lora_b, s_scaled, seed)
     ctx.scaling = scaling
     ctx.backend = backend
-    ctx.dropout = tuple(dropout)
+    ctx.n_dropout = len(dropout)
+    ctx.dropout_p = dropout[0] if dropout else 0.0
+    ctx.dropout_offset = dropout[2] if len(dropout) > 2 else 0
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dy, _ds_unused):
     """The op's input gradients (through the backward custom op)."""
-    x, weight, lora_a, lora_b, s_scaled = ctx.saved_tensors
+    x, weight, lora_a, lora_b, s_scaled, seed = ctx.saved_tensors
     need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
     dx = da = db = None
     if need_dx or need_da or need_db:
         dx, da, db = _cora_linear_backward(
             dy, x, weight, lora_a, lora_b, s_scaled, ctx.scaling, ctx.backend,
-            need_dx, need_da, need_db, *ctx.dropout,
+            need_dx, need_da, need_db, ctx.dropout_p, seed, ctx.dropout_offset,
         )  # fmt: skip
         dx = dx if need_dx else None
         da = da if need_da else None
         db = db if need_db else None
     dw, dbias = _weight_and_bias_grads(dy, x, need_dw, need_dbias, ctx.bias_dtype)
-    return (dx, dw, da, db, dbias, None, None) + (None,) * len(ctx.dropout)
+    return (dx, dw, da, db, dbias, None, None) + (None,) * ctx.n_dropout
 
 
 _cora_linear_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -367,14 +397,16 @@ def fused_cora_linear(
         drop_args = (float(dropout_p), dropout_seed, dropout_offset)
     # One test of whether anything can observe the op, shared by the two fast paths.
     if _is_compiling() or _functorch_active() or _has_torch_function(tensors):
-        y = _cora_linear_forward(x3, weight, lora_a, lora_b, bias, scaling, concrete, *drop_args)[0]
+        y = _cora_linear_forward(
+            x3, weight, lora_a, lora_b, bias, scaling, concrete, *_op_dropout(drop_args)
+        )[0]
     elif training:
         y = _CoraLinearEager.apply(
-            x3, weight, lora_a, lora_b, bias, scaling, concrete, drop_args or None
+            x3, weight, lora_a, lora_b, bias, scaling, concrete, _eager_dropout(drop_args)
         )
     else:  # nothing can observe the op: the backend's forward, no S kept
         y = get_backend(concrete).forward(
-            x3, weight, lora_a, lora_b, bias, scaling, False, drop_args or None
+            x3, weight, lora_a, lora_b, bias, scaling, False, _eager_dropout(drop_args)
         )[0]
     return y.squeeze(1) if one_token else y
 
@@ -384,7 +416,7 @@ def _op_forward(backend: str):
 
     def forward(x, weight, lora_a, lora_b, bias, scaling, need_s=True, dropout=None):
         return _cora_linear_forward(
-            x, weight, lora_a, lora_b, bias, scaling, backend, *(dropout or ())
+            x, weight, lora_a, lora_b, bias, scaling, backend, *_op_dropout(dropout)
         )
 
     return forward
@@ -397,7 +429,7 @@ def _op_backward(backend: str):
                  dropout=None):  # fmt: skip
         return _cora_linear_backward(
             dy, x, weight, lora_a, lora_b, s_scaled, scaling, backend, need_dx, need_da,
-            need_db, *(dropout or ()),
+            need_db, *_op_dropout(dropout),
         )  # fmt: skip
 
     return backward
@@ -436,14 +468,25 @@ class _MultiCoRALinear(torch.autograd.Function):
                 _op_forward(backend), x, fused_w, lora_a, fused_b, fused_bias, scaling, sizes,
                 drop,
             )  # fmt: skip
-        ctx.save_for_backward(x, lora_a, fused_w, fused_b, s)
-        ctx.scaling, ctx.backend, ctx.sizes, ctx.dropout = scaling, backend, sizes, dropout
+        # a traced seed tensor is saved as a tensor, an eager int seed kept as is
+        seed = dropout[1] if dropout else None
+        traced_seed = seed if isinstance(seed, torch.Tensor) else None
+        ctx.save_for_backward(x, lora_a, fused_w, fused_b, s, traced_seed)
+        ctx.scaling, ctx.backend, ctx.sizes = scaling, backend, sizes
+        ctx.dropout = (
+            None
+            if not dropout
+            else (dropout[0], None if traced_seed is not None else seed, dropout[2])
+        )
         ctx.bias_dtypes = tuple(None if b is None else b.dtype for b in members[2 * n :])
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, lora_a, fused_w, fused_b, s = ctx.saved_tensors
+        x, lora_a, fused_w, fused_b, s, traced_seed = ctx.saved_tensors
+        dropout = ctx.dropout
+        if dropout is not None and traced_seed is not None:
+            dropout = (dropout[0], traced_seed, dropout[2])
         sizes, n = ctx.sizes, len(ctx.sizes)
         needs = ctx.needs_input_grad
         need_dx, need_da = needs[0], needs[1]
@@ -458,7 +501,7 @@ class _MultiCoRALinear(torch.autograd.Function):
             impl = get_backend(ctx.backend)
             args = (
                 grads, x, fused_w, lora_a, fused_b, s, ctx.scaling, sizes, need_dx, need_da,
-                tuple(need_db), ctx.dropout or None,
+                tuple(need_db), dropout,
             )  # fmt: skip
             if impl.TRACEABLE or not _is_compiling():
                 dx, da, dbs = impl.backward_multi(*args)
@@ -573,15 +616,17 @@ def fused_cora_linear_multi(
         if _direct_call_ok(tensors):
             y = _forward_no_grad(
                 concrete, x3, fused_weight, lora_a, fused_lora_b, fused_bias, float(scaling),
-                dropout or None,
+                _eager_dropout(dropout),
             )  # fmt: skip
         else:
             y, _ = _cora_linear_forward(
                 x3, fused_weight, lora_a, fused_lora_b, fused_bias, float(scaling), concrete,
-                *dropout,
+                *_op_dropout(dropout),
             )  # fmt: skip
         outs = y.split([w.shape[0] for w in weights], dim=-1)
     else:
+        if dropout and not _is_compiling():
+            dropout = _eager_dropout(dropout)  # a tensor seed stays a tensor when traced
         outs = _MultiCoRALinear.apply(
             x3, lora_a, fused_weight, fused_lora_b, fused_bias, float(scaling), concrete,
             dropout, *members,

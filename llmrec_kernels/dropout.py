@@ -24,18 +24,23 @@ The comparison is on integers, not on ``tl.rand``'s float, so both sides agree e
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
+from typing import Union
 
 import torch
 
 __all__ = [
     "check_dropout_args",
     "draw_seed",
+    "draw_seed_in_graph",
     "dropout_mask",
     "keep_scale",
     "keep_threshold",
     "philox4x",
     "philox_randint",
+    "seed_int",
+    "seed_key",
 ]
 
 #: dropout elements per Philox call (4 words of 32 bits, 16 bits per element)
@@ -47,11 +52,11 @@ _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 MAX_SEED = 2**63 - 1
 
 
-def philox4x(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def philox4x(seed: Union[int, torch.Tensor], counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``tl.randint4x(seed, counters)`` for int64 ``counters >= 0``: four uint32 words.
 
     Args:
-        seed: ``0 <= seed < 2**63``.
+        seed: ``0 <= seed < 2**63``, an int or a 0-d int64 tensor (the same arithmetic).
         counters: int64 tensor of any shape and device.
 
     Returns:
@@ -100,14 +105,26 @@ _cpu_masks: OrderedDict = OrderedDict()
 
 
 def dropout_mask(
-    shape: tuple[int, int, int], p: float, seed: int, offset: int, device: torch.device
+    shape: tuple[int, int, int],
+    p: float,
+    seed: Union[int, torch.Tensor],
+    offset: int,
+    device: torch.device,
 ) -> torch.Tensor:
     """The keep mask, bool ``shape = (B, L, K)``, of ``dropout(x)`` for a ``(B, L, K)`` x.
+
+    ``seed``: an int, or a 0-d int64 CPU tensor (:func:`draw_seed_in_graph`), read on the
+    host in eager code and traced as a graph input under ``torch.compile``.
 
     On the CPU the most recent masks (up to :data:`CPU_MASK_CACHE_BYTES`) are cached by
     ``(shape, p, seed, offset)``; treat the result as read-only.
     """
     device = torch.device(device)
+    if isinstance(seed, torch.Tensor):
+        if torch.compiler.is_compiling():
+            # traced: the Philox arithmetic becomes part of the compiled graph (fused)
+            return _compute_mask(shape, p, seed, offset, device)
+        seed = int(seed)
     if device.type != "cpu":
         return _compute_mask(shape, p, seed, offset, device)
     key = (tuple(shape), p, seed, offset)
@@ -124,7 +141,11 @@ def dropout_mask(
 
 
 def _compute_mask(
-    shape: tuple[int, int, int], p: float, seed: int, offset: int, device: torch.device
+    shape: tuple[int, int, int],
+    p: float,
+    seed: Union[int, torch.Tensor],
+    offset: int,
+    device: torch.device,
 ) -> torch.Tensor:
     numel = shape[0] * shape[1] * shape[2]
     if numel == 0:
@@ -146,10 +167,44 @@ def draw_seed() -> int:
     Drawn per call by the patched modules (not a per-module counter): it follows
     ``torch.manual_seed`` and a restored RNG state (resume), and activation checkpointing,
     which restores the CPU RNG state before it recomputes a forward, replays the same seed,
-    hence the same mask. Under ``torch.compile`` a patched projection with dropout runs
-    eagerly for this reason (:func:`llmrec_kernels.hf.run_eagerly`).
+    hence the same mask. Compiled code draws the same value through
+    :func:`draw_seed_in_graph` instead (a host int would be a graph break).
     """
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+@torch.library.custom_op(
+    "llmrec_kernels::draw_dropout_seed",
+    mutates_args=(),
+    tags=(torch.Tag.nondeterministic_seeded,),
+)
+def draw_seed_in_graph(x: torch.Tensor, key: int) -> torch.Tensor:
+    """:func:`draw_seed` as an op a compiled graph keeps: a 0-d int64 CPU tensor.
+
+    It draws from torch's CPU generator when the graph runs, as eager code would at that
+    point, so a compiled model's masks are the eager model's, without a graph break. ``x``
+    (the projection's input) orders the draw after the code that made ``x``; ``key`` (a
+    constant per projection, e.g. its name's hash) keeps graph passes from merging the
+    draws of projections that share ``x`` (common-subexpression elimination sees equal
+    arguments, not randomness). The value depends on neither.
+    """
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+@draw_seed_in_graph.register_fake
+def _(x: torch.Tensor, key: int) -> torch.Tensor:
+    return torch.empty((), dtype=torch.int64, device="cpu")
+
+
+def seed_key(path: str) -> int:
+    """The :func:`draw_seed_in_graph` key of a projection: a hash of the last part of its
+    module path (``q_proj``), the same in every layer, so one compiled layer serves all."""
+    return zlib.crc32(path.rsplit(".", 1)[-1].encode()) & 0x7FFFFFFF
+
+
+def seed_int(seed: Union[int, torch.Tensor]) -> int:
+    """A dropout seed as a Python int (reads a tensor seed on the host)."""
+    return int(seed) if isinstance(seed, torch.Tensor) else seed
 
 
 def check_dropout_args(p: object, seed: object, offset: object) -> None:
@@ -162,9 +217,18 @@ def check_dropout_args(p: object, seed: object, offset: object) -> None:
         return
     if seed is None:
         raise ValueError(
-            "dropout_p > 0 needs dropout_seed (an int; e.g. llmrec_kernels.dropout.draw_seed()):"
+            "dropout_p > 0 needs dropout_seed (an int, e.g. llmrec_kernels.dropout.draw_seed(), or"
+            " a 0-d int64 CPU tensor):"
             " the backward regenerates the mask from it"
         )
+    if isinstance(seed, torch.Tensor):
+        # a drawn seed (draw_seed_in_graph); its value is not read here (no graph break)
+        if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+            raise ValueError(
+                "a tensor dropout_seed must be a 0-d int64 CPU tensor, got "
+                f"{tuple(seed.shape)} {seed.dtype} on {seed.device}"
+            )
+        seed = 0
     for name, v in (("dropout_seed", seed), ("dropout_offset", offset)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")

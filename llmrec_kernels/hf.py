@@ -46,8 +46,10 @@ checkpointing). ``transformers`` is never imported by this module.
 (``fullgraph=True``, no graph break, training included): the per-sample A is read from the
 shared state as a graph input, the fused q/k/v operands are buffers held by the group (see
 :class:`FusedQKV` for what keeps them valid) and the op is a registered custom op. Training
-with ``lora_dropout > 0`` is the exception: each call's seed is drawn eagerly from torch's CPU
-generator (:func:`llmrec_kernels.dropout.draw_seed`), a graph break.
+with ``lora_dropout > 0`` too: each call's seed is drawn from torch's CPU generator by an op
+of the graph (:func:`llmrec_kernels.dropout.draw_seed_in_graph`), the draw eager code makes,
+so the compiled masks are the eager ones. Only a wrapped base (quantised, peft) with dropout
+runs its projection eagerly (:func:`run_eagerly`, a graph break).
 
 CUDA-graph decode (``mode="reduce-overhead"``): a CUDA graph replays fixed addresses, so A
 must live in one buffer for the whole decode; :func:`static_lora_a` makes it::
@@ -76,7 +78,13 @@ from torch import nn
 
 from llmrec_kernels._torch_impl import s_dtype
 from llmrec_kernels.cora_linear import fused_cora_linear
-from llmrec_kernels.dropout import draw_seed, dropout_mask, keep_scale
+from llmrec_kernels.dropout import (
+    draw_seed,
+    draw_seed_in_graph,
+    dropout_mask,
+    keep_scale,
+    seed_key,
+)
 from llmrec_kernels.hf_targets import (
     DEFAULT_TARGET_MODULES,
     adopt_base,
@@ -129,16 +137,22 @@ class _CoRAState:
     def scaling(self) -> float:
         return self.alpha / self.rank
 
-    def dropout_args(self, module: nn.Module) -> dict:
-        """The op's dropout arguments for one call of ``module``: none in eval mode.
+    def dropout_args(self, module: nn.Module, x: torch.Tensor) -> dict:
+        """The op's dropout arguments for one call of ``module`` on ``x``: none in eval mode.
 
         One seed per call from torch's CPU generator (:func:`llmrec_kernels.dropout.draw_seed`):
         reproducible under ``torch.manual_seed`` and a restored RNG state, and replayed by
-        activation checkpointing's recomputation, which restores that state first.
+        activation checkpointing's recomputation, which restores that state first. Compiled,
+        the same draw is an op of the graph
+        (:func:`~llmrec_kernels.dropout.draw_seed_in_graph`): no graph break, the eager masks.
         """
         # Decode and eval: one attribute test, no call (host cost per projection).
         if self.lora_dropout and module.training:
-            return {"dropout_p": self.lora_dropout, "dropout_seed": draw_seed()}
+            if torch.compiler.is_compiling():
+                seed = draw_seed_in_graph(x, module._seed_key)
+            else:
+                seed = draw_seed()
+            return {"dropout_p": self.lora_dropout, "dropout_seed": seed}
         return _NO_DROPOUT
 
 
@@ -233,6 +247,7 @@ class CoRALinear(nn.Module):
         self.__dict__["_group"] = None
         self.__dict__["_group_index"] = 0
         self.path = path
+        self._seed_key = seed_key(path)
 
     def _apply(self, fn, recurse=True):
         # .to(), .half(), .cuda() give each parameter its own storage: the fused q/k/v
@@ -276,8 +291,14 @@ class CoRALinear(nn.Module):
                 "batch (with generate(num_beams=n) or num_return_sequences=n pass "
                 "lora_a.repeat_interleave(n, dim=0))"
             )
-        if self._state.lora_dropout and self.training and torch.compiler.is_compiling():
-            return run_eagerly(self._project, x, lora_a)  # a host seed draw per call
+        if (
+            self.wraps_module
+            and self._state.lora_dropout
+            and self.training
+            and torch.compiler.is_compiling()
+        ):
+            # the plain-PyTorch delta of a wrapped base reads its seed on the host
+            return run_eagerly(self._project, x, lora_a)
         return self._project(x, lora_a)
 
     def _project(self, x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
@@ -289,7 +310,7 @@ class CoRALinear(nn.Module):
                 on_device(lora_a, x.device),
                 self.lora_B.weight,
                 self._state.scaling,
-                **self._state.dropout_args(self),
+                **self._state.dropout_args(self, x),
             )
             return y + delta.to(y.dtype)
         if self._group is not None:
@@ -302,7 +323,7 @@ class CoRALinear(nn.Module):
             self.bias,
             scaling=self._state.scaling,
             backend=self._state.backend,
-            **self._state.dropout_args(self),
+            **self._state.dropout_args(self, x),
         )
 
 
@@ -310,10 +331,10 @@ class CoRALinear(nn.Module):
 def run_eagerly(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """``fn(*args)`` outside any ``torch.compile`` graph (one graph break; eager: a call).
 
-    A projection with dropout in training mode calls
-    :func:`~llmrec_kernels.dropout.draw_seed` per call, which ``torch.compile`` cannot trace
-    (a graph break inside the op's argument checks, or a recompile per seed): the patched
-    modules (:class:`CoRALinear`, :class:`llmrec_kernels.lora.LoRALinear`) run such a
+    A projection over a wrapped base (quantised, peft) with dropout in training mode builds
+    its mask in plain PyTorch from a host seed, which ``torch.compile`` cannot trace (a
+    graph break inside, or a recompile per seed): the patched modules
+    (:class:`CoRALinear`, :class:`llmrec_kernels.lora.LoRALinear`) run such a
     projection through this, with the same draws in the same order as without compile; the
     rest of the graph stays compiled. Defined here, not in :mod:`llmrec_kernels.dropout`:
     the decorator imports ``torch._dynamo`` (and Triton), which ``import llmrec_kernels``

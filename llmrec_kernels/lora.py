@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from llmrec_kernels.cora_linear import fused_cora_linear
-from llmrec_kernels.dropout import draw_seed
+from llmrec_kernels.dropout import draw_seed, draw_seed_in_graph, seed_key
 from llmrec_kernels.hf import lowrank_delta, run_eagerly
 from llmrec_kernels.hf_targets import (
     adopt_base,
@@ -57,7 +57,8 @@ class LoRALinear(nn.Module):
     train. The call is ``fused_cora_linear(x, W, A^T, B, b, s)`` with A shared by every
     sample; in training mode with ``dropout > 0`` it passes ``dropout_p`` and one seed per
     call drawn from torch's CPU generator (:func:`llmrec_kernels.dropout.draw_seed`: follows
-    ``torch.manual_seed``, resume and activation checkpointing's RNG replay).
+    ``torch.manual_seed``, resume and activation checkpointing's RNG replay; compiled, the
+    same draw is an op of the graph).
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class LoRALinear(nn.Module):
         self.scaling = float(alpha) / rank
         self.backend = backend
         self.path = path
+        self._seed_key = seed_key(path)
         if not self.wraps_module:
             # the original module, kept out of the module tree (its parameters are ours already)
             self.__dict__["base_layer"] = base
@@ -104,16 +106,22 @@ class LoRALinear(nn.Module):
             lead = x.shape[:-1]
             y = self.forward(x.reshape(-1, x.shape[-1]))
             return y.reshape(*lead, self.out_features)
-        if self.training and self.dropout_p > 0 and torch.compiler.is_compiling():
-            return run_eagerly(self._project, x)  # a host seed draw per call
+        if (
+            self.wraps_module
+            and self.training
+            and self.dropout_p > 0
+            and torch.compiler.is_compiling()
+        ):
+            return run_eagerly(self._project, x)  # plain-PyTorch mask from a host seed
         return self._project(x)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        dropout = (
-            {"dropout_p": self.dropout_p, "dropout_seed": draw_seed()}
-            if self.training and self.dropout_p > 0
-            else {}
-        )
+        dropout = {}
+        if self.training and self.dropout_p > 0:
+            # compiled: the same CPU-generator draw as an op of the graph (no break)
+            compiled = torch.compiler.is_compiling()
+            seed = draw_seed_in_graph(x, self._seed_key) if compiled else draw_seed()
+            dropout = {"dropout_p": self.dropout_p, "dropout_seed": seed}
         if self.wraps_module:
             y = self.base_layer(x)
             delta = lowrank_delta(

@@ -225,7 +225,7 @@ class FusedQKV:
             backend=state.backend,
             fused_weight=fused_w,
             fused_lora_b=fused_b,
-            **state.dropout_args(member),
+            **state.dropout_args(member, x),
         )
         self._clear()
         pending = {j: o for j, o in enumerate(outs) if j != idx}

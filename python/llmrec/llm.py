@@ -70,13 +70,27 @@ def compile_decoder_layers(llm: nn.Module, mode: Optional[str] = None) -> int:
     the CoRA op is a custom op with a registered fake, so a patched layer is one graph.
     Shapes that change between batches (prompt lengths) are compiled as dynamic after the
     first change, by ``torch.compile``'s automatic dynamic shapes.
+
+    A training run meets more variants of the one layer frame than dynamo's default limit
+    of 8 (the first layer's input needs no gradient and the others' do, batches with and
+    without padding mask, the last short batch, validation without grad): past the limit it
+    would run the layers eagerly. The limit is raised to :data:`LAYER_RECOMPILE_LIMIT` (never
+    lowered).
     """
     layers = getattr(decoder_body(llm), "layers", None)
     if layers is None or len(layers) == 0:
         raise ValueError("cannot find the decoder layers of the llm (decoder_body(llm).layers)")
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, LAYER_RECOMPILE_LIMIT)
     for layer in layers:
         layer.compile(mode=mode)
     return len(layers)
+
+
+#: dynamo's recompile limit while decoder layers are compiled (see compile_decoder_layers)
+LAYER_RECOMPILE_LIMIT = 32
 
 
 def answer_token_ids(

@@ -67,3 +67,31 @@ def test_evaluate_reopens_a_compiled_run(runs):
     again = json.loads((out / "eval_test.json").read_text())
     trained = json.loads((out / "metrics.json").read_text())
     assert again["test"]["auc"] == pytest.approx(trained["test"]["auc"], abs=1e-6)
+
+
+def test_compiling_the_layers_raises_the_recompile_limit_and_never_lowers_it(monkeypatch):
+    """A training run meets more variants of the one layer frame (grad or not on its input,
+    padding mask or none, a short last batch, validation) than dynamo's default 8, past
+    which the layers would silently run eagerly."""
+    import torch._dynamo
+    from torch import nn
+
+    from llmrec.llm import LAYER_RECOMPILE_LIMIT, compile_decoder_layers
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Body()
+
+    cfg = torch._dynamo.config
+    monkeypatch.setattr(cfg, "recompile_limit", 8)
+    assert compile_decoder_layers(LM()) == 2
+    assert cfg.recompile_limit == LAYER_RECOMPILE_LIMIT >= 16
+    monkeypatch.setattr(cfg, "recompile_limit", 100)
+    compile_decoder_layers(LM())
+    assert cfg.recompile_limit == 100

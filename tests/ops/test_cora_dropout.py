@@ -137,7 +137,7 @@ def test_kernel_drops_the_elements_the_mask_names(backend, shared):
     eye = torch.eye(k, device=DEV)
     a = eye if shared else eye.expand(b, k, k).contiguous()
     w, lb = torch.zeros(4, k, device=DEV), torch.zeros(4, k, device=DEV)
-    _, s = cl._cora_linear_forward(x, w, a, lb, None, 1.0, backend, p, seed, offset)
+    _, s = cl._cora_linear_forward(x, w, a, lb, None, 1.0, backend, p, torch.tensor(seed), offset)
     keep = dropout_mask((b, length, k), p, seed, offset, DEV)
     assert torch.equal(s != 0, keep)
     assert torch.allclose(s[keep], torch.full_like(s[keep], 1 / (1 - p)))
@@ -326,8 +326,47 @@ def test_multi_shares_one_mask_across_projections(backend):
 
 def test_opcheck_with_dropout_arguments():
     x, w, a, lb, bias, _ = _inputs(2, 3, 8, 6, 3, False, dtype=torch.float64)
-    args = (x, w, a.requires_grad_(True), lb.requires_grad_(True), bias, 2.0, "torch", 0.3, 5, 2)
+    seed = torch.tensor(5)  # the ops carry the seed as a 0-d int64 CPU tensor
+    args = (x, w, a.requires_grad_(True), lb.requires_grad_(True), bias, 2.0, "torch", 0.3, seed, 2)
     torch.library.opcheck(cl._cora_linear_forward, args)
+
+
+def test_a_tensor_seed_gives_the_int_seeds_mask_traced_or_not():
+    """The seed as a 0-d tensor (what compiled graphs pass): the same mask as the int, both
+    through the host path and through the Philox arithmetic on the tensor itself (traced)."""
+    import llmrec_kernels.dropout as drop
+
+    cpu = torch.device("cpu")
+    for seed in (0, 5, 2**40 + 3, 2**62 - 1):
+        want = drop._compute_mask((2, 3, 41), 0.3, seed, 7, cpu)
+        assert torch.equal(dropout_mask((2, 3, 41), 0.3, torch.tensor(seed), 7, cpu), want)
+        assert torch.equal(drop._compute_mask((2, 3, 41), 0.3, torch.tensor(seed), 7, cpu), want)
+    traced = torch.compile(
+        lambda s: drop.dropout_mask((2, 3, 41), 0.3, s, 7, cpu), backend="aot_eager",
+        fullgraph=True,
+    )  # fmt: skip
+    assert torch.equal(traced(torch.tensor(5)), drop._compute_mask((2, 3, 41), 0.3, 5, 7, cpu))
+
+
+def test_the_graph_seed_draw_is_the_eager_draw():
+    from llmrec_kernels.dropout import draw_seed, draw_seed_in_graph
+
+    x = torch.randn(2, 3)
+    torch.manual_seed(11)
+    want = [draw_seed() for _ in range(3)]
+    torch.manual_seed(11)
+    got = [draw_seed_in_graph(x, key) for key in (1, 1, 2)]  # the key never changes a value
+    assert [int(t) for t in got] == want
+    assert all(t.shape == () and t.dtype == torch.int64 and t.device.type == "cpu" for t in got)
+
+
+@pytest.mark.parametrize(
+    "seed", [torch.tensor([5]), torch.tensor(5.0), torch.tensor(5, dtype=torch.int32)]
+)
+def test_a_bad_tensor_seed_is_refused(seed):
+    x, w, a, lb, bias, _ = _inputs(2, 3, 8, 6, 3, False, dtype=torch.float32)
+    with pytest.raises(ValueError, match="0-d int64 CPU tensor"):
+        fused_cora_linear(x, w, a, lb, bias, 2.0, backend="torch", dropout_p=0.1, dropout_seed=seed)
 
 
 def test_cpu_mask_cache_returns_the_same_numbers_and_stays_in_budget(monkeypatch):

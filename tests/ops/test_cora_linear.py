@@ -407,12 +407,12 @@ def test_opcheck(backend, shared, device):
     lora_b.requires_grad_()
     bias.requires_grad_()
     torch.library.opcheck(
-        torch.ops.llmrec_kernels.cora_linear_forward.default,
+        torch.ops.llmrec_kernels.cora_linear_fwd.default,
         (x, weight, lora_a, lora_b, bias, 2.0, backend),
     )
     s = torch.randn(2, 3, 4, device=device)
     torch.library.opcheck(
-        torch.ops.llmrec_kernels.cora_linear_backward.default,
+        torch.ops.llmrec_kernels.cora_linear_bwd.default,
         (grad_out, x.detach(), weight, lora_a.detach(), lora_b.detach(), s, 2.0, backend,
          True, True, False),
     )  # fmt: skip
@@ -547,7 +547,7 @@ def test_eager_autograd_is_the_custom_op_bit_for_bit(wanted, dropout_p, backend,
 
     inputs = make_inputs(2, 3, 20, 12, 5, torch.float32, device=device, seed=7)
     x, weight, lora_a, lora_b, bias, grad_out = inputs
-    drop = (dropout_p, 11, 5) if dropout_p else ()
+    drop = (dropout_p, torch.tensor(11), 5) if dropout_p else ()
     results = []
     for path in ("eager", "op"):
         leaves = [
