@@ -69,7 +69,7 @@ def test_evaluate_reopens_a_compiled_run(runs):
     assert again["test"]["auc"] == pytest.approx(trained["test"]["auc"], abs=1e-6)
 
 
-def test_compiling_the_layers_raises_the_recompile_limit_and_never_lowers_it(monkeypatch):
+def test_compiling_the_layers_raises_the_recompile_limit_and_never_lowers_it():
     """A training run meets more variants of the one layer frame (grad or not on its input,
     padding mask or none, a short last batch, validation) than dynamo's default 8, past
     which the layers would silently run eagerly."""
@@ -89,9 +89,10 @@ def test_compiling_the_layers_raises_the_recompile_limit_and_never_lowers_it(mon
             self.model = Body()
 
     cfg = torch._dynamo.config
-    monkeypatch.setattr(cfg, "recompile_limit", 8)
-    assert compile_decoder_layers(LM()) == 2
-    assert cfg.recompile_limit == LAYER_RECOMPILE_LIMIT >= 16
-    monkeypatch.setattr(cfg, "recompile_limit", 100)
-    compile_decoder_layers(LM())
-    assert cfg.recompile_limit == 100
+    # config.patch restores the setting (monkeypatch's undo deletes a config module's entry)
+    with cfg.patch(recompile_limit=8):
+        assert compile_decoder_layers(LM()) == 2
+        assert cfg.recompile_limit == LAYER_RECOMPILE_LIMIT >= 16
+    with cfg.patch(recompile_limit=100):
+        compile_decoder_layers(LM())
+        assert cfg.recompile_limit == 100
