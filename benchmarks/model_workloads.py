@@ -377,9 +377,10 @@ def build_scoring_case(wl: Workload, device: torch.device, mem_budget: int) -> C
     recs = {}
     for fuse in (True, False):
         llm = copy.deepcopy(base_llm)
+        # no tokenizer: the "Yes" logit alone (a "No" id would come from one); the same cost
         rec = CoRARecommender(
             llm, None, cf_dim, rank=r, alpha=ALPHA, generator="qformer", fuse_qkv=fuse,
-            backend=backend, yes_token_id=yes_id,
+            backend=backend, yes_token_id=yes_id, answer_score="yes",
         ).eval()  # fmt: skip
         _set_lora_b(rec.llm, b_vals)
         recs[fuse] = rec

@@ -137,6 +137,13 @@ def answer_ids(
     """
     if answer_score not in ("yes-no", "yes"):
         raise ValueError(f"answer_score must be 'yes-no' or 'yes', got {answer_score!r}")
+    if answer_score == "yes" and yes_token_id is not None:
+        return int(yes_token_id), None  # nothing to read from a tokenizer
+    if tokenizer is None:
+        raise ValueError(
+            f"answer_score {answer_score!r} needs a tokenizer to find the answer token ids "
+            "(without one: answer_score 'yes' and a yes_token_id)"
+        )
     yes, no = answer_token_ids(tokenizer)
     if yes_token_id is not None:
         yes = int(yes_token_id)

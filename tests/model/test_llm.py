@@ -137,6 +137,10 @@ def test_answer_difference_is_two_rows_of_the_full_head_and_ignores_a_logit_offs
     assert not torch.equal(shifted_yes, plain_yes)
     with pytest.raises(ValueError, match="answer_score"):
         answer_ids(tok, "no")
+    # without a tokenizer: only a given Yes id scored alone; "yes-no" says what it lacks
+    assert answer_ids(None, "yes", yes_token_id=7) == (7, None)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        answer_ids(None, "yes-no", yes_token_id=7)
 
 
 def test_the_zero_shot_score_builds_no_kv_cache_and_equals_a_cached_forward():
