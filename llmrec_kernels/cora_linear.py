@@ -9,8 +9,9 @@ cora_linear_fwd`` and ``llmrec_kernels::cora_linear_bwd``, with fake (meta)
 implementations and an autograd formula, so it works under ``torch.compile(fullgraph=True)``
 and passes ``torch.library.opcheck``. The dropout seed is a tensor argument (compiled graphs
 draw it: :mod:`llmrec_kernels.dropout`). The ops take a new name whenever their arguments
-change: Inductor's on-disk cache would otherwise replay calls with the old arguments. The backend (Triton, CUDA or PyTorch) is resolved in
-Python before the op is called; see :mod:`llmrec_kernels.backends`.
+change: Inductor's on-disk cache would otherwise replay calls with the old arguments. The
+backend (Triton, CUDA or PyTorch) is resolved in Python before the op is called; see
+:mod:`llmrec_kernels.backends`.
 
 Host cost: the custom-op dispatcher costs tens of microseconds per call, more than the maths
 of a decode step on the torch backend. When nothing can observe the op (no input needs a
@@ -468,16 +469,11 @@ class _MultiCoRALinear(torch.autograd.Function):
                 _op_forward(backend), x, fused_w, lora_a, fused_b, fused_bias, scaling, sizes,
                 drop,
             )  # fmt: skip
-        # a traced seed tensor is saved as a tensor, an eager int seed kept as is
-        seed = dropout[1] if dropout else None
-        traced_seed = seed if isinstance(seed, torch.Tensor) else None
-        ctx.save_for_backward(x, lora_a, fused_w, fused_b, s, traced_seed)
+        # a traced seed tensor goes through save_for_backward; an eager int seed stays in ctx
+        traced = bool(dropout) and isinstance(dropout[1], torch.Tensor)
+        ctx.save_for_backward(x, lora_a, fused_w, fused_b, s, dropout[1] if traced else None)
         ctx.scaling, ctx.backend, ctx.sizes = scaling, backend, sizes
-        ctx.dropout = (
-            None
-            if not dropout
-            else (dropout[0], None if traced_seed is not None else seed, dropout[2])
-        )
+        ctx.dropout = (dropout[0], None, dropout[2]) if traced else (dropout or None)
         ctx.bias_dtypes = tuple(None if b is None else b.dtype for b in members[2 * n :])
         return tuple(outs)
 

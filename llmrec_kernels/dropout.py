@@ -31,6 +31,7 @@ from typing import Union
 import torch
 
 __all__ = [
+    "call_seed",
     "check_dropout_args",
     "draw_seed",
     "draw_seed_in_graph",
@@ -194,6 +195,15 @@ def draw_seed_in_graph(x: torch.Tensor, key: int) -> torch.Tensor:
 @draw_seed_in_graph.register_fake
 def _(x: torch.Tensor, key: int) -> torch.Tensor:
     return torch.empty((), dtype=torch.int64, device="cpu")
+
+
+def call_seed(x: torch.Tensor, key: int) -> Union[int, torch.Tensor]:
+    """The dropout seed of one projection call on ``x`` (any shape and dtype): an int from
+    :func:`draw_seed` in eager code, the same draw as a 0-d int64 CPU tensor from
+    :func:`draw_seed_in_graph` under ``torch.compile``. ``key``: :func:`seed_key`."""
+    if torch.compiler.is_compiling():
+        return draw_seed_in_graph(x, key)
+    return draw_seed()
 
 
 def seed_key(path: str) -> int:

@@ -78,13 +78,7 @@ from torch import nn
 
 from llmrec_kernels._torch_impl import s_dtype
 from llmrec_kernels.cora_linear import fused_cora_linear
-from llmrec_kernels.dropout import (
-    draw_seed,
-    draw_seed_in_graph,
-    dropout_mask,
-    keep_scale,
-    seed_key,
-)
+from llmrec_kernels.dropout import call_seed, dropout_mask, keep_scale, seed_key
 from llmrec_kernels.hf_targets import (
     DEFAULT_TARGET_MODULES,
     adopt_base,
@@ -148,10 +142,7 @@ class _CoRAState:
         """
         # Decode and eval: one attribute test, no call (host cost per projection).
         if self.lora_dropout and module.training:
-            if torch.compiler.is_compiling():
-                seed = draw_seed_in_graph(x, module._seed_key)
-            else:
-                seed = draw_seed()
+            seed = call_seed(x, module._seed_key)
             return {"dropout_p": self.lora_dropout, "dropout_seed": seed}
         return _NO_DROPOUT
 

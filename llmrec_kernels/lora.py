@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from llmrec_kernels.cora_linear import fused_cora_linear
-from llmrec_kernels.dropout import draw_seed, draw_seed_in_graph, seed_key
+from llmrec_kernels.dropout import call_seed, seed_key
 from llmrec_kernels.hf import lowrank_delta, run_eagerly
 from llmrec_kernels.hf_targets import (
     adopt_base,
@@ -118,10 +118,7 @@ class LoRALinear(nn.Module):
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         dropout = {}
         if self.training and self.dropout_p > 0:
-            # compiled: the same CPU-generator draw as an op of the graph (no break)
-            compiled = torch.compiler.is_compiling()
-            seed = draw_seed_in_graph(x, self._seed_key) if compiled else draw_seed()
-            dropout = {"dropout_p": self.dropout_p, "dropout_seed": seed}
+            dropout = {"dropout_p": self.dropout_p, "dropout_seed": call_seed(x, self._seed_key)}
         if self.wraps_module:
             y = self.base_layer(x)
             delta = lowrank_delta(
