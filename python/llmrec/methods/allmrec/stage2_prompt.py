@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from llmrec.cf.user_vectors import as_user_vectors
+from llmrec.data.batching import pad_id_of
 from llmrec.data.lengths import PromptTooLong, TitleCutter, fit_history, refusal_line
 from llmrec.data.slots import ITEM_SLOT, USER_SLOT, Slot, encode_slotted, slot_marker
 from llmrec.errors import LLMRecError
@@ -288,8 +289,6 @@ class EpisodeCollator:
         max_his: int = 10,
         max_length: int = 1024,
     ):
-        from llmrec.data.batching import pad_id_of
-
         # step 1 of the length rule (llmrec.data.lengths): every title in a prompt, and so
         # every generated title's reference, is cut to MAX_TITLE_TOKENS tokens
         cut = TitleCutter(tokenizer)
@@ -621,7 +620,7 @@ class ALLMRec(nn.Module):
         u_of = pick[p_of]
         slot = torch.as_tensor(starts, dtype=torch.long, device=dev)[p_of] + j_of
         tail = max(fill)
-        tail_ids = torch.full((n_rows, tail), self.tokenizer.pad_token_id or 0, device=dev)
+        tail_ids = torch.full((n_rows, tail), pad_id_of(self.tokenizer), device=dev)
         tail_ids[u_of, slot] = cand_ids[p_of, j_of]
         tail_pair = torch.full((n_rows, tail), -1, dtype=torch.long, device=dev)
         tail_pair[u_of, slot] = p_of
@@ -634,13 +633,14 @@ class ALLMRec(nn.Module):
         # allowed[u, q, k]: prompt keys (valid ones) for every prompt query at or after
         # them and for every title token; title keys for the same title's later tokens
         width = n_prompt + tail
-        q_prompt = torch.arange(width, device=dev)[:, None] < n_prompt
+        in_prompt = torch.arange(width, device=dev) < n_prompt
         causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
         key_valid = torch.cat([prompt_mask, tail_pair >= 0], dim=1)[:, None, :]
         pair = torch.cat([torch.full_like(prompt_pos, -2), tail_pair], dim=1)
-        to_prompt = (torch.arange(width, device=dev) < n_prompt)[None, None, :]
         same_title = pair[:, :, None] == pair[:, None, :]
-        allowed = key_valid & causal & (to_prompt | (~q_prompt & same_title))
+        allowed = (
+            key_valid & causal & (in_prompt[None, None, :] | (~in_prompt[:, None] & same_title))
+        )
         # a padding query sees itself: no fully masked softmax row (NaN in eager attention)
         allowed |= torch.eye(width, dtype=torch.bool, device=dev)
         neg = torch.finfo(emb.dtype).min
