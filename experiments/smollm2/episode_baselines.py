@@ -26,8 +26,8 @@ from llmrec.cf.user_vectors import load_user_vectors
 from llmrec.data import load_run_data
 from llmrec.data.catalogue import seen_items, title_map
 from llmrec.methods.allmrec import ALL_SPLITS, _subset
+from llmrec.methods.allmrec.episodes import make_episodes
 from llmrec.methods.allmrec.ranking_baselines import baseline_ranking
-from llmrec.methods.allmrec.stage2_prompt import make_episodes
 
 
 def episodes(data, seed: int, n: int = 500, candidates: int = 20) -> dict:

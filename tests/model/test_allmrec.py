@@ -10,16 +10,8 @@ import torch
 from tolerance import assert_close_to_oracle, fp64_copy
 
 from llmrec.data.slots import ITEM_SLOT, USER_SLOT, Slot
-from llmrec.methods.allmrec.generation import parse_generated
-from llmrec.methods.allmrec.stage1_align import (
-    Aligner,
-    AlignerObjective,
-    AlignRows,
-    random_text_embeddings,
-)
-from llmrec.methods.allmrec.stage2_prompt import (
+from llmrec.methods.allmrec.episodes import (
     IGNORE,
-    ALLMRec,
     Episode,
     EpisodeCollator,
     allmrec_pieces,
@@ -27,6 +19,14 @@ from llmrec.methods.allmrec.stage2_prompt import (
     make_episodes,
     row_episodes,
 )
+from llmrec.methods.allmrec.generation import parse_generated
+from llmrec.methods.allmrec.stage1_align import (
+    Aligner,
+    AlignerObjective,
+    AlignRows,
+    random_text_embeddings,
+)
+from llmrec.methods.allmrec.stage2_prompt import ALLMRec
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -188,8 +188,8 @@ def test_candidate_batches_score_as_the_full_sequences(world, attn, dtype, monke
     block-diagonal mask) gives the log-likelihoods of the full prompt + title sequences:
     prompts of different lengths (left padding), titles of different lengths, a chunk that
     cuts episodes, pairs of different prompts interleaved."""
+    from llmrec.methods.allmrec.episodes import CandidatePairs
     from llmrec.methods.allmrec.generation import score_episodes
-    from llmrec.methods.allmrec.stage2_prompt import CandidatePairs
 
     _, titles, user, _, _, tok = world
     model = make_model(world)
@@ -259,7 +259,7 @@ def test_row_scores_share_a_users_prompt_and_equal_the_full_sequences(world):
 
 @pytest.mark.parametrize("batch_size", [1, 3, 7, 20, 64])
 def test_prompt_batches_keep_each_prompt_whole_when_it_fits(batch_size):
-    from llmrec.methods.allmrec.stage2_prompt import prompt_batches
+    from llmrec.methods.allmrec.episodes import prompt_batches
 
     rng = np.random.default_rng(batch_size)
     prompt_of = np.repeat(np.arange(30), rng.integers(1, 25, size=30)).tolist()
@@ -283,8 +283,8 @@ def test_validation_runs_each_episodes_prompt_once(world, tmp_path):
     episodes and 32 pairs a batch, one prompt per forward (fixed-size chunks of 32 would run
     about 1.6 prompts per episode), and the scores are those of any other batching."""
     from llmrec.config import TrainConfig
+    from llmrec.methods.allmrec.episodes import CandidatePairs
     from llmrec.methods.allmrec.generation import score_pairs
-    from llmrec.methods.allmrec.stage2_prompt import CandidatePairs
     from llmrec.training_loop import Trainer
 
     _, titles, user, _, _, tok = world

@@ -17,7 +17,7 @@ from llmrec.data.batching import make_examples
 from llmrec.data.lengths import MAX_TITLE_TOKENS, PromptTooLong, TitleCutter
 from llmrec.data.prompts import build_prompt
 from llmrec.data.slots import ITEM_SLOT, USER_SLOT, encode_slotted
-from llmrec.methods.allmrec.stage2_prompt import Episode, EpisodeCollator, allmrec_pieces
+from llmrec.methods.allmrec.episodes import Episode, EpisodeCollator, allmrec_pieces
 from llmrec.methods.collm.model import build_collm_pieces, make_collm_examples
 
 LONG = "long " * 2000  # 10,000 characters

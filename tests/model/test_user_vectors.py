@@ -18,8 +18,8 @@ from llmrec.cf.cf_run import CFRunConfig, train_cf_run
 from llmrec.cf.models import pad_histories
 from llmrec.cf.user_vectors import UserVectors, load_user_vectors
 from llmrec.data import make_synthetic
+from llmrec.methods.allmrec.episodes import Episode
 from llmrec.methods.allmrec.ranking_baselines import baseline_ranking
-from llmrec.methods.allmrec.stage2_prompt import Episode
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""A-LLMRec (:mod:`.stage1_align`, :mod:`.stage2_prompt`, :mod:`.generation`): stage 1 aligns CF item embeddings with title
-embeddings, stage 2 trains the soft-prompt projections of a frozen LLM (selected on the
+"""A-LLMRec (:mod:`.stage1_align`, :mod:`.episodes`, :mod:`.stage2_prompt`,
+:mod:`.generation`): stage 1 aligns CF item embeddings with title embeddings, stage 2 trains the soft-prompt projections of a frozen LLM (selected on the
 validation Hit@1 of the scored candidates). Evaluation adds the ranking metrics (Hit@K,
 NDCG@K, generated Hit@1) to the pointwise AUC / UAUC.
 """
@@ -18,15 +18,8 @@ from llmrec.config import option, parse_bool
 from llmrec.data.catalogue import seen_items, title_map
 from llmrec.errors import RunConfigError
 from llmrec.method import Method, RunContext, Stage, register
-from llmrec.methods.allmrec.generation import generate_hits, score_episodes, score_rows
-from llmrec.methods.allmrec.next_item_rows import NextItemRows
-from llmrec.methods.allmrec.ranking_baselines import baseline_ranking
-from llmrec.methods.allmrec.stage1_align import ALIGNERS, SBERT_DIM, AlignRows, text_table
-from llmrec.methods.allmrec.stage2_prompt import (
+from llmrec.methods.allmrec.episodes import (
     HIT_AT_1,
-    PROJECTION_SCALES,
-    PROJECTIONS,
-    ALLMRec,
     CandidatePairs,
     Episode,
     EpisodeBatches,
@@ -35,6 +28,11 @@ from llmrec.methods.allmrec.stage2_prompt import (
     make_episodes,
     row_episodes,
 )
+from llmrec.methods.allmrec.generation import generate_hits, score_episodes, score_rows
+from llmrec.methods.allmrec.next_item_rows import NextItemRows
+from llmrec.methods.allmrec.ranking_baselines import baseline_ranking
+from llmrec.methods.allmrec.stage1_align import ALIGNERS, SBERT_DIM, AlignRows, text_table
+from llmrec.methods.allmrec.stage2_prompt import PROJECTION_SCALES, PROJECTIONS, ALLMRec
 
 ALL_SPLITS = ("train", "valid", "valid_small", "test")
 

@@ -9,13 +9,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from llmrec.methods.allmrec.stage2_prompt import (
-    ALLMRec,
-    CandidatePairs,
-    Episode,
-    EpisodeCollator,
-    prompt_batches,
-)
+from llmrec.methods.allmrec.episodes import CandidatePairs, Episode, EpisodeCollator, prompt_batches
+from llmrec.methods.allmrec.stage2_prompt import ALLMRec
 
 __all__ = [
     "generate_hits",
