@@ -40,7 +40,8 @@ RUNS = [
     ("tallrec", "TALLRec-style LoRA (text only)"),
     ("collm", "CoLLM (two-step)"),
     ("cora", "CoRA"),
-    ("allmrec", "A-LLMRec"),
+    ("allmrec", "A-LLMRec (lr 1e-4, the reference's)"),
+    ("allmrec_lr1e-3", "A-LLMRec (lr 1e-3)"),
     ("cora_tiny", "ablation: CoRA on the random tiny LLM"),
     ("cora_nocf", "ablation: CoRA on SmolLM2, CF embeddings zeroed"),
 ]
