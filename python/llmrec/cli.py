@@ -436,9 +436,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     created = _new_out_dir(args)
     previous_sigterm = _catch_sigterm()
     try:
-        output_guard.check_command_paths(args)  # before anything is written
-        verify_command_inputs(args, _log)  # the inputs a run recorded are still the same
-        return handlers[args.command](args)
+        try:
+            output_guard.check_command_paths(args)  # before anything is written
+            verify_command_inputs(args, _log)  # the inputs a run recorded are still the same
+            return handlers[args.command](args)
+        except BaseException:
+            # Already failing: torchrun's SIGTERM to the surviving ranks of a failed job can
+            # land while the failure below is classified and its temporaries removed; raised
+            # there, it would replace the one-line message with a traceback.
+            _ignore_sigterm(previous_sigterm)
+            raise
     except USER_ERRORS as exc:
         _clean_after_failure(args, created)
         return _fail(args.command, str(exc), 2)
@@ -477,6 +484,15 @@ class _Terminated(BaseException):
 
 def _on_sigterm(signum, frame) -> None:
     raise _Terminated()
+
+
+def _ignore_sigterm(previous) -> None:
+    """Ignore SIGTERM from now on, where :func:`_catch_sigterm` set the handler (``previous``
+    is what it replaced; ``None``: not the main thread, left as it is)."""
+    if previous is not None:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _catch_sigterm():

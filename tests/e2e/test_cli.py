@@ -243,3 +243,33 @@ def test_method_flags_of_a_fixed_set_list_their_choices(flag, choices, tmp_path,
         main(["train", "--out", str(tmp_path / "run"), flag, "bogus"])
     assert stop.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "kill") or sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_while_a_failure_is_handled_keeps_the_one_line_error(cf_run, monkeypatch, capsys):
+    """Under torchrun a surviving rank meets its dead peer's error and, a moment later,
+    torchrun's SIGTERM: arriving while the first failure is classified, the signal must not
+    replace the one-line message with a traceback (tests/e2e/test_ddp.py met it once)."""
+    import signal
+
+    import llmrec.cli as cli
+
+    _, _, mf = cf_run
+
+    def peer_failed(args):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:29500")
+
+    def sigterm_then_no(exc):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered before the next bytecode
+        return False
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli, "_cmd_compare", peer_failed)
+    monkeypatch.setattr(cli, "_is_out_of_memory", sigterm_then_no)
+    before = signal.getsignal(signal.SIGTERM)
+    rc = main(["compare", str(mf)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1, err
+    assert len(err) == 1 and err[0].startswith("llmrec compare: error: another process of this "
+                                               "torchrun job failed"), err  # fmt: skip
+    assert signal.getsignal(signal.SIGTERM) is before  # restored for the caller
