@@ -26,6 +26,7 @@ the same model do the work once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -230,9 +231,10 @@ def convert_gguf(
     folder = str(gguf_path.parent)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            folder, **hf_dtype_kwargs(torch.float32), **kw
-        )
+        with gguf_bars_follow_hf_setting():
+            loaded = AutoModelForCausalLM.from_pretrained(
+                folder, **hf_dtype_kwargs(torch.float32), **kw
+            )
     except Exception as exc:
         raise LLMLoadError(f"{gguf_path}: cannot be read as a GGUF LLM: {exc}") from exc
     config = AutoConfig.from_pretrained(folder, **kw)
@@ -263,6 +265,31 @@ def convert_gguf(
     os.replace(tmp, target)
     log(f"converted model cached in {target}")
     return target
+
+
+@contextlib.contextmanager
+def gguf_bars_follow_hf_setting() -> Iterator[None]:
+    """Silence transformers' GGUF de-quantisation bar while its progress bars are disabled.
+
+    ``transformers.utils.logging.disable_progress_bar()`` (what ``--no-progress`` calls)
+    covers the bars drawn through transformers' own tqdm wrapper, but its GGUF reader draws
+    with plain ``tqdm``, so a ``--no-progress`` log still got one bar per conversion.
+    """
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - a transformers without the GGUF reader
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _complete(target: Path) -> bool:

@@ -112,3 +112,24 @@ def test_group_by_length_is_a_shuffled_partition_into_similar_length_batches():
     assert np.array_equal(out, again) and not np.array_equal(out, other)
     firsts = lengths[batches[:, 0]]
     assert not np.all(np.diff(firsts) >= 0)  # not a length-sorted curriculum
+
+
+def test_the_gguf_reader_bar_follows_transformers_progress_setting():
+    """--no-progress disables transformers' bars; its GGUF reader's plain tqdm bar too."""
+    gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    from transformers.utils import logging as hf_logging
+
+    from llmrec.pretrained import gguf_bars_follow_hf_setting
+
+    original = gguf_utils.tqdm
+    try:
+        hf_logging.disable_progress_bar()
+        with gguf_bars_follow_hf_setting():
+            assert gguf_utils.tqdm(range(3)).disable
+        assert gguf_utils.tqdm is original
+        hf_logging.enable_progress_bar()
+        with gguf_bars_follow_hf_setting():
+            assert gguf_utils.tqdm is original
+    finally:
+        hf_logging.enable_progress_bar()
+        gguf_utils.tqdm = original
