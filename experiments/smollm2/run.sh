@@ -82,8 +82,12 @@ step_tallrec() { llm_run tallrec tallrec "${SMOL[@]}"; }
 step_cora() { llm_run cora cora "${SMOL[@]}"; }
 # CoLLM's step 1 is TALLRec's text-only LoRA on the same rows and settings (the tensors are
 # equal, tests/model/test_collm_lora_from.py), so step 2 starts from the TALLRec run's LoRA, as
-# the reference's step 2 loads its step-1 checkpoint (cfg ckpt)
-step_collm() { llm_run collm collm "${SMOL[@]}" --collm-lora-from "$RUNS/tallrec"; }
+# the reference's step 2 loads its step-1 checkpoint (cfg ckpt); a seed without its TALLRec
+# run trains it first
+step_collm() {
+  done_run "$RUNS/tallrec" || step_tallrec
+  llm_run collm collm "${SMOL[@]}" --collm-lora-from "$RUNS/tallrec"
+}
 # the logit-offset-invariant score against the reference's "Yes" logit (issue 29): CoRA with
 # --answer-score yes, everything else equal
 step_cora_yes() { llm_run cora_yes cora "${SMOL[@]}" --answer-score yes; }
