@@ -79,6 +79,9 @@ def float_in(lo: float, hi: float = float("inf"), *, lo_open: bool = False, hi_o
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < lo or (lo_open and value == lo) or value > hi or (hi_open and value == hi):
+            if math.isinf(hi):  # "(0, inf]" would read as if inf were allowed
+                raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo:g}, "
+                                                 f"got {text}")  # fmt: skip
             lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
             raise argparse.ArgumentTypeError(f"must be in {lb}{lo:g}, {hi:g}{rb}, got {text}")
         return value

@@ -250,3 +250,22 @@ def test_bad_command_flags_are_one_line_errors(argv, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error:" in err[0]
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--lr", "-1", "must be > 0, got -1"),
+        ("--lr", "0", "must be > 0, got 0"),
+        ("--lr", "inf", "must be a finite number, got inf"),
+        ("--lr", "nan", "must be a finite number, got nan"),
+        ("--lr", "fast", "expected a number, got 'fast'"),
+    ],
+)
+def test_a_bad_number_says_which_values_are_allowed(flag, value, message, capsys):
+    """An unbounded range names its one bound: "(0, inf]" read as if inf were allowed."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser("train").parse_args(["train", "--out", "x", flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "inf]" not in err
