@@ -231,7 +231,7 @@ def convert_gguf(
     folder = str(gguf_path.parent)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
-        with gguf_bars_follow_hf_setting():
+        with _gguf_bars_follow_hf_setting():
             loaded = AutoModelForCausalLM.from_pretrained(
                 folder, **hf_dtype_kwargs(torch.float32), **kw
             )
@@ -268,7 +268,7 @@ def convert_gguf(
 
 
 @contextlib.contextmanager
-def gguf_bars_follow_hf_setting() -> Iterator[None]:
+def _gguf_bars_follow_hf_setting() -> Iterator[None]:
     """Silence transformers' GGUF de-quantisation bar while its progress bars are disabled.
 
     ``transformers.utils.logging.disable_progress_bar()`` (what ``--no-progress`` calls)

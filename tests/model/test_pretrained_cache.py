@@ -119,16 +119,16 @@ def test_the_gguf_reader_bar_follows_transformers_progress_setting():
     gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
     from transformers.utils import logging as hf_logging
 
-    from llmrec.pretrained import gguf_bars_follow_hf_setting
+    from llmrec.pretrained import _gguf_bars_follow_hf_setting
 
     original = gguf_utils.tqdm
     try:
         hf_logging.disable_progress_bar()
-        with gguf_bars_follow_hf_setting():
+        with _gguf_bars_follow_hf_setting():
             assert gguf_utils.tqdm(range(3)).disable
         assert gguf_utils.tqdm is original
         hf_logging.enable_progress_bar()
-        with gguf_bars_follow_hf_setting():
+        with _gguf_bars_follow_hf_setting():
             assert gguf_utils.tqdm is original
     finally:
         hf_logging.enable_progress_bar()
