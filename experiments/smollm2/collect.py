@@ -265,17 +265,20 @@ def merge_earlier(res: dict, earlier: dict) -> dict:
 
 def _count_reused_step(entry: dict, train: dict, runs_dir: Path, rows: dict) -> None:
     """A CoLLM run whose step 1 is another run's LoRA (``--collm-lora-from``): name that run
-    and add its training time, so the table's train time is the method's whole cost."""
+    and add its training time, so the table's train time is the method's whole cost. The
+    step-1 run need not be scored on the whole split (``run.sh collm`` trains it without)."""
     for stage in train.get("stages", []):
         src = stage.get("lora_from")
         if not src:
             continue
         run = Path(src["path"]).resolve().parent
-        name = next((n for n in rows if (runs_dir / n).resolve() == run), None)
-        if name is None:
-            raise SystemExit(f"{entry['label']}: its step 1 ({src['path']}) is not a run here")
+        name = next((n for n, _ in RUNS if (runs_dir / n).resolve() == run), None)
+        if name is None or not (run / "metrics.json").exists():
+            raise SystemExit(f"{entry['label']}: its step 1 ({src['path']}) is not a "
+                             "finished run here")  # fmt: skip
         entry["step1_run"] = name
-        step1 = rows[name]["metrics"].get("train", {}).get("train_time_s")
+        metrics = rows[name]["metrics"] if name in rows else _json(run / "metrics.json")
+        step1 = metrics.get("train", {}).get("train_time_s")
         if entry["train_time_s"] is not None and step1 is not None:
             entry["train_time_s"] += step1
         entry["label"] += f", step 1 from the `{name}` run"

@@ -70,12 +70,15 @@ full_test() {  # full_test RUN_DIR METHOD
   llmrec evaluate --run "$run" --rows all "${chunked[@]}" --no-progress \
     --metrics "$run/eval_test_all.json" --predictions "$run/test_predictions.csv"
 }
-llm_run() {  # llm_run NAME METHOD [ARGS...]
+llm_train() {  # llm_train NAME METHOD [ARGS...]: train, and score the seeded subsample
   local name=$1 method=$2 pred=test_predictions.csv; shift 2
   [[ "$FULL_TEST" != 1 ]] || pred=subsample_predictions.csv
   done_run "$RUNS/$name" || llmrec train --method "$method" --out "$RUNS/$name" "${COMMON[@]}" \
     --cf "${CF:-$MF_RUN}" --predictions "$RUNS/$name/$pred" "$@"
-  full_test "$RUNS/$name" "$method"
+}
+llm_run() {  # llm_run NAME METHOD [ARGS...]: llm_train, then the whole test split
+  llm_train "$@"
+  full_test "$RUNS/$1" "$2"
 }
 step_zeroshot() { llm_run zeroshot frozen "${SMOL[@]}"; }
 step_tallrec() { llm_run tallrec tallrec "${SMOL[@]}"; }
@@ -83,9 +86,10 @@ step_cora() { llm_run cora cora "${SMOL[@]}"; }
 # CoLLM's step 1 is TALLRec's text-only LoRA on the same rows and settings (the tensors are
 # equal, tests/model/test_collm_lora_from.py), so step 2 starts from the TALLRec run's LoRA, as
 # the reference's step 2 loads its step-1 checkpoint (cfg ckpt); a seed without its TALLRec
-# run trains it first
+# run trains it first, without its whole-split scoring (CoLLM needs only the LoRA; about 43
+# min on this CPU; `run.sh tallrec` scores it)
 step_collm() {
-  done_run "$RUNS/tallrec" || step_tallrec
+  done_run "$RUNS/tallrec" || llm_train tallrec tallrec "${SMOL[@]}"
   llm_run collm collm "${SMOL[@]}" --collm-lora-from "$RUNS/tallrec"
 }
 # the logit-offset-invariant score against the reference's "Yes" logit (issue 29): CoRA with

@@ -157,3 +157,23 @@ def test_readme_table_is_replaced_between_its_markers(setup, tmp_path):
         collect.write_readme(readme, "table")
     # the project's README has its markers
     assert (ROOT / "README.md").read_text().count(begin) == 1
+
+
+def test_collm_train_time_counts_its_step1_run_even_unscored(setup):
+    """CoLLM's step 1 is the TALLRec run's LoRA; ``run.sh collm`` trains that run without
+    scoring the whole split, so its train time is read from its own ``metrics.json``."""
+    collect = _collect_module()
+    runs, test = setup["runs"], setup["test"]
+    step1 = {"train": {"rows": 800, "steps": 100, "train_time_s": 250.0}}
+    _run(runs / "tallrec", step1, sub=_pred(setup["sub"], 50))  # trained, not whole-split
+    lora = {"path": str(runs / "tallrec" / "best.safetensors")}
+    stages = [{"lora_from": lora}, {"name": "collm"}]
+    collm = {"train": {"rows": 800, "steps": 100, "train_time_s": 600.0, "stages": stages}}
+    _run(runs / "collm", collm, full=_pred(test, 60), sub=_pred(setup["sub"], 61))
+    res = collect.collect(runs, setup["data"])
+    assert "tallrec" not in res["methods"]  # no whole-split predictions: not in the table
+    m = res["methods"]["collm"]
+    assert m["step1_run"] == "tallrec" and m["train_time_s"] == 850.0
+    (runs / "tallrec" / "metrics.json").unlink()  # step 1 unfinished: no honest total
+    with pytest.raises(SystemExit, match=r"step 1 .* is not a finished run here"):
+        collect.collect(runs, setup["data"])
