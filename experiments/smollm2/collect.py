@@ -149,7 +149,7 @@ def collect(runs_dir: Path, data_dir: str) -> dict:
             "llm": cfg.get("llm"), "llm_dtype": cfg.get("llm_dtype"),
             "published_vicuna7b_auc": PUBLISHED.get(name),
         }  # fmt: skip
-        _count_reused_step(out["methods"][name], train, runs_dir, rows)
+        _count_reused_step(out["methods"][name], train, runs_dir)
         ranking = {k: v for k, v in r["metrics"].get("test", {}).items() if k in RANKING_KEYS}
         if ranking:
             out["methods"][name]["ranking"] = ranking
@@ -263,7 +263,7 @@ def merge_earlier(res: dict, earlier: dict) -> dict:
     return merged
 
 
-def _count_reused_step(entry: dict, train: dict, runs_dir: Path, rows: dict) -> None:
+def _count_reused_step(entry: dict, train: dict, runs_dir: Path) -> None:
     """A CoLLM run whose step 1 is another run's LoRA (``--collm-lora-from``): name that run
     and add its training time, so the table's train time is the method's whole cost. The
     step-1 run need not be scored on the whole split (``run.sh collm`` trains it without)."""
@@ -277,8 +277,7 @@ def _count_reused_step(entry: dict, train: dict, runs_dir: Path, rows: dict) -> 
             raise SystemExit(f"{entry['label']}: its step 1 ({src['path']}) is not a "
                              "finished run here")  # fmt: skip
         entry["step1_run"] = name
-        metrics = rows[name]["metrics"] if name in rows else _json(run / "metrics.json")
-        step1 = metrics.get("train", {}).get("train_time_s")
+        step1 = _json(run / "metrics.json").get("train", {}).get("train_time_s")
         if entry["train_time_s"] is not None and step1 is not None:
             entry["train_time_s"] += step1
         entry["label"] += f", step 1 from the `{name}` run"
